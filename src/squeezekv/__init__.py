@@ -1,0 +1,73 @@
+"""squeezekv: KV-cache compression along the sequence and across layers for Hugging Face transformers models.
+
+One line::
+
+    out = model.generate(**inputs, past_key_values=squeezekv.make_cache(model, method="snapkv", budget=0.2,
+                                                                         allocation="squeeze"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .attention import attach, detach, original_attn_implementation
+from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
+from .plan import Budget, BudgetPlan
+from .registry import ALLOCATIONS, POLICIES, allocation_names, describe, policy_names
+
+__version__ = "0.1.0"
+
+
+def make_cache(
+    model: Any,
+    method: str = "snapkv",
+    budget: float | int | str | Budget = 0.2,
+    allocation: str = "uniform",
+    *,
+    method_params: dict[str, Any] | None = None,
+    allocation_params: dict[str, Any] | None = None,
+    plan: BudgetPlan | None = None,
+    evict_every: int = 1,
+    attn_backend: str | None = None,
+) -> SqueezeCache:
+    """A fresh compressed cache for one ``generate``/forward pass of ``model`` (attaches squeezekv to the model).
+
+    ``method``: eviction policy (:func:`policy_names`); ``budget``: fraction of the prompt in (0, 1] or tokens >= 1
+    per layer on average; ``allocation``: how the total is split across layers (:func:`allocation_names`);
+    ``method_params``/``allocation_params``: the method's parameters; ``plan``: a fixed :class:`BudgetPlan` instead of
+    one derived from the prompt; ``evict_every``: decoding steps between evictions for policies that keep evicting;
+    ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before).
+    """
+    backend = attn_backend
+    if backend is None:
+        backend = "eager" if original_attn_implementation(model) == "eager" else "sdpa"
+    cache = SqueezeCache(
+        model.config,
+        method,
+        budget,
+        allocation,
+        method_params=method_params,
+        allocation_params=allocation_params,
+        plan=plan,
+        evict_every=evict_every,
+        attn_backend=backend,
+    )
+    attach(model)
+    return cache
+
+
+__all__ = [
+    "make_cache",
+    "attach",
+    "detach",
+    "SqueezeCache",
+    "SqueezeLayer",
+    "Budget",
+    "BudgetPlan",
+    "POLICIES",
+    "ALLOCATIONS",
+    "policy_names",
+    "allocation_names",
+    "describe",
+    "dynamic_cache_nbytes",
+]

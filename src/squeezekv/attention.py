@@ -1,0 +1,280 @@
+"""squeezekv's attention function, mask function and model hooks — the only places it touches a model.
+
+* The attention function is registered in transformers' ``AttentionInterface`` under the name ``"squeezekv"``. It
+  builds each layer's mask from that layer's held tokens (layers hold different tokens after eviction), feeds the
+  eviction policy the queries/weights it scores with (H2O, SnapKV), computes attention with SDPA or eager math, and
+  then lets the layer evict.
+* The mask function registered under the same name in ``AttentionMaskInterface`` only passes the 2-D padding mask
+  through (the model-wide 4-D mask would be sized for one layer).
+* Hooks on the decoder layers measure SqueezeAttention's layer importance during the prefill.
+
+No model class is patched: :func:`attach` switches the model to the ``"squeezekv"`` implementation through
+``set_attn_implementation`` and registers hooks; :func:`detach` undoes both.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .cache import SqueezeCache, SqueezeLayer
+from .models import arch_spec, decoder_layers
+
+ATTN_NAME = "squeezekv"
+#: largest float32 attention-weight block materialised at once by the eager path (elements)
+_EAGER_BLOCK = 1 << 25
+
+
+def _expand_heads(mask: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """[B, Hkv|1, q, n] -> [B, Hq|1, q, n] (query heads of a group share their KV head's mask)."""
+    b, h, q, n = mask.shape
+    if h == 1:
+        return mask
+    group = num_q_heads // h
+    return mask[:, :, None].expand(b, h, group, q, n).reshape(b, num_q_heads, q, n)
+
+
+def _no_empty_rows(allowed: torch.Tensor) -> torch.Tensor:
+    # A padding query of a left-padded prompt sees only padding: let it see everything instead of producing NaN
+    # (its output is never used, and NaN would leak through 0 * NaN in the value product).
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def _causal(q_len: int, n: int, device: torch.device) -> torch.Tensor:
+    """[q, n]: the q new queries are the last q of n contiguous tokens."""
+    return torch.arange(n, device=device)[None, :] <= torch.arange(n - q_len, n, device=device)[:, None]
+
+
+def _eager(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scaling: float,
+    policy: Any = None,
+    layer: SqueezeLayer | None = None,
+    q_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eager attention in query chunks, in float32; hands each chunk's weights to ``policy`` if given.
+
+    query ``[B, Hq, q, D]``, key/value ``[B, Hkv, n, D]``, allowed ``[B, Hkv|1, q, n]`` or None (causal).
+    Returns ``[B, Hq, q, D]``."""
+    b, hq, q_len, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    group = hq // hkv
+    qg = query.reshape(b, hkv, group, q_len, d)  # query heads of one KV head side by side
+    kf, vf = key.float(), value.float()
+    chunk = max(1, _EAGER_BLOCK // max(1, b * hq * n))
+    outs = []
+    for start in range(0, q_len, chunk):
+        end = min(q_len, start + chunk)
+        logits = torch.einsum("bhgqd,bhnd->bhgqn", qg[:, :, :, start:end].float(), kf) * scaling
+        if allowed is not None:
+            m = allowed[:, :, None, start:end, :]
+        elif q_len > 1:
+            m = _causal(q_len, n, key.device)[start:end]
+        else:
+            m = None
+        if m is not None:
+            logits = logits.masked_fill(~m, float("-inf"))
+        weights = logits.softmax(dim=-1)  # [B, Hkv, G, c, n]
+        if policy is not None:
+            policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
+        outs.append(torch.einsum("bhgqn,bhnd->bhgqd", weights, vf))
+    out = torch.cat(outs, dim=3).reshape(b, hq, q_len, d)
+    return out.to(query.dtype)
+
+
+def _sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    q_len, n = query.shape[2], key.shape[2]
+    gqa = query.shape[1] != key.shape[1]
+    if allowed is None:
+        if q_len == 1:
+            mask, causal = None, False
+        elif q_len == n:
+            mask, causal = None, True
+        else:
+            mask, causal = _causal(q_len, n, key.device), False
+    else:
+        mask, causal = _expand_heads(allowed, query.shape[1]), False
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )
+
+
+def squeezekv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over one layer's held tokens. Shapes: query ``[B, Hq, q, D]``, key/value ``[B, Hkv, n, D]``;
+    ``attention_mask`` is the 2-D padding mask ``[B, tokens seen]`` from :func:`squeezekv_mask` (or None).
+    Returns ``([B, q, Hq, D], None)`` like transformers' own attention functions."""
+    if softcap is not None:
+        raise ValueError("attention logit soft-capping is not supported by squeezekv's attention function")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"squeezekv expects the 2-D padding mask, got a {attention_mask.dim()}-D attention mask: "
+            "custom 4-D masks are not supported"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    layer = kwargs.get("squeezekv_layer")
+    q_len = query.shape[2]
+    if not isinstance(layer, SqueezeLayer):
+        # No squeezekv layer (no cache, a transformers cache, or an unmanaged sliding layer): keys are the last n
+        # tokens of the sequence, contiguous.
+        n = key.shape[2]
+        allowed = None
+        if attention_mask is not None or sliding_window:
+            allowed = _causal(q_len, n, key.device)[None, None]  # [1, 1, q, n]
+            if sliding_window:
+                rel = torch.arange(n, device=key.device)[None, :] - torch.arange(n - q_len, n, device=key.device)[:, None]
+                allowed = allowed & (rel > -sliding_window)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask[:, None, None, -n:]
+            allowed = _no_empty_rows(allowed)
+        dropout = dropout if module.training else 0.0
+        out = _sdpa(query, key, value, allowed, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+
+    layer.set_padding(attention_mask)
+    allowed = layer.allowed(q_len, sliding_window)
+    if allowed is not None:
+        allowed = _no_empty_rows(allowed)
+    policy = layer.policy
+    if policy.wants_weights(layer, q_len):
+        q_valid = None if attention_mask is None else attention_mask[:, -q_len:]
+        out = _eager(query, key, value, allowed, scaling, policy, layer, q_valid)
+    elif layer.cache.attn_backend == "eager":
+        out = _eager(query, key, value, allowed, scaling)
+    else:
+        out = _sdpa(query, key, value, allowed, scaling)
+    b, hq, _, d = query.shape
+    policy.observe_queries(layer, query.reshape(b, key.shape[1], hq // key.shape[1], q_len, d), allowed, scaling)
+    layer.after_attention(q_len)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def squeezekv_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """Mask function for the ``"squeezekv"`` implementation: pass the 2-D padding mask through (None if no padding);
+    each layer builds its own mask from the tokens it holds."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask.bool()
+    if attention_mask.all():
+        return None
+    if q_length > 1 and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("right padding is not supported: pad on the left (tokenizer.padding_side = 'left')")
+    return attention_mask
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"squeezekv"`` (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, squeezekv_attention)
+    AttentionMaskInterface.register(ATTN_NAME, squeezekv_mask)
+
+
+# model -> (original attention implementation, hook handles)
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, list[Any]]]" = weakref.WeakKeyDictionary()
+
+
+def _cache_of(kwargs: dict[str, Any]) -> SqueezeCache | None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache if isinstance(cache, SqueezeCache) else None
+
+
+def _importance_hooks(decoder_layer: torch.nn.Module, norm_name: str | None) -> list[Any]:
+    layer_idx = decoder_layer.self_attn.layer_idx
+
+    def before_layer(module, args, kwargs):
+        cache = _cache_of(kwargs)
+        if cache is None or not cache.collecting_importance or layer_idx not in cache.managed:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, q, hidden], the residual stream
+        if hidden.shape[1] > 1:
+            cache.pending_hidden[layer_idx] = hidden
+
+    def after_attention(module, args, kwargs, output):
+        cache = _cache_of(kwargs)
+        if cache is None:
+            return
+        before = cache.pending_hidden.pop(layer_idx, None)
+        if before is None:
+            return
+        attn_out = output[0] if isinstance(output, tuple) else output  # [B, q, hidden]
+        if norm_name is not None:
+            attn_out = getattr(decoder_layer, norm_name)(attn_out)
+        after = before + attn_out
+        cos = F.cosine_similarity(before.float(), after.float(), dim=-1)  # [B, q]
+        pad = kwargs.get("attention_mask")
+        if isinstance(pad, torch.Tensor) and pad.dim() == 2:
+            weight = pad[:, -cos.shape[1]:].float()
+            value = float((cos * weight).sum() / weight.sum().clamp_min(1.0))
+        else:
+            value = float(cos.mean())
+        cache.record_importance(layer_idx, value, prompt_length=cache.layers[layer_idx].seen)
+
+    return [
+        decoder_layer.register_forward_pre_hook(before_layer, with_kwargs=True),
+        decoder_layer.self_attn.register_forward_hook(after_attention, with_kwargs=True),
+    ]
+
+
+def attach(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch ``model`` to squeezekv's attention and install its hooks (idempotent). Returns the model.
+
+    The model still computes exactly what it computed before with any cache: with no squeezekv cache the attention
+    function falls back to a plain causal SDPA over the keys it is given."""
+    spec = arch_spec(model.config)
+    register()
+    if model in _ATTACHED:
+        return model
+    original = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    handles: list[Any] = []
+    for decoder_layer in decoder_layers(model):
+        handles.extend(_importance_hooks(decoder_layer, spec.attn_out_norm))
+    model.set_attn_implementation(ATTN_NAME)
+    _ATTACHED[model] = (original, handles)
+    return model
+
+
+def original_attn_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation the model had before :func:`attach` (or its current one)."""
+    if model in _ATTACHED:
+        return _ATTACHED[model][0]
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
+def detach(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`attach`: remove the hooks and restore the original attention implementation."""
+    entry = _ATTACHED.pop(model, None)
+    if entry is not None:
+        original, handles = entry
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(original)
+    return model

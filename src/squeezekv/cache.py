@@ -1,0 +1,367 @@
+"""The compressed KV cache: a ``transformers.Cache`` whose layers evict tokens for real.
+
+Each managed layer (:class:`SqueezeLayer`) stores, per batch row and KV head, the keys/values it kept and the logical
+index of each kept token in the sequence (``token_idx``). Eviction gathers the kept positions into new, smaller
+tensors, so the memory of evicted tokens is freed. ``get_seq_length()`` reports the number of tokens *seen* (so the
+model derives true position ids), ``physical_length`` what is held. Masks are built per layer from ``token_idx`` by
+squeezekv's attention function (:mod:`squeezekv.attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from .plan import Budget, BudgetPlan, check_layer_budgets
+from .registry import make_allocation, make_policy
+
+
+class SqueezeLayer(CacheLayerMixin):
+    """One layer's compressed KV cache.
+
+    Tensors (``n`` = positions held, ``H`` = KV heads, ``D`` = head dim):
+    ``keys``/``values`` ``[B, H, n, D]`` (rotated keys, as the model caches them), ``token_idx`` ``[B, H, n]`` int32
+    (index of each held token in the logical sequence, ascending), ``scores`` ``[B, H, n]`` float32 (only for policies
+    that score), ``valid`` ``[B, H, n]`` bool (False for padding; None when the batch has no padding).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "SqueezeCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.token_idx: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.seen = 0
+        self.compressed = False  # True once anything was evicted: token_idx is no longer 0..n-1
+        self.prefill_done = False
+
+    # -- transformers' layer protocol ---------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.token_idx = torch.empty((b, h, 0), dtype=torch.int32, device=self.device)
+        if self.cache.policy.uses_scores:
+            self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states/value_states: [B, H, q, D], already rotated to their true positions
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        if self.seen + q > self.cache.max_context:
+            raise ValueError(
+                f"sequence of {self.seen + q} tokens is longer than the model's context of {self.cache.max_context}"
+            )
+        new_idx = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.token_idx = torch.cat([self.token_idx, new_idx.expand(b, h, q)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros((b, h, q))], dim=-1)
+        self.valid = None  # recomputed from the padding mask by the attention function
+        self.seen += q
+        # The model hands the same kwargs dict to its attention function: this is how transformers' own paged
+        # cache passes per-layer data to attention (see generation/continuous_batching/cache.py).
+        model_kwargs = kwargs.get("kwargs")
+        if isinstance(model_kwargs, dict):
+            model_kwargs["squeezekv_layer"] = self
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.physical_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (logical length): the model derives position ids from it."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.token_idx = self.scores = self.valid = None
+        self.is_initialized = False
+        self.seen = 0
+        self.compressed = False
+        self.prefill_done = False
+
+    def _tensors(self) -> list[str]:
+        return ["keys", "values", "token_idx", "scores", "valid"]
+
+    def _map(self, fn) -> None:
+        for name in self._tensors():
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a compressed squeezekv cache cannot be cropped (evicted tokens are gone)")
+
+    # -- squeezekv ----------------------------------------------------------------------------------------------
+    @property
+    def policy(self):
+        return self.cache.policy
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (keys, values and bookkeeping)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.token_idx, self.scores)
+                   if t is not None)
+
+    def kv_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def set_padding(self, pad2d: torch.Tensor | None) -> None:
+        """Derive ``valid`` from the model's 2-D padding mask ``[B, tokens seen]`` (True = real token)."""
+        if pad2d is None:
+            self.valid = None
+            return
+        if pad2d.shape[-1] != self.seen:
+            raise ValueError(
+                f"attention_mask covers {pad2d.shape[-1]} tokens but layer {self.layer_idx} has seen {self.seen}: "
+                "pass the attention mask of the whole sequence so far"
+            )
+        b, h, n = self.token_idx.shape
+        self.valid = pad2d.gather(1, self.token_idx.reshape(b, h * n).long()).reshape(b, h, n)
+
+    def allowed(self, q_len: int, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean mask ``[B, H or 1, q, n]`` of which held positions each new query may see; None = all of them
+        up to itself in a contiguous, unpadded layout (the caller then uses a plain causal mask or none)."""
+        if not self.compressed and self.valid is None and not sliding_window:
+            return None
+        if self.compressed and self.valid is None and not sliding_window and q_len == 1:
+            return None  # one new query sees every held token
+        tok = self.token_idx if self.compressed else self.token_idx[:, :1]  # heads agree until first eviction
+        q_idx = torch.arange(self.seen - q_len, self.seen, device=tok.device, dtype=tok.dtype)  # [q]
+        allowed = tok[:, :, None, :] <= q_idx[:, None]  # [B, H|1, q, n]
+        if sliding_window:
+            allowed &= tok[:, :, None, :] > (q_idx[:, None] - sliding_window)
+        if self.valid is not None:
+            valid = self.valid if self.compressed else self.valid[:, :1]
+            allowed &= valid[:, :, None, :]
+        return allowed
+
+    def compress(self, budget: int) -> None:
+        """Keep ``budget`` positions per (row, head) chosen by the policy; the rest is freed."""
+        if self.physical_length <= budget:
+            return
+        idx = self.policy.select(self, budget)  # [B, H, k]
+        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
+        self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
+        self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
+        self.token_idx = self.token_idx.gather(2, idx)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, idx)
+        if self.valid is not None:
+            self.valid = self.valid.gather(2, idx)
+        self.compressed = True
+
+    def after_attention(self, q_len: int) -> None:
+        """Called by the attention function once the new queries attended: evict if the plan says so."""
+        budget = self.cache.budget_for(self.layer_idx, self.seen)
+        if budget is None:
+            return  # plan waits for every layer's importance (SqueezeAttention): the cache compresses at the end
+        decoding = self.prefill_done and q_len == 1
+        if not decoding:
+            self.prefill_done = True
+            self.compress(budget)
+        elif self.policy.keeps_evicting and self.physical_length >= budget + self.cache.evict_every:
+            self.compress(budget)
+
+
+class SqueezeCache(Cache):
+    """A ``transformers.Cache`` that compresses each layer to the budget of a :class:`BudgetPlan`.
+
+    Build it with :func:`squeezekv.make_cache`, which also attaches squeezekv's attention function and hooks to the
+    model. Layers of type ``full_attention`` are managed; in hybrid models (Gemma 3) the sliding-window layers are left
+    to transformers' own bounded ``DynamicSlidingWindowLayer``; in models whose every layer has the same sliding window
+    (Mistral) every layer is managed and the window is applied in the mask.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        method: str = "snapkv",
+        budget: float | int | str | Budget = 0.2,
+        allocation: str = "uniform",
+        *,
+        method_params: dict[str, Any] | None = None,
+        allocation_params: dict[str, Any] | None = None,
+        plan: BudgetPlan | None = None,
+        evict_every: int = 1,
+        attn_backend: str = "sdpa",
+    ):
+        self.policy = make_policy(method, **(method_params or {}))
+        self.allocation = make_allocation(allocation, **(allocation_params or {}))
+        self.budget = Budget.parse(budget)
+        if not isinstance(evict_every, int) or evict_every < 1:
+            raise ValueError(f"evict_every={evict_every!r} is out of range: must be an integer >= 1")
+        if attn_backend not in ("sdpa", "eager"):
+            raise ValueError(f"attn_backend={attn_backend!r} is not supported: choose 'sdpa' or 'eager'")
+        self.evict_every = evict_every
+        self.attn_backend = attn_backend
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 62) or (1 << 62))
+        num_layers = text_config.num_hidden_layers
+        layer_types = list(getattr(text_config, "layer_types", None) or [])
+        window = getattr(text_config, "sliding_window", None)
+        if not layer_types:
+            layer_types = ["sliding_attention" if window else "full_attention"] * num_layers
+        all_sliding = all(t == "sliding_attention" for t in layer_types)
+        layers: list[CacheLayerMixin] = []
+        for i, kind in enumerate(layer_types):
+            if kind == "full_attention" or (kind == "sliding_attention" and all_sliding):
+                layers.append(SqueezeLayer(self, i))
+            elif kind == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                raise ValueError(f"layer {i} has type {kind!r}, which squeezekv does not support")
+        super().__init__(layers=layers)
+        self.managed: tuple[int, ...] = tuple(i for i, l in enumerate(layers) if isinstance(l, SqueezeLayer))
+        self._given_plan = plan
+        if plan is not None:
+            self._check_plan(plan)
+        self.plan: BudgetPlan | None = plan
+        self.importance: dict[int, float] = {}
+        self.pending_hidden: dict[int, torch.Tensor] = {}
+
+    # -- plan -----------------------------------------------------------------------------------------------------
+    def _check_plan(self, plan: BudgetPlan) -> None:
+        if len(plan) != len(self.layers):
+            raise ValueError(f"plan has {len(plan)} layers but the model has {len(self.layers)}")
+        for i in range(len(self.layers)):
+            if (plan[i] is None) != (i not in self.managed):
+                raise ValueError(f"plan layer {i}: budget {plan[i]!r} does not match whether the layer is managed")
+        check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
+
+    @property
+    def collecting_importance(self) -> bool:
+        return self.plan is None and self.allocation.needs_importance
+
+    def resolve_plan(self, prompt_length: int) -> BudgetPlan:
+        """Derive the plan for a prompt of ``prompt_length`` tokens (SqueezeAttention: once importance is known)."""
+        base = self.budget.tokens(prompt_length)
+        importance = None
+        if self.allocation.needs_importance:
+            missing = [i for i in self.managed if i not in self.importance]
+            if missing:
+                raise RuntimeError(
+                    f"allocation {self.allocation.name!r} needs layer importance but layers {missing} were not "
+                    "measured: build the cache with squeezekv.make_cache(model, ...) so the model's hooks are attached"
+                )
+            importance = [self.importance[i] for i in self.managed]
+        budgets, details = self.allocation.allocate(base, len(self.managed), importance)
+        full: list[int | None] = [None] * len(self.layers)
+        for i, b in zip(self.managed, budgets):
+            full[i] = int(b)
+        plan = BudgetPlan(
+            budgets=tuple(full),
+            base=base,
+            allocation=self.allocation.name,
+            details={"budget": str(self.budget), "prompt_length": prompt_length, **details},
+        )
+        check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
+        self.plan = plan
+        return plan
+
+    def budget_for(self, layer_idx: int, seen: int) -> int | None:
+        if self.plan is None:
+            if self.allocation.needs_importance:
+                return None
+            self.resolve_plan(seen)
+        return self.plan[layer_idx]
+
+    def record_importance(self, layer_idx: int, value: float, prompt_length: int) -> None:
+        """Store one layer's importance; once every managed layer has one, resolve the plan and compress."""
+        self.importance[layer_idx] = float(value)
+        if self.plan is None and all(i in self.importance for i in self.managed):
+            self.resolve_plan(prompt_length)
+            for i in self.managed:
+                layer = self.layers[i]
+                layer.prefill_done = True
+                layer.compress(self.plan[i])
+
+    # -- memory ---------------------------------------------------------------------------------------------------
+    def layer_nbytes(self) -> list[int]:
+        """Bytes allocated by each layer (keys, values and squeezekv's per-token bookkeeping)."""
+        out = []
+        for layer in self.layers:
+            if isinstance(layer, SqueezeLayer):
+                out.append(layer.nbytes())
+            else:
+                out.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
+                               if isinstance(t, torch.Tensor)))
+        return out
+
+    def nbytes(self) -> int:
+        return sum(self.layer_nbytes())
+
+    def kv_nbytes(self) -> int:
+        """Bytes of keys and values only (without token indices and scores)."""
+        total = 0
+        for layer in self.layers:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+        return total
+
+    def physical_lengths(self) -> list[int]:
+        out = []
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            out.append(0 if not isinstance(keys, torch.Tensor) or keys.dim() < 3 else keys.shape[-2])
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.plan = self._given_plan
+        self.importance.clear()
+        self.pending_hidden.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.policy.name,
+            "method_params": {k: v for k, v in vars(self.policy).items()},
+            "allocation": self.allocation.name,
+            "allocation_params": {k: v for k, v in vars(self.allocation).items()},
+            "budget": str(self.budget),
+            "evict_every": self.evict_every,
+            "plan": None if self.plan is None else self.plan.as_dict(),
+        }
+
+
+def dynamic_cache_nbytes(cache: Cache) -> int:
+    """Bytes held by the keys and values of any transformers cache (e.g. the full ``DynamicCache``)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["SqueezeCache", "SqueezeLayer", "dynamic_cache_nbytes", "DynamicLayer"]

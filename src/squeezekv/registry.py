@@ -1,0 +1,111 @@
+"""The one registry of methods. The CLI choices, the README table, the tests' parametrisation and the benchmark grid
+all read :data:`POLICIES` and :data:`ALLOCATIONS`; a method registers itself once with a decorator."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+#: name -> eviction policy class (sequence dimension)
+POLICIES: dict[str, type] = {}
+#: name -> allocator class (layer dimension)
+ALLOCATIONS: dict[str, type] = {}
+
+
+def _register(table: dict[str, type], kind: str) -> Callable[[str], Callable[[type[T]], type[T]]]:
+    def decorator_factory(name: str) -> Callable[[type[T]], type[T]]:
+        def decorator(cls: type[T]) -> type[T]:
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is registered twice ({table[name].__name__} and {cls.__name__})")
+            for attr in ("paper", "summary"):
+                if not getattr(cls, attr, None):
+                    raise TypeError(f"{kind} {cls.__name__} must define a class attribute {attr!r}")
+            cls.name = name  # type: ignore[attr-defined]
+            table[name] = cls
+            return cls
+
+        return decorator
+
+    return decorator_factory
+
+
+register_policy = _register(POLICIES, "policy")
+register_allocation = _register(ALLOCATIONS, "allocation")
+
+
+def _load() -> None:
+    # Importing the packages runs the decorators.
+    from . import allocation, policies  # noqa: F401
+
+
+def _lookup(table: dict[str, type], kind: str, name: str) -> type:
+    _load()
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def _params(cls: type) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+    return out
+
+
+def make_policy(name: str, **params: Any) -> Any:
+    """Instantiate the eviction policy ``name`` with ``params`` (unknown names or parameters raise)."""
+    cls = _lookup(POLICIES, "method", name)
+    return _construct(cls, "method", name, params)
+
+
+def make_allocation(name: str, **params: Any) -> Any:
+    """Instantiate the layer allocator ``name`` with ``params``."""
+    cls = _lookup(ALLOCATIONS, "allocation", name)
+    return _construct(cls, "allocation", name, params)
+
+
+def _construct(cls: type, kind: str, name: str, params: dict[str, Any]) -> Any:
+    allowed = _params(cls)
+    bad = sorted(set(params) - set(allowed))
+    if bad:
+        raise ValueError(
+            f"{kind} {name!r} has no parameter {', '.join(map(repr, bad))}; "
+            f"its parameters are: {', '.join(allowed) or 'none'}"
+        )
+    return cls(**params)
+
+
+def policy_names() -> list[str]:
+    _load()
+    return list(POLICIES)
+
+
+def allocation_names() -> list[str]:
+    _load()
+    return list(ALLOCATIONS)
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per registered method: kind, name, summary, paper and default parameters."""
+    _load()
+    rows = []
+    for kind, table in (("eviction policy", POLICIES), ("layer allocation", ALLOCATIONS)):
+        for name, cls in table.items():
+            rows.append(
+                {"kind": kind, "name": name, "summary": cls.summary, "paper": cls.paper, "params": _params(cls)}
+            )
+    return rows
+
+
+def markdown_table() -> str:
+    """The README's method table, generated from the registry."""
+    lines = ["| kind | name | what it does | paper | parameters (defaults) |", "|---|---|---|---|---|"]
+    for row in describe():
+        params = ", ".join(f"`{k}={v}`" for k, v in row["params"].items()) or "—"
+        lines.append(f"| {row['kind']} | `{row['name']}` | {row['summary']} | {row['paper']} | {params} |")
+    return "\n".join(lines)
