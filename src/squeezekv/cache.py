@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .plan import Budget, BudgetPlan, check_layer_budgets
+from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets
 from .registry import make_allocation, make_policy
 
 
@@ -277,6 +277,12 @@ class SqueezeCache(Cache):
                 )
             importance = [self.importance[i] for i in self.managed]
         budgets, details = self.allocation.allocate(base, len(self.managed), importance)
+        if self.budget.is_fraction:
+            # A fraction is relative to the prompt: no layer can use more than the whole prompt, so what an
+            # allocation gives beyond it goes to the other layers (total unchanged).
+            budgets, moved = cap_budgets(budgets, prompt_length)
+            if moved:
+                details = {**details, "capped_at_prompt_length": prompt_length, "tokens_redistributed": moved}
         full: list[int | None] = [None] * len(self.layers)
         for i, b in zip(self.managed, budgets):
             full[i] = int(b)

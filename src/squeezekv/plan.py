@@ -130,3 +130,21 @@ def check_layer_budgets(budgets: Sequence[int | None], minimum: int, who: str) -
                 f"layer {i} gets a budget of {b} tokens, below the {minimum} that {who} needs; "
                 f"raise the budget or lower the policy's window/sink parameters"
             )
+
+
+def cap_budgets(budgets: Sequence[int], cap: int) -> tuple[list[int], int]:
+    """Clip budgets at ``cap`` (no layer can hold more than the prompt) and hand the surplus, evenly, to the layers
+    still below it, so the total is unchanged whenever ``len(budgets) * cap`` allows. Returns the new budgets and the
+    number of tokens moved."""
+    out = [min(b, cap) for b in budgets]
+    moved = surplus = sum(budgets) - sum(out)
+    while surplus > 0:
+        room = [i for i, b in enumerate(out) if b < cap]
+        if not room:
+            break
+        share = spread_evenly(surplus, len(room))
+        for i, s in zip(room, share):
+            give = min(s, cap - out[i])
+            out[i] += give
+            surplus -= give
+    return out, moved

@@ -1,9 +1,9 @@
-"""Sequence-dimension eviction policies, one module each; importing this package registers them."""
+"""Sequence-dimension eviction policies, one module each; importing this package registers them (in this order)."""
 
 from .base import EvictionPolicy
-from .h2o import H2OPolicy
-from .snapkv import SnapKVPolicy
-from .streamingllm import StreamingLLMPolicy
-from .window import WindowPolicy
+from .window import WindowPolicy  # isort: skip
+from .streamingllm import StreamingLLMPolicy  # isort: skip
+from .h2o import H2OPolicy  # isort: skip
+from .snapkv import SnapKVPolicy  # isort: skip
 
 __all__ = ["EvictionPolicy", "WindowPolicy", "StreamingLLMPolicy", "H2OPolicy", "SnapKVPolicy"]

@@ -1,0 +1,331 @@
+"""The main job (``squeezekv run``): one real prompt, full cache vs compressed cache, side by side.
+
+Both runs use the same greedy loop (prefill, then one token per step), so bytes and timings are comparable: KV bytes
+are read from the tensors each cache really holds after the prefill and at the end; quality is the answer of each,
+whether it contains the needle's key fact, and the log-likelihood of a reference continuation (teacher-forced token by
+token after the compressed prompt).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .plan import Budget
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A fact hidden in a haystack, the question that retrieves it, and the string that proves retrieval."""
+
+    fact: str
+    question: str
+    key: str
+
+
+NEEDLES: tuple[Needle, ...] = (
+    Needle("The special magic number for Lisbon is 7291.", "What is the special magic number for Lisbon?", "7291"),
+    Needle(
+        "The secret ingredient of Grandma Rosa's soup is smoked paprika.",
+        "What is the secret ingredient of Grandma Rosa's soup?",
+        "paprika",
+    ),
+    Needle("The name of the lighthouse keeper's dog is Biscuit.", "What is the name of the lighthouse keeper's dog?",
+           "Biscuit"),
+)
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None
+    method: str = "snapkv"
+    budget: float | int | str = 0.2
+    allocation: str = "squeeze"
+    prompt_file: str | None = None
+    max_new_tokens: int = 24
+    device: str = "cpu"
+    dtype: str | None = None
+    context_tokens: int = 1200
+    depth: float = 0.5
+    needle: int = 0
+    method_params: dict[str, Any] = field(default_factory=dict)
+    allocation_params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        Budget.parse(self.budget)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is out of range: must be an integer >= 1")
+        if not 0.0 <= self.depth <= 1.0:
+            raise ValueError(f"depth={self.depth!r} is out of range: must be in [0, 1]")
+        if self.context_tokens < 64:
+            raise ValueError(f"context_tokens={self.context_tokens!r} is out of range: must be >= 64")
+        if not 0 <= self.needle < len(NEEDLES):
+            raise ValueError(f"needle={self.needle!r} is out of range: 0..{len(NEEDLES) - 1}")
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
+
+
+def haystack(tokenizer: Any, n_tokens: int, essays: list[tuple[str, str]]) -> str:
+    """About ``n_tokens`` tokens of essay text, cut at a sentence end."""
+    text = "\n\n".join(body.strip() for _, body in essays)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    cut = tokenizer.decode(ids)
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > len(cut) // 2 else cut
+
+
+def insert_needle(text: str, fact: str, depth: float) -> str:
+    """Put ``fact`` at the first sentence boundary after ``depth`` (0 = start, 1 = end) of ``text``."""
+    if depth <= 0:
+        return f"{fact} {text}"
+    pos = int(len(text) * depth)
+    boundary = text.find(". ", pos)
+    if depth >= 1 or boundary < 0:
+        return f"{text} {fact}"
+    return f"{text[: boundary + 1]} {fact}{text[boundary + 1:]}"
+
+
+def chat_prompt(tokenizer: Any, context: str, question: str) -> list[int]:
+    """Token ids of a one-turn chat: the context, then the question (asked after the context)."""
+    content = f"{context}\n\nAnswer the question from the text above.\n{question}"
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(content + "\nAnswer:")["input_ids"]
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{"cache": c}`` for transformers versions whose forward takes ``cache``, else ``{"past_key_values": c}``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class _LayerProgress:
+    """Advance a progress bar once per decoder layer during one forward pass (prefill of a long prompt)."""
+
+    def __init__(self, model: Any, desc: str, enabled: bool):
+        self.model, self.desc, self.enabled = model, desc, enabled
+
+    def __enter__(self) -> "_LayerProgress":
+        self.handles = []
+        self.bar = None
+        if not self.enabled:
+            return self
+        from tqdm.auto import tqdm
+
+        from .models import decoder_layers
+
+        layers = decoder_layers(self.model)
+        self.bar = tqdm(total=len(layers), desc=self.desc, unit="layer", leave=False)
+        for layer in layers:
+            self.handles.append(layer.register_forward_hook(lambda *a: self.bar.update(1)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def greedy(
+    model: Any, prompt: list[int], make_cache: Callable[[], Any], max_new_tokens: int, eos: set[int], device: str,
+    nbytes: Callable[[Any], int], progress: bool = False, desc: str = "prefill",
+) -> dict[str, Any]:
+    """Prefill ``prompt`` into a fresh cache, then decode greedily; bytes and timings of both phases."""
+    cache = make_cache()
+    ids = torch.tensor([prompt], device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with _LayerProgress(model, desc, progress):
+        logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    bytes_prefill = nbytes(cache)
+    out: list[int] = []
+    t1 = time.perf_counter()
+    for _ in range(max_new_tokens):
+        nxt = int(logits.argmax(-1))
+        out.append(nxt)
+        if nxt in eos:
+            break
+        logits = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True,
+                       **cache_kwargs(model, cache)).logits[:, -1]
+    _sync(device)
+    decode_s = time.perf_counter() - t1
+    return {
+        "tokens": out,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": len(prompt) / prefill_s,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": len(out) / decode_s if decode_s > 0 else float("nan"),
+        "kv_bytes_after_prefill": bytes_prefill,
+        "kv_bytes_end": nbytes(cache),
+        "cache": cache,
+    }
+
+
+@torch.no_grad()
+def continuation_loglik(
+    model: Any, prompt: list[int], continuation: list[int], cache: Any, device: str
+) -> float:
+    """Sum of log p(continuation | prompt) with ``cache`` (teacher-forced one token per step, as decoding runs)."""
+    ids = torch.tensor([prompt], device=device)
+    logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+    total = 0.0
+    for tok in continuation:
+        total += float(torch.log_softmax(logits.float(), dim=-1)[0, tok])
+        logits = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True,
+                       **cache_kwargs(model, cache)).logits[:, -1]
+    return total
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Full cache vs compressed cache on one prompt; returns a JSON-serialisable report."""
+    cfg.validate()
+    from transformers import DynamicCache
+
+    from . import dynamic_cache_nbytes, make_cache
+    from .assets import load_model, read_essays
+    from .models import arch_spec
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available on this machine")
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    # fail on bad names before loading anything
+    from .registry import make_allocation, make_policy
+
+    make_policy(cfg.method, **cfg.method_params)
+    make_allocation(cfg.allocation, **cfg.allocation_params)
+
+    t_load = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t_load
+    arch_spec(model.config)
+
+    needle = NEEDLES[cfg.needle]
+    if cfg.prompt_file:
+        text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) < 48:
+            raise ValueError(f"prompt file has {len(ids)} tokens; give at least 48 (the last 16 are the reference)")
+        prompt, reference = ids[:-16], ids[-16:]
+        key = None
+    else:
+        context = insert_needle(haystack(tokenizer, cfg.context_tokens, read_essays()), needle.fact, cfg.depth)
+        prompt = chat_prompt(tokenizer, context, needle.question)
+        reference = tokenizer(needle.fact, add_special_tokens=False)["input_ids"]
+        key = needle.key
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if limit and len(prompt) + max(cfg.max_new_tokens, len(reference)) > limit:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens + {cfg.max_new_tokens} new tokens is longer than the model's context "
+            f"of {limit} tokens"
+        )
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+    def compressed() -> Any:
+        return make_cache(model, cfg.method, cfg.budget, cfg.allocation,
+                          method_params=cfg.method_params, allocation_params=cfg.allocation_params)
+
+    setups = {
+        "full": (lambda: DynamicCache(config=model.config), dynamic_cache_nbytes),
+        "compressed": (compressed, lambda c: c.nbytes()),
+    }
+    report: dict[str, Any] = {
+        "config": {**asdict(cfg), "device": device, "dtype": str(next(model.parameters()).dtype)},
+        "model": {"path": str(getattr(model, "name_or_path", "")), "type": model.config.model_type,
+                  "layers": model.config.num_hidden_layers, "load_s": load_s},
+        "prompt_tokens": len(prompt),
+        "reference": tokenizer.decode(reference),
+        "needle": None if key is None else asdict(needle),
+        "results": {},
+    }
+    for name, (factory, nbytes) in setups.items():
+        res = greedy(model, prompt, factory, cfg.max_new_tokens, eos, device, nbytes, progress, f"prefill ({name})")
+        cache = res.pop("cache")
+        res["answer"] = tokenizer.decode(res.pop("tokens"), skip_special_tokens=True).strip()
+        res["found_needle"] = None if key is None else key.lower() in res["answer"].lower()
+        ll = continuation_loglik(model, prompt, reference, factory(), device)
+        res["reference_loglik"] = ll
+        res["reference_loglik_per_token"] = ll / len(reference)
+        if name == "compressed":
+            res["plan"] = cache.plan.as_dict()
+            res["layer_bytes"] = cache.layer_nbytes()
+            res["layer_tokens"] = cache.physical_lengths()
+            res["kv_only_bytes_end"] = cache.kv_nbytes()
+        report["results"][name] = res
+    full, comp = report["results"]["full"], report["results"]["compressed"]
+    report["summary"] = {
+        "memory_saved_after_prefill": 1 - comp["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"],
+        "memory_ratio_after_prefill": comp["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"],
+        "same_answer": comp["answer"] == full["answer"],
+        "loglik_delta_per_token": comp["reference_loglik_per_token"] - full["reference_loglik_per_token"],
+        "decode_speed_ratio": comp["decode_tokens_per_s"] / full["decode_tokens_per_s"],
+    }
+    return report
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The small table ``squeezekv run`` prints."""
+    cfg, full, comp = report["config"], report["results"]["full"], report["results"]["compressed"]
+    plan = comp["plan"]
+    rows = [
+        ("KV bytes after prefill", _mib(full["kv_bytes_after_prefill"]), _mib(comp["kv_bytes_after_prefill"])),
+        ("KV bytes at end", _mib(full["kv_bytes_end"]), _mib(comp["kv_bytes_end"])),
+        ("prefill tokens/s", f"{full['prefill_tokens_per_s']:.0f}", f"{comp['prefill_tokens_per_s']:.0f}"),
+        ("decode tokens/s", f"{full['decode_tokens_per_s']:.1f}", f"{comp['decode_tokens_per_s']:.1f}"),
+        ("found needle", str(full["found_needle"]), str(comp["found_needle"])),
+        ("reference log-lik (sum)", f"{full['reference_loglik']:.3f}", f"{comp['reference_loglik']:.3f}"),
+        ("reference log-lik / token", f"{full['reference_loglik_per_token']:.3f}",
+         f"{comp['reference_loglik_per_token']:.3f}"),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(max(len(r[1]) for r in rows), len("full cache"))
+    lines = [
+        f"model {report['model']['type']} ({report['model']['layers']} layers) on {cfg['device']}, {cfg['dtype']}; "
+        f"prompt {report['prompt_tokens']} tokens",
+        f"method {cfg['method']}, allocation {cfg['allocation']}, budget {plan['details'].get('budget')} "
+        f"-> {plan['base']} tokens/layer, total {plan['total']}",
+        "",
+        f"{'':<{w0}}  {'full cache':>{w1}}  compressed",
+    ]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    s = report["summary"]
+    lines += [
+        "",
+        f"memory saved: {100 * s['memory_saved_after_prefill']:.1f}% of KV bytes after prefill "
+        f"(compressed holds {100 * s['memory_ratio_after_prefill']:.1f}% of the full cache, bookkeeping included)",
+        f"quality kept: same answer as full cache: {s['same_answer']}; reference log-lik per token "
+        f"{s['loglik_delta_per_token']:+.3f} vs full",
+        f"answer (full):       {full['answer']!r}",
+        f"answer (compressed): {comp['answer']!r}",
+        f"per-layer budget plan: {plan['budgets']}",
+    ]
+    if plan["allocation"] == "squeeze" and "shrunk_layers" in plan["details"]:
+        lines.append(f"squeeze: layers shrunk to p x base: {plan['details']['shrunk_layers']}")
+    return "\n".join(lines)
