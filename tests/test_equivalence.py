@@ -163,3 +163,47 @@ def test_detach_removes_hooks(make_model):
     squeezekv.detach(model)
     assert [(len(l._forward_pre_hooks), len(l.self_attn._forward_hooks)) for l in model.model.layers] == before
     assert model.config._attn_implementation == "sdpa"
+
+
+# budgets that keep at least the last 8 tokens (Mistral's sliding window) whatever else each policy evicts
+_LOSSLESS_FOR_WINDOW_8 = {
+    "window": (10, {}),
+    "streamingllm": (14, {}),  # 4 sinks + 10 recent
+    "h2o": (20, {}),  # 10 recent
+    "snapkv": (12, {"window": 8}),  # observation window of 8 kept; decoded tokens appended
+}
+
+
+@pytest.mark.parametrize("method", POLICIES)
+def test_mistral_eviction_outside_the_sliding_window_is_lossless(method, make_model, make_left_padded, run_greedy,
+                                                                 same_generation):
+    """Mistral attends only to its last 8 tokens: a policy that always keeps them evicts for real (the cache is
+    smaller than the sequence) yet must reproduce the stock model exactly."""
+    if method not in _LOSSLESS_FOR_WINDOW_8:
+        pytest.skip(f"no lossless budget known for {method!r}")
+    budget, params = _LOSSLESS_FOR_WINDOW_8[method]
+    model = make_model("mistral", initializer_range=0.2)
+    assert model.config.sliding_window == 8
+    ids, mask = make_left_padded([PROMPT, 18, 13], PROMPT, seed=5)
+    ref = run_greedy(model, ids, mask, new_tokens=NEW)
+    cache = squeezekv.make_cache(model, method, budget, "uniform", method_params=params)
+    out = run_greedy(model, ids, mask, cache=cache, new_tokens=NEW)
+    same_generation(ref, out, atol=5e-5)
+    assert all(layer.physical_length < PROMPT + NEW - 1 for layer in cache.layers)  # really evicted
+
+
+@pytest.mark.parametrize("method", POLICIES)
+def test_chunked_prefill_without_eviction(method, make_model, make_left_padded, method_params):
+    """A prompt fed in two chunks, then single tokens, gives the stock model's logits over the whole sequence."""
+    ids, mask = make_left_padded([PROMPT, 16], PROMPT, seed=8)
+    model = make_model("llama")
+    ref = model(ids, attention_mask=mask).logits  # stock, no cache
+    cache = squeezekv.make_cache(model, method, BIG, "uniform", method_params=method_params(method))
+    parts = [model(ids[:, :15], attention_mask=mask[:, :15], cache=cache).logits,
+             model(ids[:, 15:20], attention_mask=mask[:, :20], cache=cache).logits]
+    for t in range(20, PROMPT):
+        parts.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).logits)
+    got = torch.cat(parts, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == PROMPT

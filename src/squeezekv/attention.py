@@ -214,9 +214,8 @@ def _importance_hooks(decoder_layer: torch.nn.Module, norm_name: str | None) -> 
         cache = _cache_of(kwargs)
         if cache is None or not cache.collecting_importance or layer_idx not in cache.managed:
             return
-        hidden = args[0] if args else kwargs["hidden_states"]  # [B, q, hidden], the residual stream
-        if hidden.shape[1] > 1:
-            cache.pending_hidden[layer_idx] = hidden
+        # [B, q, hidden], the residual stream; the first forward (the prompt, even of one token) is measured
+        cache.pending_hidden[layer_idx] = args[0] if args else kwargs["hidden_states"]
 
     def after_attention(module, args, kwargs, output):
         cache = _cache_of(kwargs)

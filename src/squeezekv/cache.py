@@ -130,9 +130,9 @@ class SqueezeLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds (keys, values and bookkeeping)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.token_idx, self.scores)
-                   if t is not None)
+        """Bytes of every tensor this layer holds (keys, values and bookkeeping: token indices, scores, padding)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.token_idx, self.scores,
+                                                          self.valid) if t is not None)
 
     def kv_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)

@@ -34,11 +34,15 @@ class Budget:
                 ) from None
         if isinstance(budget, int):
             if budget < 1:
-                raise ValueError(f"budget {budget} tokens is out of range: a token budget must be >= 1")
+                raise ValueError(
+                    f"budget {budget} is out of range: give a fraction in (0, 1] or a token count >= 1"
+                )
             return cls(float(budget), is_fraction=False)
         if isinstance(budget, float):
             if not math.isfinite(budget) or budget <= 0:
-                raise ValueError(f"budget {budget} is out of range: a fraction must be in (0, 1]")
+                raise ValueError(
+                    f"budget {budget} is out of range: give a fraction in (0, 1] or a token count >= 1"
+                )
             if budget > 1:
                 if budget.is_integer():
                     return cls(budget, is_fraction=False)

