@@ -15,7 +15,7 @@ No model class is patched: :func:`attach` switches the model to the ``"squeezekv
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,30 +50,20 @@ def _causal(q_len: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)[None, :] <= torch.arange(n - q_len, n, device=device)[:, None]
 
 
-def _eager(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    allowed: torch.Tensor | None,
-    scaling: float,
-    policy: Any = None,
-    layer: SqueezeLayer | None = None,
-    q_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Eager attention in query chunks, in float32; hands each chunk's weights to ``policy`` if given.
+def _weight_chunks(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Softmaxed attention weights, a chunk of queries at a time: ``(start, end, [B, Hkv, G, end - start, n])``.
 
-    query ``[B, Hq, q, D]``, key/value ``[B, Hkv, n, D]``, allowed ``[B, Hkv|1, q, n]`` or None (causal).
-    Returns ``[B, Hq, q, D]``."""
+    query ``[B, Hq, q, D]``, key ``[B, Hkv, n, D]``, allowed ``[B, Hkv|1, q, n]`` or None (causal). Logits are
+    computed in the inputs' dtype (tensor cores for bf16/fp16), softmax in float32."""
     b, hq, q_len, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
-    group = hq // hkv
-    qg = query.reshape(b, hkv, group, q_len, d)  # query heads of one KV head side by side
-    kf, vf = key.float(), value.float()
+    qg = query.reshape(b, hkv, hq // hkv, q_len, d)  # query heads of one KV head side by side
     chunk = max(1, _EAGER_BLOCK // max(1, b * hq * n))
-    outs = []
     for start in range(0, q_len, chunk):
         end = min(q_len, start + chunk)
-        logits = torch.einsum("bhgqd,bhnd->bhgqn", qg[:, :, :, start:end].float(), kf) * scaling
+        logits = torch.einsum("bhgqd,bhnd->bhgqn", qg[:, :, :, start:end], key).float() * scaling
         if allowed is not None:
             m = allowed[:, :, None, start:end, :]
         elif q_len > 1:
@@ -82,12 +72,17 @@ def _eager(
             m = None
         if m is not None:
             logits = logits.masked_fill(~m, float("-inf"))
-        weights = logits.softmax(dim=-1)  # [B, Hkv, G, c, n]
-        if policy is not None:
-            policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
-        outs.append(torch.einsum("bhgqn,bhnd->bhgqd", weights, vf))
-    out = torch.cat(outs, dim=3).reshape(b, hq, q_len, d)
-    return out.to(query.dtype)
+        yield start, end, logits.softmax(dim=-1)
+
+
+def _eager(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Eager attention in query chunks; weights and products in float32. Returns ``[B, Hq, q, D]``."""
+    b, hq, q_len, d = query.shape
+    vf = value.float()
+    outs = [torch.einsum("bhgqn,bhnd->bhgqd", w, vf) for _, _, w in _weight_chunks(query, key, allowed, scaling)]
+    return torch.cat(outs, dim=3).reshape(b, hq, q_len, value.shape[-1]).to(query.dtype)
 
 
 def _sdpa(
@@ -159,9 +154,10 @@ def squeezekv_attention(
         allowed = _no_empty_rows(allowed)
     policy = layer.policy
     if policy.wants_weights(layer, q_len):
-        q_valid = None if attention_mask is None else attention_mask[:, -q_len:]
-        out = _eager(query, key, value, allowed, scaling, policy, layer, q_valid)
-    elif layer.cache.attn_backend == "eager":
+        q_valid = None if attention_mask is None else attention_mask[:, -q_len:]  # [B, q]
+        for start, end, weights in _weight_chunks(query, key, allowed, scaling):
+            policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
+    if layer.cache.attn_backend == "eager":
         out = _eager(query, key, value, allowed, scaling)
     else:
         out = _sdpa(query, key, value, allowed, scaling)
