@@ -101,7 +101,9 @@ def test_nbytes_hybrid_model_counts_sliding_layers(make_model, make_ids):
     model(make_ids(1, PROMPT), cache=cache)
     assert cache.plan.budgets == (None, 12, None, 12)
     assert cache.physical_lengths() == [window - 1, 12, window - 1, 12]
-    sliding = 1 * HKV * (window - 1) * 2 * HEAD_DIM * 4
+    # transformers' sliding layer keeps a view of the last window - 1 positions, but the storage behind it is the
+    # whole prompt's: nbytes counts what is allocated
+    sliding = 1 * HKV * PROMPT * 2 * HEAD_DIM * 4
     assert cache.layer_nbytes() == [sliding, _expected_layer_bytes(1, 12, True)] * 2
     assert cache.kv_nbytes() == 2 * sliding + 2 * 1 * HKV * 12 * 2 * HEAD_DIM * 4
 
@@ -253,3 +255,28 @@ def test_registry_describe_lists_every_method():
     assert params["h2o"] == {"recent_ratio": 0.5}
     assert params["pyramid"] == {"beta": 20.0}
     assert params["squeeze"] == {"p": 0.38, "clusters": 3}
+
+
+@pytest.mark.parametrize("method", ["window", "h2o", "snapkv"])
+def test_decode_appends_in_place_into_preallocated_slots(method, make_model, make_ids):
+    """Between evictions new tokens are written into pre-allocated slots (no reallocation per step); at eviction the
+    old storage is released, and nbytes counts the allocated slots."""
+    model = make_model("llama")
+    budget, every = 10, 4
+    params = {"window": 4} if method == "snapkv" else None
+    cache = squeezekv.make_cache(model, method, budget, "uniform", method_params=params, evict_every=every)
+    model(make_ids(1, PROMPT), cache=cache)
+    layer = cache.layers[0]
+    assert layer.keys.untyped_storage().nbytes() == HKV * budget * HEAD_DIM * 4  # exact right after compression
+    ptrs = []
+    for t in range(every + 2):
+        model(make_ids(1, 1, seed=t), cache=cache)
+        ptrs.append(layer.keys.untyped_storage().data_ptr())
+    slots = layer.keys.untyped_storage().nbytes() // (HKV * HEAD_DIM * 4)
+    if method == "snapkv":  # never evicts: grows in chunks
+        assert len(set(ptrs)) == 1 and layer.physical_length == budget + every + 2
+        assert slots == budget + cache.growth_chunk
+    else:  # evicts when budget + every tokens are held
+        assert ptrs[0] == ptrs[1] == ptrs[2] and ptrs[3] != ptrs[2]
+        assert layer.physical_length == budget + 2 and slots == budget + every
+    assert cache.nbytes() == sum(cache.layer_nbytes())

@@ -18,6 +18,11 @@ from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets
 from .registry import make_allocation, make_policy
 
 
+def _allocated(t: torch.Tensor | None) -> int:
+    """Bytes of the storage behind ``t`` (a view of a pre-allocated buffer counts the whole buffer)."""
+    return 0 if t is None else t.untyped_storage().nbytes()
+
+
 class SqueezeLayer(CacheLayerMixin):
     """One layer's compressed KV cache.
 
@@ -41,6 +46,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.seen = 0
         self.compressed = False  # True once anything was evicted: token_idx is no longer 0..n-1
         self.prefill_done = False
+        self._buffers: dict[str, torch.Tensor] = {}  # pre-allocated storage behind keys/values/token_idx/scores
 
     # -- transformers' layer protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -65,11 +71,12 @@ class SqueezeLayer(CacheLayerMixin):
                 f"sequence of {self.seen + q} tokens is longer than the model's context of {self.cache.max_context}"
             )
         new_idx = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.token_idx = torch.cat([self.token_idx, new_idx.expand(b, h, q)], dim=-1)
+        reserve = self._reserve(q)
+        self._append("keys", key_states, reserve)
+        self._append("values", value_states, reserve)
+        self._append("token_idx", new_idx.expand(b, h, q), reserve)
         if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros((b, h, q))], dim=-1)
+            self._append("scores", self.scores.new_zeros((b, h, q)), reserve)
         self.valid = None  # recomputed from the padding mask by the attention function
         self.seen += q
         # The model hands the same kwargs dict to its attention function: this is how transformers' own paged
@@ -78,6 +85,29 @@ class SqueezeLayer(CacheLayerMixin):
         if isinstance(model_kwargs, dict):
             model_kwargs["squeezekv_layer"] = self
         return self.keys, self.values
+
+    def _reserve(self, q: int) -> int:
+        """Free slots to pre-allocate beyond the ``q`` new tokens: while decoding, room for the tokens that arrive
+        before the next eviction (policies that keep evicting) or a growth chunk (SnapKV); none for a prompt."""
+        if not self.prefill_done or q != 1:
+            return 0
+        budget = self.cache.plan[self.layer_idx] if self.cache.plan is not None else None
+        if self.policy.keeps_evicting and budget is not None:
+            return max(0, budget + self.cache.evict_every - self.physical_length - q)
+        return self.cache.growth_chunk - 1
+
+    def _append(self, name: str, new: torch.Tensor, reserve: int) -> None:
+        """Append ``new`` along the sequence dim (2) of tensor ``name``, in place when its buffer has room; else
+        move it to a buffer with ``reserve`` free slots. ``name`` stays a view of its buffer's used prefix."""
+        cur = getattr(self, name)
+        n, q = cur.shape[2], new.shape[2]
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[2] < n + q or buf.data_ptr() != cur.data_ptr():
+            buf = cur.new_empty((*cur.shape[:2], n + q + reserve, *cur.shape[3:]))
+            buf[:, :, :n].copy_(cur)
+            self._buffers[name] = buf
+        buf[:, :, n:n + q].copy_(new)
+        setattr(self, name, buf[:, :, :n + q])
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.physical_length + query_length, 0
@@ -91,6 +121,7 @@ class SqueezeLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.token_idx = self.scores = self.valid = None
+        self._buffers = {}
         self.is_initialized = False
         self.seen = 0
         self.compressed = False
@@ -100,6 +131,7 @@ class SqueezeLayer(CacheLayerMixin):
         return ["keys", "values", "token_idx", "scores", "valid"]
 
     def _map(self, fn) -> None:
+        self._buffers = {}
         for name in self._tensors():
             t = getattr(self, name)
             if t is not None:
@@ -130,12 +162,12 @@ class SqueezeLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds (keys, values and bookkeeping: token indices, scores, padding)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.token_idx, self.scores,
-                                                          self.valid) if t is not None)
+        """Bytes allocated for this layer: keys, values and bookkeeping (token indices, scores, padding), with any
+        pre-allocated free slots."""
+        return sum(_allocated(t) for t in (self.keys, self.values, self.token_idx, self.scores, self.valid))
 
     def kv_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return sum(_allocated(t) for t in (self.keys, self.values))
 
     def set_padding(self, pad2d: torch.Tensor | None) -> None:
         """Derive ``valid`` from the model's 2-D padding mask ``[B, tokens seen]`` (True = real token)."""
@@ -180,6 +212,7 @@ class SqueezeLayer(CacheLayerMixin):
             self.scores = self.scores.gather(2, idx)
         if self.valid is not None:
             self.valid = self.valid.gather(2, idx)
+        self._buffers = {}  # the old storage is released with the views into it
         self.compressed = True
 
     def after_attention(self, q_len: int) -> None:
@@ -225,6 +258,7 @@ class SqueezeCache(Cache):
         if attn_backend not in ("sdpa", "eager"):
             raise ValueError(f"attn_backend={attn_backend!r} is not supported: choose 'sdpa' or 'eager'")
         self.evict_every = evict_every
+        self.growth_chunk = 64  # slots a growing (never-evicting) layer reserves at a time while decoding
         self.attn_backend = attn_backend
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 62) or (1 << 62))
@@ -321,8 +355,7 @@ class SqueezeCache(Cache):
             if isinstance(layer, SqueezeLayer):
                 out.append(layer.nbytes())
             else:
-                out.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
-                               if isinstance(t, torch.Tensor)))
+                out.append(sum(_allocated(t) for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)))
         return out
 
     def nbytes(self) -> int:
@@ -330,10 +363,8 @@ class SqueezeCache(Cache):
 
     def kv_nbytes(self) -> int:
         """Bytes of keys and values only (without token indices and scores)."""
-        total = 0
-        for layer in self.layers:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-        return total
+        return sum(_allocated(t) for layer in self.layers for t in (layer.keys, layer.values)
+                   if isinstance(t, torch.Tensor))
 
     def physical_lengths(self) -> list[int]:
         out = []
