@@ -78,8 +78,10 @@ def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context:
                 cache.update(k, torch.randn_like(k), i)
         return cache
     plan = BudgetPlan(budgets=(budget_tokens,) * layers, base=budget_tokens, allocation="uniform")
-    params = {"window": 64} if method == "snapkv" else None
-    cache = squeezekv.make_cache(model, method, budget_tokens, "uniform", method_params=params, plan=plan)
+    name, _, every = method.partition(":")  # "window:16" = window policy, evict every 16 decode steps
+    params = {"window": 64} if name == "snapkv" else None
+    cache = squeezekv.make_cache(model, name, budget_tokens, "uniform", method_params=params, plan=plan,
+                                 evict_every=int(every or 1))
     if fill:
         for layer in cache.layers:
             k = torch.randn(batch, kv_heads, budget_tokens, head_dim, device="cuda", dtype=dtype)
@@ -204,12 +206,19 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="", help="comma-separated parts: prefill,decode,maxbatch")
-    ap.add_argument("--methods", default="", help="comma-separated subset of the config's methods")
+    ap.add_argument("--methods", default="", help="comma-separated methods, overriding the config's; "
+                    "'window:16' = evict every 16 decode steps")
+    ap.add_argument("--batches", default="", help="comma-separated decode batch sizes, overriding the config's")
+    ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
     args = ap.parse_args()
     cfg = json.loads(Path(args.config).read_text())
     parts = set(args.only.split(",")) if args.only else {"prefill", "decode", "maxbatch"}
     if args.methods:
-        cfg["methods"] = [m for m in cfg["methods"] if m in args.methods.split(",")]
+        cfg["methods"] = args.methods.split(",")
+    if args.batches:
+        cfg["batches"] = [int(b) for b in args.batches.split(",")]
+    if args.prefill_contexts:
+        cfg["prefill_contexts"] = [int(c) for c in args.prefill_contexts.split(",")]
     model = build_model(cfg)
     report: dict[str, Any] = {
         "config": cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device call: squeezekv's throughput (transformers 5.24 from .whl) and kvpress's (its own transformers 5.2 from
+# .kvp/whl) on the same GPU, results under $OUT. Run from the repository root on the GPU machine.
+set -u
+export PYTHONUNBUFFERED=1
+cfg=benchmarks/throughput_config.json
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite .kvp/whl/*.whl || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+ours() { PYTHONPATH=/tmp/site python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
+ours --out $OUT/prefill.json --only prefill --methods full,window,h2o,snapkv --prefill-contexts 2048,8192
+ours --out $OUT/maxbatch.json --only maxbatch --methods full,window:16
+ours --out $OUT/decode.json --only decode --methods full,window,window:16,streamingllm:16,h2o:16,snapkv --batches 16,64,256
+PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches 16,64,256 \
+    --out $OUT/kvpress.json 2>&1 | grep -v -i warn
