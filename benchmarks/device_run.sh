@@ -8,8 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite .kvp/whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ours() { PYTHONPATH=/tmp/site python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
-ours --out $OUT/prefill.json --only prefill --methods full,window,h2o,snapkv --prefill-contexts 2048,8192
-ours --out $OUT/maxbatch.json --only maxbatch --methods full,window:16
-ours --out $OUT/decode.json --only decode --methods full,window,window:16,streamingllm:16,h2o:16,snapkv --batches 16,64,256
+ours --out $OUT/prefill.json --only prefill --methods full,window,streamingllm,h2o,snapkv
+ours --out $OUT/decode.json --only maxbatch,decode
 PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches 16,64,256 \
     --out $OUT/kvpress.json 2>&1 | grep -v -i warn

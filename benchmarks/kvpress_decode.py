@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = json.loads(Path(args.config).read_text())
+    torch.backends.cuda.enable_cudnn_sdp(cfg.get("cudnn_sdpa", False))  # as in throughput.py
     config = LlamaConfig(**cfg["model"])
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)

@@ -212,6 +212,9 @@ def main() -> None:
     ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
     args = ap.parse_args()
     cfg = json.loads(Path(args.config).read_text())
+    # cuDNN's SDPA builds an execution plan per new shape; a growing cache has a new shape every step, which makes
+    # eager decoding of growing caches look slower than it is in a warm server. Both sides turn it off.
+    torch.backends.cuda.enable_cudnn_sdp(cfg.get("cudnn_sdpa", False))
     parts = set(args.only.split(",")) if args.only else {"prefill", "decode", "maxbatch"}
     if args.methods:
         cfg["methods"] = args.methods.split(",")

@@ -27,7 +27,7 @@ from .models import arch_spec, decoder_layers
 
 ATTN_NAME = "squeezekv"
 #: largest float32 attention-weight block materialised at once by the eager path (elements)
-_EAGER_BLOCK = 1 << 25
+_EAGER_BLOCK = 1 << 26
 
 
 def _expand_heads(mask: torch.Tensor, num_q_heads: int) -> torch.Tensor:
@@ -45,34 +45,46 @@ def _no_empty_rows(allowed: torch.Tensor) -> torch.Tensor:
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
-def _causal(q_len: int, n: int, device: torch.device) -> torch.Tensor:
-    """[q, n]: the q new queries are the last q of n contiguous tokens."""
-    return torch.arange(n, device=device)[None, :] <= torch.arange(n - q_len, n, device=device)[:, None]
+def _causal(q_len: int, n: int, device: torch.device, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Rows ``start:end`` of the ``[q, n]`` causal mask where the q new queries are the last q of n contiguous
+    tokens."""
+    end = q_len if end is None else end
+    rows = torch.arange(n - q_len + start, n - q_len + end, device=device)
+    return torch.arange(n, device=device)[None, :] <= rows[:, None]
 
 
 def _weight_chunks(
     query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Softmaxed attention weights, a chunk of queries at a time: ``(start, end, [B, Hkv, G, end - start, n])``.
+    """Softmaxed attention weights, a chunk of queries at a time: ``(start, end, [B, Hkv, G, end - start, m])``.
 
-    query ``[B, Hq, q, D]``, key ``[B, Hkv, n, D]``, allowed ``[B, Hkv|1, q, n]`` or None (causal). Logits are
-    computed in the inputs' dtype (tensor cores for bf16/fp16), softmax in float32."""
+    query ``[B, Hq, q, D]``, key ``[B, Hkv, n, D]``, allowed ``[B, Hkv|1, q, n]`` or None (causal). In the causal
+    layout a chunk's weights stop at its last query's own key (``m <= n``; the keys after it get no weight). Logits
+    are computed in the inputs' dtype (tensor cores for bf16/fp16), softmax in float32."""
     b, hq, q_len, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
     qg = query.reshape(b, hkv, hq // hkv, q_len, d)  # query heads of one KV head side by side
     chunk = max(1, _EAGER_BLOCK // max(1, b * hq * n))
     for start in range(0, q_len, chunk):
         end = min(q_len, start + chunk)
-        logits = torch.einsum("bhgqd,bhnd->bhgqn", qg[:, :, :, start:end], key).float() * scaling
+        m = n if allowed is not None else n - q_len + end  # keys any query of the chunk may see
+        logits = torch.einsum("bhgqd,bhnd->bhgqn", qg[:, :, :, start:end], key[:, :, :m]).float() * scaling
         if allowed is not None:
-            m = allowed[:, :, None, start:end, :]
+            logits = logits.masked_fill(~allowed[:, :, None, start:end, :], float("-inf"))
         elif q_len > 1:
-            m = _causal(q_len, n, key.device)[start:end]
-        else:
-            m = None
-        if m is not None:
-            logits = logits.masked_fill(~m, float("-inf"))
+            logits = logits.masked_fill(~_causal(q_len, n, key.device, start, end)[:, :m], float("-inf"))
         yield start, end, logits.softmax(dim=-1)
+
+
+def _eager(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Eager attention in query chunks; weights and products in float32. Returns ``[B, Hq, q, D]``."""
+    b, hq, q_len, d = query.shape
+    vf = value.float()
+    outs = [torch.einsum("bhgqn,bhnd->bhgqd", w, vf[:, :, : w.shape[-1]])
+            for _, _, w in _weight_chunks(query, key, allowed, scaling)]
+    return torch.cat(outs, dim=3).reshape(b, hq, q_len, value.shape[-1]).to(query.dtype)
 
 
 def _eager(

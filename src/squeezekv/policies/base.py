@@ -41,7 +41,8 @@ class EvictionPolicy:
         return False
 
     def observe_weights(self, layer: "SqueezeLayer", weights: torch.Tensor, q_valid: torch.Tensor | None) -> None:
-        """Receive softmaxed weights ``[batch, kv_heads, group, q_chunk, n]`` (float32) of a chunk of queries.
+        """Receive softmaxed weights ``[batch, kv_heads, group, q_chunk, m]`` (float32) of a chunk of queries over
+        the first ``m <= n`` held positions (the rest got no weight from these queries).
 
         ``q_valid`` is ``[batch, q_chunk]`` (False for padding queries) or None when every query is real."""
 

@@ -42,10 +42,10 @@ class H2OPolicy(EvictionPolicy):
         return True  # every query's attention is accumulated
 
     def observe_weights(self, layer, weights: torch.Tensor, q_valid: torch.Tensor | None) -> None:
-        # weights: [B, Hkv, G, q, n] float32; padding queries contribute nothing
+        # weights: [B, Hkv, G, q, m] float32 over the first m <= n held positions; padding queries add nothing
         if q_valid is not None:
             weights = weights * q_valid[:, None, None, :, None].to(weights.dtype)
-        layer.scores += weights.sum(dim=(2, 3))  # [B, Hkv, n]
+        layer.scores[..., : weights.shape[-1]] += weights.sum(dim=(2, 3))  # [B, Hkv, m]
 
     def priority(self, layer, budget: int) -> torch.Tensor:
         is_recent = rank_from_end(layer.valid, layer.scores) < self.recent(budget)
