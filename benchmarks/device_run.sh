@@ -7,7 +7,7 @@ cfg=benchmarks/throughput_config.json
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite .kvp/whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-ours() { PYTHONPATH=/tmp/site python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
+ours() { PYTHONPATH=/tmp/site:src python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
 ours --out $OUT/prefill.json --only prefill --methods full,window,streamingllm,h2o,snapkv
 ours --out $OUT/decode_maxbatch.json --only maxbatch,decode --methods full,window:16 --batches 16,64,256
 ours --out $OUT/decode.json --only decode --methods streamingllm:16,h2o:16,snapkv --batches 16,64,256

@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the machine-readable report instead of the table")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("methods", help="list the registered eviction policies and layer allocations")
+    bench = sub.add_parser(
+        "bench",
+        help="GPU benchmark: prefill/decode throughput, peak memory and max batch vs the full cache",
+        description="Measures, on a CUDA GPU and a randomly initialised model of a real size (weights do not matter "
+        "for speed), prefill time and peak memory, decode tokens/s at several batch sizes and the largest batch "
+        "that fits, for the full cache and each method; writes a JSON report with the config. Same code as "
+        "benchmarks/throughput.py.",
+    )
+    from .bench import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -74,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "methods":
         print(markdown_table())
+        return 0
+    if args.command == "bench":
+        from .bench import run as run_bench
+
+        try:
+            run_bench(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"squeezekv: error: {err}", file=sys.stderr)
+            return 2
         return 0
     from .runner import RunConfig, format_report, run
 

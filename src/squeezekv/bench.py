@@ -1,0 +1,296 @@
+"""GPU throughput and memory: squeezekv's caches vs the full cache on a Llama-3.1-8B-shaped model.
+
+Run on a CUDA machine (weights are random: values do not matter for speed or memory)::
+
+    squeezekv bench --config benchmarks/throughput_config.json --out results.json
+    python benchmarks/throughput.py ...   # the same code
+
+Measures, each compressed figure next to the full cache's from the same run (CUDA-synchronised, after warm-up, median
+of ``reps`` repetitions):
+
+* prefill (batch 1, real forward) at each context: time, peak memory over the weights, KV bytes after, and the
+  compression overhead (prefill time with the compressed cache over the full cache's, minus one);
+* decode tokens/s at several batch sizes at ``context`` tokens: the cache is filled directly with random keys/values
+  of the right shapes (the full cache: ``context`` tokens; a compressed one: its budget, as right after the prompt's
+  compression), then ``decode_steps`` greedy steps are timed;
+* max batch that fits (doubling then bisection, out-of-memory caught and memory released between tries);
+* fraction of the memory-bandwidth roofline: (weight bytes + live KV bytes) / bandwidth over the measured step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import squeezekv
+
+from .plan import BudgetPlan
+
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet; ANCHORS.md uses the same figure
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def build_model(cfg: dict[str, Any]) -> LlamaForCausalLM:
+    config = LlamaConfig(**cfg["model"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"]))
+    return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context: int, fill: bool) -> Any:
+    """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens``."""
+    cfg = model.config
+    kv_heads, head_dim, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    dtype = next(model.parameters()).dtype
+    if method == "full":
+        squeezekv.detach(model)
+        cache = DynamicCache(config=cfg)
+        if fill:
+            for i in range(layers):
+                k = torch.randn(batch, kv_heads, context, head_dim, device="cuda", dtype=dtype)
+                cache.update(k, torch.randn_like(k), i)
+        return cache
+    plan = BudgetPlan(budgets=(budget_tokens,) * layers, base=budget_tokens, allocation="uniform")
+    name, _, every = method.partition(":")  # "window:16" = window policy, evict every 16 decode steps
+    params = {"window": 64} if name == "snapkv" else None
+    cache = squeezekv.make_cache(model, name, budget_tokens, "uniform", method_params=params, plan=plan,
+                                 evict_every=int(every or 1))
+    if fill:
+        for layer in cache.layers:
+            k = torch.randn(batch, kv_heads, budget_tokens, head_dim, device="cuda", dtype=dtype)
+            layer.lazy_initialization(k, k)
+            layer.keys, layer.values = k, torch.randn_like(k)
+            idx = torch.arange(context - budget_tokens, context, device="cuda", dtype=torch.int32)
+            layer.token_idx = idx.expand(batch, kv_heads, budget_tokens).contiguous()
+            if layer.scores is not None:
+                layer.scores = torch.rand(batch, kv_heads, budget_tokens, device="cuda")
+            layer.seen, layer.prefill_done, layer.compressed = context, True, True
+    return cache
+
+
+def kv_bytes(cache: Any) -> int:
+    if isinstance(cache, squeezekv.SqueezeCache):
+        return cache.nbytes()
+    return squeezekv.dynamic_cache_nbytes(cache)
+
+
+def timed(fn: Callable[[], Any], reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+@torch.no_grad()
+def prefill(model: Any, method: str, context: int, budget: float, reps: int) -> dict[str, Any]:
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
+    base = torch.cuda.memory_allocated()
+    holder: dict[str, Any] = {}
+
+    def once() -> None:
+        holder.pop("cache", None)
+        free()
+        cache = make_cache(model, method, max(1, int(round(budget * context))), 1, context, fill=False)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        holder["cache"] = cache
+
+    once()  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    times = timed(once, reps)
+    peak = torch.cuda.max_memory_allocated() - base
+    res = {"method": method, "context": context, "prefill_s": statistics.median(times), "times": times,
+           "peak_bytes_over_weights": peak, "kv_bytes": kv_bytes(holder["cache"])}
+    holder.clear()
+    free()
+    return res
+
+
+@torch.no_grad()
+def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int, steps: int, warmup: int,
+           reps: int) -> dict[str, Any]:
+    torch.cuda.reset_peak_memory_stats()
+    cache = make_cache(model, method, budget_tokens, batch, context, fill=True)
+    live = kv_bytes(cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+
+    def step() -> None:
+        nonlocal ids
+        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        ids = logits[:, -1:].argmax(-1)
+
+    for _ in range(warmup):
+        step()
+    times = timed(lambda: [step() for _ in range(steps)], reps)
+    per_step = statistics.median(times) / steps
+    wbytes = weight_bytes(model)
+    res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
+           "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
+           "roofline_fraction": (wbytes + live) / HBM_BYTES_PER_S / per_step,
+           "peak_allocated": torch.cuda.max_memory_allocated()}
+    del cache
+    free()
+    return res
+
+
+def fits(model: Any, method: str, batch: int, context: int, budget_tokens: int) -> bool:
+    ok = True
+    every = int(method.partition(":")[2] or 1)
+    try:  # long enough to reach an eviction: its gather briefly holds a layer twice
+        decode(model, method, batch, context, budget_tokens, steps=every + 2, warmup=1, reps=1)
+    except Exception as err:  # noqa: BLE001 - only OOM is expected
+        if not is_oom(err):
+            raise
+        ok = False
+    # outside the except block: the traceback (and the cache it holds) is gone, so the memory can be released
+    free()
+    return ok
+
+
+def max_batch(model: Any, method: str, context: int, budget_tokens: int, hi: int) -> int:
+    """Largest batch whose cache and decode step fit: start from the estimate free memory / bytes per sequence,
+    then bisect between a batch that fits and one that does not."""
+    free()
+    probe = make_cache(model, method, budget_tokens, 1, context, fill=True)
+    per_seq = kv_bytes(probe)
+    del probe
+    free()
+    estimate = max(1, min(hi, int(torch.cuda.mem_get_info()[0] / per_seq)))
+    lo, b = 0, estimate
+    while b > 1 and not fits(model, method, b, context, budget_tokens):
+        b //= 2
+    lo = b if fits(model, method, b, context, budget_tokens) else 0
+    b = min(hi + 1, max(lo + 1, estimate + 1))
+    while b <= hi and fits(model, method, b, context, budget_tokens):
+        lo, b = b, b + max(1, b // 8)
+    while b - lo > 1:  # lo fits, b does not
+        mid = (lo + b) // 2
+        if fits(model, method, mid, context, budget_tokens):
+            lo = mid
+        else:
+            b = mid
+    return lo
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", default="", help="comma-separated parts: prefill,decode,maxbatch")
+    ap.add_argument("--methods", default="", help="comma-separated methods, overriding the config's; "
+                    "'window:16' = evict every 16 decode steps")
+    ap.add_argument("--batches", default="", help="comma-separated decode batch sizes, overriding the config's")
+    ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the parts of the benchmark that ``args`` names and write the JSON report to ``args.out``."""
+    if not torch.cuda.is_available():
+        raise ValueError("squeezekv bench measures GPU throughput and needs a CUDA device; none is available here")
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise ValueError(f"benchmark config {args.config!r} does not exist")
+    cfg = json.loads(config_path.read_text())
+    # cuDNN's SDPA builds an execution plan per new shape; a growing cache has a new shape every step, which makes
+    # eager decoding of growing caches look slower than it is in a warm server. Both sides turn it off.
+    torch.backends.cuda.enable_cudnn_sdp(cfg.get("cudnn_sdpa", False))
+    parts = set(args.only.split(",")) if args.only else {"prefill", "decode", "maxbatch"}
+    if args.methods:
+        cfg["methods"] = args.methods.split(",")
+    if args.batches:
+        cfg["batches"] = [int(b) for b in args.batches.split(",")]
+    if args.prefill_contexts:
+        cfg["prefill_contexts"] = [int(c) for c in args.prefill_contexts.split(",")]
+    model = build_model(cfg)
+    report: dict[str, Any] = {
+        "config": cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "squeezekv": squeezekv.__version__,
+        "weight_bytes": weight_bytes(model), "prefill": [], "decode": [], "max_batch": {},
+    }
+    out = Path(args.out)
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=2))
+
+    context, budget = cfg["context"], cfg["budget"]
+    budget_tokens = int(round(budget * context))
+    if "prefill" in parts:
+        for ctx in cfg["prefill_contexts"]:
+            for method in cfg["methods"]:
+                if ctx > cfg.get("prefill_max_context", {}).get(method, 1 << 30):
+                    continue
+                try:
+                    r = prefill(model, method, ctx, budget, cfg["reps"])
+                except Exception as err:  # noqa: BLE001
+                    if not is_oom(err):
+                        raise
+                    r = {"method": method, "context": ctx, "oom": True}
+                free()
+                report["prefill"].append(r)
+                print("prefill", json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
+                save()
+    if "maxbatch" in parts:
+        for method in cfg["methods"]:
+            report["max_batch"][method] = max_batch(model, method, context, budget_tokens, cfg["max_batch_hi"])
+            print("max_batch", method, report["max_batch"][method], flush=True)
+            save()
+    if "decode" in parts:
+        for method in cfg["methods"]:
+            batches = list(cfg["batches"])
+            mb = report["max_batch"].get(method)
+            if mb and mb not in batches:
+                batches.append(mb)
+            for b in sorted(batches):
+                if mb is not None and b > mb:
+                    continue
+                try:
+                    r = decode(model, method, b, context, budget_tokens, cfg["decode_steps"], cfg["warmup"],
+                               cfg["reps"])
+                except Exception as err:  # noqa: BLE001
+                    if not is_oom(err):
+                        raise
+                    r = {"method": method, "batch": b, "oom": True}
+                free()
+                report["decode"].append(r)
+                print("decode", json.dumps(r), flush=True)
+                save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
