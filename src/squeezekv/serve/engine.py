@@ -1,0 +1,286 @@
+"""The serving engine: one thread owns the model; requests are admitted fairly, prefilled with KV reused from the
+store, decoded step by step interleaved with the other running requests, and their KV is saved asynchronously when
+they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXiv 2403.19708).
+
+* Admission: one FIFO queue per user (the request's ``user`` field, else the request itself), served round-robin, so a
+  client with many requests cannot starve the others; at most ``max_active`` requests run at once and at most
+  ``max_queue`` wait (more: :class:`QueueFull`).
+* A request entering the queue is announced to the store (queue-aware eviction and prefetch).
+* Iteration-level scheduling (Orca, OSDI 2022): every engine iteration advances each running request by one step
+  (its prefill, or one decode token), so new requests start between the decode steps of long ones.
+* Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
+  the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
+  one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+
+from ..runner import cache_kwargs
+from ..store import KVStore, LayerwiseLoad, capture, shift_positions
+from .metrics import Metrics
+
+
+class QueueFull(Exception):
+    """More requests wait than ``max_queue``."""
+
+
+@dataclass
+class EngineConfig:
+    """What the engine runs: ``method`` None = the full cache, else a squeezekv method with ``budget`` etc."""
+
+    model_name: str = "squeezekv"
+    method: str | None = None
+    budget: float | int | str = 0.5
+    allocation: str = "uniform"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    allocation_params: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    max_active: int = 8
+    max_queue: int = 256
+    max_new_tokens: int = 512
+    truncation: str = "error"
+
+    def validate(self) -> None:
+        for name in ("max_active", "max_queue", "max_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
+        if self.truncation not in ("error", "rerotate"):
+            raise ValueError(f"truncation={self.truncation!r} is not supported: 'error' or 'rerotate'")
+        if self.truncation == "rerotate" and self.method is not None:
+            raise ValueError("truncation='rerotate' needs the full cache: compressed caches cannot be re-rotated")
+
+
+@dataclass
+class GenRequest:
+    """One generation. ``emit`` receives events (called from the engine thread): ``{"type": "delta", "text"}``,
+    ``{"type": "done", "finish_reason", "usage"}``, ``{"type": "error", "message"}``."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[dict[str, Any]], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    user: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # state, owned by the engine thread
+    t_submit: float = 0.0
+    cache: Any = None
+    fed: list[int] = field(default_factory=list)  # tokens the cache has seen
+    logits: torch.Tensor | None = None  # [vocab] for the next token
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    cached_tokens: int = 0
+    reused_tokens: tuple[int, ...] = ()
+    truncated: int = 0
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Runs ``model`` on its own thread; :meth:`submit` is thread-safe."""
+
+    def __init__(self, model: Any, tokenizer: Any, store: KVStore, config: EngineConfig,
+                 metrics: Metrics | None = None):
+        config.validate()
+        self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
+        self.metrics = metrics or Metrics()
+        self.device = torch.device(config.device)
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or (1 << 30))
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos: set[int] = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        self.waiting: "OrderedDict[str, deque[GenRequest]]" = OrderedDict()
+        self.n_waiting = 0
+        self.active: list[GenRequest] = []
+        self.reuse_log: deque[tuple[str, tuple[int, ...], tuple[int, ...]]] = deque(maxlen=100_000)
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="squeezekv-engine", daemon=True)
+        if config.method is not None:
+            from .. import make_cache, registry
+
+            registry.make_policy(config.method, **config.method_params)  # fail early on bad names
+            registry.make_allocation(config.allocation, **config.allocation_params)
+            self._make_cache = lambda: make_cache(model, config.method, config.budget, config.allocation,
+                                                  method_params=config.method_params,
+                                                  allocation_params=config.allocation_params)
+        else:
+            self._make_cache = lambda: DynamicCache(config=model.config)
+
+    # -- public -----------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        self.store.close()
+
+    def max_prompt_tokens(self, max_tokens: int) -> int:
+        return self.context - max_tokens
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue ``req`` (raises :class:`QueueFull` beyond ``max_queue`` waiting requests)."""
+        with self._cv:
+            if self.n_waiting >= self.config.max_queue:
+                raise QueueFull(f"{self.n_waiting} requests are waiting (max_queue={self.config.max_queue})")
+            req.t_submit = time.perf_counter()
+            self.waiting.setdefault(req.user or req.id, deque()).append(req)
+            self.n_waiting += 1
+            self._cv.notify_all()
+        self.store.enqueue(req.id, req.prompt)  # queue-aware eviction + prefetch
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, with the assistant prompt appended."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template: use /v1/completions")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer(text)["input_ids"]]
+
+    @property
+    def queue_length(self) -> int:
+        return self.n_waiting
+
+    # -- the engine thread ------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._cv:
+            while self.waiting and len(self.active) < self.config.max_active:
+                user, q = next(iter(self.waiting.items()))
+                req = q.popleft()
+                self.n_waiting -= 1
+                del self.waiting[user]
+                if q:
+                    self.waiting[user] = q  # to the back of the round
+                self.active.append(req)
+        # (dequeue outside the lock: the store has its own)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.active:
+                    self._cv.wait(timeout=0.5)
+                if self._stop:
+                    break
+            self._admit()
+            for req in list(self.active):
+                try:
+                    if req.cancelled.is_set():
+                        self._finish(req, "cancelled")
+                    else:
+                        self._step(req)
+                except Exception as err:  # a failing request must not take the server down
+                    self.metrics.inc("request_errors_total")
+                    self.active.remove(req)
+                    self.store.dequeue(req.id)
+                    req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
+        for req in self.active:
+            req.emit({"type": "error", "message": "server shutting down"})
+
+    def _forward(self, req: GenRequest, tokens: list[int]) -> None:
+        ids = torch.tensor([tokens], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, req.cache))
+        req.logits = out.logits[0, -1].float()  # [vocab]
+        req.fed.extend(tokens)
+
+    def _prefill(self, req: GenRequest) -> None:
+        self.store.dequeue(req.id)
+        prompt = req.prompt
+        limit = self.context - req.max_tokens
+        snap = None
+        if len(prompt) > limit:  # only with truncation="rerotate" (the server rejects it otherwise)
+            drop = len(prompt) - limit
+            full = self.store.get(prompt)
+            if full is not None and full.croppable and len(full.tokens) > drop:
+                snap = shift_positions(full, self.model, drop)
+            prompt = prompt[drop:]
+            req.truncated = drop
+        else:
+            snap = self.store.get(prompt)
+        if snap is not None:
+            with LayerwiseLoad(snap, self.model, self.device) as cache:
+                req.cache = cache
+                req.fed = list(snap.tokens)
+                req.cached_tokens = len(snap.tokens)
+                req.reused_tokens = tuple(snap.tokens)
+                self._forward(req, prompt[len(snap.tokens):])
+        else:
+            req.cache = self._make_cache()
+            self._forward(req, prompt)
+        self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))
+        if req.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+
+    def _sample(self, req: GenRequest) -> int:
+        logits = req.logits
+        if req.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # smallest set with mass >= top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _step(self, req: GenRequest) -> None:
+        if req.cache is None:
+            self._prefill(req)
+        tok = self._sample(req)
+        if not req.generated:
+            self.metrics.ttft.observe(time.perf_counter() - req.t_submit)
+        req.generated.append(tok)
+        if tok in self.eos:
+            self._finish(req, "stop")
+            return
+        text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+        stop_at = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            text = text[:stop_at]
+        if text.startswith(req.text) and len(text) > len(req.text):
+            req.emit({"type": "delta", "text": text[len(req.text):]})
+            req.text = text
+        if stop_at >= 0:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.max_tokens or len(req.fed) + 1 >= self.context:
+            self._finish(req, "length")
+        else:
+            self._forward(req, [tok])
+
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        self.active.remove(req)
+        self.store.dequeue(req.id)
+        if req.cache is not None and req.fed:
+            # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
+            self.store.save_async(capture(req.cache, req.fed))
+        req.cache = None
+        self.metrics.inc("requests_total")
+        self.metrics.inc("prompt_tokens_total", len(req.prompt))
+        self.metrics.inc("cached_prompt_tokens_total", req.cached_tokens)
+        self.metrics.inc("generated_tokens_total", len(req.generated))
+        req.emit({"type": "done", "finish_reason": reason, "usage": {
+            "prompt_tokens": len(req.prompt), "completion_tokens": len(req.generated),
+            "total_tokens": len(req.prompt) + len(req.generated), "cached_tokens": req.cached_tokens,
+            "truncated_tokens": req.truncated}})
+
+
+__all__ = ["Engine", "EngineConfig", "GenRequest", "QueueFull"]
