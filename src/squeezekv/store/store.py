@@ -85,7 +85,7 @@ class KVStore:
         self.stats: Counter[str] = Counter()
         self._lock = threading.RLock()
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
-        self._pending: list[Future] = []
+        self._pending: list[tuple[Future, tuple[int, ...]]] = []  # (save, its tokens)
 
     # -- lookup ---------------------------------------------------------------------------------------------------
     def _usable(self, entry: Entry, tokens: Sequence[int]) -> int:
@@ -135,7 +135,9 @@ class KVStore:
             return snap
 
     def get(self, tokens: Sequence[int]) -> KVSnapshot | None:
-        """``lookup`` then ``load``; counts a miss when nothing usable is stored."""
+        """``lookup`` then ``load``; counts a miss when nothing usable is stored. Waits first for the asynchronous
+        saves that share at least one block with ``tokens`` (the previous turn's save may still be in flight)."""
+        self._wait_pending(tokens)
         match = self.lookup(tokens)
         if match is None:
             with self._lock:
@@ -172,13 +174,19 @@ class KVStore:
         """:meth:`put` on the background saver thread (the request returns without waiting)."""
         fut = self._saver.submit(self.put, snapshot)
         with self._lock:
-            self._pending = [f for f in self._pending if not f.done()] + [fut]
+            self._pending = [(f, t) for f, t in self._pending if not f.done()] + [(fut, snapshot.tokens)]
         return fut
+
+    def _wait_pending(self, tokens: Sequence[int]) -> None:
+        with self._lock:
+            pending = [f for f, t in self._pending if not f.done() and _common_prefix(t, tokens) >= self.block]
+        for f in pending:
+            f.result()
 
     def flush(self) -> None:
         """Wait for every pending asynchronous save (and re-raise its error, if any)."""
         with self._lock:
-            pending = list(self._pending)
+            pending = [f for f, _ in self._pending]
         for f in pending:
             f.result()
 
