@@ -166,3 +166,23 @@ def test_metrics_count_hits_and_ttft(server, client):
     assert values["squeezekv_requests_total"] >= 1
     assert sum(values[f'squeezekv_kv_hits_total{{tier="{t}"}}'] for t in ("gpu", "cpu", "disk")) >= 1
     assert values['squeezekv_kv_bytes{tier="gpu"}'] + values['squeezekv_kv_bytes{tier="cpu"}'] > 0
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+def test_serve_cli_user_errors_exit_2_without_traceback(capsys, tmp_path):
+    from squeezekv.cli import main
+
+    for argv, fragment in ((["serve", "--cpu-cache", "3parsecs"], "is not a size"),
+                           (["serve", "--disk-cache", "nowhere"], "must look like DIR:SIZE"),
+                           (["serve", "--budget", "0", "--model", str(tmp_path)], "budget 0 is out of range")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err
+
+
+def test_serve_cli_tiers(tmp_path):
+    from squeezekv.serve.cli import build_tiers
+
+    tiers = build_tiers("8GiB", "32GiB", f"{tmp_path}/kv:200GiB", "cpu")
+    assert [(t.name, t.capacity) for t in tiers] == [("cpu", 32 << 30), ("disk", 200 << 30)]  # no GPU on a CPU
+    assert (tmp_path / "kv").is_dir()

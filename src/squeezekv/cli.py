@@ -1,4 +1,5 @@
-"""Command line: ``squeezekv run`` (the main job) and ``squeezekv methods`` (the registry)."""
+"""Command line: ``squeezekv run`` (the main job), ``squeezekv methods`` (the registry) and ``squeezekv serve``
+(the OpenAI-compatible server, :mod:`squeezekv.serve.cli`)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the machine-readable report instead of the table")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("methods", help="list the registered eviction policies and layer allocations")
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -75,6 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "methods":
         print(markdown_table())
         return 0
+    if args.command == "serve":
+        from .serve.cli import run as serve
+
+        try:
+            return serve(args, _params)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"squeezekv: error: {err}", file=sys.stderr)
+            return 2
     from .runner import RunConfig, format_report, run
 
     try:

@@ -7,7 +7,9 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   ``max_queue`` wait (more: :class:`QueueFull`).
 * A request entering the queue is announced to the store (queue-aware eviction and prefetch).
 * Iteration-level scheduling (Orca, OSDI 2022): every engine iteration advances each running request by one step
-  (its prefill, or one decode token), so new requests start between the decode steps of long ones.
+  (its prefill, or one decode token), so new requests start between the decode steps of long ones; the decode steps
+  of the running full-cache requests are batched into one forward (their KV left-padded and masked, each row at its
+  own position). Compressed caches (their layers hold different tokens per head) decode one by one.
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
   the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
   one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
@@ -23,11 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..runner import cache_kwargs
 from ..store import KVStore, LayerwiseLoad, capture, shift_positions
 from .metrics import Metrics
+
+
+def _batchable(cache: Any) -> bool:
+    """Full caches whose every layer holds every token can be decoded together (compressed and sliding ones not)."""
+    return type(cache) is DynamicCache and all(type(l) is DynamicLayer for l in cache.layers)
 
 
 class QueueFull(Exception):
@@ -49,6 +58,7 @@ class EngineConfig:
     max_queue: int = 256
     max_new_tokens: int = 512
     truncation: str = "error"
+    batch_decode: bool = True
 
     def validate(self) -> None:
         for name in ("max_active", "max_queue", "max_new_tokens"):
@@ -183,19 +193,77 @@ class Engine:
                 if self._stop:
                     break
             self._admit()
+            to_feed: list[tuple[GenRequest, int]] = []
             for req in list(self.active):
                 try:
                     if req.cancelled.is_set():
                         self._finish(req, "cancelled")
-                    else:
-                        self._step(req)
+                        continue
+                    if req.cache is None:
+                        self._prefill(req)
+                    tok = self._advance(req)
+                    if tok is not None:
+                        to_feed.append((req, tok))
                 except Exception as err:  # a failing request must not take the server down
-                    self.metrics.inc("request_errors_total")
-                    self.active.remove(req)
-                    self.store.dequeue(req.id)
-                    req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
+                    self._fail(req, err)
+            self._feed(to_feed)
         for req in self.active:
             req.emit({"type": "error", "message": "server shutting down"})
+
+    def _fail(self, req: GenRequest, err: Exception) -> None:
+        self.metrics.inc("request_errors_total")
+        if req in self.active:
+            self.active.remove(req)
+        self.store.dequeue(req.id)
+        req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
+
+    def _feed(self, items: list[tuple[GenRequest, int]]) -> None:
+        """Feed each request its sampled token: one batched forward for the full caches, one each otherwise."""
+        batch = [(r, t) for r, t in items if _batchable(r.cache)] if self.config.batch_decode else []
+        if len(batch) < 2:
+            batch = []
+        if batch:
+            try:
+                self._forward_batch(batch)
+            except Exception as err:
+                for req, _ in batch:
+                    self._fail(req, err)
+        in_batch = {id(r) for r, _ in batch}
+        for req, tok in items:
+            if id(req) not in in_batch:
+                try:
+                    self._forward(req, [tok])
+                except Exception as err:
+                    self._fail(req, err)
+
+    def _forward_batch(self, items: list[tuple[GenRequest, int]]) -> None:
+        """One decode step for several full caches of different lengths: left-pad their KV into one batch, mask the
+        padding, give each row its true position, then append each row's new KV to its own cache."""
+        lens = [r.cache.get_seq_length() for r, _ in items]
+        longest = max(lens)
+        batched = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(batched.layers):
+            # [1, H, n_b, D] each -> [B, H, longest, D]
+            ks = [F.pad(r.cache.layers[i].keys, (0, 0, longest - n, 0)) for (r, _), n in zip(items, lens)]
+            vs = [F.pad(r.cache.layers[i].values, (0, 0, longest - n, 0)) for (r, _), n in zip(items, lens)]
+            layer.lazy_initialization(ks[0], vs[0])
+            layer.keys, layer.values = torch.cat(ks), torch.cat(vs)
+        mask = torch.zeros((len(items), longest + 1), dtype=torch.long, device=self.device)  # [B, longest + 1]
+        for b, n in enumerate(lens):
+            mask[b, longest - n:] = 1
+        ids = torch.tensor([[t] for _, t in items], device=self.device)  # [B, 1]
+        pos = torch.tensor([[n] for n in lens], device=self.device)  # [B, 1]: each row's true position
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache_kwargs(self.model, batched))
+        for b, (req, tok) in enumerate(items):
+            for i, layer in enumerate(req.cache.layers):
+                new = batched.layers[i]
+                layer.keys = torch.cat([layer.keys, new.keys[b:b + 1, :, -1:]], dim=-2)
+                layer.values = torch.cat([layer.values, new.values[b:b + 1, :, -1:]], dim=-2)
+            req.logits = out.logits[b, -1].float()
+            req.fed.append(tok)
+        self.metrics.inc("batched_decode_steps")
+        self.metrics.inc("batched_decode_rows", len(items))
 
     def _forward(self, req: GenRequest, tokens: list[int]) -> None:
         ids = torch.tensor([tokens], device=self.device)
@@ -242,16 +310,15 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=req.generator))
 
-    def _step(self, req: GenRequest) -> None:
-        if req.cache is None:
-            self._prefill(req)
+    def _advance(self, req: GenRequest) -> int | None:
+        """Sample the next token, stream its text, finish if done; returns the token to feed, or None."""
         tok = self._sample(req)
         if not req.generated:
             self.metrics.ttft.observe(time.perf_counter() - req.t_submit)
         req.generated.append(tok)
         if tok in self.eos:
             self._finish(req, "stop")
-            return
+            return None
         text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
         stop_at = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
         if stop_at >= 0:
@@ -264,7 +331,8 @@ class Engine:
         elif len(req.generated) >= req.max_tokens or len(req.fed) + 1 >= self.context:
             self._finish(req, "length")
         else:
-            self._forward(req, [tok])
+            return tok
+        return None
 
     def _finish(self, req: GenRequest, reason: str) -> None:
         self.active.remove(req)
