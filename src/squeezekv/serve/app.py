@@ -176,7 +176,7 @@ def create_app(engine: Engine) -> FastAPI:
                          seed=body.seed, stop=stop, user=body.user,
                          emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         try:
-            engine.submit(req)
+            await asyncio.to_thread(engine.submit, req)  # prefetch may read the disk: not on the event loop
         except QueueFull as err:
             raise APIError(429, f"server busy: {err}", None, "rate_limit_exceeded", "rate_limit_error") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + req.id

@@ -145,15 +145,18 @@ class Engine:
         return self.context - max_tokens
 
     def submit(self, req: GenRequest) -> None:
-        """Queue ``req`` (raises :class:`QueueFull` beyond ``max_queue`` waiting requests)."""
+        """Queue ``req`` (raises :class:`QueueFull` beyond ``max_queue`` waiting requests). May read the disk tier
+        (prefetch): call it off the event loop."""
         with self._cv:
             if self.n_waiting >= self.config.max_queue:
                 raise QueueFull(f"{self.n_waiting} requests are waiting (max_queue={self.config.max_queue})")
-            req.t_submit = time.perf_counter()
+        req.t_submit = time.perf_counter()
+        # announced before it can be admitted (admission dequeues it): queue-aware eviction + prefetch
+        self.store.enqueue(req.id, req.prompt)
+        with self._cv:
             self.waiting.setdefault(req.user or req.id, deque()).append(req)
             self.n_waiting += 1
             self._cv.notify_all()
-        self.store.enqueue(req.id, req.prompt)  # queue-aware eviction + prefetch
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, with the assistant prompt appended."""
