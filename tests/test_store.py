@@ -326,3 +326,25 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(text):
     with pytest.raises(ValueError, match="is not a size"):
         parse_bytes(text)
+
+
+def test_disk_entries_survive_a_restart(tmp_path, make_model, make_ids):
+    model = make_model("llama", layers=2)
+    ids = make_ids(1, 40, seed=14)[0].tolist()
+    cache = DynamicCache(config=model.config)
+    _forward(model, ids[:30], cache)
+    first = _store_in("disk", tmp_path)
+    first.put(capture(cache, ids[:30]))
+    first.put(_fake_snapshot([9] * 8))
+    first.close()
+    (tmp_path / "kv" / ("0" * 64 + ".kv")).write_bytes(b"garbage")  # unreadable header: removed on recovery
+    other = KVStore(_tiers(tmp_path, gpu=0, cpu=0), namespace(model="another"), block=8)
+    assert other.stats["recovered"] == 0  # another model's entries are not adopted ...
+    assert len(list((tmp_path / "kv").glob("*.kv"))) == 2  # ... nor deleted
+    second = _store_in("disk", tmp_path)
+    assert second.stats["recovered"] == 2 and second.usage()["disk"]["entries"] == 2
+    snap = second.get(ids)
+    assert snap is not None and len(snap.tokens) == 30
+    assert torch.equal(_forward(model, ids[30:], restore(snap, model)), _forward(model, ids[30:], cache))
+    small = KVStore(_tiers(tmp_path, gpu=0, cpu=0, disk=snap.nbytes()), ROOT, block=8)  # over capacity: oldest go
+    assert small.usage()["disk"]["used"] <= snap.nbytes() and small.stats["evicted_disk"] >= 1

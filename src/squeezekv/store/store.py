@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from .keys import DEFAULT_BLOCK, chain, entry_key
 from .snapshot import KVSnapshot
-from .tiers import CorruptEntry, Tier
+from .tiers import CorruptEntry, DiskTier, Tier
 
 
 @dataclass
@@ -86,6 +86,31 @@ class KVStore:
         self._lock = threading.RLock()
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
         self._pending: list[tuple[Future, tuple[int, ...]]] = []  # (save, its tokens)
+        for i, tier in enumerate(self.tiers):
+            if isinstance(tier, DiskTier):
+                self._recover(i, tier)
+
+    def _recover(self, tier_idx: int, tier: DiskTier) -> None:
+        """Index the entries an earlier run left on disk (same namespace only; others are left alone), oldest
+        dropped first if they exceed the capacity."""
+        found = [(k, h, m) for k, h, m in tier.scan() if h.get("root") == self.root]
+        found.sort(key=lambda x: x[2])
+        for key, header, mtime in found:
+            tokens = tuple(int(t) for t in header["tokens"])
+            hashes = chain(tokens, self.root, self.block)
+            index_hashes = [self.root] + hashes if header["croppable"] else [hashes[-1] if hashes else self.root]
+            entry = Entry(key, tokens, bool(header["croppable"]), int(header["nbytes"]), tier_idx, self.clock(),
+                          index_hashes)
+            tier.adopt(key, entry.nbytes)
+            self.entries[key] = entry
+            for h in index_hashes:
+                self.index.setdefault(h, set()).add(key)
+            self.stats["recovered"] += 1
+        for victim in sorted((e for e in self.entries.values() if e.tier == tier_idx), key=lambda e: e.last_used):
+            if tier.used <= tier.capacity:
+                break
+            self.stats[f"evicted_{tier.name}"] += 1
+            self._drop(victim)
 
     # -- lookup ---------------------------------------------------------------------------------------------------
     def _usable(self, entry: Entry, tokens: Sequence[int]) -> int:
@@ -239,7 +264,10 @@ class KVStore:
                 self._demote(victim)
             if tier.used + entry.nbytes > tier.capacity:  # pragma: no cover - victims always free enough
                 continue
-            tier.put(entry.key, snapshot, entry.nbytes)
+            if isinstance(tier, DiskTier):
+                tier.put(entry.key, snapshot, entry.nbytes, root=self.root)
+            else:
+                tier.put(entry.key, snapshot, entry.nbytes)
             entry.tier = i
             return True
         return False

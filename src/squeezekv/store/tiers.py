@@ -113,10 +113,11 @@ class DiskTier(Tier):
             raise ValueError(f"key {key!r} is not a SHA-256 hex digest")
         return self.root / f"{key}.kv"
 
-    def put(self, key: str, snapshot: KVSnapshot, nbytes: int) -> None:
+    def put(self, key: str, snapshot: KVSnapshot, nbytes: int, root: str = "") -> None:
         payload = to_bytes(snapshot)
-        header = json.dumps({"key": key, "length": len(payload),
-                             "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        header = json.dumps({"key": key, "length": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+                             "root": root, "tokens": list(snapshot.tokens), "croppable": snapshot.croppable,
+                             "nbytes": nbytes}).encode()
         final = self.path(key)
         tmp = final.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -131,6 +132,30 @@ class DiskTier(Tier):
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+        self.sizes[key] = nbytes
+
+    def scan(self) -> list[tuple[str, dict, float]]:
+        """``(key, header, mtime)`` of every entry file in the folder (left by an earlier run). Only the header is
+        read and checked here; the payload's checksum is checked when the entry is loaded. Files whose header is
+        unreadable are deleted (a crash cannot produce them: they are corrupt)."""
+        out = []
+        for path in sorted(self.root.glob("*.kv")):
+            key = path.stem
+            try:
+                with open(path, "rb") as f:
+                    magic, hlen = _HEADER.unpack(f.read(_HEADER.size))
+                    if magic != _MAGIC or hlen > 1 << 30:
+                        raise ValueError(f"bad magic {magic!r}")
+                    header = json.loads(f.read(hlen))
+                if header.get("key") != key:
+                    raise ValueError(f"header names key {header.get('key')!r}")
+                out.append((key, header, path.stat().st_mtime))
+            except (OSError, ValueError, struct.error, UnicodeDecodeError):
+                path.unlink(missing_ok=True)
+        return out
+
+    def adopt(self, key: str, nbytes: int) -> None:
+        """Account an entry found by :meth:`scan`."""
         self.sizes[key] = nbytes
 
     def get(self, key: str) -> KVSnapshot:
