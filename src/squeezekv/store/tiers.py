@@ -51,10 +51,15 @@ class Tier:
         self.name = name
         self.capacity = capacity
         self.sizes: dict[str, int] = {}
+        self.used = 0  # bytes charged: sum of sizes, kept up to date by _charge/_release
 
-    @property
-    def used(self) -> int:
-        return sum(self.sizes.values())
+    def _charge(self, key: str, nbytes: int) -> None:
+        self._release(key)
+        self.sizes[key] = nbytes
+        self.used += nbytes
+
+    def _release(self, key: str) -> None:
+        self.used -= self.sizes.pop(key, 0)
 
     def __contains__(self, key: str) -> bool:
         return key in self.sizes
@@ -84,14 +89,14 @@ class MemoryTier(Tier):
             for layer in moved.layers:
                 layer.tensors = {k: t.pin_memory() for k, t in layer.tensors.items()}
         self.entries[key] = moved
-        self.sizes[key] = nbytes
+        self._charge(key, nbytes)
 
     def get(self, key: str) -> KVSnapshot:
         return self.entries[key]
 
     def remove(self, key: str) -> None:
         self.entries.pop(key, None)
-        self.sizes.pop(key, None)
+        self._release(key)
 
 
 _MAGIC = b"SQKV\x00\x01\r\n"
@@ -132,7 +137,7 @@ class DiskTier(Tier):
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-        self.sizes[key] = nbytes
+        self._charge(key, nbytes)
 
     def scan(self) -> list[tuple[str, dict, float]]:
         """``(key, header, mtime)`` of every entry file in the folder (left by an earlier run). Only the header is
@@ -156,7 +161,7 @@ class DiskTier(Tier):
 
     def adopt(self, key: str, nbytes: int) -> None:
         """Account an entry found by :meth:`scan`."""
-        self.sizes[key] = nbytes
+        self._charge(key, nbytes)
 
     def get(self, key: str) -> KVSnapshot:
         path = self.path(key)
@@ -186,7 +191,7 @@ class DiskTier(Tier):
             raise CorruptEntry(f"{path}: payload does not decode ({err})") from err
 
     def remove(self, key: str) -> None:
-        self.sizes.pop(key, None)
+        self._release(key)
         self.path(key).unlink(missing_ok=True)
 
 
