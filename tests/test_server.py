@@ -186,3 +186,10 @@ def test_serve_cli_tiers(tmp_path):
     tiers = build_tiers("8GiB", "32GiB", f"{tmp_path}/kv:200GiB", "cpu")
     assert [(t.name, t.capacity) for t in tiers] == [("cpu", 32 << 30), ("disk", 200 << 30)]  # no GPU on a CPU
     assert (tmp_path / "kv").is_dir()
+
+
+def test_max_tokens_defaults_to_what_the_context_leaves(server, client):
+    # the server's limit is 64 new tokens and the context 1024: a 1000-token prompt may still ask for the default
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "z" * 990}], temperature=0)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= 1024
+    assert r.usage.completion_tokens <= 1024 - r.usage.prompt_tokens

@@ -149,7 +149,9 @@ def create_app(engine: Engine) -> FastAPI:
         if body.model != name:
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves {name!r}", "model",
                            "model_not_found")
-        max_tokens = body.max_completion_tokens or body.max_tokens or engine.config.max_new_tokens
+        requested = body.max_completion_tokens or body.max_tokens
+        # not given: as many as the context leaves, up to the server's limit (OpenAI's default)
+        max_tokens = requested or max(1, min(engine.config.max_new_tokens, engine.context - len(prompt)))
         if max_tokens > engine.config.max_new_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is larger than this server's limit of "
                                 f"{engine.config.max_new_tokens}", "max_tokens", "invalid_parameter")

@@ -185,7 +185,6 @@ class Engine:
                 if q:
                     self.waiting[user] = q  # to the back of the round
                 self.active.append(req)
-        # (dequeue outside the lock: the store has its own)
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -210,7 +209,11 @@ class Engine:
                 except Exception as err:  # a failing request must not take the server down
                     self._fail(req, err)
             self._feed(to_feed)
-        for req in self.active:
+        with self._cv:
+            left = list(self.active) + [r for q in self.waiting.values() for r in q]
+            self.waiting.clear()
+            self.n_waiting = 0
+        for req in left:  # nobody waits forever for an answer
             req.emit({"type": "error", "message": "server shutting down"})
 
     def _fail(self, req: GenRequest, err: Exception) -> None:
