@@ -27,7 +27,9 @@ class LayerwiseLoad:
         self.snapshot = snapshot
         self.model = model
         self.device = torch.device(device)
-        self.overlapped = self.device.type == "cuda" and snapshot.device() != self.device
+        src = snapshot.device()
+        same = src.type == self.device.type and (src.index or 0) == (self.device.index or 0)
+        self.overlapped = self.device.type == "cuda" and not same
         self._handles: list[Any] = []
 
     def __enter__(self) -> Cache:
@@ -39,14 +41,15 @@ class LayerwiseLoad:
         with torch.cuda.stream(side):
             for state in self.snapshot.layers:
                 # [1, H, n, D] per tensor; pinned host memory makes non_blocking a true asynchronous copy
-                tensors = {k: t.to(self.device, non_blocking=True) for k, t in state.tensors.items()}
+                # copy=True: the cache must never share (and update in place) the stored tensors
+                tensors = {k: t.to(self.device, non_blocking=True, copy=True) for k, t in state.tensors.items()}
                 ev = torch.cuda.Event()
                 ev.record(side)
                 events.append(ev)
                 layers.append(LayerState(state.kind, tensors, dict(state.meta)))
         on_device = KVSnapshot(self.snapshot.tokens, self.snapshot.cache_kind, layers, dict(self.snapshot.config))
-        # restore() on tensors already on the device clones them lazily on the compute stream: make each clone
-        # wait for its own layer's copy by restoring without cloning
+        # the copies are the cache's own tensors already: restore without cloning (a clone on the compute stream
+        # would wait for every layer's copy at once)
         cache = restore(on_device, self.model, self.device, clone=False)
         for i, layer in enumerate(decoder_layers(self.model)):
             ev = events[i]
