@@ -110,8 +110,10 @@ def create_app(engine: Engine) -> FastAPI:
             return _error(400, f"request body is not valid JSON: {first.get('msg', '')}", None, "invalid_json")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        return _error(400, f"invalid parameter {param}: {first.get('msg', 'invalid')} "
-                           f"(got {first.get('input')!r})", param, "invalid_parameter")
+        got = repr(first.get("input"))
+        got = got if len(got) <= 200 else got[:200] + "..."
+        return _error(400, f"invalid parameter {param}: {first.get('msg', 'invalid')} (got {got})", param,
+                      "invalid_parameter")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
