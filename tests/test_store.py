@@ -348,3 +348,22 @@ def test_disk_entries_survive_a_restart(tmp_path, make_model, make_ids):
     assert torch.equal(_forward(model, ids[30:], restore(snap, model)), _forward(model, ids[30:], cache))
     small = KVStore(_tiers(tmp_path, gpu=0, cpu=0, disk=snap.nbytes()), ROOT, block=8)  # over capacity: oldest go
     assert small.usage()["disk"]["used"] <= snap.nbytes() and small.stats["evicted_disk"] >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", [None, "h2o"])
+def test_layerwise_load_overlapped_on_cuda_is_exact(method, make_model, make_ids):
+    # written for GPU machines; never run in this CPU-only CI (not verified yet)
+    model = make_model("llama", layers=3).cuda()
+    ids = make_ids(1, 40, seed=15)[0].tolist()
+    live = DynamicCache(config=model.config) if method is None else squeezekv.make_cache(model, method, 16)
+    _forward_dev = lambda ids_, c: model(input_ids=torch.tensor([ids_], device="cuda"), use_cache=True,
+                                         **cache_kwargs(model, c)).logits[0]
+    _forward_dev(ids[:30], live)
+    snap = capture(live, ids[:30]).to("cpu")
+    load = LayerwiseLoad(snap, model, "cuda")
+    assert load.overlapped
+    with load as cache:
+        out = _forward_dev(ids[30:], cache)
+    assert torch.equal(out, _forward_dev(ids[30:], live))
