@@ -367,3 +367,28 @@ def test_layerwise_load_overlapped_on_cuda_is_exact(method, make_model, make_ids
     with load as cache:
         out = _forward_dev(ids[30:], cache)
     assert torch.equal(out, _forward_dev(ids[30:], live))
+
+
+def test_compressed_entries_fit_more_conversations_per_tier(tmp_path, make_model, make_ids):
+    model = make_model("llama", layers=2)
+    convs = [make_ids(1, 40, seed=30 + s)[0].tolist() for s in range(6)]
+
+    def snapshots(compressed: bool):
+        out = []
+        for c in convs:
+            cache = (squeezekv.make_cache(model, "snapkv", 10, method_params={"window": 8}) if compressed
+                     else DynamicCache(config=model.config))
+            _forward(model, c, cache)
+            out.append(capture(cache, c))
+        return out
+
+    full, comp = snapshots(False), snapshots(True)
+    capacity = 2 * full[0].nbytes()
+    held = {}
+    for name, snaps in (("full", full), ("compressed", comp)):
+        store = KVStore([MemoryTier("gpu", capacity, "cpu")], ROOT, block=8)
+        for s in snaps:
+            store.put(s)
+        held[name] = store.usage()["gpu"]["entries"]
+        assert store.usage()["gpu"]["used"] <= capacity
+    assert held == {"full": 2, "compressed": 6}
