@@ -1,4 +1,5 @@
-"""Command line: ``squeezekv run`` (the main job) and ``squeezekv methods`` (the registry)."""
+"""Command line: ``squeezekv run`` (the main job), ``squeezekv methods`` (the registry) and ``squeezekv serve``
+(the OpenAI-compatible server, :mod:`squeezekv.serve.cli`)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments
 
     add_arguments(bench)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -95,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"squeezekv: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "serve":
+        from .serve.cli import run as serve
+
+        try:
+            return serve(args, _params)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"squeezekv: error: {err}", file=sys.stderr)
+            return 2
     from .runner import RunConfig, format_report, run
 
     try:

@@ -1,0 +1,360 @@
+"""The serving engine: one thread owns the model; requests are admitted fairly, prefilled with KV reused from the
+store, decoded step by step interleaved with the other running requests, and their KV is saved asynchronously when
+they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXiv 2403.19708).
+
+* Admission: one FIFO queue per user (the request's ``user`` field, else the request itself), served round-robin, so a
+  client with many requests cannot starve the others; at most ``max_active`` requests run at once and at most
+  ``max_queue`` wait (more: :class:`QueueFull`).
+* A request entering the queue is announced to the store (queue-aware eviction and prefetch).
+* Iteration-level scheduling (Orca, OSDI 2022): every engine iteration advances each running request by one step
+  (its prefill, or one decode token), so new requests start between the decode steps of long ones; the decode steps
+  of the running full-cache requests are batched into one forward (their KV left-padded and masked, each row at its
+  own position). Compressed caches (their layers hold different tokens per head) decode one by one.
+* Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
+  the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
+  one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..runner import cache_kwargs
+from ..store import KVStore, LayerwiseLoad, capture, shift_positions
+from .metrics import Metrics
+
+
+def _batchable(cache: Any) -> bool:
+    """Full caches whose every layer holds every token can be decoded together (compressed and sliding ones not)."""
+    return type(cache) is DynamicCache and all(type(l) is DynamicLayer for l in cache.layers)
+
+
+class QueueFull(Exception):
+    """More requests wait than ``max_queue``."""
+
+
+@dataclass
+class EngineConfig:
+    """What the engine runs: ``method`` None = the full cache, else a squeezekv method with ``budget`` etc."""
+
+    model_name: str = "squeezekv"
+    method: str | None = None
+    budget: float | int | str = 0.5
+    allocation: str = "uniform"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    allocation_params: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    max_active: int = 8
+    max_queue: int = 256
+    max_new_tokens: int = 512
+    truncation: str = "error"
+    batch_decode: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_active", "max_queue", "max_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
+        if self.truncation not in ("error", "rerotate"):
+            raise ValueError(f"truncation={self.truncation!r} is not supported: 'error' or 'rerotate'")
+        if self.truncation == "rerotate" and self.method is not None:
+            raise ValueError("truncation='rerotate' needs the full cache: compressed caches cannot be re-rotated")
+
+
+@dataclass
+class GenRequest:
+    """One generation. ``emit`` receives events (called from the engine thread): ``{"type": "delta", "text"}``,
+    ``{"type": "done", "finish_reason", "usage"}``, ``{"type": "error", "message"}``."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[dict[str, Any]], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    user: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # state, owned by the engine thread
+    t_submit: float = 0.0
+    cache: Any = None
+    fed: list[int] = field(default_factory=list)  # tokens the cache has seen
+    logits: torch.Tensor | None = None  # [vocab] for the next token
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    cached_tokens: int = 0
+    reused_tokens: tuple[int, ...] = ()
+    truncated: int = 0
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Runs ``model`` on its own thread; :meth:`submit` is thread-safe."""
+
+    def __init__(self, model: Any, tokenizer: Any, store: KVStore, config: EngineConfig,
+                 metrics: Metrics | None = None):
+        config.validate()
+        self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
+        self.metrics = metrics or Metrics()
+        self.device = torch.device(config.device)
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or (1 << 30))
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos: set[int] = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        self.waiting: "OrderedDict[str, deque[GenRequest]]" = OrderedDict()
+        self.n_waiting = 0
+        self.active: list[GenRequest] = []
+        self.reuse_log: deque[tuple[str, tuple[int, ...], tuple[int, ...]]] = deque(maxlen=100_000)
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="squeezekv-engine", daemon=True)
+        if config.method is not None:
+            from .. import make_cache, registry
+
+            registry.make_policy(config.method, **config.method_params)  # fail early on bad names
+            registry.make_allocation(config.allocation, **config.allocation_params)
+            self._make_cache = lambda: make_cache(model, config.method, config.budget, config.allocation,
+                                                  method_params=config.method_params,
+                                                  allocation_params=config.allocation_params)
+        else:
+            self._make_cache = lambda: DynamicCache(config=model.config)
+
+    # -- public -----------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        self.store.close()
+
+    def max_prompt_tokens(self, max_tokens: int) -> int:
+        return self.context - max_tokens
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue ``req`` (raises :class:`QueueFull` beyond ``max_queue`` waiting requests). May read the disk tier
+        (prefetch): call it off the event loop."""
+        with self._cv:
+            if self.n_waiting >= self.config.max_queue:
+                raise QueueFull(f"{self.n_waiting} requests are waiting (max_queue={self.config.max_queue})")
+        req.t_submit = time.perf_counter()
+        # announced before it can be admitted (admission dequeues it): queue-aware eviction + prefetch
+        self.store.enqueue(req.id, req.prompt)
+        with self._cv:
+            self.waiting.setdefault(req.user or req.id, deque()).append(req)
+            self.n_waiting += 1
+            self._cv.notify_all()
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, with the assistant prompt appended."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template: use /v1/completions")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer(text)["input_ids"]]
+
+    @property
+    def queue_length(self) -> int:
+        return self.n_waiting
+
+    # -- the engine thread ------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._cv:
+            while self.waiting and len(self.active) < self.config.max_active:
+                user, q = next(iter(self.waiting.items()))
+                req = q.popleft()
+                self.n_waiting -= 1
+                del self.waiting[user]
+                if q:
+                    self.waiting[user] = q  # to the back of the round
+                self.active.append(req)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.active:
+                    self._cv.wait(timeout=0.5)
+                if self._stop:
+                    break
+            self._admit()
+            to_feed: list[tuple[GenRequest, int]] = []
+            for req in list(self.active):
+                try:
+                    if req.cancelled.is_set():
+                        self._finish(req, "cancelled")
+                        continue
+                    if req.cache is None:
+                        self._prefill(req)
+                    tok = self._advance(req)
+                    if tok is not None:
+                        to_feed.append((req, tok))
+                except Exception as err:  # a failing request must not take the server down
+                    self._fail(req, err)
+            self._feed(to_feed)
+        with self._cv:
+            left = list(self.active) + [r for q in self.waiting.values() for r in q]
+            self.waiting.clear()
+            self.n_waiting = 0
+        for req in left:  # nobody waits forever for an answer
+            req.emit({"type": "error", "message": "server shutting down"})
+
+    def _fail(self, req: GenRequest, err: Exception) -> None:
+        self.metrics.inc("request_errors_total")
+        if req in self.active:
+            self.active.remove(req)
+        self.store.dequeue(req.id)
+        req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
+
+    def _feed(self, items: list[tuple[GenRequest, int]]) -> None:
+        """Feed each request its sampled token: one batched forward for the full caches, one each otherwise."""
+        batch = [(r, t) for r, t in items if _batchable(r.cache)] if self.config.batch_decode else []
+        if len(batch) < 2:
+            batch = []
+        if batch:
+            try:
+                self._forward_batch(batch)
+            except Exception as err:
+                for req, _ in batch:
+                    self._fail(req, err)
+        in_batch = {id(r) for r, _ in batch}
+        for req, tok in items:
+            if id(req) not in in_batch:
+                try:
+                    self._forward(req, [tok])
+                except Exception as err:
+                    self._fail(req, err)
+
+    def _forward_batch(self, items: list[tuple[GenRequest, int]]) -> None:
+        """One decode step for several full caches of different lengths: left-pad their KV into one batch, mask the
+        padding, give each row its true position, then append each row's new KV to its own cache."""
+        lens = [r.cache.get_seq_length() for r, _ in items]
+        longest = max(lens)
+        batched = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(batched.layers):
+            # [1, H, n_b, D] each -> [B, H, longest, D]
+            ks = [F.pad(r.cache.layers[i].keys, (0, 0, longest - n, 0)) for (r, _), n in zip(items, lens)]
+            vs = [F.pad(r.cache.layers[i].values, (0, 0, longest - n, 0)) for (r, _), n in zip(items, lens)]
+            layer.lazy_initialization(ks[0], vs[0])
+            layer.keys, layer.values = torch.cat(ks), torch.cat(vs)
+        mask = torch.zeros((len(items), longest + 1), dtype=torch.long, device=self.device)  # [B, longest + 1]
+        for b, n in enumerate(lens):
+            mask[b, longest - n:] = 1
+        ids = torch.tensor([[t] for _, t in items], device=self.device)  # [B, 1]
+        pos = torch.tensor([[n] for n in lens], device=self.device)  # [B, 1]: each row's true position
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache_kwargs(self.model, batched))
+        for b, (req, tok) in enumerate(items):
+            for i, layer in enumerate(req.cache.layers):
+                new = batched.layers[i]
+                layer.keys = torch.cat([layer.keys, new.keys[b:b + 1, :, -1:]], dim=-2)
+                layer.values = torch.cat([layer.values, new.values[b:b + 1, :, -1:]], dim=-2)
+            req.logits = out.logits[b, -1].float()
+            req.fed.append(tok)
+        self.metrics.inc("batched_decode_steps")
+        self.metrics.inc("batched_decode_rows", len(items))
+
+    def _forward(self, req: GenRequest, tokens: list[int]) -> None:
+        ids = torch.tensor([tokens], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, req.cache))
+        req.logits = out.logits[0, -1].float()  # [vocab]
+        req.fed.extend(tokens)
+
+    def _prefill(self, req: GenRequest) -> None:
+        self.store.dequeue(req.id)
+        prompt = req.prompt
+        limit = self.context - req.max_tokens
+        snap = None
+        if len(prompt) > limit:  # only with truncation="rerotate" (the server rejects it otherwise)
+            drop = len(prompt) - limit
+            full = self.store.get(prompt)
+            if full is not None and full.croppable and len(full.tokens) > drop:
+                snap = shift_positions(full, self.model, drop)
+            prompt = prompt[drop:]
+            req.truncated = drop
+        else:
+            snap = self.store.get(prompt)
+        if snap is not None:
+            with LayerwiseLoad(snap, self.model, self.device) as cache:
+                req.cache = cache
+                req.fed = list(snap.tokens)
+                req.cached_tokens = len(snap.tokens)
+                req.reused_tokens = tuple(snap.tokens)
+                self._forward(req, prompt[len(snap.tokens):])
+        else:
+            req.cache = self._make_cache()
+            self._forward(req, prompt)
+        self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))
+        if req.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+
+    def _sample(self, req: GenRequest) -> int:
+        logits = req.logits
+        if req.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # smallest set with mass >= top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _advance(self, req: GenRequest) -> int | None:
+        """Sample the next token, stream its text, finish if done; returns the token to feed, or None."""
+        tok = self._sample(req)
+        if not req.generated:
+            self.metrics.ttft.observe(time.perf_counter() - req.t_submit)
+        req.generated.append(tok)
+        if tok in self.eos:
+            self._finish(req, "stop")
+            return None
+        text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+        stop_at = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            text = text[:stop_at]
+        if text.startswith(req.text) and len(text) > len(req.text):
+            req.emit({"type": "delta", "text": text[len(req.text):]})
+            req.text = text
+        if stop_at >= 0:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.max_tokens or len(req.fed) + 1 >= self.context:
+            self._finish(req, "length")
+        else:
+            return tok
+        return None
+
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        self.active.remove(req)
+        self.store.dequeue(req.id)
+        if req.cache is not None and req.fed:
+            # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
+            self.store.save_async(capture(req.cache, req.fed))
+        req.cache = None
+        self.metrics.inc("requests_total")
+        self.metrics.inc("prompt_tokens_total", len(req.prompt))
+        self.metrics.inc("cached_prompt_tokens_total", req.cached_tokens)
+        self.metrics.inc("generated_tokens_total", len(req.generated))
+        req.emit({"type": "done", "finish_reason": reason, "usage": {
+            "prompt_tokens": len(req.prompt), "completion_tokens": len(req.generated),
+            "total_tokens": len(req.prompt) + len(req.generated), "cached_tokens": req.cached_tokens,
+            "truncated_tokens": req.truncated}})
+
+
+__all__ = ["Engine", "EngineConfig", "GenRequest", "QueueFull"]

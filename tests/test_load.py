@@ -1,0 +1,106 @@
+"""Bounded load test on loopback: 64 concurrent conversations x 5 turns through the openai client. Each conversation
+carries its own secret; the KV reused for each turn must be exactly a prefix of that conversation's own history (so
+it holds its own secret and no other), nothing is lost, no 5xx, and every conversation replayed alone on a fresh
+server gives the same answers as under load. Prints p50/p99 latency. Stops by itself (bounded count and time)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import string
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from test_server import MODEL, Server, make_engine  # noqa: E402
+
+from squeezekv.serve import create_app  # noqa: E402
+from squeezekv.serve.chartok import CharTokenizer  # noqa: E402
+
+CONVERSATIONS, TURNS, MAX_TOKENS, DEADLINE_S = 64, 5, 6, 240
+
+
+def _secret(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_uppercase + string.digits) for _ in range(12))
+
+
+async def _conversation(client, i: int, secret: str, log: list) -> list[str]:
+    msgs = [{"role": "system", "content": f"{secret} is conversation {i}'s secret; never reveal it."}]
+    answers = []
+    for turn in range(TURNS):
+        msgs.append({"role": "user", "content": f"turn {turn}: what is the secret?"})
+        t0 = time.perf_counter()
+        r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX_TOKENS, temperature=0,
+                                                 user=f"user-{i}")
+        log.append((i, turn, time.perf_counter() - t0, r.usage.prompt_tokens,
+                    r.usage.prompt_tokens_details.cached_tokens))
+        answer = r.choices[0].message.content
+        answers.append(answer)
+        msgs.append({"role": "assistant", "content": answer})
+    return answers
+
+
+async def _run_all(url: str, convs: list[tuple[int, str]], log: list) -> list[list[str]]:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        return await asyncio.wait_for(
+            asyncio.gather(*(_conversation(client, i, s, log) for i, s in convs)), timeout=DEADLINE_S)
+
+
+def test_64_conversations_x_5_turns_no_leaks_no_losses(tmp_path):
+    from conftest import build_model
+
+    rng = random.Random(0)
+    convs = [(i, _secret(rng)) for i in range(CONVERSATIONS)]
+    engine = make_engine(build_model, tmp_path / "load")
+    server = Server(create_app(engine))
+    log: list = []
+    t0 = time.perf_counter()
+    try:
+        answers = asyncio.run(_run_all(server.url, convs, log))  # any 4xx/5xx raises here
+        wall = time.perf_counter() - t0
+        reuse_log = list(engine.reuse_log)
+        stats = dict(engine.store.stats)
+    finally:
+        server.stop()
+    assert len(log) == CONVERSATIONS * TURNS and len(reuse_log) == CONVERSATIONS * TURNS  # nothing lost
+
+    tok = CharTokenizer()
+    secrets = {s: tok.encode(s) for _, s in convs}
+
+    def holds(tokens, secret_ids):
+        n = len(secret_ids)
+        return any(list(tokens[j:j + n]) == secret_ids for j in range(len(tokens) - n + 1))
+
+    for _, prompt, reused in reuse_log:
+        assert prompt[:len(reused)] == reused  # the reused KV is exactly a prefix of this request's own prompt
+        owner = [s for s, ids in secrets.items() if holds(prompt, ids)]
+        assert len(owner) == 1
+        leaked = [s for s, ids in secrets.items() if s != owner[0] and holds(reused, ids)]
+        assert not leaked
+    by_turn = {(i, t): (p, c) for i, t, _, p, c in log}
+    for i, _ in convs:
+        for t in range(1, TURNS):  # every later turn reuses at least the whole previous prompt (its own history)
+            assert by_turn[(i, t)][1] >= by_turn[(i, t - 1)][0]
+    for i, s in convs:
+        assert not any(other in "".join(answers[i]) for _, other in convs if other != s)
+
+    lat = sorted(x[2] for x in log)
+    p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+    cached = sum(x[4] for x in log) / sum(x[3] for x in log)
+    print(f"\nload: {len(log)} requests in {wall:.1f}s, latency p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms, "
+          f"{100 * cached:.0f}% of prompt tokens reused; store {stats}")
+
+    # the same conversations replayed alone on a fresh server: the same answers (no cross-talk under load)
+    replay = convs[:6]
+    engine2 = make_engine(build_model, tmp_path / "replay")
+    server2 = Server(create_app(engine2))
+    try:
+        for i, s in replay:
+            alone = asyncio.run(_run_all(server2.url, [(i, s)], []))[0]
+            assert alone == answers[i], f"conversation {i} differs when replayed alone"
+    finally:
+        server2.stop()
