@@ -35,7 +35,16 @@ import squeezekv
 
 from .plan import BudgetPlan
 
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet; ANCHORS.md uses the same figure
+#: datasheet HBM bandwidth by card (bytes/s), for the roofline fraction
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def hbm_bandwidth() -> float:
+    name = torch.cuda.get_device_name()
+    for key, value in HBM_BYTES_PER_S.items():
+        if key in name:
+            return value
+    raise ValueError(f"no HBM bandwidth known for {name!r}: add it to HBM_BYTES_PER_S")
 
 
 def sync() -> None:
@@ -156,7 +165,7 @@ def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int
     wbytes = weight_bytes(model)
     res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
-           "roofline_fraction": (wbytes + live) / HBM_BYTES_PER_S / per_step,
+           "roofline_fraction": (wbytes + live) / hbm_bandwidth() / per_step,
            "peak_allocated": torch.cuda.max_memory_allocated()}
     del cache
     free()
