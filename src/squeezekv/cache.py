@@ -9,6 +9,7 @@ squeezekv's attention function (:mod:`squeezekv.attention`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -47,6 +48,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.compressed = False  # True once anything was evicted: token_idx is no longer 0..n-1
         self.prefill_done = False
         self._buffers: dict[str, torch.Tensor] = {}  # pre-allocated storage behind keys/values/token_idx/scores
+        self.static: StaticState | None = None  # set while a GraphDecoder drives this layer
 
     # -- transformers' layer protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -65,6 +67,8 @@ class SqueezeLayer(CacheLayerMixin):
         # key_states/value_states: [B, H, q, D], already rotated to their true positions
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.static is not None:
+            return self._static_update(key_states, value_states, kwargs.get("kwargs"))
         b, h, q, _ = key_states.shape
         if self.seen + q > self.cache.max_context:
             raise ValueError(
@@ -185,6 +189,10 @@ class SqueezeLayer(CacheLayerMixin):
     def allowed(self, q_len: int, sliding_window: int | None) -> torch.Tensor | None:
         """Boolean mask ``[B, H or 1, q, n]`` of which held positions each new query may see; None = all of them
         up to itself in a contiguous, unpadded layout (the caller then uses a plain causal mask or none)."""
+        if self.static is not None:  # slots up to the one just written; tensor ops only (graph-capturable)
+            st = self.static
+            slots = torch.arange(st.capacity, device=st.base_t.device)
+            return (slots <= st.base_t + st.step_t).view(1, 1, 1, st.capacity)
         if not self.compressed and self.valid is None and not sliding_window:
             return None
         if self.compressed and self.valid is None and not sliding_window and q_len == 1:
@@ -217,6 +225,8 @@ class SqueezeLayer(CacheLayerMixin):
 
     def after_attention(self, q_len: int) -> None:
         """Called by the attention function once the new queries attended: evict if the plan says so."""
+        if self.static is not None:
+            return  # the GraphDecoder evicts between captured steps
         budget = self.cache.budget_for(self.layer_idx, self.seen)
         if budget is None:
             return  # plan waits for every layer's importance (SqueezeAttention): the cache compresses at the end
@@ -226,6 +236,89 @@ class SqueezeLayer(CacheLayerMixin):
             self.compress(budget)
         elif self.policy.keeps_evicting and self.physical_length >= budget + self.cache.evict_every:
             self.compress(budget)
+
+
+    # -- static decoding (CUDA graphs) --------------------------------------------------------------------------
+    def enter_static(self, chunk: int, step_t: torch.Tensor, seen_t: torch.Tensor) -> None:
+        """Move the held tokens into buffers with ``chunk`` free slots and switch ``update``/``allowed`` to
+        fixed-shape tensor ops: step ``k`` of a chunk writes slot ``base + k`` (``step_t`` = k, ``seen_t`` = the new
+        token's logical index, both device tensors the driver advances)."""
+        budget = self.cache.plan[self.layer_idx]
+        n = self.physical_length
+        capacity = max(budget, n) + chunk
+        b, h, _, d = self.keys.shape
+        bufs = {
+            "keys": self.keys.new_empty((b, h, capacity, d)),
+            "values": self.values.new_empty((b, h, capacity, self.values.shape[-1])),
+            "token_idx": self.token_idx.new_full((b, h, capacity), -1),
+        }
+        if self.scores is not None:
+            bufs["scores"] = self.scores.new_zeros((b, h, capacity))
+        for name, buf in bufs.items():
+            buf[:, :, :n].copy_(getattr(self, name))
+            setattr(self, name, buf)
+        self._buffers = {}
+        self.static = StaticState(
+            capacity=capacity, budget=budget, base=n, base_t=torch.tensor([n], device=self.device),
+            step_t=step_t, seen_t=seen_t,
+        )
+
+    def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, model_kwargs: Any):
+        st = self.static
+        slot = st.base_t + st.step_t  # [1] int64
+        b, h = key_states.shape[:2]
+        self.keys.index_copy_(2, slot, key_states)  # key_states: [B, H, 1, D]
+        self.values.index_copy_(2, slot, value_states)
+        self.token_idx.index_copy_(2, slot, st.seen_t.to(torch.int32).view(1, 1, 1).expand(b, h, 1))
+        if self.scores is not None:
+            self.scores.index_fill_(2, slot, 0.0)
+        self.valid = None
+        if isinstance(model_kwargs, dict):
+            model_kwargs["squeezekv_layer"] = self
+        return self.keys, self.values
+
+    def static_evict(self, steps: int) -> None:
+        """After ``steps`` captured steps: evict down to the budget and compact into the same buffers (their
+        addresses must not change under a captured graph)."""
+        st = self.static
+        n = st.base + steps
+        bufs = {name: getattr(self, name) for name in ("keys", "values", "token_idx", "scores")}
+        for name, buf in bufs.items():
+            if buf is not None:
+                setattr(self, name, buf[:, :, :n])
+        self.static = None
+        self.compress(st.budget)
+        k = self.physical_length
+        for name, buf in bufs.items():
+            if buf is not None:
+                buf[:, :, :k].copy_(getattr(self, name))
+                setattr(self, name, buf)
+        self._buffers = {}
+        st.base = k
+        st.base_t.fill_(k)
+        self.static = st
+
+    def leave_static(self, steps: int) -> None:
+        """Back to the dynamic mode, holding the ``base + steps`` filled slots."""
+        st = self.static
+        n = st.base + steps
+        for name in ("keys", "values", "token_idx", "scores"):
+            buf = getattr(self, name)
+            if buf is not None:
+                setattr(self, name, buf[:, :, :n])
+        self.static = None
+
+
+@dataclass
+class StaticState:
+    """Where a layer in static mode writes: slot ``base_t + step_t``; ``capacity`` slots are allocated."""
+
+    capacity: int
+    budget: int
+    base: int
+    base_t: torch.Tensor  # [1] int64, == base
+    step_t: torch.Tensor  # [1] int64, shared by all layers
+    seen_t: torch.Tensor  # [1] int64, logical index of the token being decoded
 
 
 class SqueezeCache(Cache):
