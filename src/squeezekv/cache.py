@@ -247,9 +247,9 @@ class SqueezeLayer(CacheLayerMixin):
         n = self.physical_length
         capacity = max(budget, n) + chunk
         b, h, _, d = self.keys.shape
-        bufs = {
-            "keys": self.keys.new_empty((b, h, capacity, d)),
-            "values": self.values.new_empty((b, h, capacity, self.values.shape[-1])),
+        bufs = {  # zeros, not empty: a masked slot gets weight 0, and 0 * NaN from garbage memory would be NaN
+            "keys": self.keys.new_zeros((b, h, capacity, d)),
+            "values": self.values.new_zeros((b, h, capacity, self.values.shape[-1])),
             "token_idx": self.token_idx.new_full((b, h, capacity), -1),
         }
         if self.scores is not None:
