@@ -87,7 +87,9 @@ def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context:
                 cache.update(k, torch.randn_like(k), i)
         return cache
     plan = BudgetPlan(budgets=(budget_tokens,) * layers, base=budget_tokens, allocation="uniform")
-    name, _, every = method.partition(":")  # "window:16" = window policy, evict every 16 decode steps
+    # "window:16" = window policy evicting every 16 decode steps; "window:16:graph" = the same, CUDA-graph decoding
+    name, _, every = method.partition(":")
+    every = every.partition(":")[0]
     params = {"window": 64} if name == "snapkv" else None
     cache = squeezekv.make_cache(model, name, budget_tokens, "uniform", method_params=params, plan=plan,
                                  evict_every=int(every or 1))
@@ -152,9 +154,17 @@ def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int
     cache = make_cache(model, method, budget_tokens, batch, context, fill=True)
     live = kv_bytes(cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    graph = None
+    if method.endswith(":graph"):
+        from .graphs import GraphDecoder
+
+        graph = GraphDecoder(model, cache, chunk=int(method.split(":")[1]))
 
     def step() -> None:
         nonlocal ids
+        if graph is not None:
+            ids = graph.step(ids).argmax(-1, keepdim=True)
+            return
         logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
         ids = logits[:, -1:].argmax(-1)
 
@@ -167,14 +177,14 @@ def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int
            "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
            "roofline_fraction": (wbytes + live) / hbm_bandwidth() / per_step,
            "peak_allocated": torch.cuda.max_memory_allocated()}
-    del cache
+    del cache, graph
     free()
     return res
 
 
 def fits(model: Any, method: str, batch: int, context: int, budget_tokens: int) -> bool:
     ok = True
-    every = int(method.partition(":")[2] or 1)
+    every = int(method.split(":")[1]) if ":" in method else 1
     try:  # long enough to reach an eviction: its gather briefly holds a layer twice
         decode(model, method, batch, context, budget_tokens, steps=every + 2, warmup=1, reps=1)
     except Exception as err:  # noqa: BLE001 - only OOM is expected
