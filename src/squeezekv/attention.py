@@ -101,8 +101,17 @@ def _sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    q_len, n = query.shape[2], key.shape[2]
-    gqa = query.shape[1] != key.shape[1]
+    """SDPA over ``[B, Hq, q, D]`` queries and ``[B, Hkv, n, D]`` keys/values; ``allowed`` ``[B|1, Hkv|1, q, n]``."""
+    b, hq, q_len, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    if allowed is not None and q_len == 1 and hq != hkv:
+        # One decoding query per head with a mask: put the query heads of a KV group on the sequence axis
+        # ([B, Hkv, G, D]) so the mask broadcasts over them and no kernel has to expand K/V to every query head.
+        out = F.scaled_dot_product_attention(
+            query.reshape(b, hkv, hq // hkv, d), key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling
+        )
+        return out.reshape(b, hq, 1, value.shape[-1])
+    gqa = hq != hkv
     if allowed is None:
         if q_len == 1:
             mask, causal = None, False
@@ -111,7 +120,7 @@ def _sdpa(
         else:
             mask, causal = _causal(q_len, n, key.device), False
     else:
-        mask, causal = _expand_heads(allowed, query.shape[1]), False
+        mask, causal = _expand_heads(allowed, hq), False
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )
