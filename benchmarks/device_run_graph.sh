@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ours() { PYTHONPATH=/tmp/site:src python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
 ours --out $OUT/decode_graph.json --only decode --batches 1,16,64,256 \
-    --methods full,streamingllm:16,window:16:graph,streamingllm:16:graph,h2o:16:graph
+    --methods full,streamingllm:16,snapkv,streamingllm:16:graph,window:16:graph,h2o:16:graph
 ours --out $OUT/maxbatch_graph.json --only maxbatch,decode --batches 1 --methods window:16:graph
 PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches 1,16,64,256 \
     --out $OUT/kvpress.json 2>&1 | grep -v -i warn
