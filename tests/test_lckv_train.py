@@ -74,3 +74,34 @@ def test_bad_option_names_the_value(tmp_path):
         TrainConfig.from_json(path)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         TrainConfig(batch_size=0).validate()
+
+
+def test_max_batch_search_finds_the_exact_limit():
+    from squeezekv.crosslayer.lckv.measure import max_batch
+
+    tried: list[int] = []
+
+    def fits(b: int) -> bool:
+        tried.append(b)
+        return b <= 37
+
+    assert max_batch(None, 4096, 8, cap=4096, fits=fits) == {"max_batch": 37, "capped": False, "context": 4096,
+                                                              "gen": 8}
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
+    assert max_batch(None, 4096, 8, cap=20, fits=fits)["max_batch"] == 20
+    assert max_batch(None, 4096, 8, cap=20, fits=fits)["capped"] is True
+    with pytest.raises(ValueError, match="cap must be a positive int, got 0"):
+        max_batch(None, 4096, 8, cap=0, fits=fits)
+
+
+def test_cli_train_lckv_prepare_only(corpus, tmp_path, capsys):
+    from squeezekv.cli import main
+
+    rc = main(["train-lckv", "--prepare-only", "--no-progress", "--sources", str(corpus),
+               "--data-dir", str(tmp_path / "d")])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    total = sum(len(d.encode()) + 1 for d in DOCS)
+    assert report["train_tokens"] + report["val_tokens"] == total and report["vocab_size"] == 259
+    assert main(["train-lckv", "--sources", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "e")]) == 2
+    assert "not found" in capsys.readouterr().err
