@@ -176,3 +176,48 @@ def test_training_gradients_flow_through_b_iterations():
     # the top layer's KV projection receives gradient through the lower layers' attention
     assert model.model.layers[3].self_attn.k_proj.weight.grad.abs().sum() > 0
     assert model.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_left_padding_equals_unpadded_rows():
+    model = lckv("top", m=12, b=1)
+    x = ids(2, 8, seed=5)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    x[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = model(x, attention_mask=mask, position_ids=pos).logits
+    alone = model(x[:1, 3:]).logits
+    torch.testing.assert_close(padded[:1, 3:], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded[1:], model(x[1:]).logits, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_training_step():
+    model = lckv("sandwich", m=2, b=2).train()
+    x = ids(2, 8)
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    with torch.enable_grad():
+        loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[3].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.real_weights
+def test_standard_layout_equals_the_default_model():
+    import os
+
+    from squeezekv import assets
+
+    try:
+        assets.fetch(assets.SMOLLM2, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        path = assets.default_model_dir(progress=False)
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"default model not available offline: {err}")
+    llama = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = ids(1, 12) + 200
+    model = from_llama(llama, make_kv_sources(llama.config.num_hidden_layers, "standard"))
+    torch.testing.assert_close(model(x).logits, llama(x).logits, atol=1e-4, rtol=0)
+    lckv_model = from_llama(llama, make_kv_sources(llama.config.num_hidden_layers, "sandwich", 2))
+    assert lckv_model.config.kv_layers == [0, 28, 29]
+    cache = lckv_model.make_cache()
+    lckv_model(x, cache=cache, use_cache=True)
+    assert cache.nbytes() == 3 * 2 * 3 * 12 * 64 * 4  # 3 KV layers x (K,V) x 3 KV heads x 12 tokens x 64 x fp32

@@ -90,6 +90,7 @@ class LCKVAttention(nn.Module):
         [B or 1, 1, n, k] (bool) is True; rows with no allowed key output zeros. Returns [B, n, hidden]."""
         shape = (*x.shape[:-1], -1, self.head_dim)
         q = _rotate(self.q_proj(x).view(shape).transpose(1, 2), cos, sin)  # [B, H, n, D]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # under autocast the first iteration's zeros are fp32
         if keys.shape[2] == 0:
             out = q.new_zeros(q.shape)
         else:
