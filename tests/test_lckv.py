@@ -101,6 +101,10 @@ def test_cached_decoding_equals_full_forward(layout):
         steps.append(model(x[:, i : i + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     assert cache.get_seq_length() == prompt + new
+    # a prompt encoded in two blocks (the second one attends to the cached first one) equals it too
+    cache = model.make_cache()
+    blocks = [model(x[:, :4], cache=cache, use_cache=True).logits, model(x[:, 4:], cache=cache, use_cache=True).logits]
+    torch.testing.assert_close(torch.cat(blocks, 1), full, atol=1e-5, rtol=0)
 
 
 def test_generate_uses_condensed_cache_and_matches_manual_greedy():

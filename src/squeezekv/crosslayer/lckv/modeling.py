@@ -84,30 +84,49 @@ class LCKVAttention(nn.Module):
         sin: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        allowed: torch.Tensor,
+        allowed: torch.Tensor | str,
     ) -> torch.Tensor:
         """Queries from ``x`` [B, n, hidden] attend to ``keys``/``values`` [B, Hkv, k, D] where ``allowed``
-        [B or 1, 1, n, k] (bool) is True; rows with no allowed key output zeros. Returns [B, n, hidden]."""
-        shape = (*x.shape[:-1], -1, self.head_dim)
-        q = _rotate(self.q_proj(x).view(shape).transpose(1, 2), cos, sin)  # [B, H, n, D]
+        [B or 1, 1, n, k] (bool) is True, or by rule: ``"all"`` (one query, every key), ``"causal"`` (k = n, key
+        j <= query i), ``"strict"`` (k = n - 1, key j < query i). Rows with no allowed key output zeros.
+        Returns [B, n, hidden]. The rules use SDPA's ``is_causal`` (flash kernels) instead of a mask."""
+        b, n, _ = x.shape
+        q = _rotate(self.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, n, D]
         keys, values = keys.to(q.dtype), values.to(q.dtype)  # under autocast the first iteration's zeros are fp32
+        groups = self.num_heads // self.num_kv_heads
+        dropout = self.attention_dropout if self.training else 0.0
         if keys.shape[2] == 0:
             out = q.new_zeros(q.shape)
+        elif isinstance(allowed, str) and allowed == "all":
+            if n != 1:
+                raise ValueError(f"rule 'all' is only for one query token, got {n}")
+            # one decode query per row: pack the query heads of each KV group as that group's queries, so K/V are
+            # never expanded. q: [B, H, 1, D] -> [B, Hkv, G, D]
+            qg = q.reshape(b, self.num_kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, keys, values, dropout_p=dropout, scale=self.scaling)
+            out = out.reshape(b, self.num_heads, 1, self.head_dim)
         else:
-            empty = ~allowed.any(dim=-1, keepdim=True)  # [B|1, 1, n, 1]
-            safe = allowed.clone()
-            safe[..., :1] |= empty  # let empty rows see key 0 (output zeroed below): no NaN, no leak
-            out = F.scaled_dot_product_attention(
-                q,
-                keys,
-                values,
-                attn_mask=safe,
-                dropout_p=self.attention_dropout if self.training else 0.0,
-                scale=self.scaling,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
-            out = out.masked_fill(empty, 0.0)
-        out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)  # [B, n, H*D]
+            if groups > 1:  # [B, Hkv, k, D] -> [B, H, k, D]: fused kernels take no grouped K/V with masks
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            if isinstance(allowed, str):
+                if allowed not in ("causal", "strict"):
+                    raise ValueError(f"unknown attention rule {allowed!r}")
+                if allowed == "causal":
+                    out = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout, scale=self.scaling,
+                                                         is_causal=True)
+                else:  # query i sees keys < i: query 0 sees none (output 0); queries 1.. are causal over the keys
+                    rest = F.scaled_dot_product_attention(q[:, :, 1:], keys, values, dropout_p=dropout,
+                                                          scale=self.scaling, is_causal=True)
+                    out = torch.cat([q.new_zeros(q[:, :, :1].shape), rest], dim=2)
+            else:
+                empty = ~allowed.any(dim=-1, keepdim=True)  # [B|1, 1, n, 1]
+                safe = allowed.clone()
+                safe[..., :1] |= empty  # let empty rows see key 0 (output zeroed below): no NaN, no leak
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=safe, dropout_p=dropout,
+                                                     scale=self.scaling)
+                out = out.masked_fill(empty, 0.0)
+        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, n, H*D]
         return self.o_proj(out)
 
 
@@ -180,14 +199,21 @@ class LCKVModel(LCKVPreTrainedModel):
 
     def _masks(
         self, n: int, past: int, pad: torch.Tensor | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean masks [B|1, 1, n, past+n]: causal with diagonal, and strictly causal (diagonal masked)."""
+    ) -> tuple[torch.Tensor | str, torch.Tensor | str]:
+        """What the layers at or above their source may see: [B|1, 1, n, past+n] (key j <= query position), and the
+        layers below it: [B|1, 1, n, past+n-1] (key j < query position; the block's last token's source KV is never
+        visible, so it is left out). Without padding, rules replace the masks: ``"all"`` for one token,
+        ``"causal"``/``"strict"`` for a block with nothing cached (see :meth:`LCKVAttention.attend`)."""
+        if pad is None and n == 1:
+            return "all", "all"
+        if pad is None and past == 0:
+            return "causal", "strict"
         q = torch.arange(past, past + n, device=device)[:, None]
         k = torch.arange(past + n, device=device)[None, :]
-        causal, strict = (k <= q)[None, None], (k < q)[None, None]
+        causal, strict = (k <= q)[None, None], (k < q)[None, None, :, : past + n - 1]
         if pad is not None:
             keep = pad.bool()[:, None, None, :]  # [B, 1, 1, past+n]
-            causal, strict = causal & keep, strict & keep
+            causal, strict = causal & keep, strict & keep[..., : past + n - 1]
         return causal, strict
 
     def _iterate(
@@ -197,8 +223,8 @@ class LCKVModel(LCKVPreTrainedModel):
         sin: torch.Tensor,
         cache: Cache | None,
         estimate: dict[int, KV],
-        causal: torch.Tensor,
-        strict: torch.Tensor,
+        causal: torch.Tensor | str,
+        strict: torch.Tensor | str,
     ) -> tuple[torch.Tensor, dict[int, KV]]:
         """One pass of the whole stack over the block. ``estimate``: source layer -> KV of the block's tokens from the
         previous iteration (read by layers below their source). Returns the last hidden states [B, n, hidden] and
@@ -211,9 +237,15 @@ class LCKVModel(LCKVPreTrainedModel):
             if attn.computes_kv:
                 fresh[l] = attn.compute_kv(x, cos, sin)
             s = attn.source
-            k_new, v_new = fresh[s] if s <= l else estimate[s]
+            if s <= l:
+                k_new, v_new = fresh[s]
+            else:  # source above: previous iteration's estimate, without the last token (visible to nobody)
+                k_new, v_new = (t[:, :, : t.shape[2] - 1] for t in estimate[s])
             past = _cached(cache, s)
-            keys, values = (k_new, v_new) if past is None else (torch.cat([past[0], k_new], 2), torch.cat([past[1], v_new], 2))
+            if past is None:
+                keys, values = k_new, v_new  # [B, Hkv, n or n-1, D]
+            else:  # [B, Hkv, past + (n or n-1), D]
+                keys, values = torch.cat([past[0], k_new], 2), torch.cat([past[1], v_new], 2)
             h = h + attn.attend(x, cos, sin, keys, values, strict if attn.attends_up else causal)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, fresh
