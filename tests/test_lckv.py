@@ -225,3 +225,12 @@ def test_standard_layout_equals_the_default_model():
     cache = lckv_model.make_cache()
     lckv_model(x, cache=cache, use_cache=True)
     assert cache.nbytes() == 3 * 2 * 3 * 12 * 64 * 4  # 3 KV layers x (K,V) x 3 KV heads x 12 tokens x 64 x fp32
+
+
+def test_a_cache_handed_in_is_filled_even_when_the_config_says_no_cache():
+    model = lckv("top")
+    model.config.use_cache = False
+    cache = model.make_cache()
+    model(ids(1, 5), cache=cache)
+    assert cache.get_seq_length() == 5
+    assert model(ids(1, 5)).cache is None

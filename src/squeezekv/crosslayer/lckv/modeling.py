@@ -270,7 +270,8 @@ class LCKVModel(LCKVPreTrainedModel):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         h0 = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, n, hidden]
         b, n, _ = h0.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a cache handed in is always filled
+            use_cache = cache is not None or self.config.use_cache
         if use_cache and cache is None:
             cache = LCKVCache(self.config)
         past = _past_length(cache)

@@ -107,7 +107,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> LCKVFor
             vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=max(cfg.seq_len, 4096),
-            eos_token_id=eos_token_id, pad_token_id=0, tie_word_embeddings=False, use_cache=False,
+            eos_token_id=eos_token_id, pad_token_id=0, tie_word_embeddings=False,
         )
         torch.manual_seed(cfg.seed)
         return LCKVForCausalLM(config)
