@@ -234,3 +234,53 @@ def test_a_cache_handed_in_is_filled_even_when_the_config_says_no_cache():
     model(ids(1, 5), cache=cache)
     assert cache.get_seq_length() == 5
     assert model(ids(1, 5)).cache is None
+
+
+def test_budgeted_condensed_cache_equals_squeezekv_on_the_same_llama():
+    """Composition: LCKV's cache budgeted by the registry's streamingllm policy. For the standard layout the model is a
+    Llama, so squeezekv's own SqueezeCache with the same policy and budget is an independent reference."""
+    import squeezekv
+    from squeezekv.crosslayer.lckv import BudgetedLCKVCache
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **COMMON)).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model = from_llama(llama, make_kv_sources(3, "standard"))
+    x = ids(1, 10, seed=8)
+    ref_cache = squeezekv.make_cache(llama, method="streamingllm", budget=6, allocation="uniform",
+                                     method_params={"sinks": 2}, attn_backend="eager")
+    cache = BudgetedLCKVCache(model.config, "streamingllm", 6, sinks=2)
+    ref = [llama(x, cache=ref_cache).logits[:, -1]]
+    out = [model(x, cache=cache).logits[:, -1]]
+    tok_ref = tok = ref[-1].argmax(-1, keepdim=True)
+    for _ in range(5):
+        ref.append(llama(tok_ref, cache=ref_cache).logits[:, -1])
+        out.append(model(tok, cache=cache).logits[:, -1])
+        tok_ref, tok = ref[-1].argmax(-1, keepdim=True), out[-1].argmax(-1, keepdim=True)
+    squeezekv.detach(llama)
+    torch.testing.assert_close(torch.stack(out), torch.stack(ref), atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == 15 and cache.physical_length() == 6
+    assert cache.token_idx[0][0, 0].tolist() == [0, 1, 11, 12, 13, 14]  # 2 sinks + the 4 newest
+    assert cache.nbytes() == expected_nbytes(model.config, 1, 6, torch.float32)
+    with pytest.raises(ValueError, match="block of 2 tokens"):
+        model(ids(1, 2), cache=cache)
+
+
+def test_budgeted_lckv_cache_holds_budget_in_kv_layers_only():
+    from squeezekv.crosslayer.lckv import BudgetedLCKVCache
+
+    model = lckv("top", layers=4, warmup=1)
+    cache = BudgetedLCKVCache(model.config, "window", 5)
+    model(ids(2, 9), cache=cache)
+    for t in ids(2, 3, seed=9).split(1, dim=1):
+        model(t, cache=cache)
+    assert [layer.keys.shape[-2] if layer.keys is not None else 0 for layer in cache.layers] == [5, 0, 0, 5]
+    assert cache.token_idx[3][1, 0].tolist() == [7, 8, 9, 10, 11]
+    assert cache.nbytes() == expected_nbytes(model.config, 2, 5, torch.float32)
+    with pytest.raises(ValueError, match="'h2o' needs attention scores"):
+        BudgetedLCKVCache(model.config, "h2o", 5)
+    with pytest.raises(ValueError, match="budget=0"):
+        BudgetedLCKVCache(model.config, "window", 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .budget import BudgetedLCKVCache
 from .cache import LCKVCache, cache_nbytes, expected_nbytes, kv_bytes_per_token
 from .configuration import LAYOUTS, LCKVConfig, check_kv_sources, make_kv_sources
 from .convert import from_llama
@@ -20,6 +21,7 @@ AutoConfig.register(LCKVConfig.model_type, LCKVConfig, exist_ok=True)
 AutoModelForCausalLM.register(LCKVConfig, LCKVForCausalLM, exist_ok=True)
 
 __all__ = [
+    "BudgetedLCKVCache",
     "LAYOUTS",
     "LCKVCache",
     "LCKVConfig",

@@ -154,8 +154,11 @@ class LCKVPreTrainedModel(PreTrainedModel):
 
 
 def _past_length(cache: Cache | None) -> int:
+    """Tokens seen before this block (an :class:`LCKVCache` says so itself; a budgeted one counts evicted tokens)."""
     if cache is None:
         return 0
+    if isinstance(cache, LCKVCache):
+        return cache.get_seq_length()
     for layer in cache.layers:
         if not isinstance(layer, DummyLayer):
             return layer.get_seq_length()
@@ -283,6 +286,9 @@ class LCKVModel(LCKVPreTrainedModel):
         if attention_mask is not None and attention_mask.shape[-1] != past + n:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {past + n}")
         pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        if getattr(cache, "evicted", False) and not (n == 1 and pad is None):
+            raise ValueError(f"the cache evicted tokens: feed one token at a time without padding, got a block of "
+                             f"{n} tokens{' with padding' if pad is not None else ''}")
         causal, strict = self._masks(n, past, pad, h0.device)
         # estimates of the upward sources' KV for this block: zeros before the first iteration
         hkv, d = self.config.num_key_value_heads, self.layers[0].self_attn.head_dim
