@@ -1,5 +1,5 @@
-"""Command line: ``squeezekv run`` (the main job), ``squeezekv methods`` (the registry) and ``squeezekv serve``
-(the OpenAI-compatible server, :mod:`squeezekv.serve.cli`)."""
+"""Command line: ``squeezekv run`` (the main job), ``squeezekv methods`` (the registry), ``squeezekv serve``
+(the OpenAI-compatible server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from .crosslayer.lckv.cli import add_parser as add_train_lckv_parser
+
+    add_train_lckv_parser(sub)
     return parser
 
 
@@ -99,6 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"squeezekv: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "train-lckv":
+        from .crosslayer.lckv.cli import run as train_lckv
+
+        try:
+            return train_lckv(args)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"squeezekv: error: {err}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         from .serve.cli import run as serve
 
