@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: squeezekv's throughput (transformers 5.24 from .whl) and kvpress's (its own transformers 5.2 from
 # .kvp/whl) on the same GPU, results under $OUT. Run from the repository root on the GPU machine.
+#   bash benchmarks/device_run.sh          # run 1: prefill, max batch, eager decode, kvpress
+#   bash benchmarks/device_run.sh graph    # run 2: CUDA-graph static decoding vs eager, full cache and kvpress
 set -u
 export PYTHONUNBUFFERED=1
 cfg=benchmarks/throughput_config.json
@@ -8,8 +10,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite .kvp/whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ours() { PYTHONPATH=/tmp/site:src python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
+kvpress() {
+    PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches "$1" \
+        --out $OUT/kvpress.json 2>&1 | grep -v -i warn
+}
+if [ "${1:-}" = graph ]; then
+    ours --out $OUT/decode_graph.json --only decode --batches 1,16,64,256 \
+        --methods full,streamingllm:16,snapkv,streamingllm:16:graph,window:16:graph,h2o:16:graph
+    ours --out $OUT/maxbatch_graph.json --only maxbatch,decode --batches 1 --methods window:16:graph
+    kvpress 1,16,64,256
+    exit 0
+fi
 ours --out $OUT/prefill.json --only prefill --methods full,window,streamingllm,h2o,snapkv
 ours --out $OUT/decode_maxbatch.json --only maxbatch,decode --methods full,window:16 --batches 16,64,256
 ours --out $OUT/decode.json --only decode --methods streamingllm:16,h2o:16,snapkv --batches 16,64,256
-PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches 16,64,256 \
-    --out $OUT/kvpress.json 2>&1 | grep -v -i warn
+kvpress 16,64,256

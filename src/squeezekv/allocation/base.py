@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
 
-class Allocator:
+class Allocator(ABC):
     """Base class of the layer-dimension allocations.
 
     ``needs_importance``: the allocator needs one importance score per layer measured on the prompt (SqueezeAttention);
@@ -17,11 +18,11 @@ class Allocator:
     summary: ClassVar[str] = ""
     needs_importance: ClassVar[bool] = False
 
+    @abstractmethod
     def allocate(
         self, base: int, num_layers: int, importance: Sequence[float] | None = None
     ) -> tuple[list[int], dict[str, Any]]:
         """Per-layer budgets summing to ``base * num_layers`` (each >= 1), and a dict of how they were derived."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
 
 def largest_remainder(shares: Sequence[float], total: int, minimum: int = 1) -> list[int]:

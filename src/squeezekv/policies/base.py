@@ -3,6 +3,7 @@ temporal order. A policy only says *how important* each cached position is (:met
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -14,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KEEP = float("inf")
 
 
-class EvictionPolicy:
+class EvictionPolicy(ABC):
     """Base class of the sequence-dimension policies.
 
     Class attributes: ``paper``/``summary`` (docs and README table), ``keeps_evicting`` (evict again during decoding,
@@ -32,9 +33,9 @@ class EvictionPolicy:
         """The smallest per-layer budget this policy can work with."""
         return 1
 
+    @abstractmethod
     def priority(self, layer: "SqueezeLayer", budget: int) -> torch.Tensor:
         """Importance of each cached position, ``[batch, kv_heads, n]``; the ``budget`` highest are kept."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def wants_weights(self, layer: "SqueezeLayer", q_len: int) -> bool:
         """Whether the attention function must hand this policy the attention weights of the current queries."""

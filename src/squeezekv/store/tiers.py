@@ -16,6 +16,7 @@ import json
 import os
 import re
 import struct
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ class CorruptEntry(Exception):
     """A disk entry failed its checks (magic, length, checksum, key, decoding)."""
 
 
-class Tier:
+class Tier(ABC):
     """Byte-accounted map ``key -> snapshot``. ``name`` is ``"gpu"``, ``"cpu"`` or ``"disk"``."""
 
     def __init__(self, name: str, capacity: int):
@@ -64,14 +65,17 @@ class Tier:
     def __contains__(self, key: str) -> bool:
         return key in self.sizes
 
+    @abstractmethod
     def put(self, key: str, snapshot: KVSnapshot, nbytes: int) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        ...
 
+    @abstractmethod
     def get(self, key: str) -> KVSnapshot:
-        raise NotImplementedError  # pragma: no cover - abstract
+        ...
 
+    @abstractmethod
     def remove(self, key: str) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        ...
 
 
 class MemoryTier(Tier):
