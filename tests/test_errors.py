@@ -198,3 +198,20 @@ def test_four_d_mask_refused(make_model, make_ids):
     mask4d = torch.zeros(1, 1, 16, 16)
     with pytest.raises(ValueError, match="4-D attention mask"):
         model(make_ids(1, 16), attention_mask=mask4d, cache=cache)
+
+
+def test_batch_of_mismatched_lengths_without_padding_is_refused():
+    with pytest.raises(ValueError, match=r"lengths \[3, 5\] and no pad_token_id"):
+        squeezekv.left_pad([[1, 2, 3], [1, 2, 3, 4, 5]])
+    with pytest.raises(ValueError, match="empty"):
+        squeezekv.left_pad([])
+
+
+def test_left_pad_feeds_a_compressed_cache(make_model):
+    batch = squeezekv.left_pad([[5, 6, 7], [1, 2, 3, 4, 5]], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    model = make_model("llama")
+    cache = squeezekv.make_cache(model, "window", 2, "uniform")
+    model(**batch, cache=cache)
+    assert cache.layers[0].token_idx[0, 0].tolist() == [3, 4]  # the row's last real tokens, never padding

@@ -12,6 +12,7 @@ from typing import Any
 
 from .attention import attach, detach, original_attn_implementation
 from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
+from .inputs import left_pad
 from .plan import Budget, BudgetPlan
 from .registry import ALLOCATIONS, POLICIES, allocation_names, describe, policy_names
 
@@ -70,4 +71,5 @@ __all__ = [
     "allocation_names",
     "describe",
     "dynamic_cache_nbytes",
+    "left_pad",
 ]
