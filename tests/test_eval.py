@@ -172,3 +172,33 @@ def test_parse_instruction_example():
     assert rec.subtask == "quoref" and rec.passage == "Alice met Bob. She smiled." and rec.question == "Who smiled?"
     assert rec.answers == ("Alice",) and rec.split in ("dev", "test") and not rec.options
     assert parse_instruction_example("x", 0, {"input": "no question here", "target": ["a"]}) is None
+
+
+def _rec(cell: str, method: str, alloc: str, budget: float, ex: str, value: float) -> dict:
+    return {"cell": cell, "method": method, "allocation": alloc, "budget": budget, "task": "needle", "subset": "",
+            "example_id": ex, "scores": {"retrieval": value}, "kv_bytes_after_prefill": 10 if method != "full" else 50,
+            "meta": {}}
+
+
+def test_summary_comparisons_and_within_one_point():
+    from squeezekv.eval.report import paired_comparisons, summarize, within_one_point
+
+    recs = []
+    for i in range(10):
+        ex = f"e{i}"
+        recs.append(_rec("full", "full", "-", 1.0, ex, 1.0))
+        recs.append(_rec("h2o/uniform/0.2", "h2o", "uniform", 0.2, ex, 0.0))
+        recs.append(_rec("h2o/squeeze/0.2", "h2o", "squeeze", 0.2, ex, 1.0 if i < 8 else 0.0))
+        recs.append(_rec("h2o/uniform/0.5", "h2o", "uniform", 0.5, ex, 1.0))
+        recs.append(_rec("h2o/squeeze/0.5", "h2o", "squeeze", 0.5, ex, 1.0))
+    summary = summarize(recs)
+    full = next(r for r in summary if r["cell"] == "full")
+    assert (full["n"], full["value"], full["full_value"]) == (10, 100.0, 100.0)
+    sq = next(r for r in summary if r["cell"] == "h2o/squeeze/0.2")
+    assert sq["value"] == pytest.approx(80.0) and sq["delta_vs_full"] == pytest.approx(-20.0)
+    assert sq["kv_bytes_ratio"] == pytest.approx(0.2)
+    comp = {(r["allocation"], r["budget"]): r for r in paired_comparisons(recs)}
+    assert comp[("squeeze", 0.2)]["gain"] == pytest.approx(80.0) and comp[("squeeze", 0.2)]["verdict"] == "better"
+    assert comp[("squeeze", 0.5)]["verdict"] == "no clear difference"
+    within = {r["allocation"]: r["budget_within_1"] for r in within_one_point(summary)}
+    assert within == {"uniform": 0.5, "squeeze": 0.5}
