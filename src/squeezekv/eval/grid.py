@@ -135,6 +135,21 @@ def feasible_cells(cfg: GridConfig, examples: list[Example], num_layers: int) ->
     return ok, reasons
 
 
+def interleave_tasks(examples: list[Example]) -> list[Example]:
+    """Round-robin over tasks (needle, qa, ppl, needle, ...), each task's examples in their order: a partial grid
+    covers every task."""
+    by_task: dict[str, list[Example]] = {}
+    for e in examples:
+        by_task.setdefault(e.task, []).append(e)
+    out: list[Example] = []
+    queues = list(by_task.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Every record in a results.jsonl (a torn last line from an interrupted run is ignored)."""
     if not path.exists():
@@ -255,7 +270,9 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
 
     results = out_dir / "results.jsonl"
     done = {(r["cell"], r["example_id"]) for r in read_records(results)}
-    todo = [(c, e) for c in cells for e in examples if (c.key, e.id) not in done]
+    # example by example (every cell of one example, then the next): an interrupted grid leaves every cell with the
+    # same examples, so its partial results are still paired comparisons
+    todo = [(c, e) for e in interleave_tasks(examples) for c in cells if (c.key, e.id) not in done]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vers = versions()
     bar = None
