@@ -79,7 +79,7 @@ def test_smoke_grid_records_plots_resume(tmp_path, make_model, tiny_tokenizer, t
     full_bytes = {r["example_id"]: r["kv_bytes_after_prefill"] for r in records if r["cell"] == "full"}
     small = [r for r in records if r["cell"] == "window/uniform/0.3"]
     assert all(r["kv_bytes_after_prefill"] < 0.5 * full_bytes[r["example_id"]] for r in small)
-    for name in ("summary.csv", "comparisons.csv", "report.html", "quality_needle_all_retrieval.png",
+    for name in ("summary.csv", "comparisons.csv", "summary.md", "report.html", "quality_needle_all_retrieval.png",
                  "needle_heatmap_budget0.3.png", "quality_ppl_essays_nll.png"):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
@@ -202,3 +202,29 @@ def test_summary_comparisons_and_within_one_point():
     assert comp[("squeeze", 0.5)]["verdict"] == "no clear difference"
     within = {r["allocation"]: r["budget_within_1"] for r in within_one_point(summary)}
     assert within == {"uniform": 0.5, "squeeze": 0.5}
+
+
+def test_kvpress_side_validates_before_compute(tmp_path):
+    from squeezekv.eval import kvpress_side
+    from squeezekv.eval.kvpress_worker import make_press
+
+    with pytest.raises(ValueError, match="is not a file"):
+        _cfg(kvpress_python=str(tmp_path / "nope" / "python")).validate()
+    py = tmp_path / "python"
+    py.write_text("")
+    with pytest.raises(ValueError, match="unknown kvpress press 'nope'"):
+        _cfg(kvpress_python=str(py), kvpress_presses=("snapkv", "nope")).validate()
+    with pytest.raises(ValueError, match="unknown kvpress press"):
+        make_press("nope", 0.2)
+    keys = [k for k, _, _ in kvpress_side.cells(("snapkv",), (0.2, 0.5))]
+    assert keys == ["kvpress:full", "kvpress:snapkv/kvpress/0.2", "kvpress:snapkv/kvpress/0.5"]
+
+
+def test_full_cache_check_counts_differences():
+    from squeezekv.eval.report import full_cache_check
+
+    base = {"task": "ppl", "versions": {"transformers": "x"}, "answer": None}
+    recs = [{**base, "cell": "full", "example_id": "a", "scores": {"nll": 2.0}},
+            {**base, "cell": "kvpress:full", "example_id": "a", "scores": {"nll": 2.25}}]
+    (row,) = full_cache_check(recs)
+    assert row["n"] == 1 and row["identical_scores"] == 0 and row["max_abs_nll_diff"] == pytest.approx(0.25)

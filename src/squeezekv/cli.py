@@ -110,6 +110,12 @@ def _add_eval_parser(sub: Any) -> None:
     ev.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens after the prefix")
     ev.add_argument("--skip-infeasible", action="store_true",
                     help="skip cells whose smallest layer budget is below the policy's minimum instead of failing")
+    ev.add_argument("--kvpress-python", default=None,
+                    help="python of a virtual environment with kvpress 0.5.5 (transformers < 5.3): also run kvpress's "
+                    "presses on the same examples, budgets and scorer, and a full-cache check there")
+    ev.add_argument("--kvpress-presses", default="streamingllm,snapkv,pyramidkv,observed,expected",
+                    help="kvpress presses (observed = H2O-like ObservedAttentionPress, expected = "
+                    "ExpectedAttentionPress)")
     ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -155,6 +161,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         method_params=_scoped_params(args.method_param, "method"),
         allocation_params=_scoped_params(args.allocation_param, "allocation"),
         options=opts, device=args.device, skip_infeasible=args.skip_infeasible,
+        kvpress_python=args.kvpress_python,
+        kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
     )
     res = evaluate(cfg, args.out, progress=not args.no_progress)
     print(f"wrote {res['html']} ({len(res['summary'])} summary rows, {len(res['plots'])} plots)")

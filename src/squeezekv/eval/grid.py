@@ -53,6 +53,8 @@ class GridConfig:
     options: TaskOptions = field(default_factory=TaskOptions)
     device: str = "cpu"
     skip_infeasible: bool = False
+    kvpress_python: str | None = None
+    kvpress_presses: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
 
     def validate(self) -> None:
         """Every name and number checked before anything is loaded or computed."""
@@ -76,6 +78,9 @@ class GridConfig:
                     "(the full cache is always evaluated)"
                 )
         self.options.validate()
+        from .kvpress_side import validate as validate_kvpress
+
+        validate_kvpress(self.kvpress_python, tuple(self.kvpress_presses))
 
     def fingerprint(self) -> str:
         """Hash of what decides an example's content and a record's meaning (model, task options, params)."""
@@ -310,6 +315,14 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if cfg.kvpress_python:
+        from ..assets import resolve_model
+        from . import kvpress_side
+
+        done = {(r["cell"], r["example_id"]) for r in read_records(results)}
+        base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": "cpu"}}
+        kvpress_side.run(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
+                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results)
     return read_records(results)
 
 

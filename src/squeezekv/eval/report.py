@@ -115,6 +115,26 @@ def within_one_point(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def full_cache_check(records: list[dict[str, Any]], other: str = "kvpress:full") -> list[dict[str, Any]]:
+    """Per task: does the full cache score the same under squeezekv's transformers and under kvpress's (``other``)?
+    Counts identical answers and the largest NLL difference over the examples both ran."""
+    ours = {r["example_id"]: r for r in records if r["cell"] == FULL}
+    theirs = {r["example_id"]: r for r in records if r["cell"] == other}
+    out = []
+    for task in sorted({r["task"] for r in theirs.values()}):
+        ids = [i for i, r in theirs.items() if r["task"] == task and i in ours]
+        if not ids:
+            continue
+        same_answer = sum(ours[i]["answer"] == theirs[i]["answer"] for i in ids)
+        same_scores = sum(ours[i]["scores"] == theirs[i]["scores"] for i in ids)
+        nll = [abs(ours[i]["scores"]["nll"] - theirs[i]["scores"]["nll"]) for i in ids if "nll" in ours[i]["scores"]]
+        out.append({"task": task, "n": len(ids), "identical_answers": same_answer, "identical_scores": same_scores,
+                    "max_abs_nll_diff": max(nll) if nll else None,
+                    "versions": f"{ours[ids[0]]['versions'].get('transformers')} vs "
+                                f"{theirs[ids[0]]['versions'].get('transformers')}"})
+    return out
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path, fields: list[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -224,9 +244,40 @@ def _table(rows: list[dict[str, Any]], fields: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def markdown(summary: list[dict[str, Any]], comps: list[dict[str, Any]], within: list[dict[str, Any]],
+             check: list[dict[str, Any]]) -> str:
+    """The report's tables as Markdown (for docs/results.md)."""
+    lines = ["| task | subset | metric | cell | n | value | 95% CI | vs full | KV bytes / full |", "|" + "---|" * 9]
+    for r in summary:
+        delta = "" if r["delta_vs_full"] is None or r["cell"] == FULL else f"{r['delta_vs_full']:+.1f}"
+        ratio = "" if r["kv_bytes_ratio"] is None else f"{r['kv_bytes_ratio']:.3f}"
+        lines.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {r['cell']} | {r['n']} | {r['value']:.2f} | "
+                     f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {delta} | {ratio} |")
+    lines += ["", "| task | subset | metric | method | allocation vs uniform | budget | n | gain | 95% CI | verdict |",
+              "|" + "---|" * 10]
+    for r in comps:
+        lines.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {r['method']} | {r['allocation']} | "
+                     f"{r['budget']:g} | {r['n']} | {r['gain']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
+                     f"{r['verdict']} |")
+    lines += ["", "| task | subset | metric | method | allocation | smallest budget within 1 of full | budgets measured |",
+              "|" + "---|" * 7]
+    for r in within:
+        b = "none" if r["budget_within_1"] is None else f"{r['budget_within_1']:g}"
+        lines.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {r['method']} | {r['allocation']} | {b} | "
+                     f"{', '.join(f'{x:g}' for x in r['budgets_measured'])} |")
+    if check:
+        lines += ["", "| task | n | identical answers | identical scores | max abs NLL diff | transformers |",
+                  "|" + "---|" * 6]
+        for r in check:
+            d = "" if r["max_abs_nll_diff"] is None else f"{r['max_abs_nll_diff']:.2e}"
+            lines.append(f"| {r['task']} | {r['n']} | {r['identical_answers']} | {r['identical_scores']} | {d} | "
+                         f"{r['versions']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out_dir: Path) -> dict[str, Any]:
-    """Read ``results.jsonl`` in ``out_dir``; write ``summary.csv``, ``comparisons.csv``, the PNGs and
-    ``report.html``. Returns the paths and tables."""
+    """Read ``results.jsonl`` in ``out_dir``; write ``summary.csv``, ``comparisons.csv``, ``summary.md``, the PNGs
+    and ``report.html``. Returns the paths and tables."""
     records = read_records(out_dir / "results.jsonl")
     if not records:
         raise ValueError(f"no records in {out_dir / 'results.jsonl'}: run the grid first")
@@ -234,10 +285,12 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     summary = summarize(records)
     comps = paired_comparisons(records)
     within = within_one_point(summary)
+    check = full_cache_check(records)
     write_csv(summary, out_dir / "summary.csv", SUMMARY_FIELDS)
     comp_fields = ["task", "subset", "metric", "method", "allocation", "vs", "budget", "n", "gain", "ci_low",
                    "ci_high", "verdict", "unit"]
     write_csv(comps, out_dir / "comparisons.csv", comp_fields)
+    (out_dir / "summary.md").write_text(markdown(summary, comps, within, check), encoding="utf-8")
     plots = plot_quality(summary, out_dir) + plot_needle_heatmaps(records, out_dir)
     table_rows = [{**r, "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"} for r in summary]
     parts = [
@@ -256,6 +309,9 @@ def write_report(out_dir: Path) -> dict[str, Any]:
         "<h2>Smallest budget within 1 point of the full cache</h2>",
         "<p>Within 1 point (perplexity: within 1) at that budget and every larger budget measured; — = never.</p>",
         _table(within, ["task", "subset", "metric", "method", "allocation", "budget_within_1", "budgets_measured"]),
+        "<h2>Full cache: squeezekv's environment vs kvpress's</h2>",
+        (_table(check, ["task", "n", "identical_answers", "identical_scores", "max_abs_nll_diff", "versions"])
+         if check else "<p>kvpress was not run (pass --kvpress-python).</p>"),
         "<h2>Plots</h2>",
         "".join(f"<p><img src='{html.escape(p.name)}' alt='{html.escape(p.stem)}'></p>" for p in plots),
         "<h2>Config</h2>",
@@ -263,5 +319,6 @@ def write_report(out_dir: Path) -> dict[str, Any]:
         "</body></html>",
     ]
     (out_dir / "report.html").write_text("\n".join(parts), encoding="utf-8")
-    return {"summary": summary, "comparisons": comps, "within_one_point": within, "plots": plots,
+    return {"summary": summary, "comparisons": comps, "within_one_point": within, "full_cache_check": check,
+            "plots": plots,
             "html": out_dir / "report.html"}

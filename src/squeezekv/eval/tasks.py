@@ -93,10 +93,11 @@ def build_needle(tokenizer: Any, sources: Sources, opts: TaskOptions) -> list[Ex
     """Every length x depth x needle: the fact inserted at a sentence boundary, the question after the text."""
     essays = sources.get_essays()
     out = []
+    # needle-major order: the first examples of a length already span every depth (useful when a grid is cut short)
     for length in opts.needle_lengths:
         text = haystack(tokenizer, length, essays)
-        for depth in opts.needle_depths:
-            for k, needle in enumerate(NEEDLES[: opts.needles]):
+        for k, needle in enumerate(NEEDLES[: opts.needles]):
+            for depth in opts.needle_depths:
                 prompt = chat_prompt(tokenizer, insert_needle(text, needle.fact, depth), needle.question)
                 out.append(Example(
                     id=f"needle/len{length}/depth{depth:g}/n{k}", task="needle", subset="", kind="generate",
