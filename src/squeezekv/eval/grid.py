@@ -258,7 +258,7 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                 f"{cfg.fingerprint()}: model, task options or method parameters differ); use another --out"
             )
         # a resumed run may add methods, allocations or budgets: the stored config lists their union
-        for key in ("tasks", "methods", "allocations", "budgets"):
+        for key in ("tasks", "methods", "allocations", "budgets", "kvpress_presses"):
             cfg_union = list(dict.fromkeys(list(stored.get(key, [])) + list(getattr(cfg, key))))
             stored[key] = cfg_union
         merged = stored
