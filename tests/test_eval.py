@@ -228,3 +228,47 @@ def test_full_cache_check_counts_differences():
             {**base, "cell": "kvpress:full", "example_id": "a", "scores": {"nll": 2.25}}]
     (row,) = full_cache_check(recs)
     assert row["n"] == 1 and row["identical_scores"] == 0 and row["max_abs_nll_diff"] == pytest.approx(0.25)
+
+
+FAKE_WORKER = '''
+import argparse, json, sys
+ap = argparse.ArgumentParser()
+for a in ("--model", "--examples", "--jobs", "--out"):
+    ap.add_argument(a)
+args = ap.parse_args()
+jobs = [json.loads(l) for l in open(args.jobs)]
+with open(args.out, "a") as fh:
+    for i, j in enumerate(jobs):
+        if i == 2 and "FAIL" in open(args.model).read():
+            sys.exit(3)  # a worker that dies after two runs
+        fh.write(json.dumps({**j, "answer": "7291", "nll": 1.0, "kv_bytes_after_prefill": 1, "seconds": 0.0,
+                             "versions": {"transformers": "5.2.0"}}) + "\\n")
+'''
+
+
+def test_kvpress_orchestration_records_and_resumes(tmp_path, monkeypatch):
+    """The worker's raw results become scored records; a worker that dies keeps what it finished."""
+    import sys
+
+    from squeezekv.eval import kvpress_side
+    from squeezekv.eval.grid import read_records, score
+    from squeezekv.eval.tasks import Example
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAKE_WORKER)
+    monkeypatch.setattr(kvpress_side, "WORKER", worker)
+    model = tmp_path / "model"
+    model.write_text("FAIL")
+    examples = [Example(id=f"needle/{i}", task="needle", subset="", kind="generate", prompt=(1, 2, 3),
+                        meta={"key": "7291"}, max_new_tokens=2) for i in range(2)]
+    results = tmp_path / "results.jsonl"
+    args = (sys.executable, str(model), ("snapkv",), (0.2,), examples)
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        kvpress_side.run(*args, set(), score, {}, results)
+    assert len(read_records(results)) == 2
+    model.write_text("ok")
+    done = {(r["cell"], r["example_id"]) for r in read_records(results)}
+    assert kvpress_side.run(*args, done, score, {}, results) == 2
+    recs = read_records(results)
+    assert len(recs) == 4 == len({(r["cell"], r["example_id"]) for r in recs})
+    assert all(r["scores"] == {"retrieval": 1.0} and r["allocation"] == "kvpress" for r in recs)

@@ -39,30 +39,14 @@ def cells(presses: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[st
     return out
 
 
-def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[float, ...], examples: list[Any],
-        done: set[tuple[str, str]], score_fn: Any, base_record: dict[str, Any], results: Path) -> int:
-    """Run the pending kvpress (cell, example) pairs in the other environment; append scored records. Returns how
-    many records were added."""
-    jobs = []
-    for e in examples:
-        for key, press, budget in cells(presses, budgets):
-            if (key, e.id) not in done:
-                jobs.append({"cell": key, "press": press, "budget": budget, "example_id": e.id})
-    if not jobs:
-        return 0
-    by_id = {e.id: e for e in examples}
-    with tempfile.TemporaryDirectory() as tmp:
-        ex_path, job_path, out_path = Path(tmp) / "examples.jsonl", Path(tmp) / "jobs.jsonl", Path(tmp) / "out.jsonl"
-        with open(ex_path, "w", encoding="utf-8") as fh:
-            for e in examples:
-                fh.write(json.dumps({"id": e.id, "kind": e.kind, "prompt": list(e.prompt),
-                                     "continuation": list(e.continuation), "max_new_tokens": e.max_new_tokens}) + "\n")
-        job_path.write_text("".join(json.dumps(j) + "\n" for j in jobs), encoding="utf-8")
-        proc = subprocess.run([python, str(WORKER), "--model", model_path, "--examples", str(ex_path), "--jobs",
-                               str(job_path), "--out", str(out_path)])
-        raw = [json.loads(l) for l in out_path.read_text().splitlines() if l.strip()] if out_path.exists() else []
+def _append_records(raw: list[dict[str, Any]], by_id: dict[str, Any], done: set[tuple[str, str]], score_fn: Any,
+                    base_record: dict[str, Any], results: Path) -> int:
+    """Score raw worker results not yet recorded and append them to ``results``."""
+    added = 0
     with open(results, "a", encoding="utf-8") as fh:
         for r in raw:
+            if (r["cell"], r["example_id"]) in done or r["example_id"] not in by_id:
+                continue
             ex = by_id[r["example_id"]]
             method = "kvpress:full" if r["press"] == "full" else f"kvpress:{r['press']}"
             rec = {**base_record, "cell": r["cell"], "method": method, "allocation": ALLOCATION,
@@ -70,10 +54,53 @@ def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[f
                    "prompt_tokens": len(ex.prompt), "answer": r.get("answer"),
                    "scores": score_fn(ex, r.get("answer"), r.get("nll")),
                    "kv_bytes_after_prefill": r["kv_bytes_after_prefill"], "seconds": r["seconds"],
-                   "versions": r["versions"]}
-            rec["config"] = {**base_record.get("config", {}), "kvpress_press": r["press"]}
+                   "versions": r["versions"],
+                   "config": {**base_record.get("config", {}), "kvpress_press": r["press"]}}
             fh.write(json.dumps(rec) + "\n")
+            done.add((r["cell"], r["example_id"]))
+            added += 1
+    return added
+
+
+def _read_raw(path: Path) -> list[dict[str, Any]]:
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by an interrupted worker
+    return out
+
+
+def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[float, ...], examples: list[Any],
+        done: set[tuple[str, str]], score_fn: Any, base_record: dict[str, Any], results: Path) -> int:
+    """Run the pending kvpress (cell, example) pairs in the other environment; append scored records. The worker's
+    raw results are kept in ``kvpress_raw.jsonl`` beside ``results``, so an interrupted worker loses at most the
+    run in flight. Returns how many records were added."""
+    by_id = {e.id: e for e in examples}
+    raw_path = results.with_name("kvpress_raw.jsonl")
+    added = _append_records(_read_raw(raw_path), by_id, done, score_fn, base_record, results)
+    jobs = []
+    for e in examples:
+        for key, press, budget in cells(presses, budgets):
+            if (key, e.id) not in done:
+                jobs.append({"cell": key, "press": press, "budget": budget, "example_id": e.id})
+    if not jobs:
+        return added
+    with tempfile.TemporaryDirectory() as tmp:
+        ex_path, job_path = Path(tmp) / "examples.jsonl", Path(tmp) / "jobs.jsonl"
+        with open(ex_path, "w", encoding="utf-8") as fh:
+            for e in examples:
+                fh.write(json.dumps({"id": e.id, "kind": e.kind, "prompt": list(e.prompt),
+                                     "continuation": list(e.continuation), "max_new_tokens": e.max_new_tokens}) + "\n")
+        job_path.write_text("".join(json.dumps(j) + "\n" for j in jobs), encoding="utf-8")
+        try:
+            proc = subprocess.run([python, str(WORKER), "--model", model_path, "--examples", str(ex_path), "--jobs",
+                                   str(job_path), "--out", str(raw_path)])
+        finally:
+            added += _append_records(_read_raw(raw_path), by_id, done, score_fn, base_record, results)
     if proc.returncode != 0:
-        raise RuntimeError(f"kvpress worker failed with exit code {proc.returncode} after {len(raw)} of "
-                           f"{len(jobs)} runs (their records are kept; rerun to resume)")
-    return len(raw)
+        raise RuntimeError(f"kvpress worker failed with exit code {proc.returncode} ({added} records added; "
+                           "rerun to resume)")
+    return added
