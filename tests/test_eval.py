@@ -272,3 +272,15 @@ def test_kvpress_orchestration_records_and_resumes(tmp_path, monkeypatch):
     recs = read_records(results)
     assert len(recs) == 4 == len({(r["cell"], r["example_id"]) for r in recs})
     assert all(r["scores"] == {"retrieval": 1.0} and r["allocation"] == "kvpress" for r in recs)
+
+
+def test_full_value_uses_the_cells_examples_and_small_n_gets_no_verdict():
+    from squeezekv.eval.report import paired_comparisons, summarize
+
+    recs = [_rec("full", "full", "-", 1.0, "a", 1.0), _rec("full", "full", "-", 1.0, "b", 0.0),
+            _rec("h2o/uniform/0.2", "h2o", "uniform", 0.2, "a", 1.0),
+            _rec("h2o/squeeze/0.2", "h2o", "squeeze", 0.2, "a", 0.0)]
+    row = next(r for r in summarize(recs) if r["cell"] == "h2o/uniform/0.2")
+    assert row["full_value"] == 100.0 and row["delta_vs_full"] == 0.0  # full on example a only, not on a and b
+    (comp,) = paired_comparisons(recs)
+    assert comp["gain"] == -100.0 and comp["verdict"].startswith("n < 5")

@@ -24,6 +24,8 @@ METRICS: dict[str, tuple[str, Any, bool]] = {
     "em": ("QA exact match (points)", lambda m: 100 * m, True),
     "nll": ("perplexity", math.exp, False),
 }
+#: fewest paired examples for a better/worse verdict (a bootstrap of fewer says nothing)
+MIN_N_VERDICT = 5
 SUMMARY_FIELDS = ["task", "subset", "metric", "cell", "method", "allocation", "budget", "n", "value", "ci_low",
                   "ci_high", "full_value", "delta_vs_full", "kv_bytes_ratio"]
 
@@ -50,13 +52,15 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_cell: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
             by_cell.setdefault(r["cell"], []).append(r)
-        full = by_cell.get(FULL)
-        full_value = fn(mean([r["scores"][metric] for r in full])) if full else None
-        full_bytes = {r["example_id"]: r["kv_bytes_after_prefill"] for r in full} if full else {}
+        full = {r["example_id"]: r for r in by_cell.get(FULL, [])}
         for cell, rs in sorted(by_cell.items(), key=lambda kv: (kv[0] != FULL, kv[0])):
             vals = [r["scores"][metric] for r in rs]
             lo, hi = bootstrap_ci(vals)
             value = fn(mean(vals))
+            # the full cache on the same examples as this cell (a partial grid may have more full-cache records)
+            same = [full[r["example_id"]]["scores"][metric] for r in rs if r["example_id"] in full]
+            full_value = fn(mean(same)) if len(same) == len(rs) else None
+            full_bytes = {i: f["kv_bytes_after_prefill"] for i, f in full.items()}
             ratios = [r["kv_bytes_after_prefill"] / full_bytes[r["example_id"]] for r in rs
                       if full_bytes.get(r["example_id"])]
             rows.append({
@@ -71,7 +75,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def paired_comparisons(records: list[dict[str, Any]], baseline: str = "uniform") -> list[dict[str, Any]]:
     """Each non-baseline allocation vs ``baseline`` for the same method, budget and examples: mean paired difference
-    (in the metric's display scale for points; in NLL per token for perplexity) with a bootstrap interval."""
+    (in the metric's display scale for points; in NLL per token for perplexity) with a bootstrap interval, and a
+    verdict (better / worse when the interval excludes 0) from :data:`MIN_N_VERDICT` examples on."""
     rows = []
     for (task, subset, metric), recs in sorted(_groups(records).items()):
         index = {(r["method"], r["allocation"], r["budget"], r["example_id"]): r["scores"][metric] for r in recs
@@ -86,7 +91,10 @@ def paired_comparisons(records: list[dict[str, Any]], baseline: str = "uniform")
             if not METRICS[metric][2]:
                 diffs = [-d for d in diffs]  # lower NLL is better: report the improvement
             lo, hi = bootstrap_ci(diffs)
-            verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
+            if len(diffs) < MIN_N_VERDICT:
+                verdict = f"n < {MIN_N_VERDICT}: no verdict"
+            else:
+                verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
             rows.append({"task": task, "subset": subset, "metric": metric, "method": m, "allocation": a,
                          "vs": baseline, "budget": b, "n": len(diffs), "gain": mean(diffs), "ci_low": lo,
                          "ci_high": hi, "verdict": verdict,
