@@ -1,5 +1,6 @@
-"""Command line: ``squeezekv run`` (the main job), ``squeezekv methods`` (the registry), ``squeezekv serve``
-(the OpenAI-compatible server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`)."""
+"""Command line: ``squeezekv run`` (the main job), ``squeezekv eval`` (quality grid), ``squeezekv methods`` (the
+registry), ``squeezekv bench`` (GPU throughput, :mod:`squeezekv.bench`), ``squeezekv serve`` (the OpenAI-compatible
+server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,110 @@ def build_parser() -> argparse.ArgumentParser:
     from .crosslayer.lckv.cli import add_parser as add_train_lckv_parser
 
     add_train_lckv_parser(sub)
+    _add_eval_parser(sub)
     return parser
+
+
+def _csv(cast):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {cast.__name__}") from None
+
+    return parse
+
+
+def _add_eval_parser(sub: Any) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="quality grid: needle, long-context QA, perplexity x method x allocation x budget, with a report",
+        description="Runs every task example with the full cache and with every method x allocation x budget "
+        "cell, resumably (records already in OUT/results.jsonl are not recomputed), then writes OUT/summary.csv, "
+        "OUT/comparisons.csv, PNG plots and OUT/report.html. Data are prepared offline from package registries.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
+    ev.add_argument("--tasks", default="needle,qa,ppl", help="comma-separated: needle, qa, ppl")
+    ev.add_argument("--methods", default=",".join(policy_names()), help="comma-separated eviction policies")
+    ev.add_argument("--allocations", default=",".join(allocation_names()), help="comma-separated allocations")
+    ev.add_argument("--budgets", default="0.1,0.2,0.3,0.5", help="comma-separated fractions of the prompt in (0, 1)")
+    ev.add_argument("--method-param", action="append", metavar="METHOD:NAME=VALUE",
+                    help="a method's parameter, e.g. snapkv:window=32 (repeatable; defaults otherwise)")
+    ev.add_argument("--allocation-param", action="append", metavar="ALLOCATION:NAME=VALUE",
+                    help="an allocation's parameter, e.g. squeeze:p=0.3 (repeatable)")
+    ev.add_argument("--out", default="eval-out", help="output folder (resumes what it already holds)")
+    ev.add_argument("--needle-lengths", type=_csv(int), default=(1000, 2000, 4000, 7500), help="haystack tokens")
+    ev.add_argument("--needle-depths", type=_csv(float), default=(0.0, 0.25, 0.5, 0.75, 1.0), help="0 = start")
+    ev.add_argument("--needles", type=int, default=3, help="how many different needles (1-3)")
+    ev.add_argument("--qa-length", type=int, default=1500, help="tokens of passages (gold + distractors)")
+    ev.add_argument("--qa-per-subtask", type=int, default=4, help="questions per subtask (quoref, drop, multirc)")
+    ev.add_argument("--qa-placements", default="before,after", help="question before and/or after the passages")
+    ev.add_argument("--qa-split", default="test", choices=["test", "dev"],
+                    help="dev is for tuning hyperparameters; report on test")
+    ev.add_argument("--ppl-sources", default="essays,linux-doc", help="essays and/or linux-doc")
+    ev.add_argument("--ppl-docs", type=int, default=4, help="documents per source")
+    ev.add_argument("--ppl-prefix", type=int, default=1024, help="prefix tokens (compressed)")
+    ev.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens after the prefix")
+    ev.add_argument("--skip-infeasible", action="store_true",
+                    help="skip cells whose smallest layer budget is below the policy's minimum instead of failing")
+    ev.add_argument("--kvpress-python", default=None,
+                    help="python of a virtual environment with kvpress 0.5.5 (transformers < 5.3): also run kvpress's "
+                    "presses on the same examples, budgets and scorer, and a full-cache check there")
+    ev.add_argument("--kvpress-presses", default="streamingllm,snapkv,pyramidkv,observed,expected",
+                    help="kvpress presses (observed = H2O-like ObservedAttentionPress, expected = "
+                    "ExpectedAttentionPress)")
+    ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _scoped_params(items: Sequence[str] | None, kind: str) -> dict[str, dict[str, Any]]:
+    """``["snapkv:window=32"]`` -> ``{"snapkv": {"window": 32}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        if ":" not in item:
+            raise ValueError(f"{kind} parameter {item!r} must look like {kind}:name=value")
+        scope, rest = item.split(":", 1)
+        out.setdefault(scope.strip(), {}).update(_params([rest]))
+    return out
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .eval import GridConfig, TaskOptions, evaluate, write_report
+
+    if args.report_only:
+        res = write_report(Path(args.out))
+        print(f"wrote {res['html']}")
+        return 0
+    opts = TaskOptions(
+        needle_lengths=tuple(args.needle_lengths), needle_depths=tuple(args.needle_depths), needles=args.needles,
+        qa_length=args.qa_length, qa_per_subtask=args.qa_per_subtask,
+        qa_placements=tuple(p.strip() for p in args.qa_placements.split(",") if p.strip()), qa_split=args.qa_split,
+        ppl_sources=tuple(p.strip() for p in args.ppl_sources.split(",") if p.strip()), ppl_docs=args.ppl_docs,
+        ppl_prefix=args.ppl_prefix, ppl_tokens=args.ppl_tokens,
+    )
+    budgets = []
+    for b in args.budgets.split(","):
+        try:
+            budgets.append(float(b))
+        except ValueError:
+            raise ValueError(f"budget {b!r} is not a number: give fractions in (0, 1)") from None
+    cfg = GridConfig(
+        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        allocations=tuple(a.strip() for a in args.allocations.split(",") if a.strip()), budgets=tuple(budgets),
+        method_params=_scoped_params(args.method_param, "method"),
+        allocation_params=_scoped_params(args.allocation_param, "allocation"),
+        options=opts, device=args.device, skip_infeasible=args.skip_infeasible,
+        kvpress_python=args.kvpress_python,
+        kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
+    )
+    res = evaluate(cfg, args.out, progress=not args.no_progress)
+    print(f"wrote {res['html']} ({len(res['summary'])} summary rows, {len(res['plots'])} plots)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return serve(args, _params)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            print(f"squeezekv: error: {err}", file=sys.stderr)
+            return 2
+    if args.command == "eval":
+        try:
+            return _run_eval(args)
         except (ValueError, TypeError, FileNotFoundError) as err:
             print(f"squeezekv: error: {err}", file=sys.stderr)
             return 2

@@ -1,0 +1,337 @@
+"""The evaluation grid: every example under the full cache and under every method x allocation x budget cell.
+
+Records go to ``<out>/results.jsonl``, one line per (cell, example), each with the cell's config and the package
+versions. The grid is resumable: records already in the file are not recomputed (a finished cell costs nothing), and
+a run whose task settings differ from the stored ``config.json`` is refused instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..plan import Budget
+from ..registry import allocation_names, make_allocation, make_policy, policy_names
+from .scoring import contains_key, exact_match, first_answer_line, token_f1
+from .tasks import Example, TaskOptions, parse_tasks
+
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cache setup: ``method == "full"`` is the uncompressed ``DynamicCache``."""
+
+    method: str
+    allocation: str = "-"
+    budget: float = 1.0
+
+    @property
+    def key(self) -> str:
+        return FULL if self.method == FULL else f"{self.method}/{self.allocation}/{self.budget:g}"
+
+
+@dataclass
+class GridConfig:
+    """What a grid evaluates; ``method_params`` maps a method to its parameters (defaults otherwise)."""
+
+    model: str = "default"
+    tasks: tuple[str, ...] = ("needle", "qa", "ppl")
+    methods: tuple[str, ...] = ()
+    allocations: tuple[str, ...] = ("uniform", "pyramid", "squeeze")
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    allocation_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: TaskOptions = field(default_factory=TaskOptions)
+    device: str = "cpu"
+    skip_infeasible: bool = False
+    kvpress_python: str | None = None
+    kvpress_presses: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
+
+    def validate(self) -> None:
+        """Every name and number checked before anything is loaded or computed."""
+        parse_tasks(list(self.tasks))
+        if not self.methods:
+            self.methods = tuple(policy_names())
+        for m in self.methods:
+            make_policy(m, **self.method_params.get(m, {}))
+        for a in self.allocations:
+            make_allocation(a, **self.allocation_params.get(a, {}))
+        unknown = sorted(set(self.method_params) - set(self.methods))
+        if unknown:
+            raise ValueError(f"parameters given for method {unknown[0]!r}, which is not in the grid {self.methods}")
+        if not self.budgets:
+            raise ValueError("no budget given: give fractions in (0, 1)")
+        for b in self.budgets:
+            parsed = Budget.parse(b)
+            if not parsed.is_fraction or parsed.value >= 1.0:
+                raise ValueError(
+                    f"budget {b!r} is out of range: the eval grid takes fractions of the prompt in (0, 1) "
+                    "(the full cache is always evaluated)"
+                )
+        self.options.validate()
+        from .kvpress_side import validate as validate_kvpress
+
+        validate_kvpress(self.kvpress_python, tuple(self.kvpress_presses))
+
+    def fingerprint(self) -> str:
+        """Hash of what decides an example's content and a record's meaning (model, task options, params)."""
+        blob = json.dumps({"model": self.model, "options": asdict(self.options), "method_params": self.method_params,
+                           "allocation_params": self.allocation_params}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def cells(self) -> list[Cell]:
+        out = [Cell(FULL)]
+        for m in self.methods:
+            for a in self.allocations:
+                for b in self.budgets:
+                    out.append(Cell(m, a, float(b)))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fingerprint"] = self.fingerprint()
+        return d
+
+
+def versions() -> dict[str, str]:
+    """Package versions and machine, stored with every record."""
+    import transformers
+
+    from .. import __version__
+
+    return {"squeezekv": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.platform()}
+
+
+def min_layer_budget(cell: Cell, cfg: GridConfig, prompt_len: int, num_layers: int) -> int:
+    """A lower bound of the smallest layer budget the cell's plan gives a prompt of ``prompt_len`` tokens."""
+    base = Budget.parse(cell.budget).tokens(prompt_len)
+    alloc = make_allocation(cell.allocation, **cfg.allocation_params.get(cell.allocation, {}))
+    if getattr(alloc, "needs_importance", False):
+        return max(1, int(float(getattr(alloc, "p", 1.0)) * base))
+    budgets, _ = alloc.allocate(base, num_layers, None)
+    return min(budgets)
+
+
+def feasible_cells(cfg: GridConfig, examples: list[Example], num_layers: int) -> tuple[list[Cell], list[str]]:
+    """Cells whose every layer budget reaches the policy's minimum on the shortest prompt; reasons for the others."""
+    shortest = min(len(e.prompt) for e in examples)
+    ok, reasons = [], []
+    for cell in cfg.cells():
+        if cell.method == FULL:
+            ok.append(cell)
+            continue
+        need = make_policy(cell.method, **cfg.method_params.get(cell.method, {})).min_budget()
+        low = min_layer_budget(cell, cfg, shortest, num_layers)
+        if low < need:
+            reasons.append(f"{cell.key}: a layer would get {low} tokens on the shortest prompt ({shortest} tokens), "
+                           f"below the {need} that {cell.method} needs")
+        else:
+            ok.append(cell)
+    return ok, reasons
+
+
+def interleave_tasks(examples: list[Example]) -> list[Example]:
+    """Round-robin over tasks (needle, qa, ppl, needle, ...), each task's examples in their order: a partial grid
+    covers every task."""
+    by_task: dict[str, list[Example]] = {}
+    for e in examples:
+        by_task.setdefault(e.task, []).append(e)
+    out: list[Example] = []
+    queues = list(by_task.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record in a results.jsonl (a torn last line from an interrupted run is ignored)."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    from ..runner import cache_kwargs
+
+    return cache_kwargs(model, cache)
+
+
+def _factory(model: Any, cell: Cell, cfg: GridConfig):
+    from transformers import DynamicCache
+
+    from .. import dynamic_cache_nbytes, make_cache
+
+    if cell.method == FULL:
+        return (lambda: DynamicCache(config=model.config)), dynamic_cache_nbytes
+    return (lambda: make_cache(model, cell.method, cell.budget, cell.allocation,
+                               method_params=cfg.method_params.get(cell.method, {}),
+                               allocation_params=cfg.allocation_params.get(cell.allocation, {})),
+            lambda c: c.nbytes())
+
+
+@torch.no_grad()
+def generate(model: Any, prompt: list[int], factory: Any, nbytes: Any, max_new_tokens: int, eos: set[int],
+             device: str) -> tuple[list[int], int]:
+    """Greedy answer tokens and the KV bytes held after the prefill."""
+    cache = factory()
+    logits = model(input_ids=torch.tensor([prompt], device=device), use_cache=True,
+                   **_cache_kwargs(model, cache)).logits[:, -1]
+    held = nbytes(cache)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits.argmax(-1))
+        if nxt in eos:
+            break
+        out.append(nxt)
+        logits = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True,
+                       **_cache_kwargs(model, cache)).logits[:, -1]
+    return out, held
+
+
+@torch.no_grad()
+def continuation_nll(model: Any, prefix: list[int], continuation: list[int], factory: Any, nbytes: Any,
+                     device: str) -> tuple[float, int]:
+    """Mean negative log-likelihood per token of ``continuation`` after the compressed ``prefix`` (the prefix is
+    compressed once after its prefill; the continuation then goes through in one forward pass, attending to the
+    kept prefix tokens and to itself causally), and the KV bytes held after the prefill."""
+    cache = factory()
+    first = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
+                  **_cache_kwargs(model, cache)).logits[:, -1:]
+    held = nbytes(cache)
+    logits = first
+    if len(continuation) > 1:
+        rest = model(input_ids=torch.tensor([continuation[:-1]], device=device), use_cache=True,
+                     **_cache_kwargs(model, cache)).logits
+        logits = torch.cat([first, rest], dim=1)
+    logp = torch.log_softmax(logits.float(), dim=-1)[0]  # [len(continuation), vocab]
+    target = torch.tensor(continuation, device=logp.device)
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    return float(nll.mean()), held
+
+
+def score(example: Example, answer: str | None, nll: float | None) -> dict[str, float]:
+    """The example's metrics (see :data:`squeezekv.eval.tasks.TASKS`)."""
+    if example.task == "needle":
+        return {"retrieval": contains_key(answer or "", example.meta["key"])}
+    if example.task == "qa":
+        line = first_answer_line(answer or "")
+        keep_articles = not example.meta.get("options", False)
+        return {"f1": token_f1(line, example.meta["answers"], keep_articles),
+                "em": exact_match(line, example.meta["answers"], keep_articles)}
+    if example.task == "ppl":
+        return {"nll": float(nll)}
+    raise ValueError(f"no scorer for task {example.task!r}")
+
+
+def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example], out_dir: Path,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate every pending (cell, example) and append its record; returns all records of this grid."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = out_dir / "config.json"
+    if cfg_path.exists():
+        stored = json.loads(cfg_path.read_text())
+        if stored.get("fingerprint") != cfg.fingerprint():
+            raise ValueError(
+                f"{out_dir} holds results of other settings (fingerprint {stored.get('fingerprint')} vs "
+                f"{cfg.fingerprint()}: model, task options or method parameters differ); use another --out"
+            )
+        # a resumed run may add methods, allocations or budgets: the stored config lists their union
+        for key in ("tasks", "methods", "allocations", "budgets", "kvpress_presses"):
+            cfg_union = list(dict.fromkeys(list(stored.get(key, [])) + list(getattr(cfg, key))))
+            stored[key] = cfg_union
+        merged = stored
+    else:
+        merged = cfg.as_dict()
+    num_layers = model.config.get_text_config().num_hidden_layers
+    cells, infeasible = feasible_cells(cfg, examples, num_layers)
+    if infeasible and not cfg.skip_infeasible:
+        raise ValueError("cells the policies cannot run (raise the budget, or pass --skip-infeasible):\n  "
+                         + "\n  ".join(infeasible))
+    merged["skipped_cells"] = sorted(set(merged.get("skipped_cells", [])) | set(infeasible))
+    merged["versions"] = versions()
+    cfg_path.write_text(json.dumps(merged, indent=2, default=str))
+
+    results = out_dir / "results.jsonl"
+    done = {(r["cell"], r["example_id"]) for r in read_records(results)}
+    # example by example (every cell of one example, then the next): an interrupted grid leaves every cell with the
+    # same examples, so its partial results are still paired comparisons
+    todo = [(c, e) for e in interleave_tasks(examples) for c in cells if (c.key, e.id) not in done]
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vers = versions()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="eval", unit="run", dynamic_ncols=True)
+    with open(results, "a", encoding="utf-8") as fh:
+        for cell, ex in todo:
+            if bar is not None:
+                bar.set_postfix_str(f"{cell.key} {ex.task}", refresh=False)
+            factory, nbytes = _factory(model, cell, cfg)
+            t0 = time.perf_counter()
+            answer = nll = None
+            if ex.kind == "generate":
+                toks, held = generate(model, list(ex.prompt), factory, nbytes, ex.max_new_tokens, eos, cfg.device)
+                answer = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            else:
+                nll, held = continuation_nll(model, list(ex.prompt), list(ex.continuation), factory, nbytes,
+                                             cfg.device)
+            rec = {
+                "cell": cell.key, "method": cell.method, "allocation": cell.allocation, "budget": cell.budget,
+                "task": ex.task, "subset": ex.subset, "example_id": ex.id, "meta": ex.meta,
+                "prompt_tokens": len(ex.prompt), "answer": answer, "scores": score(ex, answer, nll),
+                "kv_bytes_after_prefill": held, "seconds": time.perf_counter() - t0,
+                "config": {"model": cfg.model, "fingerprint": cfg.fingerprint(),
+                           "method_params": cfg.method_params.get(cell.method, {}),
+                           "allocation_params": cfg.allocation_params.get(cell.allocation, {}),
+                           "device": cfg.device, "dtype": str(next(model.parameters()).dtype)},
+                "versions": vers,
+            }
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if cfg.kvpress_python:
+        from ..assets import resolve_model
+        from . import kvpress_side
+
+        done = {(r["cell"], r["example_id"]) for r in read_records(results)}
+        base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": "cpu"}}
+        kvpress_side.run(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
+                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results)
+    return read_records(results)
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def records_by(records: Iterable[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
