@@ -188,6 +188,25 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run as run_bench
+
+    run_bench(args)
+    return 0
+
+
+def _run_train_lckv(args: argparse.Namespace) -> int:
+    from .crosslayer.lckv.cli import run as train_lckv
+
+    return train_lckv(args)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve.cli import run as serve
+
+    return serve(args, _params)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,35 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "methods":
         print(markdown_table())
         return 0
-    if args.command == "bench":
-        from .bench import run as run_bench
-
+    handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval}
+    if args.command in handlers:
         try:
-            run_bench(args)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"squeezekv: error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "train-lckv":
-        from .crosslayer.lckv.cli import run as train_lckv
-
-        try:
-            return train_lckv(args)
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            print(f"squeezekv: error: {err}", file=sys.stderr)
-            return 2
-    if args.command == "serve":
-        from .serve.cli import run as serve
-
-        try:
-            return serve(args, _params)
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            print(f"squeezekv: error: {err}", file=sys.stderr)
-            return 2
-    if args.command == "eval":
-        try:
-            return _run_eval(args)
-        except (ValueError, TypeError, FileNotFoundError) as err:
+            return handlers[args.command](args)
+        except (ValueError, TypeError, FileNotFoundError) as err:  # user errors: a message, no traceback
             print(f"squeezekv: error: {err}", file=sys.stderr)
             return 2
     from .runner import RunConfig, format_report, run
