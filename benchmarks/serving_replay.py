@@ -1,5 +1,7 @@
 """Time to first token per turn with KV reuse (from each tier) vs recomputing the history (CachedAttention,
-arXiv 2403.19708, reports -87% TTFT). Meant for a GPU; NOT RUN YET - no numbers from it are claimed anywhere.
+arXiv 2403.19708, reports -87% TTFT). Meant for a GPU. ``--random-config`` builds a randomly initialised model of a
+real size from a JSON config (e.g. benchmarks/throughput_config.json's Llama-3.1-8B shape; weights do not matter for
+time) instead of loading the default model.
 
 For each history length (default 2k, 4k, 8k, 16k tokens, skipped beyond the model's context) a conversation is
 replayed for ``--turns`` turns: turn ``k``'s prompt is the history so far plus a new ``--turn-tokens``-token user
@@ -73,6 +75,7 @@ def ttft_reuse(model, store, prompt, device):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--random-config", default=None, help="JSON with a 'model' LlamaConfig dict and a 'dtype'")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--histories", default="2048,4096,8192,16384")
     ap.add_argument("--turns", type=int, default=5)
@@ -81,7 +84,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    model, _ = load_model(args.model, device=args.device)
+    if args.random_config:
+        cfg = json.loads(Path(args.random_config).read_text())
+        config = transformers.LlamaConfig(**cfg["model"])
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = transformers.LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"])).eval()
+    else:
+        model, _ = load_model(args.model, device=args.device)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     vocab = int(model.config.vocab_size)
     g = torch.Generator().manual_seed(0)
@@ -128,6 +138,7 @@ def main() -> None:
                     row["reused_tokens"] = reused
             rows.append(row)
             print(json.dumps(row), flush=True)
+            Path(args.out).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))  # partial
     config = vars(args) | {"torch": torch.__version__, "transformers": transformers.__version__,
                            "squeezekv": squeezekv.__version__, "machine": platform.platform(),
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
