@@ -182,18 +182,24 @@ def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int
     return res
 
 
-def fits(model: Any, method: str, batch: int, context: int, budget_tokens: int) -> bool:
-    ok = True
-    every = int(method.split(":")[1]) if ":" in method else 1
-    try:  # long enough to reach an eviction: its gather briefly holds a layer twice
-        decode(model, method, batch, context, budget_tokens, steps=every + 2, warmup=1, reps=1)
+def or_oom(fn: Callable[[], dict[str, Any]], **labels: Any) -> dict[str, Any]:
+    """``fn()``, or ``{**labels, "oom": True}`` if it ran out of GPU memory; memory is released either way."""
+    try:
+        result = fn()
     except Exception as err:  # noqa: BLE001 - only OOM is expected
         if not is_oom(err):
             raise
-        ok = False
+        result = {**labels, "oom": True}
     # outside the except block: the traceback (and the cache it holds) is gone, so the memory can be released
     free()
-    return ok
+    return result
+
+
+def fits(model: Any, method: str, batch: int, context: int, budget_tokens: int) -> bool:
+    every = int(method.split(":")[1]) if ":" in method else 1
+    # long enough to reach an eviction: its gather briefly holds a layer twice
+    result = or_oom(lambda: decode(model, method, batch, context, budget_tokens, steps=every + 2, warmup=1, reps=1))
+    return not result.get("oom")
 
 
 def max_batch(model: Any, method: str, context: int, budget_tokens: int, hi: int) -> int:
@@ -273,13 +279,7 @@ def run(args: argparse.Namespace) -> None:
             for method in cfg["methods"]:
                 if ctx > cfg.get("prefill_max_context", {}).get(method, 1 << 30):
                     continue
-                try:
-                    r = prefill(model, method, ctx, budget, cfg["reps"])
-                except Exception as err:  # noqa: BLE001
-                    if not is_oom(err):
-                        raise
-                    r = {"method": method, "context": ctx, "oom": True}
-                free()
+                r = or_oom(lambda: prefill(model, method, ctx, budget, cfg["reps"]), method=method, context=ctx)
                 report["prefill"].append(r)
                 print("prefill", json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
                 save()
@@ -297,14 +297,8 @@ def run(args: argparse.Namespace) -> None:
             for b in sorted(batches):
                 if mb is not None and b > mb:
                     continue
-                try:
-                    r = decode(model, method, b, context, budget_tokens, cfg["decode_steps"], cfg["warmup"],
-                               cfg["reps"])
-                except Exception as err:  # noqa: BLE001
-                    if not is_oom(err):
-                        raise
-                    r = {"method": method, "batch": b, "oom": True}
-                free()
+                r = or_oom(lambda: decode(model, method, b, context, budget_tokens, cfg["decode_steps"],
+                                          cfg["warmup"], cfg["reps"]), method=method, batch=b)
                 report["decode"].append(r)
                 print("decode", json.dumps(r), flush=True)
                 save()
