@@ -3,6 +3,7 @@
 # .kvp/whl) on the same GPU, results under $OUT. Run from the repository root on the GPU machine.
 #   bash benchmarks/device_run.sh          # run 1: prefill, max batch, eager decode, kvpress
 #   bash benchmarks/device_run.sh graph    # run 2: CUDA-graph static decoding vs eager, full cache and kvpress
+#   bash benchmarks/device_run.sh long     # run 3: 256 decoded tokens per repetition (full, graph, kvpress)
 set -u
 export PYTHONUNBUFFERED=1
 cfg=benchmarks/throughput_config.json
@@ -14,6 +15,13 @@ kvpress() {
     PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches "$1" \
         --out $OUT/kvpress.json 2>&1 | grep -v -i warn
 }
+if [ "${1:-}" = long ]; then
+    ours --out $OUT/decode256.json --only decode --decode-steps 256 --batches 16,64,256 \
+        --methods full,streamingllm:16:graph
+    PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches 16,64,256 \
+        --presses StreamingLLMPress --decode-steps 256 --out $OUT/kvpress256.json 2>&1 | grep -v -i warn
+    exit 0
+fi
 if [ "${1:-}" = graph ]; then
     ours --out $OUT/decode_graph.json --only decode --batches 1,16,64,256 \
         --methods full,streamingllm:16,snapkv,streamingllm:16:graph,window:16:graph,h2o:16:graph

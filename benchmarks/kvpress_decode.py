@@ -29,9 +29,12 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--batches", default="64")
     ap.add_argument("--presses", default="SnapKVPress,StreamingLLMPress")
+    ap.add_argument("--decode-steps", type=int, default=0, help="override the config's decode_steps")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = json.loads(Path(args.config).read_text())
+    if args.decode_steps:
+        cfg["decode_steps"] = args.decode_steps
     torch.backends.cuda.enable_cudnn_sdp(cfg.get("cudnn_sdpa", False))  # as in throughput.py
     config = LlamaConfig(**cfg["model"])
     config._attn_implementation = "sdpa"

@@ -235,6 +235,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "'window:16' = evict every 16 decode steps")
     ap.add_argument("--batches", default="", help="comma-separated decode batch sizes, overriding the config's")
     ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
+    ap.add_argument("--decode-steps", type=int, default=0, help="timed decode steps per repetition, overriding the config's")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,6 +262,8 @@ def run(args: argparse.Namespace) -> None:
         cfg["batches"] = [int(b) for b in args.batches.split(",")]
     if args.prefill_contexts:
         cfg["prefill_contexts"] = [int(c) for c in args.prefill_contexts.split(",")]
+    if args.decode_steps:
+        cfg["decode_steps"] = args.decode_steps
     model = build_model(cfg)
     report: dict[str, Any] = {
         "config": cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
