@@ -21,16 +21,25 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attenti
               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+def _strong_weights(model):
+    """Matrices drawn with std 0.15 instead of the 0.02 default, so that the layers really interact."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
 def lckv(layout: str = "top", layers: int = 4, warmup: int = 1, m: int = 7, b: int = 2, seed: int = 0):
     config = LCKVConfig(kv_sources=make_kv_sources(layers, layout, warmup), forward_passes=m, backward_passes=b,
                         num_hidden_layers=layers, **COMMON)
     torch.manual_seed(seed)
-    model = LCKVForCausalLM(config).eval()
-    with torch.no_grad():  # larger weights than the 0.02 default, so that the layers really interact
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model
+    return _strong_weights(LCKVForCausalLM(config))
+
+
+def random_llama(layers: int = 3):
+    torch.manual_seed(0)
+    return _strong_weights(LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **COMMON)))
 
 
 def ids(batch: int, n: int, seed: int = 1) -> torch.Tensor:
@@ -135,12 +144,7 @@ def test_cache_bytes_only_kv_layers_allocate(layout, kv_layers):
 
 
 def test_standard_layout_equals_llama():
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **COMMON)).eval()
-    with torch.no_grad():
-        for p in llama.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
+    llama = random_llama(3)
     model = from_llama(llama, kv_sources=make_kv_sources(3, "standard"))
     x = ids(2, 9)
     torch.testing.assert_close(model(x).logits, llama(x).logits, atol=1e-5, rtol=0)
@@ -242,12 +246,7 @@ def test_budgeted_condensed_cache_equals_squeezekv_on_the_same_llama():
     import squeezekv
     from squeezekv.crosslayer.lckv import BudgetedLCKVCache
 
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **COMMON)).eval()
-    with torch.no_grad():
-        for p in llama.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
+    llama = random_llama(3)
     model = from_llama(llama, make_kv_sources(3, "standard"))
     x = ids(1, 10, seed=8)
     ref_cache = squeezekv.make_cache(llama, method="streamingllm", budget=6, allocation="uniform",
