@@ -178,10 +178,7 @@ def squeezekv_attention(
         q_valid = None if attention_mask is None else attention_mask[:, -q_len:]  # [B, q]
         for start, end, weights in _weight_chunks(query, key, allowed, scaling):
             policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
-    if layer.cache.attn_backend == "eager":
-        out = _eager(query, key, value, allowed, scaling)
-    else:
-        out = _sdpa(query, key, value, allowed, scaling)
+    out = layer.attend(query, key, value, allowed, scaling)
     b, hq, _, d = query.shape
     policy.observe_queries(layer, query.reshape(b, key.shape[1], hq // key.shape[1], q_len, d), allowed, scaling)
     layer.after_attention(q_len)

@@ -223,6 +223,18 @@ class SqueezeLayer(CacheLayerMixin):
         self._buffers = {}  # the old storage is released with the views into it
         self.compressed = True
 
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+    ) -> torch.Tensor:
+        """Attention of ``query`` ``[B, Hq, q, D]`` over what ``update`` returned (``key``/``value`` ``[B, Hkv, n, D]``)
+        under the boolean mask ``allowed`` ``[B|1, Hkv|1, q, n]`` (None: plain causal); returns ``[B, Hq, q, Dv]``.
+        Extension point: a layer that stores keys/values differently (shared, low-rank, quantised) overrides it."""
+        from .attention import _eager, _sdpa
+
+        if self.cache.attn_backend == "eager":
+            return _eager(query, key, value, allowed, scaling)
+        return _sdpa(query, key, value, allowed, scaling)
+
     def after_attention(self, q_len: int) -> None:
         """Called by the attention function once the new queries attended: evict if the plan says so."""
         if self.static is not None:
@@ -364,7 +376,7 @@ class SqueezeCache(Cache):
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
             if kind == "full_attention" or (kind == "sliding_attention" and all_sliding):
-                layers.append(SqueezeLayer(self, i))
+                layers.append(self.make_layer(i))
             elif kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
@@ -377,6 +389,11 @@ class SqueezeCache(Cache):
         self.plan: BudgetPlan | None = plan
         self.importance: dict[int, float] = {}
         self.pending_hidden: dict[int, torch.Tensor] = {}
+
+    def make_layer(self, layer_idx: int) -> SqueezeLayer:
+        """The layer object of managed layer ``layer_idx``. Extension point: cross-layer and channel methods return a
+        :class:`SqueezeLayer` subclass here (e.g. one that holds only values, or packed low-bit codes)."""
+        return SqueezeLayer(self, layer_idx)
 
     # -- plan -----------------------------------------------------------------------------------------------------
     def _check_plan(self, plan: BudgetPlan) -> None:
