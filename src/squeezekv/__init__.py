@@ -30,6 +30,10 @@ def make_cache(
     plan: BudgetPlan | None = None,
     evict_every: int = 1,
     attn_backend: str | None = None,
+    channel: str | None = None,
+    channel_params: dict[str, Any] | None = None,
+    crosslayer: str | None = None,
+    crosslayer_params: dict[str, Any] | None = None,
 ) -> SqueezeCache:
     """A fresh compressed cache for one ``generate``/forward pass of ``model`` (attaches squeezekv to the model).
 
@@ -37,7 +41,9 @@ def make_cache(
     per layer on average; ``allocation``: how the total is split across layers (:func:`allocation_names`);
     ``method_params``/``allocation_params``: the method's parameters; ``plan``: a fixed :class:`BudgetPlan` instead of
     one derived from the prompt; ``evict_every``: decoding steps between evictions for policies that keep evicting;
-    ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before).
+    ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before); ``channel``/
+    ``crosslayer`` (+ ``_params``): a channel method (fewer bits or channels per token) and a training-free
+    cross-layer method, composed with the eviction policy (:func:`squeezekv.describe` lists them).
     """
     backend = attn_backend
     if backend is None:
@@ -52,7 +58,14 @@ def make_cache(
         plan=plan,
         evict_every=evict_every,
         attn_backend=backend,
+        channel=channel,
+        channel_params=channel_params,
+        crosslayer=crosslayer,
+        crosslayer_params=crosslayer_params,
     )
+    for extra in (cache.crosslayer, cache.channel):
+        if extra is not None:
+            extra.prepare(model)
     attach(model)
     return cache
 

@@ -16,7 +16,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets
-from .registry import make_allocation, make_policy
+from .registry import make_allocation, make_channel, make_crosslayer, make_policy
 
 
 def _allocated(t: torch.Tensor | None) -> int:
@@ -354,8 +354,14 @@ class SqueezeCache(Cache):
         plan: BudgetPlan | None = None,
         evict_every: int = 1,
         attn_backend: str = "sdpa",
+        channel: str | None = None,
+        channel_params: dict[str, Any] | None = None,
+        crosslayer: str | None = None,
+        crosslayer_params: dict[str, Any] | None = None,
     ):
         self.policy = make_policy(method, **(method_params or {}))
+        self.channel = None if channel is None else make_channel(channel, **(channel_params or {}))
+        self.crosslayer = None if crosslayer is None else make_crosslayer(crosslayer, **(crosslayer_params or {}))
         self.allocation = make_allocation(allocation, **(allocation_params or {}))
         self.budget = Budget.parse(budget)
         if not isinstance(evict_every, int) or evict_every < 1:
@@ -391,8 +397,15 @@ class SqueezeCache(Cache):
         self.pending_hidden: dict[int, torch.Tensor] = {}
 
     def make_layer(self, layer_idx: int) -> SqueezeLayer:
-        """The layer object of managed layer ``layer_idx``. Extension point: cross-layer and channel methods return a
-        :class:`SqueezeLayer` subclass here (e.g. one that holds only values, or packed low-bit codes)."""
+        """The layer object of managed layer ``layer_idx``. Extension point: the cross-layer method decides first
+        (e.g. a layer that holds only values), then the channel method (e.g. packed low-bit codes), else a plain
+        :class:`SqueezeLayer`."""
+        if self.crosslayer is not None:
+            layer = self.crosslayer.make_layer(self, layer_idx)
+            if layer is not None:
+                return layer
+        if self.channel is not None:
+            return self.channel.make_layer(self, layer_idx)
         return SqueezeLayer(self, layer_idx)
 
     # -- plan -----------------------------------------------------------------------------------------------------
@@ -497,6 +510,8 @@ class SqueezeCache(Cache):
             "allocation_params": {k: v for k, v in vars(self.allocation).items()},
             "budget": str(self.budget),
             "evict_every": self.evict_every,
+            "channel": None if self.channel is None else self.channel.describe(),
+            "crosslayer": None if self.crosslayer is None else self.crosslayer.describe(),
             "plan": None if self.plan is None else self.plan.as_dict(),
         }
 

@@ -12,6 +12,10 @@ T = TypeVar("T")
 POLICIES: dict[str, type] = {}
 #: name -> allocator class (layer dimension)
 ALLOCATIONS: dict[str, type] = {}
+#: name -> channel method class (fewer channels or bits per token)
+CHANNELS: dict[str, type] = {}
+#: name -> training-free cross-layer method class (layers reuse another layer's attention or KV)
+CROSSLAYER: dict[str, type] = {}
 
 
 def _register(table: dict[str, type], kind: str) -> Callable[[str], Callable[[type[T]], type[T]]]:
@@ -33,11 +37,13 @@ def _register(table: dict[str, type], kind: str) -> Callable[[str], Callable[[ty
 
 register_policy = _register(POLICIES, "policy")
 register_allocation = _register(ALLOCATIONS, "allocation")
+register_channel = _register(CHANNELS, "channel method")
+register_crosslayer = _register(CROSSLAYER, "cross-layer method")
 
 
 def _load() -> None:
     # Importing the packages runs the decorators.
-    from . import allocation, policies  # noqa: F401
+    from . import allocation, channel, crosslayer, policies  # noqa: F401
 
 
 def _lookup(table: dict[str, type], kind: str, name: str) -> type:
@@ -69,6 +75,18 @@ def make_allocation(name: str, **params: Any) -> Any:
     return _construct(cls, "allocation", name, params)
 
 
+def make_channel(name: str, **params: Any) -> Any:
+    """Instantiate the channel method ``name`` with ``params``."""
+    cls = _lookup(CHANNELS, "channel method", name)
+    return _construct(cls, "channel method", name, params)
+
+
+def make_crosslayer(name: str, **params: Any) -> Any:
+    """Instantiate the cross-layer method ``name`` with ``params``."""
+    cls = _lookup(CROSSLAYER, "cross-layer method", name)
+    return _construct(cls, "cross-layer method", name, params)
+
+
 def _construct(cls: type, kind: str, name: str, params: dict[str, Any]) -> Any:
     allowed = _params(cls)
     bad = sorted(set(params) - set(allowed))
@@ -90,11 +108,25 @@ def allocation_names() -> list[str]:
     return list(ALLOCATIONS)
 
 
+def channel_names() -> list[str]:
+    _load()
+    return list(CHANNELS)
+
+
+def crosslayer_names() -> list[str]:
+    _load()
+    return list(CROSSLAYER)
+
+
 def describe() -> list[dict[str, Any]]:
     """One row per registered method: kind, name, summary, paper and default parameters."""
     _load()
     rows = []
-    for kind, table in (("eviction policy", POLICIES), ("layer allocation", ALLOCATIONS)):
+    tables = (
+        ("eviction policy", POLICIES), ("layer allocation", ALLOCATIONS), ("cross-layer", CROSSLAYER),
+        ("channel", CHANNELS),
+    )
+    for kind, table in tables:
         for name, cls in table.items():
             rows.append(
                 {"kind": kind, "name": name, "summary": cls.summary, "paper": cls.paper, "params": _params(cls)}

@@ -1,0 +1,4 @@
+"""Channel-dimension methods (fewer channels or fewer bits per cached token), one module each; importing this package
+registers them."""
+
+from .base import ChannelMethod

@@ -1,0 +1,31 @@
+"""What every training-free cross-layer method shares: it decides, per managed layer, whether the layer keeps its own
+keys/values or reuses another layer's (attention weights or KV), by choosing that layer's object."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cache import SqueezeCache, SqueezeLayer
+
+
+class CrossLayerMethod(ABC):
+    """Base class of the cross-layer methods (registered with :func:`squeezekv.registry.register_crosslayer`).
+
+    Class attributes ``paper``/``summary`` feed the docs and the README table."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    @abstractmethod
+    def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> "SqueezeLayer | None":
+        """The layer object for managed layer ``layer_idx``, or None to let the channel method / default decide."""
+
+    def prepare(self, model: Any) -> None:
+        """Called once by :func:`squeezekv.make_cache` with the model."""
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{self.name}({params})"
