@@ -209,7 +209,7 @@ class SqueezeLayer(CacheLayerMixin):
 
     def compress(self, budget: int) -> None:
         """Keep ``budget`` positions per (row, head) chosen by the policy; the rest is freed."""
-        if self.physical_length <= budget:
+        if self.physical_length <= budget or not self.policy.evicts:
             return
         idx = self.policy.select(self, budget)  # [B, H, k]
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
