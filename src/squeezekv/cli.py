@@ -164,6 +164,11 @@ def _add_eval_parser(sub: Any) -> None:
                     "ExpectedAttentionPress)")
     ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ev.add_argument("--prefill-chunk", type=int, default=None,
+                    help="compressed cells prefill the prompt in chunks of this many tokens, compressing after each "
+                    "(squeezekv.chunked_prefill); the full cache always prefills in one pass")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (kvpress's side always runs float32)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -209,7 +214,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         channels=_names(args.channels), crosslayers=_names(args.crosslayers),
         channel_params=_scoped_params(args.channel_param, "channel"),
         crosslayer_params=_scoped_params(args.crosslayer_param, "cross-layer"),
-        options=opts, device=args.device, skip_infeasible=args.skip_infeasible,
+        options=opts, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk, skip_infeasible=args.skip_infeasible,
         kvpress_python=args.kvpress_python,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
     )

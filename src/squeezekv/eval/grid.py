@@ -65,6 +65,8 @@ class GridConfig:
     crosslayer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: TaskOptions = field(default_factory=TaskOptions)
     device: str = "cpu"
+    dtype: str = "float32"
+    prefill_chunk: int | None = None  # compressed cells prefill in chunks of this many tokens (None: one pass)
     skip_infeasible: bool = False
     kvpress_python: str | None = None
     kvpress_presses: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
@@ -106,6 +108,10 @@ class GridConfig:
                     f"budget {b!r} is out of range: the eval grid takes fractions of the prompt in (0, 1) "
                     "(the full cache is always evaluated)"
                 )
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={self.prefill_chunk!r} is out of range: must be an integer >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
         self.options.validate()
         from .kvpress_side import validate as validate_kvpress
 
@@ -117,6 +123,8 @@ class GridConfig:
                   "allocation_params": self.allocation_params}
         if self.channel_params or self.crosslayer_params:  # absent when unused: older grids keep their fingerprint
             params.update(channel_params=self.channel_params, crosslayer_params=self.crosslayer_params)
+        if self.prefill_chunk is not None:
+            params["prefill_chunk"] = self.prefill_chunk
         blob = json.dumps(params, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -237,13 +245,24 @@ def _factory(model: Any, cell: Cell, cfg: GridConfig):
             lambda c: c.nbytes())
 
 
+def _prefill(model: Any, prompt: list[int], cache: Any, device: str, chunk: int | None) -> torch.Tensor:
+    """Logits ``[1, vocab]`` of the prompt's last position (a compressed cache prefills in chunks if ``chunk``)."""
+    ids = torch.tensor([prompt], device=device)
+    from ..cache import SqueezeCache
+
+    if chunk is not None and isinstance(cache, SqueezeCache):
+        from ..prefill import chunked_prefill
+
+        return chunked_prefill(model, ids, cache, chunk)
+    return model(input_ids=ids, use_cache=True, **_cache_kwargs(model, cache)).logits[:, -1]
+
+
 @torch.no_grad()
 def generate(model: Any, prompt: list[int], factory: Any, nbytes: Any, max_new_tokens: int, eos: set[int],
-             device: str) -> tuple[list[int], int]:
+             device: str, chunk: int | None = None) -> tuple[list[int], int]:
     """Greedy answer tokens and the KV bytes held after the prefill."""
     cache = factory()
-    logits = model(input_ids=torch.tensor([prompt], device=device), use_cache=True,
-                   **_cache_kwargs(model, cache)).logits[:, -1]
+    logits = _prefill(model, prompt, cache, device, chunk)
     held = nbytes(cache)
     out: list[int] = []
     for _ in range(max_new_tokens):
@@ -258,13 +277,12 @@ def generate(model: Any, prompt: list[int], factory: Any, nbytes: Any, max_new_t
 
 @torch.no_grad()
 def continuation_nll(model: Any, prefix: list[int], continuation: list[int], factory: Any, nbytes: Any,
-                     device: str) -> tuple[float, int]:
+                     device: str, chunk: int | None = None) -> tuple[float, int]:
     """Mean negative log-likelihood per token of ``continuation`` after the compressed ``prefix`` (the prefix is
     compressed once after its prefill; the continuation then goes through in one forward pass, attending to the
     kept prefix tokens and to itself causally), and the KV bytes held after the prefill."""
     cache = factory()
-    first = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
-                  **_cache_kwargs(model, cache)).logits[:, -1:]
+    first = _prefill(model, prefix, cache, device, chunk)[:, None]
     held = nbytes(cache)
     logits = first
     if len(continuation) > 1:
@@ -339,11 +357,12 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
             t0 = time.perf_counter()
             answer = nll = None
             if ex.kind == "generate":
-                toks, held = generate(model, list(ex.prompt), factory, nbytes, ex.max_new_tokens, eos, cfg.device)
+                toks, held = generate(model, list(ex.prompt), factory, nbytes, ex.max_new_tokens, eos, cfg.device,
+                                      cfg.prefill_chunk)
                 answer = tokenizer.decode(toks, skip_special_tokens=True).strip()
             else:
                 nll, held = continuation_nll(model, list(ex.prompt), list(ex.continuation), factory, nbytes,
-                                             cfg.device)
+                                             cfg.device, cfg.prefill_chunk)
             rec = {
                 "cell": cell.key, "method": cell.label, "allocation": cell.allocation, "budget": cell.budget,
                 "policy": cell.method, "channel": cell.channel, "crosslayer": cell.crosslayer,
@@ -355,7 +374,8 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                            "channel_params": cfg.channel_params.get(cell.channel, {}),
                            "crosslayer_params": cfg.crosslayer_params.get(cell.crosslayer, {}),
                            "allocation_params": cfg.allocation_params.get(cell.allocation, {}),
-                           "device": cfg.device, "dtype": str(next(model.parameters()).dtype)},
+                           "device": cfg.device, "dtype": str(next(model.parameters()).dtype),
+                           "prefill_chunk": None if cell.method == FULL else cfg.prefill_chunk},
                 "versions": vers,
             }
             fh.write(json.dumps(rec) + "\n")
@@ -369,9 +389,11 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
         from . import kvpress_side
 
         done = {(r["cell"], r["example_id"]) for r in read_records(results)}
-        base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": "cpu"}}
+        base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": cfg.device,
+                           "dtype": "torch.float32"}}
         kvpress_side.run(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
-                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results)
+                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results,
+                         device=cfg.device)
     return read_records(results)
 
 
