@@ -24,6 +24,9 @@ case "${1:-}" in
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/kvsite" \
             .kvp/whl/*.whl || exit 1
         cp -r .kvp/stubs "$W/kvstubs"
+        # kvpress's transformers 5.2 wants huggingface_hub < 2: give it its own copy if the machine's is newer
+        $PY -c "import huggingface_hub as h, sys; sys.exit(int(h.__version__.split('.')[0]) >= 2)" ||
+            $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/kvsite" .evc1/hub/*.whl
     fi
     tar -xJf .evc1/data.tar.xz -C "$W" || exit 1
     cp .evc1/gguf.part.* "$W/parts/"
