@@ -33,10 +33,41 @@ def shard_plan(methods, allocations, presses) -> list[dict]:
     return shards
 
 
-def merge(out: Path) -> int:
+def ingest_raw(shard: Path) -> int:
+    """Score and record the kvpress worker's raw results that a stopped shard never recorded (the worker writes
+    ``kvpress_raw.jsonl`` as it goes; the shard records them when the worker ends). Rebuilds the shard's examples
+    from its config (same tokenizer, same offline data -> same token ids). Returns how many were added."""
+    raw_path, res = shard / "kvpress_raw.jsonl", shard / "results.jsonl"
+    if not raw_path.exists():
+        return 0
+    from squeezekv.eval import GridConfig, TaskOptions, build_examples, prepare_sources
+    from squeezekv.eval import kvpress_side
+    from squeezekv.eval.grid import read_records, score
+
+    raw = kvpress_side._read_raw(raw_path)
+    done = {(r["cell"], r["example_id"]) for r in read_records(res)}
+    if all((r["cell"], r["example_id"]) in done for r in raw):
+        return 0
+    stored = json.loads((shard / "config.json").read_text())
+    opts = TaskOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored["options"].items()})
+    cfg = GridConfig(model=stored["model"], tasks=tuple(stored["tasks"]), options=opts)
+    from transformers import AutoTokenizer
+
+    from squeezekv.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    examples = build_examples(list(cfg.tasks), tok, prepare_sources(cfg), opts)
+    base = {"config": {"model": stored["model"], "fingerprint": stored["fingerprint"], "device": stored["device"],
+                       "dtype": "torch.float32"}}
+    return kvpress_side._append_records(raw, {e.id: e for e in examples}, done, score, base, res)
+
+
+def merge(out: Path, ingest: bool = False) -> int:
     """Merge every shard's records and config into ``out``; returns the number of records."""
     seen, records, configs = set(), [], []
     for shard in sorted((out / "shards").iterdir()):
+        if ingest:
+            print(f"{shard.name}: {ingest_raw(shard)} kvpress results recorded from the raw file", flush=True)
         cfg = shard / "config.json"
         if cfg.exists():
             configs.append(json.loads(cfg.read_text()))
@@ -76,6 +107,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which shards are stopped (0: none); "
                     "a stopped shard resumes on the next run")
     ap.add_argument("--merge-only", action="store_true")
+    ap.add_argument("--ingest-raw", action="store_true", help="when merging, also record kvpress results that a "
+                    "stopped shard's worker finished (rebuilds the examples: needs the tokenizer and data)")
     ap.add_argument("grid_args", nargs=argparse.REMAINDER, help="after --: arguments for every `squeezekv eval`")
     args = ap.parse_args()
     out = Path(args.out)
@@ -106,7 +139,7 @@ def main() -> int:
             p.wait()
             print(f"{d.name}: exit {p.returncode}", flush=True)
         print(f"shards took {time.time() - t0:.0f} s", flush=True)
-    n = merge(out)
+    n = merge(out, ingest=args.ingest_raw)
     print(f"merged {n} records into {out / 'results.jsonl'}")
     return 0
 
