@@ -255,6 +255,8 @@ class EigenLayer(SqueezeLayer):
             k = unapply_rope(k, cos[:, None], sin[:, None])  # [B, H, q, D] before RoPE
         k_low = torch.einsum("bhqd,hdr->bhqr", k, u_k).to(key_states.dtype)  # [B, H, q, r_K]
         v_low = torch.einsum("bhqd,hdr->bhqr", value_states.float(), u_v).to(value_states.dtype)  # [B, H, q, r_V]
+        # (new tokens are projected in float32; the held ones below in the cache's dtype: a float32 copy of every
+        # held key would cost more than the attention it feeds)
         keys, values = super().update(k_low, v_low, *args, **kwargs)
         if self.method.rope == "pre":
             self._attn_keys = self._rebuild_keys(keys, u_k)
@@ -262,14 +264,15 @@ class EigenLayer(SqueezeLayer):
         return keys, values
 
     def _rebuild_keys(self, keys: torch.Tensor, u_k: torch.Tensor) -> torch.Tensor:
-        """Rotated full-dimension keys ``[B, H, n, D]`` of the held low-rank pre-RoPE keys ``[B, H, n, r_K]``."""
-        k = torch.einsum("bhnr,hdr->bhnd", keys.float(), u_k)  # [B, H, n, D]
+        """Rotated full-dimension keys ``[B, H, n, D]`` of the held low-rank pre-RoPE keys ``[B, H, n, r_K]``
+        (computed in the cache's dtype)."""
+        k = torch.einsum("bhnr,hdr->bhnd", keys, u_k.to(keys.dtype))  # [B, H, n, D]
         tok = self.token_idx if self.compressed else self.token_idx[:, :1]  # heads agree until the first eviction
         pos = tok.long() + self.pos_offset[:, None, None]  # [B, H|1, n]
         bb, hh, n = pos.shape
         cos, sin = self.method.rotary.cos_sin(pos.reshape(bb, hh * n), self.layer_idx)
-        cos, sin = cos.view(bb, hh, n, -1), sin.view(bb, hh, n, -1)
-        return apply_rope(k, cos, sin).to(keys.dtype)
+        cos, sin = cos.view(bb, hh, n, -1).to(keys.dtype), sin.view(bb, hh, n, -1).to(keys.dtype)
+        return apply_rope(k, cos, sin)
 
     def attention_query(self, query: torch.Tensor) -> torch.Tensor:
         if self.method.rope == "pre":
