@@ -209,7 +209,8 @@ def test_eviction_keeps_the_same_tokens_as_without_eigen(policy, allocation, rop
     assert plain.plan.budgets == eig.plan.budgets
     for i in plain.managed:
         assert torch.equal(plain.layers[i].token_idx, eig.layers[i].token_idx), i
-        assert plain.layers[i].physical_length < PROMPT  # really evicted
+        if plain.policy.evicts:
+            assert plain.layers[i].physical_length < PROMPT  # really evicted
     torch.testing.assert_close(runs["eigen"][1], runs["plain"][1], atol=1e-4, rtol=0)
 
 
