@@ -306,3 +306,33 @@ def test_cli_calibrate_eigen_reports_user_errors(tmp_path, capsys):
     assert main(["calibrate-eigen", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "c.pt"),
                  "--threshold", "2"]) == 2
     assert "threshold" in capsys.readouterr().err
+
+
+# -- real weights -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_weights
+def test_default_model_full_rank_and_calibration_text(tmp_path):
+    """SmolLM2: calibration on kernel documentation pages the evaluation never reads; threshold 1 reproduces the
+    full model's logits; a threshold of 0.95 keeps fewer than head_dim channels somewhere."""
+    import os
+
+    from squeezekv import assets
+    from squeezekv.channel.eigen_calibrate import EVAL_MIN_CHARS, calibration_texts
+
+    try:
+        assets.fetch(assets.SMOLLM2, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        texts = calibration_texts()
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"default model or kernel documentation not available offline: {err}")
+    assert texts and all(len(t) < EVAL_MIN_CHARS for _, t in texts)
+    model, tokenizer = assets.load_model("default")
+    seqs = calibration_sequences(tokenizer, texts, tokens=256, seq_len=128)
+    save(calibrate(model, seqs), tmp_path / "c.pt")
+    ids = torch.tensor([seqs[0][:48]])
+    ref = model(ids).logits
+    cache = squeezekv.make_cache(model, "none", 1.0, **_eigen(tmp_path / "c.pt", threshold=1.0))
+    torch.testing.assert_close(model(ids, cache=cache).logits, ref, atol=2e-3, rtol=0)
+    cache = squeezekv.make_cache(model, "none", 1.0, **_eigen(tmp_path / "c.pt", threshold=0.95))
+    model(ids, cache=cache)
+    assert min(cache.channel.ranks()["key"]) < 64 and cache.kv_nbytes() < 30 * 3 * 2 * 64 * 4 * 48
