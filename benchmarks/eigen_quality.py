@@ -54,10 +54,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--thresholds", default="0.9,0.95,0.98,0.99")
+    ap.add_argument("--thresholds", default="0.9,0.95,0.98")
     ap.add_argument("--post-thresholds", default="0.95")
     ap.add_argument("--combo-thresholds", default="0.95")
-    ap.add_argument("--needle-depths", default="0.25,0.75")
+    ap.add_argument("--needle-depths", default="0.25")
     ap.add_argument("--needles", type=int, default=1)
     ap.add_argument("--ppl-docs", type=int, default=1)
     ap.add_argument("--ppl-tokens", type=int, default=128)
@@ -82,6 +82,8 @@ def main() -> None:
     report["config"] = {"model": "SmolLM2-135M-Instruct (default)", "dtype": "float32", "device": "cpu",
                         "task_options": vars(opts), "cells": {k: v for k, v in grid.items()},
                         "calibration": args.calibration, "versions": versions()}
+    # perplexity first (one forward pass each), then the needles (prefill + greedy decoding)
+    examples = [e for e in examples if e.task == "ppl"] + [e for e in examples if e.task != "ppl"]
     for ex in examples:
         for name, kw in grid.items():
             if (name, ex.id) in done:
