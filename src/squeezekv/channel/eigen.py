@@ -17,7 +17,8 @@ relative reconstruction error of the calibration keys is at most ``sqrt(1 - thre
 ``rank`` fixes ``r`` for every layer instead. The paper picks each layer's threshold by lowering it from 1 in steps of
 0.02 until the layer's output error on calibration data exceeds a budget (then stepping back 0.04); its code
 normalises singular values ``σ_i / Σσ`` rather than ``σ²``. squeezekv exposes the energy threshold itself: the
-layer-output search needs the model's layers in isolation, which squeezekv does not drive.
+layer-output search needs the model's layers in isolation, which squeezekv does not drive. (The paper's Llama code
+shares one key basis across a layer's KV heads; squeezekv fits one per KV head.)
 
 **RoPE (how the paper treats it, ``rope="pre"``, the default).** A low-rank projection does not commute with RoPE's
 position-dependent rotation, so for Llama-type models the paper's code computes the key basis on keys *before* RoPE,
