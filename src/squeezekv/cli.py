@@ -166,6 +166,8 @@ def _add_eval_parser(sub: Any) -> None:
     ev.add_argument("--kvpress-presses", default="streamingllm,snapkv,pyramidkv,observed,expected",
                     help="kvpress presses (observed = H2O-like ObservedAttentionPress, expected = "
                     "ExpectedAttentionPress)")
+    ev.add_argument("--no-kvpress-full-check", action="store_true",
+                    help="skip kvpress's full-cache run (the check that both environments score the full cache alike)")
     ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ev.add_argument("--prefill-chunk", type=int, default=None,
@@ -219,7 +221,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         channel_params=_scoped_params(args.channel_param, "channel"),
         crosslayer_params=_scoped_params(args.crosslayer_param, "cross-layer"),
         options=opts, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk, skip_infeasible=args.skip_infeasible,
-        kvpress_python=args.kvpress_python,
+        kvpress_python=args.kvpress_python, kvpress_full_check=not args.no_kvpress_full_check,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
     )
     res = evaluate(cfg, args.out, progress=not args.no_progress)
