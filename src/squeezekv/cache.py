@@ -187,16 +187,19 @@ class SqueezeLayer(CacheLayerMixin):
         self.valid = pad2d.gather(1, self.token_idx.reshape(b, h * n).long()).reshape(b, h, n)
 
     def allowed(self, q_len: int, sliding_window: int | None) -> torch.Tensor | None:
-        """Boolean mask ``[B, H or 1, q, n]`` of which held positions each new query may see; None = all of them
-        up to itself in a contiguous, unpadded layout (the caller then uses a plain causal mask or none)."""
+        """Boolean mask ``[B, H or 1, q, n]`` of which held positions each new query may see; None = each query sees
+        every held position up to itself, the q new tokens being the last q held (the caller then uses a
+        bottom-right-aligned causal mask, or none for one query)."""
         if self.static is not None:  # slots up to the one just written; tensor ops only (graph-capturable)
             st = self.static
             slots = torch.arange(st.capacity, device=st.base_t.device)
             return (slots <= st.base_t + st.step_t).view(1, 1, 1, st.capacity)
         if not self.compressed and self.valid is None and not sliding_window:
             return None
-        if self.compressed and self.valid is None and not sliding_window and q_len == 1:
-            return None  # one new query sees every held token
+        if self.compressed and self.valid is None and not sliding_window:
+            # every held token precedes the q new ones, which are the last q held: a bottom-right-aligned causal
+            # mask (one decoding query sees everything; a prefill chunk sees the kept past and itself causally)
+            return None
         tok = self.token_idx if self.compressed else self.token_idx[:, :1]  # heads agree until first eviction
         q_idx = torch.arange(self.seen - q_len, self.seen, device=tok.device, dtype=tok.dtype)  # [q]
         allowed = tok[:, :, None, :] <= q_idx[:, None]  # [B, H|1, q, n]
