@@ -1,6 +1,7 @@
 """Command line: ``squeezekv run`` (the main job), ``squeezekv eval`` (quality grid), ``squeezekv methods`` (the
 registry), ``squeezekv bench`` (GPU throughput, :mod:`squeezekv.bench`), ``squeezekv serve`` (the OpenAI-compatible
-server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`)."""
+server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`) and ``squeezekv analyze-layers``
+(:mod:`squeezekv.crosslayer.analyze`)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_lckv_parser(sub)
     _add_eval_parser(sub)
+    from .crosslayer.analyze import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
@@ -201,6 +205,12 @@ def _run_train_lckv(args: argparse.Namespace) -> int:
     return train_lckv(args)
 
 
+def _run_analyze_layers(args: argparse.Namespace) -> int:
+    from .crosslayer.analyze import run as analyze_layers
+
+    return analyze_layers(args)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from .serve.cli import run as serve
 
@@ -216,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "methods":
         print(markdown_table())
         return 0
-    handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval}
+    handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval,
+                "analyze-layers": _run_analyze_layers}
     if args.command in handlers:
         try:
             return handlers[args.command](args)
