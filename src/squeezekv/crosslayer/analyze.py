@@ -150,7 +150,7 @@ def analyze_layers(model: Any, tokenizer: Any, text: str, *, tokens: int = 512, 
     n = len(sim)
     adjacent = [sim[i][i + 1] for i in range(n - 1)]
     return {
-        "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+        "model": Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name,
         "layers": n,
         "measure": "cosine similarity of per-head post-softmax attention maps (mean over heads and windows); "
                    "Jensen-Shannon divergence in bits per query row (mean over queries, heads and windows)",
