@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--ppl-docs", type=int, default=2, help="documents per source (essays, linux-doc)")
     ap.add_argument("--ppl-prefix", type=int, default=1024)
     ap.add_argument("--ppl-tokens", type=int, default=256)
+    ap.add_argument("--configs", default="", help="comma-separated config names, in this order, instead of the "
+                    "full grid (e.g. full,sa8,snapkv0.3,sa8+snapkv0.3)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -86,6 +88,8 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     configs = ["full"] + [f"sa{k}" for k in counts if k] + [
         (f"sa{k}+" if k else "") + f"{args.method}{b:g}" for b in budgets for k in counts]
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {
         "model": "SmolLM2-135M-Instruct", "device": "cpu", "dtype": "float32", "analysis": str(args.analysis),

@@ -144,8 +144,9 @@ class SharedWeights:
         b, hq, q_len, _ = query.shape
         self.hq, self.q_len, self.n = hq, q_len, key.shape[2]
         one_chunk = max(1, _EAGER_BLOCK // max(1, b * hq * self.n)) >= q_len
-        self._args = (query, key, allowed, scaling)
-        self._chunks = list(_weight_chunks(*self._args)) if one_chunk else None
+        args = (query, key, allowed, scaling)
+        self._chunks = list(_weight_chunks(*args)) if one_chunk else None
+        self._args = None if one_chunk else args  # held only to recompute (keeps the source's pre-eviction keys)
 
     def chunks(self):
         return self._chunks if self._chunks is not None else _weight_chunks(*self._args)
