@@ -206,3 +206,25 @@ def test_spans_from_analysis_json(tmp_path):
         SharedAttention(spans=str(path), shared_layers=3)
     with pytest.raises(ValueError, match="needs spans= to be the JSON"):
         SharedAttention(spans=[[1, 2]], shared_layers=2)
+
+
+@pytest.mark.real_weights
+def test_default_model_sharing_with_eviction(run_greedy, same_generation):
+    import os
+
+    from squeezekv import assets
+
+    try:
+        assets.fetch(assets.SMOLLM2, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        model, _ = assets.load_model(None)
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"default model not available offline: {err}")
+    ids = torch.randint(1000, 20000, (1, 64), generator=torch.Generator().manual_seed(0))
+    ref = run_greedy(model, ids, new_tokens=4)
+    same_generation(ref, run_greedy(model, ids, cache=_cache(model, [[5, 5]]), new_tokens=4), atol=1e-4)
+    cache = _cache(model, [[23, 26]], method="h2o", budget=16)
+    run_greedy(model, ids, cache=cache, new_tokens=4)
+    for i in (24, 25, 26):
+        assert torch.equal(cache.layers[i].token_idx, cache.layers[23].token_idx)
+        assert cache.layers[i].keys.numel() == 0
+    assert cache.layers[23].physical_length <= 17
