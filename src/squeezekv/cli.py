@@ -1,7 +1,7 @@
 """Command line: ``squeezekv run`` (the main job), ``squeezekv eval`` (quality grid), ``squeezekv methods`` (the
 registry), ``squeezekv bench`` (GPU throughput, :mod:`squeezekv.bench`), ``squeezekv serve`` (the OpenAI-compatible
-server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`) and ``squeezekv analyze-layers``
-(:mod:`squeezekv.crosslayer.analyze`)."""
+server, :mod:`squeezekv.serve.cli`), ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`) and
+``squeezekv analyze-layers`` (:mod:`squeezekv.crosslayer.analyze`)."""
 
 from __future__ import annotations
 
