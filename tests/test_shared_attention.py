@@ -228,3 +228,15 @@ def test_default_model_sharing_with_eviction(run_greedy, same_generation):
         assert torch.equal(cache.layers[i].token_idx, cache.layers[23].token_idx)
         assert cache.layers[i].keys.numel() == 0
     assert cache.layers[23].physical_length <= 17
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv"])
+def test_chunked_prefill_keeps_the_sources_tokens(method, make_model, make_ids):
+    from squeezekv.prefill import chunked_prefill
+
+    model = make_model("llama", layers=4)
+    cache = _cache(model, [[1, 3]], method=method, budget=10)
+    chunked_prefill(model, make_ids(2, 40), cache, chunk_size=12)
+    for i in (2, 3):
+        assert cache.layers[i].physical_length == 10
+        assert torch.equal(cache.layers[i].token_idx, cache.layers[1].token_idx)
