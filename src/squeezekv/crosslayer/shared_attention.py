@@ -152,13 +152,16 @@ class SharedWeights:
         return self._chunks if self._chunks is not None else _weight_chunks(*self._args)
 
     def apply(self, value: torch.Tensor, dtype: torch.dtype, layer_idx: int) -> torch.Tensor:
-        """``weights @ value`` for value ``[B, Hkv, n, Dv]`` -> ``[B, Hq, q, Dv]`` in ``dtype``."""
+        """``weights @ value`` for value ``[B, Hkv, n, Dv]`` -> ``[B, Hq, q, Dv]`` in ``dtype`` (float32 weights, cast
+        to the values' dtype for the product)."""
         if value.shape[2] != self.n:
             raise RuntimeError(f"layer {layer_idx} holds {value.shape[2]} tokens but its span's weights cover "
                                f"{self.n}: a shared layer must hold exactly its source's tokens")
         b, _, _, dv = value.shape
-        vf = value.float()
-        outs = [torch.einsum("bhgqn,bhnd->bhgqd", w, vf[:, :, : w.shape[-1]]) for _, _, w in self.chunks()]
+        # the product in the values' dtype (as the official code: weights cast to the model dtype), so a bf16
+        # cache is read once, not copied to float32 every step
+        outs = [torch.einsum("bhgqn,bhnd->bhgqd", w.to(value.dtype), value[:, :, : w.shape[-1]])
+                for _, _, w in self.chunks()]
         return torch.cat(outs, dim=3).reshape(b, self.hq, self.q_len, dv).to(dtype)
 
 
