@@ -166,13 +166,15 @@ def squeezekv_attention(
     if allowed is not None:
         allowed = _no_empty_rows(allowed)
     policy = layer.policy
-    if policy.wants_weights(layer, q_len):
+    observe = layer.selects_tokens  # a layer that follows another layer's selection feeds no policy
+    if observe and policy.wants_weights(layer, q_len):
         q_valid = None if attention_mask is None else attention_mask[:, -q_len:]  # [B, q]
         for start, end, weights in _weight_chunks(query, key, allowed, scaling):
             policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
     out = layer.attend(query, key, value, allowed, scaling)
     b, hq, _, d = query.shape
-    policy.observe_queries(layer, query.reshape(b, key.shape[1], hq // key.shape[1], q_len, d), allowed, scaling)
+    if observe:
+        policy.observe_queries(layer, query.reshape(b, key.shape[1], hq // key.shape[1], q_len, d), allowed, scaling)
     layer.after_attention(q_len)
     return out.transpose(1, 2).contiguous(), None
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets
+from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets, tie_budgets
 from .registry import make_allocation, make_channel, make_crosslayer, make_policy
 
 
@@ -36,6 +36,9 @@ class SqueezeLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    #: the layer picks its kept tokens with the eviction policy (False: it follows another layer's selection, and the
+    #: policy never sees its attention)
+    selects_tokens = True
 
     def __init__(self, cache: "SqueezeCache", layer_idx: int):
         super().__init__()
@@ -76,8 +79,7 @@ class SqueezeLayer(CacheLayerMixin):
             )
         new_idx = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device)
         reserve = self._reserve(q)
-        self._append("keys", key_states, reserve)
-        self._append("values", value_states, reserve)
+        self._append_kv(key_states, value_states, reserve)
         self._append("token_idx", new_idx.expand(b, h, q), reserve)
         if self.scores is not None:
             self._append("scores", self.scores.new_zeros((b, h, q)), reserve)
@@ -99,6 +101,11 @@ class SqueezeLayer(CacheLayerMixin):
         if self.policy.keeps_evicting and budget is not None:
             return max(0, budget + self.cache.evict_every - self.physical_length - q)
         return self.cache.growth_chunk - 1
+
+    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
+        """Store the new tokens' keys and values (a layer that stores only values overrides it)."""
+        self._append("keys", key_states, reserve)
+        self._append("values", value_states, reserve)
 
     def _append(self, name: str, new: torch.Tensor, reserve: int) -> None:
         """Append ``new`` along the sequence dim (2) of tensor ``name``, in place when its buffer has room; else
@@ -214,7 +221,10 @@ class SqueezeLayer(CacheLayerMixin):
         """Keep ``budget`` positions per (row, head) chosen by the policy; the rest is freed."""
         if self.physical_length <= budget or not self.policy.evicts:
             return
-        idx = self.policy.select(self, budget)  # [B, H, k]
+        self.keep(self.policy.select(self, budget))  # [B, H, k]
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the positions ``idx`` ``[B, H, k]`` (ascending) of every per-token tensor; the rest is freed."""
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
         self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
         self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
@@ -402,6 +412,9 @@ class SqueezeCache(Cache):
                 raise ValueError(f"layer {i} has type {kind!r}, which squeezekv does not support")
         super().__init__(layers=layers)
         self.managed: tuple[int, ...] = tuple(i for i, l in enumerate(layers) if isinstance(l, SqueezeLayer))
+        self.layer_types = tuple(layer_types)
+        if self.crosslayer is not None:
+            self.crosslayer.bind(self)
         self._given_plan = plan
         if plan is not None:
             self._check_plan(plan)
@@ -432,6 +445,17 @@ class SqueezeCache(Cache):
             if (plan[i] is None) != (i not in self.managed):
                 raise ValueError(f"plan layer {i}: budget {plan[i]!r} does not match whether the layer is managed")
         check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
+        for group in self.tied_layers():
+            if len({plan[i] for i in group}) > 1:
+                raise ValueError(
+                    f"plan gives layers {list(group)} the budgets {[plan[i] for i in group]}, but they must keep the "
+                    f"same tokens ({self.crosslayer.describe()} ties them): give them one budget"
+                )
+
+    def tied_layers(self) -> list[tuple[int, ...]]:
+        """Groups of layers that must keep exactly the same tokens (one budget per group), from the cross-layer
+        method."""
+        return [] if self.crosslayer is None else list(self.crosslayer.tied_layers())
 
     @property
     def collecting_importance(self) -> bool:
@@ -462,6 +486,10 @@ class SqueezeCache(Cache):
         full: list[int | None] = [None] * len(self.layers)
         for i, b in zip(self.managed, budgets):
             full[i] = int(b)
+        groups = self.tied_layers()
+        if groups:
+            full = tie_budgets(full, groups)
+            details = {**details, "tied_layers": [list(g) for g in groups]}
         plan = BudgetPlan(
             budgets=tuple(full),
             base=base,
@@ -511,6 +539,9 @@ class SqueezeCache(Cache):
     def physical_lengths(self) -> list[int]:
         out = []
         for layer in self.layers:
+            if isinstance(layer, SqueezeLayer):
+                out.append(layer.physical_length)
+                continue
             keys = getattr(layer, "keys", None)
             out.append(0 if not isinstance(keys, torch.Tensor) or keys.dim() < 3 else keys.shape[-2])
         return out

@@ -1,7 +1,8 @@
 """Command line: ``squeezekv run`` (the main job), ``squeezekv eval`` (quality grid), ``squeezekv methods`` (the
 registry), ``squeezekv bench`` (GPU throughput, :mod:`squeezekv.bench`), ``squeezekv serve`` (the OpenAI-compatible
-server, :mod:`squeezekv.serve.cli`), ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`) and
-``squeezekv calibrate-eigen`` (:mod:`squeezekv.channel.eigen_calibrate`)."""
+server, :mod:`squeezekv.serve.cli`), ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`),
+``squeezekv calibrate-eigen`` (:mod:`squeezekv.channel.eigen_calibrate`) and ``squeezekv analyze-layers``
+(:mod:`squeezekv.crosslayer.analyze`)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_eigen_parser(sub)
     _add_eval_parser(sub)
+    from .crosslayer.analyze import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
@@ -242,6 +246,12 @@ def _run_train_lckv(args: argparse.Namespace) -> int:
     return train_lckv(args)
 
 
+def _run_analyze_layers(args: argparse.Namespace) -> int:
+    from .crosslayer.analyze import run as analyze_layers
+
+    return analyze_layers(args)
+
+
 def _run_calibrate_eigen(args: argparse.Namespace) -> int:
     from .channel.eigen_calibrate import run as calibrate_eigen
 
@@ -264,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table())
         return 0
     handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval,
-                "calibrate-eigen": _run_calibrate_eigen}
+                "calibrate-eigen": _run_calibrate_eigen, "analyze-layers": _run_analyze_layers}
     if args.command in handlers:
         try:
             return handlers[args.command](args)
