@@ -211,7 +211,11 @@ class SqueezeLayer(CacheLayerMixin):
         """Keep ``budget`` positions per (row, head) chosen by the policy; the rest is freed."""
         if self.physical_length <= budget:
             return
-        idx = self.policy.select(self, budget)  # [B, H, k]
+        self.keep(self.policy.select(self, budget))
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the held positions ``idx`` ``[B, H, k]`` (ascending) of every per-position tensor; the rest is
+        freed."""
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
         self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
         self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
@@ -379,6 +383,12 @@ class SqueezeCache(Cache):
         if not layer_types:
             layer_types = ["sliding_attention" if window else "full_attention"] * num_layers
         all_sliding = all(t == "sliding_attention" for t in layer_types)
+        self.num_layers = num_layers
+        # known before the layer objects are made, so make_layer can pair or group managed layers
+        self.managed: tuple[int, ...] = tuple(
+            i for i, kind in enumerate(layer_types)
+            if kind == "full_attention" or (kind == "sliding_attention" and all_sliding)
+        )
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
             if kind == "full_attention" or (kind == "sliding_attention" and all_sliding):
@@ -388,7 +398,6 @@ class SqueezeCache(Cache):
             else:
                 raise ValueError(f"layer {i} has type {kind!r}, which squeezekv does not support")
         super().__init__(layers=layers)
-        self.managed: tuple[int, ...] = tuple(i for i, l in enumerate(layers) if isinstance(l, SqueezeLayer))
         self._given_plan = plan
         if plan is not None:
             self._check_plan(plan)
@@ -486,12 +495,20 @@ class SqueezeCache(Cache):
 
     def kv_nbytes(self) -> int:
         """Bytes of keys and values only (without token indices and scores)."""
-        return sum(_allocated(t) for layer in self.layers for t in (layer.keys, layer.values)
-                   if isinstance(t, torch.Tensor))
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, SqueezeLayer):
+                total += layer.kv_nbytes()  # a layer that stores K/V differently knows its own bytes
+            else:
+                total += sum(_allocated(t) for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+        return total
 
     def physical_lengths(self) -> list[int]:
         out = []
         for layer in self.layers:
+            if isinstance(layer, SqueezeLayer):
+                out.append(layer.physical_length)
+                continue
             keys = getattr(layer, "keys", None)
             out.append(0 if not isinstance(keys, torch.Tensor) or keys.dim() < 3 else keys.shape[-2])
         return out
