@@ -241,7 +241,7 @@ def test_positional_policies_keep_the_same_tokens_as_without_merging(method, mak
 def test_merged_tail_and_eviction_bookkeeping(make_model, make_ids):
     """Decoded tokens stay unmerged until merge_every of them arrived; eviction merges the tail first."""
     model = make_model("llama", layers=2)
-    cache = _minicache(model, "snapkv", BIG, method_params={"window": 4}, start_layer=0, gamma=0.5, merge_every=4)
+    cache = _minicache(model, "none", 8, start_layer=0, gamma=0.5, merge_every=4)  # 'none': the budget is ignored
     model(make_ids(1, PROMPT), cache=cache)
     (pair,) = _pairs(cache)
     lengths = []
@@ -283,3 +283,15 @@ def test_graph_decoding_is_refused(make_model, make_ids):
     model(make_ids(1, PROMPT), cache=cache)
     with pytest.raises(ValueError, match="minicache"):
         GraphDecoder(model, cache, use_graph=False)
+
+
+def test_chunked_prefill_with_every_token_retained_equals_the_model(make_model, make_ids):
+    """Each chunk is merged at its end; the next chunk attends to the rebuilt keys/values (exact when gamma = 0)."""
+    model = make_model("llama", layers=4)
+    ids = make_ids(1, PROMPT)
+    ref = model(ids).logits[:, -1]
+    cache = _minicache(model, "none", BIG, start_layer=0, gamma=0.0)
+    logits = squeezekv.chunked_prefill(model, ids, cache, 7)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    for pair in _pairs(cache):
+        assert pair.merged_length == PROMPT and pair.layers[0].tail_length == 0

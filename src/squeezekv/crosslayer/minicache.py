@@ -244,7 +244,8 @@ class MiniCachePair:
         first, second = self.layers
         for layer in self.layers:
             layer.end_view()
-        idx = first.policy.select(first, budget) if first.physical_length > budget else None  # [B, H, k]
+        evict = first.physical_length > budget and first.policy.evicts
+        idx = first.policy.select(first, budget) if evict else None  # [B, H, k]
         if not self.merged:
             if idx is not None:
                 first.keep(idx)
