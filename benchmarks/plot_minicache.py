@@ -1,6 +1,6 @@
 """Plots of ``minicache_cpu.py``'s JSON: adjacent-layer K/V angular distance, and quality vs KV bytes.
 
-    python benchmarks/plot_minicache.py benchmarks/results/crosslayer/minicache_cpu.json --out docs/img
+    python benchmarks/plot_minicache.py benchmarks/results/crosslayer/minicache_cpu*.json --out docs/img
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("file")
+    ap.add_argument("files", nargs="+", help="JSON files of one setup (adjacent distances from the first)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = json.loads(Path(args.file).read_text())
+    runs = [json.loads(Path(f).read_text()) for f in args.files]
+    data = runs[0]
 
     sim = data["adjacent_layer_distance"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -42,7 +43,7 @@ def main() -> None:
     fig.savefig(out / "minicache_adjacent_distance.png", dpi=120)
     plt.close(fig)
 
-    rows = [r["summary"] for r in data["results"]]
+    rows = [r["summary"] for run in runs for r in run["results"]]
     full = next(r for r in rows if r["config"] == "full")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for r in rows:
@@ -66,7 +67,24 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "minicache_quality_vs_bytes.png", dpi=120)
     plt.close(fig)
-    print(f"wrote {out / 'minicache_adjacent_distance.png'} and {out / 'minicache_quality_vs_bytes.png'}")
+
+    depth = sorted([(0, full)] + [(r["merged_layers"], r) for r in rows if r["minicache"] and r["budget"] == 1.0
+                                  and r["minicache"]["gamma"] == 1.0], key=lambda x: x[0])
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    xs = [d for d, _ in depth]
+    ax.plot(xs, [r["ppl"] for _, r in depth], marker="o", color="tab:blue", label="perplexity")
+    ax.set_xlabel("merged layers (gamma = 1: no retention; pairs from the top)")
+    ax.set_ylabel("perplexity of the continuation", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["kv_fraction_of_full"] for _, r in depth], marker="s", color="tab:green", label="KV bytes")
+    ax2.plot(xs, [r["needle_retrieval"] for _, r in depth], marker="^", color="tab:red", ls=":", label="needle")
+    ax2.set_ylabel("KV bytes / full (green), needle retrieval (red)")
+    ax2.set_ylim(0, 1.05)
+    ax.set_title("MiniCache depth sweep on SmolLM2-135M (CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "minicache_depth.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote minicache_adjacent_distance.png, minicache_quality_vs_bytes.png, minicache_depth.png in {out}")
 
 
 if __name__ == "__main__":
