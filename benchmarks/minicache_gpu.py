@@ -37,9 +37,9 @@ from squeezekv.crosslayer.minicache import MiniCacheLayer
 #: "mid": merging from the middle layer (the paper's S = L / 2, 16 of 32)
 SETTINGS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "full": (None, 1.0, None),
-    "snapkv1.0": ("snapkv", 1.0, None),  # squeezekv cache, nothing evicted, nothing merged
-    "mc_mid_g1": ("snapkv", 1.0, {"start_layer": None, "gamma": 1.0}),
-    "mc_mid_g0.05": ("snapkv", 1.0, {"start_layer": None, "gamma": 0.05}),
+    "none": ("none", 1.0, None),  # squeezekv cache, nothing evicted, nothing merged
+    "mc_mid_g1": ("none", 1.0, {"start_layer": None, "gamma": 1.0}),
+    "mc_mid_g0.05": ("none", 1.0, {"start_layer": None, "gamma": 0.05}),
     "snapkv0.3": ("snapkv", 0.3, None),
     "snapkv0.3_mc_mid_g1": ("snapkv", 0.3, {"start_layer": None, "gamma": 1.0}),
 }
@@ -83,7 +83,8 @@ def measure(model: Any, name: str, batch: int, args: argparse.Namespace) -> dict
     else:
         # snapkv's observation window must fit the budget: 64 tokens, or less for tiny contexts
         window = min(64, max(1, int(budget * args.context) // 2))
-        cache = squeezekv.make_cache(model, method, budget, "uniform", method_params={"window": window},
+        params = {"window": window} if method == "snapkv" else None
+        cache = squeezekv.make_cache(model, method, budget, "uniform", method_params=params,
                                      crosslayer=None if mc is None else "minicache", crosslayer_params=mc)
     g = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, args.context), generator=g).to(dev)
