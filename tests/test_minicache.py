@@ -295,3 +295,38 @@ def test_chunked_prefill_with_every_token_retained_equals_the_model(make_model, 
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
     for pair in _pairs(cache):
         assert pair.merged_length == PROMPT and pair.layers[0].tail_length == 0
+
+
+# -- real weights --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_weights
+def test_default_model_bytes_and_exactness():
+    """SmolLM2-135M (30 layers, 3 KV heads, head dim 64, float32): merging the last 4 layers without retention stores
+    exactly the formula's bytes; with every token retained (gamma = 0) the logits are the stock model's."""
+    import os
+
+    from squeezekv import assets
+
+    try:
+        assets.fetch(assets.SMOLLM2, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        model, _ = assets.load_model()
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"default model not available offline: {err}")
+    ids = torch.randint(100, 20000, (1, 48), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    cache = _minicache(model, "none", 1.0, start_layer=26, gamma=1.0)
+    model(ids, cache=cache)
+    pairs = _pairs(cache)
+    assert [p.layer_ids for p in pairs] == [(26, 27), (28, 29)]
+    n, h, d = 48, 3, 64
+    r = [(p.keys.retained_slots, p.values.retained_slots) for p in pairs]
+    assert r == [(1, 1), (1, 1)]  # gamma = 1: only the most distant token of each head
+    pair_kv = 2 * h * n * d * 4 + 4 * h * n * 4 + 2 * (1 + 1) * h * d * 4
+    assert cache.kv_nbytes() == 26 * 2 * h * n * d * 4 + 2 * pair_kv
+    cache = _minicache(model, "none", 1.0, start_layer=0, gamma=0.0)
+    out = model(ids, cache=cache).logits
+    nxt = torch.tensor([[1234]])
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model(nxt, cache=cache).logits[:, -1], model(torch.cat([ids, nxt], 1)).logits[:, -1],
+                               atol=1e-4, rtol=0)
