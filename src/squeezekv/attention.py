@@ -170,6 +170,7 @@ def squeezekv_attention(
         return out.transpose(1, 2).contiguous(), None
 
     layer.set_padding(attention_mask)
+    query = layer.attention_query(query)  # identity unless the layer attends in a projected space
     allowed = layer.allowed(q_len, sliding_window)
     if allowed is not None:
         allowed = _no_empty_rows(allowed)

@@ -227,6 +227,16 @@ class SqueezeLayer(CacheLayerMixin):
         self._buffers = {}  # the old storage is released with the views into it
         self.compressed = True
 
+    def attention_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The queries ``[B, Hq, q, D]`` in the space this layer's attention keys live in (what :meth:`update`
+        returned and :meth:`attention_keys` gives). Extension point: a layer that attends in a projected space
+        (low-rank keys) maps the queries there; the policies then score with the attention the model really uses."""
+        return query
+
+    def attention_keys(self) -> torch.Tensor:
+        """The keys ``[B, H, n, Dk]`` the current attention computes its logits with (SnapKV scores with them)."""
+        return self.keys
+
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
     ) -> torch.Tensor:

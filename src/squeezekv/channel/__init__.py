@@ -2,3 +2,4 @@
 registers them."""
 
 from .base import ChannelMethod
+from . import eigen  # noqa: F401  (Eigen Attention, arXiv 2408.05646)
