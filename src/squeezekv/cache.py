@@ -224,7 +224,8 @@ class SqueezeLayer(CacheLayerMixin):
         self.keep(self.policy.select(self, budget))  # [B, H, k]
 
     def keep(self, idx: torch.Tensor) -> None:
-        """Keep the positions ``idx`` ``[B, H, k]`` (ascending) of every per-token tensor; the rest is freed."""
+        """Keep the held positions ``idx`` ``[B, H, k]`` (ascending) of every per-position tensor; the rest is
+        freed."""
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
         self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
         self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
@@ -402,6 +403,12 @@ class SqueezeCache(Cache):
         if not layer_types:
             layer_types = ["sliding_attention" if window else "full_attention"] * num_layers
         all_sliding = all(t == "sliding_attention" for t in layer_types)
+        self.num_layers = num_layers
+        # known before the layer objects are made, so make_layer can pair or group managed layers
+        self.managed: tuple[int, ...] = tuple(
+            i for i, kind in enumerate(layer_types)
+            if kind == "full_attention" or (kind == "sliding_attention" and all_sliding)
+        )
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
             if kind == "full_attention" or (kind == "sliding_attention" and all_sliding):
@@ -411,7 +418,6 @@ class SqueezeCache(Cache):
             else:
                 raise ValueError(f"layer {i} has type {kind!r}, which squeezekv does not support")
         super().__init__(layers=layers)
-        self.managed: tuple[int, ...] = tuple(i for i, l in enumerate(layers) if isinstance(l, SqueezeLayer))
         self.layer_types = tuple(layer_types)
         if self.crosslayer is not None:
             self.crosslayer.bind(self)
@@ -533,8 +539,13 @@ class SqueezeCache(Cache):
 
     def kv_nbytes(self) -> int:
         """Bytes of keys and values only (without token indices and scores)."""
-        return sum(_allocated(t) for layer in self.layers for t in (layer.keys, layer.values)
-                   if isinstance(t, torch.Tensor))
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, SqueezeLayer):
+                total += layer.kv_nbytes()  # a layer that stores K/V differently knows its own bytes
+            else:
+                total += sum(_allocated(t) for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+        return total
 
     def physical_lengths(self) -> list[int]:
         out = []

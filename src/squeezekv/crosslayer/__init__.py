@@ -4,6 +4,7 @@ methods that let a layer reuse another layer's attention (importing this package
 * :mod:`squeezekv.crosslayer.lckv` — Layer-Condensed KV cache (Wu & Tu, ACL 2024, arXiv 2405.10637).
 * :mod:`squeezekv.crosslayer.shared_attention` — Shared Attention (Liao & Vargas 2024, arXiv 2407.12866); spans are
   proposed by :mod:`squeezekv.crosslayer.analyze` (``squeezekv analyze-layers``).
+* :mod:`squeezekv.crosslayer.minicache` — MiniCache, training-free merging of adjacent layers' KV (arXiv 2405.14366).
 """
 
-from . import shared_attention  # noqa: F401  (registers the method)
+from . import minicache, shared_attention  # noqa: F401  (importing registers the methods)
