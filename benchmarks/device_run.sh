@@ -15,6 +15,24 @@ kvpress() {
     PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches "$1" \
         --out $OUT/kvpress.json 2>&1 | grep -v -i warn
 }
+py() { PYTHONPATH=/tmp/site:src timeout "$1" python3 "${@:2}" 2>&1 | grep -v -i warn | cut -c1-400 | tail -12; }
+if [ "${1:-}" = session5 ]; then
+    # chunked prefill after the bottom-right causal fix (8k, 32k) and the multi-user replay with roomier tiers
+    ours --out $OUT/prefill_chunked.json --only prefill --methods full,streamingllm,snapkv,h2o \
+        --prefill-contexts 8192,32768 --prefill-chunks 1024,4096
+    py 200 benchmarks/serving_multiuser.py --device cuda --random-config $cfg --conversations 64 --turns 4 \
+        --history 1024 --gpu-gib 6 --cpu-gib 12 --disk-gib 32 --methods full,snapkv --time-limit 90 \
+        --out $OUT/multiuser.json
+    exit 0
+fi
+if [ "${1:-}" = session6 ]; then
+    # decode speed of the cross-layer and channel methods vs the full cache (8B shape, random weights)
+    py 110 benchmarks/shared_attention_decode.py --out $OUT --batches 1,16 --shared 8,16 --reps 3
+    py 90 benchmarks/channel_throughput.py --out $OUT --batches 1,32 --only decode
+    py 70 benchmarks/eigen_decode.py --config $cfg --out $OUT --context 8192 --batches 1,16 --ranks 64
+    py 70 benchmarks/minicache_gpu.py --out $OUT --batches 1,8
+    exit 0
+fi
 if [ "${1:-}" = session4 ]; then
     # chunked prefill (peak memory and time, 8k and 32k), multi-user serving replay, Eigen Attention decode
     ours --out $OUT/prefill_chunked.json --only prefill --methods full,streamingllm,snapkv,h2o \
