@@ -176,7 +176,7 @@ def squeezekv_attention(
     policy = layer.policy
     if policy.wants_weights(layer, q_len):
         q_valid = None if attention_mask is None else attention_mask[:, -q_len:]  # [B, q]
-        for start, end, weights in _weight_chunks(query, key, allowed, scaling):
+        for start, end, weights in layer.weight_chunks(query, key, allowed, scaling):
             policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
     out = layer.attend(query, key, value, allowed, scaling)
     b, hq, _, d = query.shape

@@ -235,6 +235,20 @@ class SqueezeLayer(CacheLayerMixin):
             return _eager(query, key, value, allowed, scaling)
         return _sdpa(query, key, value, allowed, scaling)
 
+    def weight_chunks(
+        self, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+    ):
+        """Softmaxed attention weights of chunks of ``query`` over what ``update`` returned, for policies that observe
+        weights (see :func:`squeezekv.attention._weight_chunks`). Extension point, like :meth:`attend`."""
+        from .attention import _weight_chunks
+
+        return _weight_chunks(query, key, allowed, scaling)
+
+    def full_keys(self) -> torch.Tensor:
+        """Keys of every held position ``[B, H, n, D]`` in the model's layout (a layer that stores them compressed
+        returns a decompressed copy); read by policies that re-score the held keys (SnapKV)."""
+        return self.keys
+
     def after_attention(self, q_len: int) -> None:
         """Called by the attention function once the new queries attended: evict if the plan says so."""
         if self.static is not None:
@@ -486,12 +500,16 @@ class SqueezeCache(Cache):
 
     def kv_nbytes(self) -> int:
         """Bytes of keys and values only (without token indices and scores)."""
-        return sum(_allocated(t) for layer in self.layers for t in (layer.keys, layer.values)
-                   if isinstance(t, torch.Tensor))
+        return sum(layer.kv_nbytes() if isinstance(layer, SqueezeLayer) else
+                   sum(_allocated(t) for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+                   for layer in self.layers)
 
     def physical_lengths(self) -> list[int]:
         out = []
         for layer in self.layers:
+            if isinstance(layer, SqueezeLayer):
+                out.append(layer.physical_length)
+                continue
             keys = getattr(layer, "keys", None)
             out.append(0 if not isinstance(keys, torch.Tensor) or keys.dim() < 3 else keys.shape[-2])
         return out

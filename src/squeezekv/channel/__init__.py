@@ -2,3 +2,4 @@
 registers them."""
 
 from .base import ChannelMethod
+from . import coupled, kivi  # noqa: F401  (registers "coupled" and "kivi")

@@ -45,7 +45,7 @@ class SnapKVPolicy(EvictionPolicy):
             return
         w = min(self.window, q_len)
         q_win = query[:, :, :, -w:, :].float()  # [B, Hkv, G, w, D]
-        keys = layer.keys.float()  # [B, Hkv, n, D]
+        keys = layer.full_keys().float()  # [B, Hkv, n, D]
         logits = torch.einsum("bhgqd,bhnd->bhgqn", q_win, keys) * scaling  # [B, Hkv, G, w, n]
         if allowed is not None:
             logits = logits.masked_fill(~allowed[:, :, None, -w:, :], float("-inf"))
