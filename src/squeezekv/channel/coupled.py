@@ -39,29 +39,32 @@ from .base import ChannelMethod
 from .packing import check_width, pack, unpack
 from .quantized import QuantizedLayer
 
+#: largest groups x points x centroids seeded with k-means++ (larger problems: random distinct points)
+KMEANS_PP_LIMIT = 1 << 22
 #: calibration pages are shorter than this (the evaluation's linux-doc pages are at least this long)
 CALIB_MAX_CHARS = 20000
 
 
 # -- k-means --------------------------------------------------------------------------------------------------------
-def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Index of the nearest centroid (squared Euclidean): ``x`` ``[G, N, c]``, ``centroids`` ``[G, k, c]`` ->
     ``[G, N]`` int64."""
     out = []
     c2 = (centroids * centroids).sum(-1)[:, None, :]  # [G, 1, k]
+    ct = centroids.transpose(1, 2)  # [G, c, k]
     for s in range(0, x.shape[1], chunk):
-        xs = x[:, s:s + chunk]
-        d = c2 - 2 * torch.einsum("gnc,gkc->gnk", xs, centroids)  # |x|^2 is the same for every centroid
-        out.append(d.argmin(-1))
+        # |x - c|^2 - |x|^2 = |c|^2 - 2 x.c  (|x|^2 is the same for every centroid)
+        out.append(torch.baddbmm(c2, x[:, s:s + chunk], ct, alpha=-2.0).argmin(-1))  # [G, chunk]
     return torch.cat(out, dim=1)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
     """k-means of ``G`` independent point sets at once: ``x`` ``[G, N, c]`` -> centroids ``[G, k, c]`` (float32).
 
-    k-means++ seeding (each new seed drawn with probability proportional to the squared distance to the nearest seed
-    so far), then Lloyd iterations until the assignment stops changing or ``iters`` is reached. A centroid that loses
-    all its points keeps its position."""
+    Seeding: k-means++ (each new seed drawn with probability proportional to the squared distance to the nearest seed
+    so far) when ``G * N * k <= KMEANS_PP_LIMIT``, else ``k`` distinct random points per group (k-means++ costs ``k``
+    sequential passes over the data). Then Lloyd iterations until the assignment stops changing or ``iters`` is
+    reached. A centroid that loses all its points keeps its position."""
     if x.dim() != 3:
         raise ValueError(f"kmeans expects points [groups, n, dims], got shape {tuple(x.shape)}")
     g, n, c = x.shape
@@ -71,15 +74,27 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Ten
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rows = torch.arange(g, device=x.device)
     first = torch.randint(0, n, (g,), generator=gen).to(x.device)
+    if g * n * k > KMEANS_PP_LIMIT:
+        pick = torch.rand((g, n), generator=gen).argsort(dim=-1)[:, :k].to(x.device)  # [G, k] distinct
+        return _lloyd(x, x.gather(1, pick[..., None].expand(-1, -1, c)), iters)
     cent = x.new_empty((g, k, c))
     cent[:, 0] = x[rows, first]
     best = ((x - cent[:, :1]) ** 2).sum(-1)  # [G, N] squared distance to the nearest seed
     for j in range(1, k):
-        w = best.cpu().double()
-        w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))  # all points on the seeds: uniform
-        pick = torch.multinomial(w, 1, generator=gen).squeeze(1).to(x.device)
+        # draw one point per group with probability best / sum(best) (inverse CDF; all on the seeds: uniform)
+        w = best.double()
+        w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+        cdf = w.cumsum(-1)  # [G, N]
+        u = torch.rand((g, 1), generator=gen, dtype=torch.float64).to(x.device) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u).clamp_(max=n - 1).squeeze(1)
         cent[:, j] = x[rows, pick]
         best = torch.minimum(best, ((x - cent[:, j:j + 1]) ** 2).sum(-1))
+    return _lloyd(x, cent, iters)
+
+
+def _lloyd(x: torch.Tensor, cent: torch.Tensor, iters: int) -> torch.Tensor:
+    g, n, c = x.shape
+    k = cent.shape[1]
     assign = None
     for _ in range(iters):
         new_assign = nearest(x, cent)
