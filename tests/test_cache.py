@@ -10,7 +10,7 @@ from transformers import DynamicCache
 import squeezekv
 from squeezekv import BudgetPlan, SqueezeLayer
 
-POLICIES = squeezekv.policy_names()
+POLICIES = [p for p in squeezekv.policy_names() if p != "none"]  # the ones that evict (none: tests/test_equivalence.py)
 ALLOCATIONS = squeezekv.allocation_names()
 ALLOC_PARAMS = {"pyramid": {"beta": 2.0}, "squeeze": {"p": 0.5}}
 #: policies known to keep a float32 score per held token
@@ -246,7 +246,9 @@ def test_describe_reports_method_allocation_and_plan(make_model, make_ids):
 
 def test_registry_describe_lists_every_method():
     rows = squeezekv.describe()
-    assert [r["name"] for r in rows] == POLICIES + ALLOCATIONS
+    from squeezekv.registry import channel_names, crosslayer_names
+
+    assert [r["name"] for r in rows] == squeezekv.policy_names() + ALLOCATIONS + crosslayer_names() + channel_names()
     for row in rows:
         assert row["summary"] and row["paper"]
     params = {r["name"]: r["params"] for r in rows}

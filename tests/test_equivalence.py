@@ -207,3 +207,18 @@ def test_chunked_prefill_without_eviction(method, make_model, make_left_padded, 
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
     assert cache.get_seq_length() == PROMPT
+
+
+
+def test_none_policy_keeps_every_token_and_holds_full_bytes(make_model, make_ids):
+    """The 'none' baseline never evicts, whatever the budget: it holds exactly the full cache's keys and values."""
+    from transformers import DynamicCache
+
+    model = make_model("llama")
+    ids = make_ids(1, PROMPT)
+    full = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=full, use_cache=True)
+    cache = squeezekv.make_cache(model, "none", budget=2)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert cache.physical_lengths() == [PROMPT] * model.config.num_hidden_layers
+    assert cache.kv_nbytes() == squeezekv.dynamic_cache_nbytes(full)

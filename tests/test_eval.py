@@ -100,6 +100,26 @@ def test_smoke_grid_records_plots_resume(tmp_path, make_model, tiny_tokenizer, t
                  out, sources=tiny_sources, loaded=(model, tiny_tokenizer), progress=False)
 
 
+def test_chunked_prefill_cells(tmp_path, make_model, tiny_tokenizer, tiny_sources):
+    """With --prefill-chunk the compressed cells prefill in chunks (recorded per record; the full cache never does):
+    the positions-only window keeps the same bytes as in a one-pass grid, and the full cell's scores are unchanged."""
+    model = make_model("llama", layers=3, vocab_size=len(tiny_tokenizer), max_position_embeddings=512)
+    one = evaluate(_cfg(methods=("window",), allocations=("uniform",), method_params={}), tmp_path / "one", sources=tiny_sources,
+                   loaded=(model, tiny_tokenizer), progress=False)
+    chunked = evaluate(_cfg(methods=("window",), allocations=("uniform",), method_params={}, prefill_chunk=16), tmp_path / "ch",
+                       sources=tiny_sources, loaded=(model, tiny_tokenizer), progress=False)
+    recs = [json.loads(l) for l in (tmp_path / "ch" / "results.jsonl").read_text().splitlines()]
+    assert {r["config"]["prefill_chunk"] for r in recs if r["cell"] != "full"} == {16}
+    assert {r["config"]["prefill_chunk"] for r in recs if r["cell"] == "full"} == {None}
+    ref = {(r["cell"], r["example_id"]): r for r in
+           (json.loads(l) for l in (tmp_path / "one" / "results.jsonl").read_text().splitlines())}
+    for r in recs:
+        assert r["kv_bytes_after_prefill"] == ref[(r["cell"], r["example_id"])]["kv_bytes_after_prefill"]
+        if r["cell"] == "full":
+            assert r["scores"] == ref[(r["cell"], r["example_id"])]["scores"]
+    assert one["summary"] and chunked["summary"]
+
+
 def test_full_cache_nll_matches_one_forward(make_model, tiny_tokenizer):
     """Prefill + continuation in a second pass equals one forward over the whole document (full cache)."""
     import torch
@@ -128,6 +148,11 @@ def test_full_cache_nll_matches_one_forward(make_model, tiny_tokenizer):
         (dict(budgets=(0,)), "budget 0 is out of range"),
         (dict(budgets=(1.0,)), "budget 1.0 is out of range"),
         (dict(method_params={"h2o": {"recent_ratio": 0.5}}), "not in the grid"),
+        (dict(methods=("none",)), "method 'none' .* needs a channel or cross-layer method"),
+        (dict(channels=("nope",)), "unknown channel method 'nope'"),
+        (dict(crosslayers=("nope",)), "unknown cross-layer method 'nope'"),
+        (dict(prefill_chunk=0), "prefill_chunk=0 is out of range"),
+        (dict(dtype="int8"), "dtype='int8' is not supported"),
     ],
 )
 def test_bad_input_fails_before_compute(kw, fragment, tmp_path, monkeypatch):
@@ -233,7 +258,7 @@ def test_full_cache_check_counts_differences():
 FAKE_WORKER = '''
 import argparse, json, sys
 ap = argparse.ArgumentParser()
-for a in ("--model", "--examples", "--jobs", "--out"):
+for a in ("--model", "--examples", "--jobs", "--out", "--device"):
     ap.add_argument(a)
 args = ap.parse_args()
 jobs = [json.loads(l) for l in open(args.jobs)]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import squeezekv
 
-POLICIES = squeezekv.policy_names()
+POLICIES = [p for p in squeezekv.policy_names() if p != "none"]  # the ones that evict (none: tests/test_equivalence.py)
 ALLOCATIONS = squeezekv.allocation_names()
 #: allocation parameters that leave every layer of a short prompt a usable budget (>= sinks + 1)
 ALLOC_PARAMS = {"pyramid": {"beta": 2.0}, "squeeze": {"p": 0.5}}

@@ -14,6 +14,7 @@ from .attention import attach, detach, original_attn_implementation
 from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
 from .inputs import left_pad
 from .plan import Budget, BudgetPlan
+from .prefill import chunked_prefill
 from .registry import ALLOCATIONS, POLICIES, allocation_names, describe, policy_names
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ def make_cache(
 
 __all__ = [
     "make_cache",
+    "chunked_prefill",
     "attach",
     "detach",
     "SqueezeCache",

@@ -124,7 +124,8 @@ def timed(fn: Callable[[], Any], reps: int) -> list[float]:
 
 
 @torch.no_grad()
-def prefill(model: Any, method: str, context: int, budget: float, reps: int) -> dict[str, Any]:
+def prefill(model: Any, method: str, context: int, budget: float, reps: int, chunk: int = 0) -> dict[str, Any]:
+    """Prefill of one ``context``-token prompt (in chunks of ``chunk`` tokens, compressing after each, if > 0)."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
     base = torch.cuda.memory_allocated()
     holder: dict[str, Any] = {}
@@ -133,14 +134,18 @@ def prefill(model: Any, method: str, context: int, budget: float, reps: int) -> 
         holder.pop("cache", None)
         free()
         cache = make_cache(model, method, max(1, int(round(budget * context))), 1, context, fill=False)
-        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        if chunk:
+            squeezekv.chunked_prefill(model, ids, cache, chunk)
+        else:
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         holder["cache"] = cache
 
     once()  # warm-up
     torch.cuda.reset_peak_memory_stats()
     times = timed(once, reps)
     peak = torch.cuda.max_memory_allocated() - base
-    res = {"method": method, "context": context, "prefill_s": statistics.median(times), "times": times,
+    res = {"method": method, "context": context, "prefill_chunk": chunk, "prefill_s": statistics.median(times),
+           "times": times,
            "peak_bytes_over_weights": peak, "kv_bytes": kv_bytes(holder["cache"])}
     holder.clear()
     free()
@@ -235,6 +240,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "'window:16' = evict every 16 decode steps")
     ap.add_argument("--batches", default="", help="comma-separated decode batch sizes, overriding the config's")
     ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
+    ap.add_argument("--prefill-chunks", default="",
+                    help="comma-separated chunk sizes: each compressed method's prefill is also measured in chunks "
+                    "(squeezekv.chunked_prefill), compressing after each")
     ap.add_argument("--decode-steps", type=int, default=0, help="timed decode steps per repetition, overriding the config's")
 
 
@@ -282,10 +290,14 @@ def run(args: argparse.Namespace) -> None:
             for method in cfg["methods"]:
                 if ctx > cfg.get("prefill_max_context", {}).get(method, 1 << 30):
                     continue
-                r = or_oom(lambda: prefill(model, method, ctx, budget, cfg["reps"]), method=method, context=ctx)
-                report["prefill"].append(r)
-                print("prefill", json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
-                save()
+                chunks = [0] + ([int(c) for c in args.prefill_chunks.split(",")]
+                                if getattr(args, "prefill_chunks", "") and method != "full" else [])
+                for chunk in chunks:
+                    r = or_oom(lambda: prefill(model, method, ctx, budget, cfg["reps"], chunk), method=method,
+                               context=ctx, prefill_chunk=chunk)
+                    report["prefill"].append(r)
+                    print("prefill", json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
+                    save()
     if "maxbatch" in parts:
         for method in cfg["methods"]:
             report["max_batch"][method] = max_batch(model, method, context, budget_tokens, cfg["max_batch_hi"])

@@ -209,7 +209,7 @@ class SqueezeLayer(CacheLayerMixin):
 
     def compress(self, budget: int) -> None:
         """Keep ``budget`` positions per (row, head) chosen by the policy; the rest is freed."""
-        if self.physical_length <= budget:
+        if self.physical_length <= budget or not self.policy.evicts:
             return
         idx = self.policy.select(self, budget)  # [B, H, k]
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
@@ -409,6 +409,9 @@ class SqueezeCache(Cache):
         self.plan: BudgetPlan | None = plan
         self.importance: dict[int, float] = {}
         self.pending_hidden: dict[int, torch.Tensor] = {}
+        #: length of the whole prompt when it arrives in chunks (:func:`squeezekv.chunked_prefill`): a fraction
+        #: budget is a fraction of it, not of the first chunk
+        self.prompt_length_hint: int | None = None
 
     def make_layer(self, layer_idx: int) -> SqueezeLayer:
         """The layer object of managed layer ``layer_idx``. Extension point: the cross-layer method decides first
@@ -436,7 +439,10 @@ class SqueezeCache(Cache):
         return self.plan is None and self.allocation.needs_importance
 
     def resolve_plan(self, prompt_length: int) -> BudgetPlan:
-        """Derive the plan for a prompt of ``prompt_length`` tokens (SqueezeAttention: once importance is known)."""
+        """Derive the plan for a prompt of ``prompt_length`` tokens (SqueezeAttention: once importance is known);
+        while a chunked prefill runs, the whole prompt's length (``prompt_length_hint``) is used instead."""
+        if self.prompt_length_hint is not None:
+            prompt_length = self.prompt_length_hint
         base = self.budget.tokens(prompt_length)
         importance = None
         if self.allocation.needs_importance:
@@ -519,6 +525,7 @@ class SqueezeCache(Cache):
         self.plan = self._given_plan
         self.importance.clear()
         self.pending_hidden.clear()
+        self.prompt_length_hint = None
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from .registry import allocation_names, markdown_table, policy_names
+from .registry import allocation_names, channel_names, crosslayer_names, markdown_table, policy_names
 
 
 def _params(items: Sequence[str] | None) -> dict[str, Any]:
@@ -24,6 +24,29 @@ def _params(items: Sequence[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+def _extras_args(p: argparse.ArgumentParser, scoped: bool) -> None:
+    """--channel/--crosslayer (+ their parameters) for run (one each) and eval (comma-separated lists)."""
+    many = "comma-separated " if scoped else ""
+    p.add_argument("--channel" + ("s" if scoped else ""), default="none",
+                   help=f"{many}channel method(s), fewer bits or channels per kept token: none, "
+                   f"{', '.join(channel_names()) or '(none registered)'}")
+    p.add_argument("--crosslayer" + ("s" if scoped else ""), default="none",
+                   help=f"{many}training-free cross-layer method(s): none, "
+                   f"{', '.join(crosslayer_names()) or '(none registered)'}")
+    meta = "METHOD:NAME=VALUE" if scoped else "NAME=VALUE"
+    p.add_argument("--channel-param", action="append", metavar=meta, help="a channel method's parameter (repeatable)")
+    p.add_argument("--crosslayer-param", action="append", metavar=meta,
+                   help="a cross-layer method's parameter (repeatable)")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _or_none(name: str) -> str | None:
+    return None if name in ("", "none") else name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="policy parameter, e.g. window=32 for snapkv (repeatable)")
     run.add_argument("--allocation-param", action="append", metavar="NAME=VALUE",
                      help="allocation parameter, e.g. p=0.3 for squeeze (repeatable)")
+    _extras_args(run, scoped=False)
     run.add_argument("--prompt-file", default=None,
                      help="use this text as the prompt instead of the needle prompt (its last 16 tokens are the "
                      "reference continuation)")
@@ -107,13 +131,16 @@ def _add_eval_parser(sub: Any) -> None:
     )
     ev.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
     ev.add_argument("--tasks", default="needle,qa,ppl", help="comma-separated: needle, qa, ppl")
-    ev.add_argument("--methods", default=",".join(policy_names()), help="comma-separated eviction policies")
+    ev.add_argument("--methods", default=",".join(n for n in policy_names() if n != "none"),
+                    help="comma-separated eviction policies ('none': no eviction, for a channel or cross-layer "
+                    "method alone)")
     ev.add_argument("--allocations", default=",".join(allocation_names()), help="comma-separated allocations")
     ev.add_argument("--budgets", default="0.1,0.2,0.3,0.5", help="comma-separated fractions of the prompt in (0, 1)")
     ev.add_argument("--method-param", action="append", metavar="METHOD:NAME=VALUE",
                     help="a method's parameter, e.g. snapkv:window=32 (repeatable; defaults otherwise)")
     ev.add_argument("--allocation-param", action="append", metavar="ALLOCATION:NAME=VALUE",
                     help="an allocation's parameter, e.g. squeeze:p=0.3 (repeatable)")
+    _extras_args(ev, scoped=True)
     ev.add_argument("--out", default="eval-out", help="output folder (resumes what it already holds)")
     ev.add_argument("--needle-lengths", type=_csv(int), default=(1000, 2000, 4000, 7500), help="haystack tokens")
     ev.add_argument("--needle-depths", type=_csv(float), default=(0.0, 0.25, 0.5, 0.75, 1.0), help="0 = start")
@@ -137,6 +164,11 @@ def _add_eval_parser(sub: Any) -> None:
                     "ExpectedAttentionPress)")
     ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ev.add_argument("--prefill-chunk", type=int, default=None,
+                    help="compressed cells prefill the prompt in chunks of this many tokens, compressing after each "
+                    "(squeezekv.chunked_prefill); the full cache always prefills in one pass")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (kvpress's side always runs float32)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -179,7 +211,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         allocations=tuple(a.strip() for a in args.allocations.split(",") if a.strip()), budgets=tuple(budgets),
         method_params=_scoped_params(args.method_param, "method"),
         allocation_params=_scoped_params(args.allocation_param, "allocation"),
-        options=opts, device=args.device, skip_infeasible=args.skip_infeasible,
+        channels=_names(args.channels), crosslayers=_names(args.crosslayers),
+        channel_params=_scoped_params(args.channel_param, "channel"),
+        crosslayer_params=_scoped_params(args.crosslayer_param, "cross-layer"),
+        options=opts, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk, skip_infeasible=args.skip_infeasible,
         kvpress_python=args.kvpress_python,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
     )
@@ -239,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             depth=args.depth,
             method_params=_params(args.method_param),
             allocation_params=_params(args.allocation_param),
+            channel=_or_none(args.channel),
+            channel_params=_params(args.channel_param),
+            crosslayer=_or_none(args.crosslayer),
+            crosslayer_params=_params(args.crosslayer_param),
         )
         report = run(cfg, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -55,6 +55,10 @@ class RunConfig:
     needle: int = 0
     method_params: dict[str, Any] = field(default_factory=dict)
     allocation_params: dict[str, Any] = field(default_factory=dict)
+    channel: str | None = None
+    channel_params: dict[str, Any] = field(default_factory=dict)
+    crosslayer: str | None = None
+    crosslayer_params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         Budget.parse(self.budget)
@@ -216,10 +220,14 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available on this machine")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     # fail on bad names before loading anything
-    from .registry import make_allocation, make_policy
+    from .registry import make_allocation, make_channel, make_crosslayer, make_policy
 
     make_policy(cfg.method, **cfg.method_params)
     make_allocation(cfg.allocation, **cfg.allocation_params)
+    if cfg.channel is not None:
+        make_channel(cfg.channel, **cfg.channel_params)
+    if cfg.crosslayer is not None:
+        make_crosslayer(cfg.crosslayer, **cfg.crosslayer_params)
 
     t_load = time.perf_counter()
     model, tokenizer = loaded if loaded is not None else load_model(cfg.model, device=device, dtype=dtype)
@@ -249,7 +257,9 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
 
     def compressed() -> Any:
         return make_cache(model, cfg.method, cfg.budget, cfg.allocation,
-                          method_params=cfg.method_params, allocation_params=cfg.allocation_params)
+                          method_params=cfg.method_params, allocation_params=cfg.allocation_params,
+                          channel=cfg.channel, channel_params=cfg.channel_params,
+                          crosslayer=cfg.crosslayer, crosslayer_params=cfg.crosslayer_params)
 
     setups = {
         "full": (lambda: DynamicCache(config=model.config), dynamic_cache_nbytes),

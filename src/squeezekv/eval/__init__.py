@@ -37,7 +37,9 @@ def evaluate(cfg: GridConfig, out_dir: str | Path, *, sources: Sources | None = 
     if loaded is None:
         from ..assets import load_model
 
-        loaded = load_model(cfg.model, device=cfg.device)
+        import torch
+
+        loaded = load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     model, tokenizer = loaded
     from ..models import arch_spec
 

@@ -158,8 +158,9 @@ def load_qa(allow_download: bool = True) -> list[QARecord]:
 def load_linux_docs(root: Path | None = None, min_chars: int = 20000) -> list[tuple[str, str]]:
     """``[(relative path, text)]`` of the English kernel documentation pages (``translations/`` left out) of at least
     ``min_chars`` characters, sorted
-    (``root`` defaults to :data:`LINUX_DOC_ROOT`)."""
-    root = LINUX_DOC_ROOT if root is None else root
+    (``root`` defaults to ``$SQUEEZEKV_LINUX_DOC``, else :data:`LINUX_DOC_ROOT`)."""
+    if root is None:
+        root = Path(os.environ["SQUEEZEKV_LINUX_DOC"]) if os.environ.get("SQUEEZEKV_LINUX_DOC") else LINUX_DOC_ROOT
     if not root.is_dir():
         raise FileNotFoundError(
             f"Linux kernel documentation not found at {root}: install it with `apt-get install linux-doc-6.1` "

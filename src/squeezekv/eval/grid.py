@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from ..plan import Budget
-from ..registry import allocation_names, make_allocation, make_policy, policy_names
+from ..registry import make_allocation, make_channel, make_crosslayer, make_policy, policy_names
 from .scoring import contains_key, exact_match, first_answer_line, token_f1
 from .tasks import Example, TaskOptions, parse_tasks
 
@@ -28,15 +28,24 @@ FULL = "full"
 
 @dataclass(frozen=True)
 class Cell:
-    """One cache setup: ``method == "full"`` is the uncompressed ``DynamicCache``."""
+    """One cache setup: ``method == "full"`` is the uncompressed ``DynamicCache``; ``channel``/``crosslayer`` name
+    a channel / cross-layer method composed with the eviction policy (``"none"``: not used)."""
 
     method: str
     allocation: str = "-"
     budget: float = 1.0
+    channel: str = "none"
+    crosslayer: str = "none"
+
+    @property
+    def label(self) -> str:
+        """The method as reports show it: the policy, then ``+crosslayer`` and ``+channel`` when used."""
+        extras = [x for x in (self.crosslayer, self.channel) if x != "none"]
+        return "+".join([self.method, *extras])
 
     @property
     def key(self) -> str:
-        return FULL if self.method == FULL else f"{self.method}/{self.allocation}/{self.budget:g}"
+        return FULL if self.method == FULL else f"{self.label}/{self.allocation}/{self.budget:g}"
 
 
 @dataclass
@@ -50,8 +59,14 @@ class GridConfig:
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     allocation_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    channels: tuple[str, ...] = ("none",)
+    crosslayers: tuple[str, ...] = ("none",)
+    channel_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    crosslayer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: TaskOptions = field(default_factory=TaskOptions)
     device: str = "cpu"
+    dtype: str = "float32"
+    prefill_chunk: int | None = None  # compressed cells prefill in chunks of this many tokens (None: one pass)
     skip_infeasible: bool = False
     kvpress_python: str | None = None
     kvpress_presses: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
@@ -60,7 +75,23 @@ class GridConfig:
         """Every name and number checked before anything is loaded or computed."""
         parse_tasks(list(self.tasks))
         if not self.methods:
-            self.methods = tuple(policy_names())
+            self.methods = tuple(n for n in policy_names() if n != "none")
+        self.channels = tuple(self.channels) or ("none",)
+        self.crosslayers = tuple(self.crosslayers) or ("none",)
+        for c in self.channels:
+            if c != "none":
+                make_channel(c, **self.channel_params.get(c, {}))
+        for x in self.crosslayers:
+            if x != "none":
+                make_crosslayer(x, **self.crosslayer_params.get(x, {}))
+        for kind, params, names in (("channel", self.channel_params, self.channels),
+                                    ("cross-layer", self.crosslayer_params, self.crosslayers)):
+            extra = sorted(set(params) - set(names))
+            if extra:
+                raise ValueError(f"parameters given for {kind} method {extra[0]!r}, which is not in the grid {names}")
+        if "none" in self.methods and self.channels == ("none",) and self.crosslayers == ("none",):
+            raise ValueError("method 'none' (no eviction) needs a channel or cross-layer method: "
+                             "alone it is the full cache, which the grid always evaluates")
         for m in self.methods:
             make_policy(m, **self.method_params.get(m, {}))
         for a in self.allocations:
@@ -77,6 +108,10 @@ class GridConfig:
                     f"budget {b!r} is out of range: the eval grid takes fractions of the prompt in (0, 1) "
                     "(the full cache is always evaluated)"
                 )
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={self.prefill_chunk!r} is out of range: must be an integer >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
         self.options.validate()
         from .kvpress_side import validate as validate_kvpress
 
@@ -84,16 +119,27 @@ class GridConfig:
 
     def fingerprint(self) -> str:
         """Hash of what decides an example's content and a record's meaning (model, task options, params)."""
-        blob = json.dumps({"model": self.model, "options": asdict(self.options), "method_params": self.method_params,
-                           "allocation_params": self.allocation_params}, sort_keys=True, default=str)
+        params = {"model": self.model, "options": asdict(self.options), "method_params": self.method_params,
+                  "allocation_params": self.allocation_params}
+        if self.channel_params or self.crosslayer_params:  # absent when unused: older grids keep their fingerprint
+            params.update(channel_params=self.channel_params, crosslayer_params=self.crosslayer_params)
+        if self.prefill_chunk is not None:
+            params["prefill_chunk"] = self.prefill_chunk
+        blob = json.dumps(params, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def cells(self) -> list[Cell]:
         out = [Cell(FULL)]
-        for m in self.methods:
-            for a in self.allocations:
-                for b in self.budgets:
-                    out.append(Cell(m, a, float(b)))
+        for x in self.crosslayers:
+            for c in self.channels:
+                for m in self.methods:
+                    if m == "none":  # no eviction: budget and allocation do not apply
+                        if (x, c) != ("none", "none"):
+                            out.append(Cell(m, "-", 1.0, c, x))
+                        continue
+                    for a in self.allocations:
+                        for b in self.budgets:
+                            out.append(Cell(m, a, float(b), c, x))
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,7 +173,7 @@ def feasible_cells(cfg: GridConfig, examples: list[Example], num_layers: int) ->
     shortest = min(len(e.prompt) for e in examples)
     ok, reasons = [], []
     for cell in cfg.cells():
-        if cell.method == FULL:
+        if cell.method in (FULL, "none"):
             ok.append(cell)
             continue
         need = make_policy(cell.method, **cfg.method_params.get(cell.method, {})).min_budget()
@@ -185,19 +231,38 @@ def _factory(model: Any, cell: Cell, cfg: GridConfig):
 
     if cell.method == FULL:
         return (lambda: DynamicCache(config=model.config)), dynamic_cache_nbytes
-    return (lambda: make_cache(model, cell.method, cell.budget, cell.allocation,
+    def _extra(name: str, params: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
+        return (None, {}) if name == "none" else (name, params.get(name, {}))
+
+    channel, channel_params = _extra(cell.channel, cfg.channel_params)
+    crosslayer, crosslayer_params = _extra(cell.crosslayer, cfg.crosslayer_params)
+    allocation = "uniform" if cell.allocation == "-" else cell.allocation
+    return (lambda: make_cache(model, cell.method, cell.budget, allocation,
                                method_params=cfg.method_params.get(cell.method, {}),
-                               allocation_params=cfg.allocation_params.get(cell.allocation, {})),
+                               allocation_params=cfg.allocation_params.get(allocation, {}),
+                               channel=channel, channel_params=channel_params,
+                               crosslayer=crosslayer, crosslayer_params=crosslayer_params),
             lambda c: c.nbytes())
+
+
+def _prefill(model: Any, prompt: list[int], cache: Any, device: str, chunk: int | None) -> torch.Tensor:
+    """Logits ``[1, vocab]`` of the prompt's last position (a compressed cache prefills in chunks if ``chunk``)."""
+    ids = torch.tensor([prompt], device=device)
+    from ..cache import SqueezeCache
+
+    if chunk is not None and isinstance(cache, SqueezeCache):
+        from ..prefill import chunked_prefill
+
+        return chunked_prefill(model, ids, cache, chunk)
+    return model(input_ids=ids, use_cache=True, **_cache_kwargs(model, cache)).logits[:, -1]
 
 
 @torch.no_grad()
 def generate(model: Any, prompt: list[int], factory: Any, nbytes: Any, max_new_tokens: int, eos: set[int],
-             device: str) -> tuple[list[int], int]:
+             device: str, chunk: int | None = None) -> tuple[list[int], int]:
     """Greedy answer tokens and the KV bytes held after the prefill."""
     cache = factory()
-    logits = model(input_ids=torch.tensor([prompt], device=device), use_cache=True,
-                   **_cache_kwargs(model, cache)).logits[:, -1]
+    logits = _prefill(model, prompt, cache, device, chunk)
     held = nbytes(cache)
     out: list[int] = []
     for _ in range(max_new_tokens):
@@ -212,13 +277,12 @@ def generate(model: Any, prompt: list[int], factory: Any, nbytes: Any, max_new_t
 
 @torch.no_grad()
 def continuation_nll(model: Any, prefix: list[int], continuation: list[int], factory: Any, nbytes: Any,
-                     device: str) -> tuple[float, int]:
+                     device: str, chunk: int | None = None) -> tuple[float, int]:
     """Mean negative log-likelihood per token of ``continuation`` after the compressed ``prefix`` (the prefix is
     compressed once after its prefill; the continuation then goes through in one forward pass, attending to the
     kept prefix tokens and to itself causally), and the KV bytes held after the prefill."""
     cache = factory()
-    first = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
-                  **_cache_kwargs(model, cache)).logits[:, -1:]
+    first = _prefill(model, prefix, cache, device, chunk)[:, None]
     held = nbytes(cache)
     logits = first
     if len(continuation) > 1:
@@ -258,7 +322,7 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                 f"{cfg.fingerprint()}: model, task options or method parameters differ); use another --out"
             )
         # a resumed run may add methods, allocations or budgets: the stored config lists their union
-        for key in ("tasks", "methods", "allocations", "budgets", "kvpress_presses"):
+        for key in ("tasks", "methods", "allocations", "budgets", "kvpress_presses", "channels", "crosslayers"):
             cfg_union = list(dict.fromkeys(list(stored.get(key, [])) + list(getattr(cfg, key))))
             stored[key] = cfg_union
         merged = stored
@@ -293,20 +357,25 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
             t0 = time.perf_counter()
             answer = nll = None
             if ex.kind == "generate":
-                toks, held = generate(model, list(ex.prompt), factory, nbytes, ex.max_new_tokens, eos, cfg.device)
+                toks, held = generate(model, list(ex.prompt), factory, nbytes, ex.max_new_tokens, eos, cfg.device,
+                                      cfg.prefill_chunk)
                 answer = tokenizer.decode(toks, skip_special_tokens=True).strip()
             else:
                 nll, held = continuation_nll(model, list(ex.prompt), list(ex.continuation), factory, nbytes,
-                                             cfg.device)
+                                             cfg.device, cfg.prefill_chunk)
             rec = {
-                "cell": cell.key, "method": cell.method, "allocation": cell.allocation, "budget": cell.budget,
+                "cell": cell.key, "method": cell.label, "allocation": cell.allocation, "budget": cell.budget,
+                "policy": cell.method, "channel": cell.channel, "crosslayer": cell.crosslayer,
                 "task": ex.task, "subset": ex.subset, "example_id": ex.id, "meta": ex.meta,
                 "prompt_tokens": len(ex.prompt), "answer": answer, "scores": score(ex, answer, nll),
                 "kv_bytes_after_prefill": held, "seconds": time.perf_counter() - t0,
                 "config": {"model": cfg.model, "fingerprint": cfg.fingerprint(),
                            "method_params": cfg.method_params.get(cell.method, {}),
+                           "channel_params": cfg.channel_params.get(cell.channel, {}),
+                           "crosslayer_params": cfg.crosslayer_params.get(cell.crosslayer, {}),
                            "allocation_params": cfg.allocation_params.get(cell.allocation, {}),
-                           "device": cfg.device, "dtype": str(next(model.parameters()).dtype)},
+                           "device": cfg.device, "dtype": str(next(model.parameters()).dtype),
+                           "prefill_chunk": None if cell.method == FULL else cfg.prefill_chunk},
                 "versions": vers,
             }
             fh.write(json.dumps(rec) + "\n")
@@ -320,9 +389,11 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
         from . import kvpress_side
 
         done = {(r["cell"], r["example_id"]) for r in read_records(results)}
-        base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": "cpu"}}
+        base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": cfg.device,
+                           "dtype": "torch.float32"}}
         kvpress_side.run(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
-                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results)
+                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results,
+                         device=cfg.device)
     return read_records(results)
 
 

