@@ -106,15 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--needle-lengths", default="1000,2000")
     ap.add_argument("--needles", type=int, default=2)
+    ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
     ap.add_argument("--ppl-docs", type=int, default=2)
+    ap.add_argument("--ppl-prefix", type=int, default=1024)
+    ap.add_argument("--ppl-tokens", type=int, default=256)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from squeezekv.assets import load_model
 
     model, tokenizer = load_model(None)
     opts = TaskOptions(needle_lengths=tuple(int(x) for x in args.needle_lengths.split(",")),
-                       needle_depths=(0.1, 0.5, 0.9), needles=args.needles, ppl_docs=args.ppl_docs,
-                       ppl_prefix=1024, ppl_tokens=256)
+                       needle_depths=tuple(float(x) for x in args.needle_depths.split(",")),
+                       needles=args.needles, ppl_docs=args.ppl_docs, ppl_prefix=args.ppl_prefix,
+                       ppl_tokens=args.ppl_tokens)
     examples = build_examples(["needle", "ppl"], tokenizer, Sources(), opts)
     table = cells(Path(args.calib_dir))
     names = [c for c in args.cells.split(",") if c] or list(table)
@@ -129,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     vers = versions()
     methods: dict[str, Any] = {}
     with open(jsonl, "a", encoding="utf-8") as fh:
-        for ex in examples:
-            for name in names:
+        for name in names:  # cell by cell (a cell's calibration file may still be in the making)
+            for ex in examples:
                 if (name, ex.id) in done:
                     continue
                 make, nbytes = factory(model, table[name], methods)

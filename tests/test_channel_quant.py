@@ -297,6 +297,8 @@ def test_eviction_keeps_the_same_tokens_with_and_without_quantisation(method, ch
         for x, y in zip(_token_idx(plain), _token_idx(quant)):
             assert torch.equal(x, y), (method, k)
     assert any(cache_layer.nq > 0 for cache_layer in quant.layers)
+    if method == "none":
+        assert all(layer.physical_length == PROMPT + NEW for layer in quant.layers)
 
 
 @pytest.mark.parametrize("method", POLICIES)
@@ -318,7 +320,8 @@ def test_eviction_with_kivi_keeps_each_token_within_the_quantisation_bound(metho
     for i in cache.managed:
         layer = cache.layers[i]
         grows = 0 if cache.policy.keeps_evicting else NEW  # SnapKV evicts the prompt (and the chunk) only
-        assert layer.physical_length == 20 + grows and layer.nq > 0
+        held = 20 + grows if cache.policy.evicts else PROMPT + 6 + NEW  # 'none' keeps every token
+        assert layer.physical_length == held and layer.nq > 0
         idx = layer.token_idx.long()  # [B, H, n]
         for got, full in ((layer.full_keys(), ref.layers[i].keys), (_full_values(layer), ref.layers[i].values)):
             want = full.gather(2, idx[..., None].expand(-1, -1, -1, D))

@@ -149,7 +149,7 @@ class QuantizedLayer(SqueezeLayer):
 
     def compress(self, budget: int) -> None:
         """Evict down to ``budget`` positions (the policy decides, as for a plain layer), then quantise."""
-        if self.physical_length > budget:
+        if self.physical_length > budget and self.policy.evicts:
             self._gather(self.policy.select(self, budget))
             self.compressed = True
         self.flush()
