@@ -127,15 +127,21 @@ class KIVILayer(QuantizedLayer):
                 return t[:, :, pos]
             return t.gather(2, pos[..., None].expand(-1, -1, -1, t.shape[-1]))
 
-        kc = unpack(rows(self.kcode), self.bits)  # [B, H, m, D]
+        dt, g = self.dtype, self.group_size
+        kc = unpack(rows(self.kcode), self.bits).to(dt)  # [B, H, m, D]
         b, h, m, d = kc.shape
-        gid = self._gid(pos).expand(b, h, m)[..., None].expand(-1, -1, -1, d)  # [B, H, m, D]
-        keys = kc.float() * self.kscale.gather(2, gid).float() + self.kzero.gather(2, gid).float()
-        vc = unpack(rows(self.vcode), self.bits)
+        if isinstance(pos, slice) and self.kgid is None and pos.start % g == 0 and m % g == 0:
+            # whole groups in storage order: broadcast each group's scale/zero over its g tokens (no gather)
+            g0 = pos.start // g
+            ks, kz = self.kscale[:, :, g0:g0 + m // g, None], self.kzero[:, :, g0:g0 + m // g, None]
+            keys = (kc.view(b, h, m // g, g, d) * ks + kz).view(b, h, m, d)
+        else:
+            gid = self._gid(pos).expand(b, h, m)[..., None].expand(-1, -1, -1, d)  # [B, H, m, D]
+            keys = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
+        vc = unpack(rows(self.vcode), self.bits).to(dt)
         dv = vc.shape[-1]
-        vc = vc.reshape(b, h, m, dv // self.group_size, self.group_size).float()
-        values = vc * rows(self.vscale).float()[..., None] + rows(self.vzero).float()[..., None]
-        return keys.to(self.dtype), values.reshape(b, h, m, dv).to(self.dtype)
+        values = vc.view(b, h, m, dv // g, g) * rows(self.vscale)[..., None] + rows(self.vzero)[..., None]
+        return keys, values.view(b, h, m, dv)
 
     def _gather_quantised(self, idx: torch.Tensor) -> None:
         # idx: [B, H, s]

@@ -189,7 +189,10 @@ class QuantizedLayer(SqueezeLayer):
 
     def _blocks(self, query: torch.Tensor) -> Iterator[tuple[int, int]]:
         b, hq, q, d = query.shape
-        step = max(1, BLOCK_ELEMS // max(1, b * hq * max(d, q)))
+        h = self.keys.shape[1]
+        # a block bounds both the dequantised keys [B, H, m, D] and the logits [B, Hq, q, m]; whole flush blocks
+        step = max(1, BLOCK_ELEMS // max(1, b * h * d, b * hq * q))
+        step = max(self.flush_block, step // self.flush_block * self.flush_block)
         for start in range(0, self.nq, step):
             yield start, min(self.nq, start + step)
 
