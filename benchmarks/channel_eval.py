@@ -63,6 +63,11 @@ def factory(model: Any, spec: dict[str, Any] | None, methods: dict[str, Any]):
     if spec is None:
         return (lambda: DynamicCache(config=model.config)), squeezekv.dynamic_cache_nbytes
     spec = dict(spec)
+    calib = (spec.get("channel_params") or {}).get("calibration")
+    waited = 0
+    while calib and not Path(calib).is_file() and waited < 3600:  # being made by `python -m ...coupled`
+        time.sleep(30)
+        waited += 30
 
     def make() -> Any:
         cache = squeezekv.make_cache(model, spec["method"], spec["budget"], spec.get("allocation", "uniform"),

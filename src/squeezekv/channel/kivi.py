@@ -19,7 +19,7 @@ is at most ``scale / 2``.
 Differences from the paper, all stated in ``docs/channel.md``: the paper keeps keys and values in separate residuals
 (keys: 0 to R-1 tokens, flushed R at a time; values: exactly R); here one residual of R to R+G-1 tokens serves both,
 so a token is either quantised or full precision in K and V alike (this keeps eviction and block attention simple).
-Keys are quantised as the model caches them, after rotary embedding (as the paper's code does).
+Keys are quantised as the model caches them, after rotary embedding.
 
 Composition with eviction (evict first, quantise the survivors; see :mod:`squeezekv.channel.quantized`): when a
 policy evicts quantised tokens, each kept token keeps its key group through a per-token group id (int16, int32 for
