@@ -45,7 +45,7 @@ KIVI2 = {"bits": 2, "group_size": 32, "residual": 128}
 #: method -> (eviction policy or None, fraction of the context kept, channel params or None)
 METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "full": (None, 1.0, None),
-    "kivi2": ("window", 1.0, KIVI2),
+    "kivi2": ("none", 1.0, KIVI2),
     "snapkv0.3": ("snapkv", 0.3, None),
     "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
 }
