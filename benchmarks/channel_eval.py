@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-dir", default="/tmp/cq")
     ap.add_argument("--cells", default="", help="comma-separated subset of the cells")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tasks", default="needle,ppl")
     ap.add_argument("--needle-lengths", default="1000,2000")
     ap.add_argument("--needles", type=int, default=2)
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                        needle_depths=tuple(float(x) for x in args.needle_depths.split(",")),
                        needles=args.needles, ppl_docs=args.ppl_docs, ppl_prefix=args.ppl_prefix,
                        ppl_tokens=args.ppl_tokens)
-    examples = build_examples(["needle", "ppl"], tokenizer, Sources(), opts)
+    examples = build_examples(args.tasks.split(","), tokenizer, Sources(), opts)
     table = cells(Path(args.calib_dir))
     names = [c for c in args.cells.split(",") if c] or list(table)
     bad = [c for c in names if c not in table]

@@ -36,9 +36,9 @@ def main() -> None:
             ax.annotate(cell, (x, r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set(xlabel="KV bytes after the prompt / full cache's (float32 run)", ylabel=label)
         ax.grid(alpha=0.3)
-    n = {k: v.get("n") for k, v in rows.items()}
-    fig.suptitle(f"SmolLM2-135M-Instruct, CPU: channel methods alone and with eviction (examples per cell: "
-                 f"{max(n.values())})", fontsize=10)
+    needles = sorted({v.get("needle_n") for v in rows.values() if v.get("needle_n")})
+    fig.suptitle(f"SmolLM2-135M-Instruct, CPU: channel methods alone and with eviction (needles per cell: "
+                 f"{'-'.join(map(str, needles))}; perplexity: 2 documents)", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
