@@ -15,6 +15,17 @@ kvpress() {
     PYTHONPATH=/tmp/kvsite:.kvp/stubs python3 benchmarks/kvpress_decode.py --config $cfg --batches "$1" \
         --out $OUT/kvpress.json 2>&1 | grep -v -i warn
 }
+if [ "${1:-}" = session4 ]; then
+    # chunked prefill (peak memory and time, 8k and 32k), multi-user serving replay, Eigen Attention decode
+    ours --out $OUT/prefill_chunked.json --only prefill --methods full,streamingllm,snapkv,h2o \
+        --prefill-contexts 8192,32768 --prefill-chunks 1024,4096
+    PYTHONPATH=/tmp/site:src python3 benchmarks/serving_multiuser.py --device cuda --random-config $cfg \
+        --conversations 64 --turns 5 --history 1024 --gpu-gib 2 --cpu-gib 4 --disk-gib 8 --methods full,snapkv \
+        --out $OUT/multiuser.json 2>&1 | grep -v -i warn | cut -c1-600
+    PYTHONPATH=/tmp/site:src python3 benchmarks/eigen_decode.py --config $cfg --out $OUT/eigen --context 8192 \
+        --batches 1,16 --ranks 64,96 2>&1 | grep -v -i warn | tail -20
+    exit 0
+fi
 if [ "${1:-}" = long ]; then
     ours --out $OUT/decode256.json --only decode --decode-steps 256 --batches 16,64,256 \
         --methods full,streamingllm:16:graph

@@ -51,6 +51,24 @@ if [ -d "$W/kvsite" ]; then
     chmod +x "$W/kvpy"
     kv=(--kvpress-python "$W/kvpy")
 fi
+if [ "${MODE:-grid}" = finish ]; then
+    # a new machine: finish kvpress's side of the grid (one shard per press x budget, seeded with the records the
+    # earlier machine produced) and, beside it, the chunked-prefill grid (one-pass full cells seeded)
+    gunzip -c .evc3/seed.jsonl.gz > "$W/seed.jsonl"
+    $PY benchmarks/eval_sharded.py --out "$W/kvfinish" --device "$DEV" --deadline "$DEADLINE" "${kv[@]}" \
+        --kvpress-only 0.1,0.2,0.3,0.5 --seed-from "$W/seed.jsonl" -- $GRID_ARGS > "$W/kvfinish.log" 2>&1 &
+    $PY benchmarks/eval_sharded.py --out "$W/chunked" --device "$DEV" --deadline "$DEADLINE" \
+        --methods streamingllm,snapkv,h2o --allocations uniform --seed-from "$W/seed.jsonl" --seed-cells full \
+        -- $GRID_ARGS --budgets 0.2 --prefill-chunk 512 > "$W/chunked.log" 2>&1 &
+    wait
+    tail -n 4 "$W/kvfinish.log" "$W/chunked.log"
+    if [ -n "${OUT:-}" ]; then
+        (cd "$W" && tar -czf "$OUT/finish.tgz" kvfinish/results.jsonl kvfinish/config.json chunked/results.jsonl \
+            chunked/config.json kvfinish/shards/*/kvpress_raw.jsonl kvfinish.log chunked.log 2>/dev/null)
+        ls -la "$OUT"
+    fi
+    exit 0
+fi
 $PY benchmarks/eval_sharded.py --out "$W/grid" --device "$DEV" --deadline "$DEADLINE" "${kv[@]}" ${SHARD_ARGS:-} \
     -- $GRID_ARGS
 tail -n 3 "$W"/grid/shards/*/log.txt

@@ -33,10 +33,65 @@ def shard_plan(methods, allocations, presses) -> list[dict]:
     return shards
 
 
-def merge(out: Path) -> int:
+def kvpress_plan(presses, budgets) -> list[dict]:
+    """One shard per (press, budget): its squeezekv cell (window/uniform/budget) must already be done (seeded), so
+    the shard goes straight to kvpress's side."""
+    return [{"methods": "window", "allocations": "uniform", "presses": [p], "budgets": b}
+            for p, b in itertools.product(presses, budgets)]
+
+
+def seed(shard: Path, source: Path, cells: set[str] | None) -> int:
+    """Start a new shard from the records of ``source`` (only ``cells`` if given): they count as done."""
+    res = shard / "results.jsonl"
+    if res.exists() or not source.exists():
+        return 0
+    lines = []
+    for line in source.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if cells is None or r["cell"] in cells:
+            lines.append(line)
+    res.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+    return len(lines)
+
+
+def ingest_raw(shard: Path) -> int:
+    """Score and record the kvpress worker's raw results that a stopped shard never recorded (the worker writes
+    ``kvpress_raw.jsonl`` as it goes; the shard records them when the worker ends). Rebuilds the shard's examples
+    from its config (same tokenizer, same offline data -> same token ids). Returns how many were added."""
+    raw_path, res = shard / "kvpress_raw.jsonl", shard / "results.jsonl"
+    if not raw_path.exists():
+        return 0
+    from squeezekv.eval import GridConfig, TaskOptions, build_examples, prepare_sources
+    from squeezekv.eval import kvpress_side
+    from squeezekv.eval.grid import read_records, score
+
+    raw = kvpress_side._read_raw(raw_path)
+    done = {(r["cell"], r["example_id"]) for r in read_records(res)}
+    if all((r["cell"], r["example_id"]) in done for r in raw):
+        return 0
+    stored = json.loads((shard / "config.json").read_text())
+    opts = TaskOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored["options"].items()})
+    cfg = GridConfig(model=stored["model"], tasks=tuple(stored["tasks"]), options=opts)
+    from transformers import AutoTokenizer
+
+    from squeezekv.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    examples = build_examples(list(cfg.tasks), tok, prepare_sources(cfg), opts)
+    base = {"config": {"model": stored["model"], "fingerprint": stored["fingerprint"], "device": stored["device"],
+                       "dtype": "torch.float32"}}
+    return kvpress_side._append_records(raw, {e.id: e for e in examples}, done, score, base, res)
+
+
+def merge(out: Path, ingest: bool = False) -> int:
     """Merge every shard's records and config into ``out``; returns the number of records."""
     seen, records, configs = set(), [], []
     for shard in sorted((out / "shards").iterdir()):
+        if ingest:
+            print(f"{shard.name}: {ingest_raw(shard)} kvpress results recorded from the raw file", flush=True)
         cfg = shard / "config.json"
         if cfg.exists():
             configs.append(json.loads(cfg.read_text()))
@@ -75,22 +130,41 @@ def main() -> int:
     ap.add_argument("--presses", default=",".join(PRESSES))
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which shards are stopped (0: none); "
                     "a stopped shard resumes on the next run")
+    ap.add_argument("--kvpress-only", default="", help="comma-separated budgets: one shard per (press, budget), "
+                    "for finishing kvpress's side of a grid whose squeezekv cells are done (use with --seed-from)")
+    ap.add_argument("--seed-from", default=None, help="results.jsonl whose records new shards start from")
+    ap.add_argument("--seed-cells", default="", help="comma-separated cells to seed (default: every record)")
     ap.add_argument("--merge-only", action="store_true")
+    ap.add_argument("--ingest-raw", action="store_true", help="when merging, also record kvpress results that a "
+                    "stopped shard's worker finished (rebuilds the examples: needs the tokenizer and data)")
     ap.add_argument("grid_args", nargs=argparse.REMAINDER, help="after --: arguments for every `squeezekv eval`")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.merge_only:
         extra = [a for a in args.grid_args if a != "--"]
         presses = [p for p in args.presses.split(",") if p] if args.kvpress_python else []
-        plan = shard_plan(args.methods.split(","), args.allocations.split(","), presses)
+        if args.kvpress_only:
+            plan = kvpress_plan(presses, args.kvpress_only.split(","))
+        else:
+            plan = shard_plan(args.methods.split(","), args.allocations.split(","), presses)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         procs = []
         t0 = time.time()
         for i, s in enumerate(plan):
-            d = out / "shards" / f"{i:02d}-{s['methods']}-{s['allocations']}"
+            name = f"{i:02d}-{s['methods']}-{s['allocations']}"
+            if "budgets" in s:
+                name = f"{i:02d}-kvpress-{s['presses'][0]}-{s['budgets']}"
+            d = out / "shards" / name
             d.mkdir(parents=True, exist_ok=True)
+            if args.seed_from:
+                cells = set(args.seed_cells.split(",")) if args.seed_cells else None
+                print(f"{name}: seeded {seed(d, Path(args.seed_from), cells)} records", flush=True)
             cmd = [sys.executable, "-m", "squeezekv.cli", "eval", "--out", str(d), "--device", args.device,
                    "--methods", s["methods"], "--allocations", s["allocations"], "--no-progress", *extra]
+            if "budgets" in s:
+                cmd += ["--budgets", s["budgets"]]  # after the shared arguments: this shard's budget wins
+                if i > 0:
+                    cmd.append("--no-kvpress-full-check")  # the first kvpress shard alone runs the full check
             if s["presses"]:
                 cmd += ["--kvpress-python", args.kvpress_python, "--kvpress-presses", ",".join(s["presses"])]
             log = open(d / "log.txt", "a")
@@ -106,7 +180,7 @@ def main() -> int:
             p.wait()
             print(f"{d.name}: exit {p.returncode}", flush=True)
         print(f"shards took {time.time() - t0:.0f} s", flush=True)
-    n = merge(out)
+    n = merge(out, ingest=args.ingest_raw)
     print(f"merged {n} records into {out / 'results.jsonl'}")
     return 0
 

@@ -108,7 +108,7 @@ def test_kivi_layer_stores_keys_per_channel_and_values_per_token_within_bound(bi
         assert layer.nq == 32 and layer.residual_length == 8  # (40 - 8) // 8 groups of 8 quantised
         kg = k[:, :, :32].reshape(2, 2, 4, 8, D)
         kstep = (kg.amax(3, keepdim=True) - kg.amin(3, keepdim=True)) / qmax
-        kerr = (layer.full_keys()[:, :, :32].reshape(2, 2, 4, 8, D) - kg).abs()
+        kerr = (layer.attention_keys()[:, :, :32].reshape(2, 2, 4, 8, D) - kg).abs()
         assert (kerr <= kstep / 2 + 1e-5).all()
         vg = v[:, :, :32].reshape(2, 2, 32, D // 8, 8)
         vstep = (vg.amax(4, keepdim=True) - vg.amin(4, keepdim=True)) / qmax
@@ -156,7 +156,7 @@ def test_block_attention_equals_attention_over_the_dequantised_cache(channel, q_
             n = layer.physical_length
             allowed = torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None]
             allowed = allowed[None, None]
-        keys, values = layer.full_keys(), _full_values(layer)
+        keys, values = layer.attention_keys(), _full_values(layer)
         ref = _eager(query, keys, values, allowed, 0.25)
         torch.testing.assert_close(layer.attend(query, None, None, layer.allowed(q_len, None), 0.25), ref,
                                    atol=1e-5, rtol=0)
@@ -243,7 +243,7 @@ def test_coupled_codes_are_the_nearest_centroids(make_model, make_ids, tmp_path)
     model(ids, cache=cache)
     for i in cache.managed:
         layer = cache.layers[i]
-        for got, orig, book in ((layer.full_keys(), ref.layers[i].keys, layer.kbook),
+        for got, orig, book in ((layer.attention_keys(), ref.layers[i].keys, layer.kbook),
                                 (_full_values(layer), ref.layers[i].values, layer.vbook)):
             x = orig.reshape(1, 2, PROMPT, D // 4, 4)  # [B, H, n, groups, c]
             d = ((x[..., None, :] - book[None, :, None]) ** 2).sum(-1)  # [B, H, n, groups, 16]
@@ -323,7 +323,7 @@ def test_eviction_with_kivi_keeps_each_token_within_the_quantisation_bound(metho
         held = 20 + grows if cache.policy.evicts else PROMPT + 6 + NEW  # 'none' keeps every token
         assert layer.physical_length == held and layer.nq > 0
         idx = layer.token_idx.long()  # [B, H, n]
-        for got, full in ((layer.full_keys(), ref.layers[i].keys), (_full_values(layer), ref.layers[i].values)):
+        for got, full in ((layer.attention_keys(), ref.layers[i].keys), (_full_values(layer), ref.layers[i].values)):
             want = full.gather(2, idx[..., None].expand(-1, -1, -1, D))
             step = (full.amax(dim=(2, 3)) - full.amin(dim=(2, 3)))[..., None, None] / qmax  # [B, H, 1, 1]
             exact_ref = (idx < PROMPT) | (i == 0)  # [B, H, n]
@@ -403,7 +403,7 @@ def test_heads_keeping_different_numbers_of_quantised_tokens(make_model, make_id
                                atol=1e-5, rtol=0)
     k = ref.layers[2].keys  # [1, 2, 40, D]
     step = (k.amax(2, keepdim=True) - k.amin(2, keepdim=True)) / 3  # per channel, whole prompt
-    err = (layer.full_keys() - k.gather(2, idx[..., None].expand(-1, -1, -1, D))).abs()
+    err = (layer.attention_keys() - k.gather(2, idx[..., None].expand(-1, -1, -1, D))).abs()
     assert (err <= step + 1e-5).all()
     # decoding goes on from this state
     model(make_ids(1, 1, seed=7), cache=cache)  # the plan's budget (4096) evicts nothing more

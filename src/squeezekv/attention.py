@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -87,16 +88,6 @@ def _eager(
     return torch.cat(outs, dim=3).reshape(b, hq, q_len, value.shape[-1]).to(query.dtype)
 
 
-def _eager(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """Eager attention in query chunks; weights and products in float32. Returns ``[B, Hq, q, D]``."""
-    b, hq, q_len, d = query.shape
-    vf = value.float()
-    outs = [torch.einsum("bhgqn,bhnd->bhgqd", w, vf) for _, _, w in _weight_chunks(query, key, allowed, scaling)]
-    return torch.cat(outs, dim=3).reshape(b, hq, q_len, value.shape[-1]).to(query.dtype)
-
-
 def _sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float,
     dropout: float = 0.0,
@@ -117,8 +108,8 @@ def _sdpa(
             mask, causal = None, False
         elif q_len == n:
             mask, causal = None, True
-        else:
-            mask, causal = _causal(q_len, n, key.device), False
+        else:  # the q queries are the last q of n keys (a chunk after a kept past): flash/efficient kernels apply
+            mask, causal = causal_lower_right(q_len, n), False
     else:
         mask, causal = _expand_heads(allowed, hq), False
     return F.scaled_dot_product_attention(
@@ -170,17 +161,20 @@ def squeezekv_attention(
         return out.transpose(1, 2).contiguous(), None
 
     layer.set_padding(attention_mask)
+    query = layer.attention_query(query)  # identity unless the layer attends in a projected space
     allowed = layer.allowed(q_len, sliding_window)
     if allowed is not None:
         allowed = _no_empty_rows(allowed)
     policy = layer.policy
-    if policy.wants_weights(layer, q_len):
+    observe = layer.selects_tokens  # a layer that follows another layer's selection feeds no policy
+    if observe and policy.wants_weights(layer, q_len):
         q_valid = None if attention_mask is None else attention_mask[:, -q_len:]  # [B, q]
         for start, end, weights in layer.weight_chunks(query, key, allowed, scaling):
             policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
     out = layer.attend(query, key, value, allowed, scaling)
     b, hq, _, d = query.shape
-    policy.observe_queries(layer, query.reshape(b, key.shape[1], hq // key.shape[1], q_len, d), allowed, scaling)
+    if observe:
+        policy.observe_queries(layer, query.reshape(b, key.shape[1], hq // key.shape[1], q_len, d), allowed, scaling)
     layer.after_attention(q_len)
     return out.transpose(1, 2).contiguous(), None
 

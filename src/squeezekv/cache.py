@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets
+from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets, tie_budgets
 from .registry import make_allocation, make_channel, make_crosslayer, make_policy
 
 
@@ -36,6 +36,9 @@ class SqueezeLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    #: the layer picks its kept tokens with the eviction policy (False: it follows another layer's selection, and the
+    #: policy never sees its attention)
+    selects_tokens = True
 
     def __init__(self, cache: "SqueezeCache", layer_idx: int):
         super().__init__()
@@ -76,8 +79,7 @@ class SqueezeLayer(CacheLayerMixin):
             )
         new_idx = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device)
         reserve = self._reserve(q)
-        self._append("keys", key_states, reserve)
-        self._append("values", value_states, reserve)
+        self._append_kv(key_states, value_states, reserve)
         self._append("token_idx", new_idx.expand(b, h, q), reserve)
         if self.scores is not None:
             self._append("scores", self.scores.new_zeros((b, h, q)), reserve)
@@ -99,6 +101,11 @@ class SqueezeLayer(CacheLayerMixin):
         if self.policy.keeps_evicting and budget is not None:
             return max(0, budget + self.cache.evict_every - self.physical_length - q)
         return self.cache.growth_chunk - 1
+
+    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
+        """Store the new tokens' keys and values (a layer that stores only values overrides it)."""
+        self._append("keys", key_states, reserve)
+        self._append("values", value_states, reserve)
 
     def _append(self, name: str, new: torch.Tensor, reserve: int) -> None:
         """Append ``new`` along the sequence dim (2) of tensor ``name``, in place when its buffer has room; else
@@ -187,16 +194,19 @@ class SqueezeLayer(CacheLayerMixin):
         self.valid = pad2d.gather(1, self.token_idx.reshape(b, h * n).long()).reshape(b, h, n)
 
     def allowed(self, q_len: int, sliding_window: int | None) -> torch.Tensor | None:
-        """Boolean mask ``[B, H or 1, q, n]`` of which held positions each new query may see; None = all of them
-        up to itself in a contiguous, unpadded layout (the caller then uses a plain causal mask or none)."""
+        """Boolean mask ``[B, H or 1, q, n]`` of which held positions each new query may see; None = each query sees
+        every held position up to itself, the q new tokens being the last q held (the caller then uses a
+        bottom-right-aligned causal mask, or none for one query)."""
         if self.static is not None:  # slots up to the one just written; tensor ops only (graph-capturable)
             st = self.static
             slots = torch.arange(st.capacity, device=st.base_t.device)
             return (slots <= st.base_t + st.step_t).view(1, 1, 1, st.capacity)
         if not self.compressed and self.valid is None and not sliding_window:
             return None
-        if self.compressed and self.valid is None and not sliding_window and q_len == 1:
-            return None  # one new query sees every held token
+        if self.compressed and self.valid is None and not sliding_window:
+            # every held token precedes the q new ones, which are the last q held: a bottom-right-aligned causal
+            # mask (one decoding query sees everything; a prefill chunk sees the kept past and itself causally)
+            return None
         tok = self.token_idx if self.compressed else self.token_idx[:, :1]  # heads agree until first eviction
         q_idx = torch.arange(self.seen - q_len, self.seen, device=tok.device, dtype=tok.dtype)  # [q]
         allowed = tok[:, :, None, :] <= q_idx[:, None]  # [B, H|1, q, n]
@@ -211,7 +221,10 @@ class SqueezeLayer(CacheLayerMixin):
         """Keep ``budget`` positions per (row, head) chosen by the policy; the rest is freed."""
         if self.physical_length <= budget or not self.policy.evicts:
             return
-        idx = self.policy.select(self, budget)  # [B, H, k]
+        self.keep(self.policy.select(self, budget))  # [B, H, k]
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the positions ``idx`` ``[B, H, k]`` (ascending) of every per-token tensor; the rest is freed."""
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
         self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
         self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
@@ -222,6 +235,16 @@ class SqueezeLayer(CacheLayerMixin):
             self.valid = self.valid.gather(2, idx)
         self._buffers = {}  # the old storage is released with the views into it
         self.compressed = True
+
+    def attention_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The queries ``[B, Hq, q, D]`` in the space this layer's attention keys live in (what :meth:`update`
+        returned and :meth:`attention_keys` gives). Extension point: a layer that attends in a projected space
+        (low-rank keys) maps the queries there; the policies then score with the attention the model really uses."""
+        return query
+
+    def attention_keys(self) -> torch.Tensor:
+        """The keys ``[B, H, n, Dk]`` the current attention computes its logits with (SnapKV scores with them)."""
+        return self.keys
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
@@ -243,11 +266,6 @@ class SqueezeLayer(CacheLayerMixin):
         from .attention import _weight_chunks
 
         return _weight_chunks(query, key, allowed, scaling)
-
-    def full_keys(self) -> torch.Tensor:
-        """Keys of every held position ``[B, H, n, D]`` in the model's layout (a layer that stores them compressed
-        returns a decompressed copy); read by policies that re-score the held keys (SnapKV)."""
-        return self.keys
 
     def after_attention(self, q_len: int) -> None:
         """Called by the attention function once the new queries attended: evict if the plan says so."""
@@ -403,6 +421,9 @@ class SqueezeCache(Cache):
                 raise ValueError(f"layer {i} has type {kind!r}, which squeezekv does not support")
         super().__init__(layers=layers)
         self.managed: tuple[int, ...] = tuple(i for i, l in enumerate(layers) if isinstance(l, SqueezeLayer))
+        self.layer_types = tuple(layer_types)
+        if self.crosslayer is not None:
+            self.crosslayer.bind(self)
         self._given_plan = plan
         if plan is not None:
             self._check_plan(plan)
@@ -433,6 +454,17 @@ class SqueezeCache(Cache):
             if (plan[i] is None) != (i not in self.managed):
                 raise ValueError(f"plan layer {i}: budget {plan[i]!r} does not match whether the layer is managed")
         check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
+        for group in self.tied_layers():
+            if len({plan[i] for i in group}) > 1:
+                raise ValueError(
+                    f"plan gives layers {list(group)} the budgets {[plan[i] for i in group]}, but they must keep the "
+                    f"same tokens ({self.crosslayer.describe()} ties them): give them one budget"
+                )
+
+    def tied_layers(self) -> list[tuple[int, ...]]:
+        """Groups of layers that must keep exactly the same tokens (one budget per group), from the cross-layer
+        method."""
+        return [] if self.crosslayer is None else list(self.crosslayer.tied_layers())
 
     @property
     def collecting_importance(self) -> bool:
@@ -463,6 +495,10 @@ class SqueezeCache(Cache):
         full: list[int | None] = [None] * len(self.layers)
         for i, b in zip(self.managed, budgets):
             full[i] = int(b)
+        groups = self.tied_layers()
+        if groups:
+            full = tie_budgets(full, groups)
+            details = {**details, "tied_layers": [list(g) for g in groups]}
         plan = BudgetPlan(
             budgets=tuple(full),
             base=base,

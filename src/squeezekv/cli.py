@@ -1,6 +1,8 @@
 """Command line: ``squeezekv run`` (the main job), ``squeezekv eval`` (quality grid), ``squeezekv methods`` (the
 registry), ``squeezekv bench`` (GPU throughput, :mod:`squeezekv.bench`), ``squeezekv serve`` (the OpenAI-compatible
-server, :mod:`squeezekv.serve.cli`) and ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`)."""
+server, :mod:`squeezekv.serve.cli`), ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`),
+``squeezekv calibrate-eigen`` (:mod:`squeezekv.channel.eigen_calibrate`) and ``squeezekv analyze-layers``
+(:mod:`squeezekv.crosslayer.analyze`)."""
 
 from __future__ import annotations
 
@@ -106,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .crosslayer.lckv.cli import add_parser as add_train_lckv_parser
 
     add_train_lckv_parser(sub)
+    from .channel.eigen_calibrate import add_parser as add_calibrate_eigen_parser
+
+    add_calibrate_eigen_parser(sub)
     _add_eval_parser(sub)
+    from .crosslayer.analyze import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
@@ -162,6 +170,8 @@ def _add_eval_parser(sub: Any) -> None:
     ev.add_argument("--kvpress-presses", default="streamingllm,snapkv,pyramidkv,observed,expected",
                     help="kvpress presses (observed = H2O-like ObservedAttentionPress, expected = "
                     "ExpectedAttentionPress)")
+    ev.add_argument("--no-kvpress-full-check", action="store_true",
+                    help="skip kvpress's full-cache run (the check that both environments score the full cache alike)")
     ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ev.add_argument("--prefill-chunk", type=int, default=None,
@@ -215,7 +225,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         channel_params=_scoped_params(args.channel_param, "channel"),
         crosslayer_params=_scoped_params(args.crosslayer_param, "cross-layer"),
         options=opts, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk, skip_infeasible=args.skip_infeasible,
-        kvpress_python=args.kvpress_python,
+        kvpress_python=args.kvpress_python, kvpress_full_check=not args.no_kvpress_full_check,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
     )
     res = evaluate(cfg, args.out, progress=not args.no_progress)
@@ -236,6 +246,18 @@ def _run_train_lckv(args: argparse.Namespace) -> int:
     return train_lckv(args)
 
 
+def _run_analyze_layers(args: argparse.Namespace) -> int:
+    from .crosslayer.analyze import run as analyze_layers
+
+    return analyze_layers(args)
+
+
+def _run_calibrate_eigen(args: argparse.Namespace) -> int:
+    from .channel.eigen_calibrate import run as calibrate_eigen
+
+    return calibrate_eigen(args)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from .serve.cli import run as serve
 
@@ -251,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "methods":
         print(markdown_table())
         return 0
-    handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval}
+    handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval,
+                "calibrate-eigen": _run_calibrate_eigen, "analyze-layers": _run_analyze_layers}
     if args.command in handlers:
         try:
             return handlers[args.command](args)

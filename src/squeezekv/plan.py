@@ -152,3 +152,17 @@ def cap_budgets(budgets: Sequence[int], cap: int) -> tuple[list[int], int]:
             out[i] += give
             surplus -= give
     return out, moved
+
+
+def tie_budgets(budgets: Sequence[int | None], groups: Sequence[Sequence[int]]) -> list[int | None]:
+    """Give every layer of a group the group's mean budget (rounded, >= 1): layers that must keep the same tokens
+    (e.g. a shared-attention span) get one budget; the total changes by less than the group's size."""
+    out = list(budgets)
+    for group in groups:
+        own = [budgets[i] for i in group]
+        if any(b is None for b in own):
+            raise ValueError(f"layers {list(group)} are tied but not all of them are managed (budgets {own})")
+        tied = max(1, int(round(sum(own) / len(own))))
+        for i in group:
+            out[i] = tied
+    return out

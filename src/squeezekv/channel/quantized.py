@@ -27,7 +27,7 @@ positions, dequantising one block of keys/values at a time and merging blocks wi
 (running max and sum, as in FlashAttention), then the residual; the whole dequantised cache is never materialised.
 Policies that need weights (H2O) get them from :meth:`QuantizedLayer.weight_chunks`, which dequantises the keys a
 second time, block by block (cost: one more pass over the keys per step); SnapKV, which re-reads the keys on a prompt
-chunk, gets them from :meth:`QuantizedLayer.full_keys` (dequantised once per multi-token chunk, never per decoded
+chunk, gets them from :meth:`QuantizedLayer.attention_keys` (dequantised once per multi-token chunk, never per decoded
 token).
 """
 
@@ -181,7 +181,7 @@ class QuantizedLayer(SqueezeLayer):
         self._buffers = {}
 
     # -- attention ----------------------------------------------------------------------------------------------
-    def full_keys(self) -> torch.Tensor:
+    def attention_keys(self) -> torch.Tensor:
         """Keys of every held position ``[B, H, n, D]`` (a dequantised copy of the quantised part)."""
         if self.nq == 0:
             return self.keys

@@ -23,6 +23,15 @@ class CrossLayerMethod(ABC):
     def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> "SqueezeLayer | None":
         """The layer object for managed layer ``layer_idx``, or None to let the channel method / default decide."""
 
+    def bind(self, cache: "SqueezeCache") -> None:
+        """Called once the cache's layers exist (``cache.layers``, ``cache.managed``, ``cache.layer_types``): raise
+        ``ValueError`` if the method does not fit this model."""
+
+    def tied_layers(self) -> "list[tuple[int, ...]]":
+        """Groups of layers that must keep exactly the same tokens: the budget plan gives each group one budget and
+        a given plan that does not is refused."""
+        return []
+
     def prepare(self, model: Any) -> None:
         """Called once by :func:`squeezekv.make_cache` with the model."""
 

@@ -70,6 +70,7 @@ class GridConfig:
     skip_infeasible: bool = False
     kvpress_python: str | None = None
     kvpress_presses: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
+    kvpress_full_check: bool = True  # also run the full cache under kvpress's transformers (identical-score check)
 
     def validate(self) -> None:
         """Every name and number checked before anything is loaded or computed."""
@@ -393,7 +394,7 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                            "dtype": "torch.float32"}}
         kvpress_side.run(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
                          tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results,
-                         device=cfg.device)
+                         device=cfg.device, full_check=cfg.kvpress_full_check)
     return read_records(results)
 
 

@@ -30,9 +30,10 @@ def validate(python: str | None, presses: tuple[str, ...]) -> None:
         raise ValueError(f"unknown kvpress press {bad[0]!r}; choose from: {', '.join(PRESSES)}")
 
 
-def cells(presses: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[str, str, float]]:
-    """(cell key, press, budget) of every kvpress cell, the full-cache check first."""
-    out = [(f"kvpress:full", "full", 1.0)]
+def cells(presses: tuple[str, ...], budgets: tuple[float, ...], full_check: bool = True
+          ) -> list[tuple[str, str, float]]:
+    """(cell key, press, budget) of every kvpress cell, the full-cache check first (if ``full_check``)."""
+    out = [("kvpress:full", "full", 1.0)] if full_check else []
     for p in presses:
         for b in budgets:
             out.append((f"kvpress:{p}/{ALLOCATION}/{b:g}", p, float(b)))
@@ -75,7 +76,7 @@ def _read_raw(path: Path) -> list[dict[str, Any]]:
 
 def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[float, ...], examples: list[Any],
         done: set[tuple[str, str]], score_fn: Any, base_record: dict[str, Any], results: Path,
-        device: str = "cpu") -> int:
+        device: str = "cpu", full_check: bool = True) -> int:
     """Run the pending kvpress (cell, example) pairs in the other environment; append scored records. The worker's
     raw results are kept in ``kvpress_raw.jsonl`` beside ``results``, so an interrupted worker loses at most the
     run in flight. Returns how many records were added."""
@@ -84,7 +85,7 @@ def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[f
     added = _append_records(_read_raw(raw_path), by_id, done, score_fn, base_record, results)
     jobs = []
     for e in examples:
-        for key, press, budget in cells(presses, budgets):
+        for key, press, budget in cells(presses, budgets, full_check):
             if (key, e.id) not in done:
                 jobs.append({"cell": key, "press": press, "budget": budget, "example_id": e.id})
     if not jobs:

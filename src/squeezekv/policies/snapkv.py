@@ -45,7 +45,7 @@ class SnapKVPolicy(EvictionPolicy):
             return
         w = min(self.window, q_len)
         q_win = query[:, :, :, -w:, :].float()  # [B, Hkv, G, w, D]
-        keys = layer.full_keys().float()  # [B, Hkv, n, D]
+        keys = layer.attention_keys().float()  # [B, Hkv, n, D]: the keys the attention used
         logits = torch.einsum("bhgqd,bhnd->bhgqn", q_win, keys) * scaling  # [B, Hkv, G, w, n]
         if allowed is not None:
             logits = logits.masked_fill(~allowed[:, :, None, -w:, :], float("-inf"))

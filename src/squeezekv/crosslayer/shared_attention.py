@@ -1,0 +1,267 @@
+"""Shared Attention: the layers of a span reuse the softmax attention weights of the span's first layer and keep no
+key cache.
+
+Paper: Liao & Vargas, "Beyond KV Caching: Shared Attention for Efficient LLMs", arXiv 2407.12866 (Neurocomputing
+2025). The paper observes that, after pretraining, the post-softmax attention weights of many (mostly later) layers
+are nearly the same ("isotropic"), so a layer can use the weights an earlier layer computed: ``out_l = A_s V_l``
+with ``A_s = softmax(Q_s K_s^T / sqrt(d))`` of the source layer ``s``. The official code (metacarbon/shareAtt,
+``modeling_llama.py``) does it training-free: a shared layer takes the weights of the nearest earlier non-shared
+layer and caches only its values. Which spans are safe is read from a similarity analysis of the weights
+(``squeezekv analyze-layers``, :mod:`squeezekv.crosslayer.analyze`).
+
+Parameters:
+
+* ``spans``: ``[[first, last], ...]`` ranges of consecutive layers (inclusive). ``first`` computes its weights,
+  ``first + 1 .. last`` reuse them. A span of one layer shares nothing. Or the path of a JSON file written by
+  ``analyze-layers`` (its ``"spans"``, or with ``shared_layers`` its proposal for that many shared layers).
+* ``shared_layers``: with a JSON file, take its proposal ``spans_by_count[shared_layers]``.
+
+What is saved, and what is not: a shared layer stores no keys (its cache holds values and squeezekv's token indices
+only) and skips ``QK^T`` and the softmax. squeezekv does not edit model code, so the model still computes the
+shared layers' query and key projections (and RoPE); their keys are dropped by the cache. The source layer computes
+its weights explicitly (float32 softmax, eager math) because it must hand them on.
+
+Composition with eviction: the source's weights are over the tokens the source holds, so a shared layer must hold
+exactly those tokens. It never selects on its own: when the source evicts with indices ``idx``, its sharers gather
+their values with the same ``idx`` (per batch row and KV head), and the budget plan gives every layer of a span one
+budget (:meth:`SharedAttention.tied_layers`; a given plan that does not is refused).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attention import _EAGER_BLOCK, _weight_chunks
+from ..cache import SqueezeCache, SqueezeLayer
+from ..registry import register_crosslayer
+from .base import CrossLayerMethod
+
+
+def load_spans(spans: Any, shared_layers: int | None = None) -> tuple[tuple[int, int], ...]:
+    """Normalise ``spans`` (a list of ``[first, last]`` pairs, or a JSON file from ``analyze-layers``) and check
+    them: integers, ``0 <= first <= last``, no overlap. Raises ``ValueError``."""
+    if isinstance(spans, (str, Path)):
+        path = Path(spans)
+        if not path.is_file():
+            raise ValueError(f"shared_attention spans={str(spans)!r}: no such file (give [[first, last], ...] or the "
+                             "JSON written by `squeezekv analyze-layers`)")
+        data = json.loads(path.read_text())
+        if shared_layers is not None:
+            table = data.get("spans_by_count", {})
+            if str(shared_layers) not in table:
+                raise ValueError(f"{path} has no proposal for shared_layers={shared_layers}; it has: "
+                                 f"{', '.join(sorted(table, key=int)) or 'none'}")
+            spans = table[str(shared_layers)]
+        else:
+            spans = data.get("spans")
+    elif shared_layers is not None:
+        raise ValueError("shared_attention shared_layers= needs spans= to be the JSON file of `analyze-layers`")
+    if not isinstance(spans, (list, tuple)):
+        raise ValueError(f"shared_attention spans={spans!r} must be a list of [first, last] layer ranges")
+    out = []
+    for span in spans:
+        if (not isinstance(span, (list, tuple)) or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            raise ValueError(f"shared_attention span {span!r} must be a pair of layer indices [first, last]")
+        first, last = span
+        if not 0 <= first <= last:
+            raise ValueError(f"shared_attention span {list(span)} is out of range: need 0 <= first <= last")
+        out.append((first, last))
+    out.sort()
+    for (a0, a1), (b0, b1) in zip(out, out[1:]):
+        if b0 <= a1:
+            raise ValueError(f"shared_attention spans {[a0, a1]} and {[b0, b1]} overlap: a layer has one source")
+    return tuple(out)
+
+
+@register_crosslayer("shared_attention")
+@dataclass
+class SharedAttention(CrossLayerMethod):
+    paper = "Liao & Vargas 2024, arXiv 2407.12866"
+    summary = "layers of a span reuse the first layer's softmax weights; no key cache for them (values only)"
+    spans: Any = ()
+    shared_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        self._spans = load_spans(self.spans, self.shared_layers)
+        self._source_of = {i: a for a, b in self._spans for i in range(a + 1, b + 1)}
+        self._last_of = {a: b for a, b in self._spans if b > a}  # source -> last layer of its span
+
+    @property
+    def span_list(self) -> list[list[int]]:
+        return [[a, b] for a, b in self._spans]
+
+    @property
+    def shared(self) -> list[int]:
+        """The layers that reuse another layer's weights (and hold no keys)."""
+        return sorted(self._source_of)
+
+    def bind(self, cache: SqueezeCache) -> None:
+        n = len(cache.layers)
+        for a, b in self._spans:
+            if b >= n:
+                raise ValueError(f"shared_attention span {[a, b]} is out of range: the model has {n} layers (0..{n - 1})")
+            if b == a:
+                continue
+            for i in range(a, b + 1):
+                if i not in cache.managed:
+                    raise ValueError(
+                        f"shared_attention span {[a, b]} covers layer {i} of type {cache.layer_types[i]!r}, which "
+                        "squeezekv does not manage (e.g. a sliding-window layer of a hybrid model): spans may only "
+                        "cover full-attention layers"
+                    )
+        if self._source_of and cache.channel is not None:
+            raise ValueError("shared_attention does not compose with a channel method yet: leave channel out")
+
+    def make_layer(self, cache: SqueezeCache, layer_idx: int) -> SqueezeLayer | None:
+        if layer_idx in self._source_of:
+            src = self._source_of[layer_idx]
+            return SharedLayer(cache, layer_idx, src, last=layer_idx == self._last_of[src])
+        if layer_idx in self._last_of:
+            return SourceLayer(cache, layer_idx)
+        return None
+
+    def tied_layers(self) -> list[tuple[int, ...]]:
+        return [tuple(range(a, b + 1)) for a, b in self._spans if b > a]
+
+    def describe(self) -> str:
+        return f"{self.name}(spans={self.span_list})"
+
+
+class SharedWeights:
+    """One forward step's softmax weights of a source layer, ``[B, Hkv, G, q, n]`` (float32) in query chunks.
+
+    Kept as tensors when they fit one chunk (decoding, short prompts); for a long prompt only the inputs are kept and
+    each layer of the span recomputes the chunks (the same arithmetic, so the same weights), which bounds memory at
+    the price of the prompt's ``QK^T`` per shared layer."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float):
+        b, hq, q_len, _ = query.shape
+        self.hq, self.q_len, self.n = hq, q_len, key.shape[2]
+        one_chunk = max(1, _EAGER_BLOCK // max(1, b * hq * self.n)) >= q_len
+        args = (query, key, allowed, scaling)
+        self._chunks = list(_weight_chunks(*args)) if one_chunk else None
+        self._args = None if one_chunk else args  # held only to recompute (keeps the source's pre-eviction keys)
+
+    def chunks(self):
+        return self._chunks if self._chunks is not None else _weight_chunks(*self._args)
+
+    def apply(self, value: torch.Tensor, dtype: torch.dtype, layer_idx: int) -> torch.Tensor:
+        """``weights @ value`` for value ``[B, Hkv, n, Dv]`` -> ``[B, Hq, q, Dv]`` in ``dtype`` (float32 weights, cast
+        to the values' dtype for the product)."""
+        if value.shape[2] != self.n:
+            raise RuntimeError(f"layer {layer_idx} holds {value.shape[2]} tokens but its span's weights cover "
+                               f"{self.n}: a shared layer must hold exactly its source's tokens")
+        b, _, _, dv = value.shape
+        # the product in the values' dtype (as the official code: weights cast to the model dtype), so a bf16
+        # cache is read once, not copied to float32 every step
+        outs = [torch.einsum("bhgqn,bhnd->bhgqd", w.to(value.dtype), value[:, :, : w.shape[-1]])
+                for _, _, w in self.chunks()]
+        return torch.cat(outs, dim=3).reshape(b, self.hq, self.q_len, dv).to(dtype)
+
+
+class SourceLayer(SqueezeLayer):
+    """First layer of a span: attention with explicit softmax weights, handed on to the span's other layers; its
+    evictions (``keep``) are recorded so the others keep the same tokens."""
+
+    def __init__(self, cache: SqueezeCache, layer_idx: int):
+        super().__init__(cache, layer_idx)
+        self.shared: SharedWeights | None = None
+        self.last_keep: tuple[int, torch.Tensor] | None = None  # (tokens seen, idx [B, H, k]) of the last eviction
+
+    def attend(self, query, key, value, allowed, scaling):
+        self.shared = SharedWeights(query, key, allowed, scaling)
+        return self.shared.apply(value, query.dtype, self.layer_idx)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        super().keep(idx)
+        self.last_keep = (self.seen, idx)
+
+    def reset(self) -> None:
+        super().reset()
+        self.shared = None
+        self.last_keep = None
+
+    def enter_static(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError("shared_attention does not support the CUDA-graph decoder (graph mode)")
+
+
+class SharedLayer(SqueezeLayer):
+    """A layer that reuses its source layer's weights: it stores values (``[B, H, n, Dv]``), token indices and the
+    padding flags only; ``keys`` is an empty ``[B, H, 0, D]`` tensor (no storage). It keeps exactly the source's
+    tokens: it gathers with the indices of the source's last eviction and never consults the policy."""
+
+    selects_tokens = False
+
+    def __init__(self, cache: SqueezeCache, layer_idx: int, source_idx: int, last: bool):
+        super().__init__(cache, layer_idx)
+        self.source_idx = source_idx
+        self.last_in_span = last
+        self._followed = -1  # tokens seen when this layer last copied the source's eviction
+
+    @property
+    def source(self) -> SourceLayer:
+        return self.cache.layers[self.source_idx]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)  # keys: [B, H, 0, D], no storage
+        self.scores = None
+
+    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
+        self._append("values", value_states, reserve)  # the keys are dropped
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.values is None else self.values.shape[-2]
+
+    def attend(self, query, key, value, allowed, scaling):
+        src = self.source
+        if src.shared is None:
+            raise RuntimeError(f"layer {self.layer_idx} reuses layer {self.source_idx}'s weights, but that layer did "
+                               "not attend in this forward pass")
+        out = src.shared.apply(value, query.dtype, self.layer_idx)
+        if self.last_in_span:
+            src.shared = None  # free the weights (and the source's pre-eviction keys)
+        return out
+
+    def after_attention(self, q_len: int) -> None:
+        if self.static is not None:
+            return
+        if self.cache.budget_for(self.layer_idx, self.seen) is None:
+            return  # SqueezeAttention: the cache compresses every layer once importance is known
+        if not (self.prefill_done and q_len == 1):
+            self.prefill_done = True
+        self.follow_source()
+
+    def compress(self, budget: int) -> None:
+        self.follow_source()
+
+    def follow_source(self) -> None:
+        """Keep the tokens the source kept at its eviction in this forward step (if it evicted)."""
+        last = self.source.last_keep
+        if last is None or last[0] != self.seen or self._followed == self.seen:
+            return
+        self.keep(last[1])
+        self._followed = self.seen
+        if self.token_idx.shape != self.source.token_idx.shape:
+            raise RuntimeError(f"layer {self.layer_idx} and its source {self.source_idx} hold different tokens")
+
+    def keep(self, idx: torch.Tensor) -> None:
+        self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1])).contiguous()
+        self.token_idx = self.token_idx.gather(2, idx)
+        if self.valid is not None:
+            self.valid = self.valid.gather(2, idx)
+        self._buffers = {}
+        self.compressed = True
+
+    def reset(self) -> None:
+        super().reset()
+        self._followed = -1
+
+    def enter_static(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError("shared_attention does not support the CUDA-graph decoder (graph mode)")
