@@ -169,7 +169,7 @@ def squeezekv_attention(
     observe = layer.selects_tokens  # a layer that follows another layer's selection feeds no policy
     if observe and policy.wants_weights(layer, q_len):
         q_valid = None if attention_mask is None else attention_mask[:, -q_len:]  # [B, q]
-        for start, end, weights in _weight_chunks(query, key, allowed, scaling):
+        for start, end, weights in layer.weight_chunks(query, key, allowed, scaling):
             policy.observe_weights(layer, weights, None if q_valid is None else q_valid[:, start:end])
     out = layer.attend(query, key, value, allowed, scaling)
     b, hq, _, d = query.shape

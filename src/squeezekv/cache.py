@@ -259,6 +259,15 @@ class SqueezeLayer(CacheLayerMixin):
             return _eager(query, key, value, allowed, scaling)
         return _sdpa(query, key, value, allowed, scaling)
 
+    def weight_chunks(
+        self, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+    ):
+        """Softmaxed attention weights of chunks of ``query`` over what ``update`` returned, for policies that observe
+        weights (see :func:`squeezekv.attention._weight_chunks`). Extension point, like :meth:`attend`."""
+        from .attention import _weight_chunks
+
+        return _weight_chunks(query, key, allowed, scaling)
+
     def after_attention(self, q_len: int) -> None:
         """Called by the attention function once the new queries attended: evict if the plan says so."""
         if self.static is not None:

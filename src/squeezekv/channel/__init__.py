@@ -2,4 +2,5 @@
 registers them."""
 
 from .base import ChannelMethod
+from . import coupled, kivi  # noqa: F401  (registers "coupled" and "kivi")
 from . import eigen  # noqa: F401  (Eigen Attention, arXiv 2408.05646)

@@ -1,0 +1,289 @@
+"""GPU decode throughput and max batch of KIVI 2-bit storage, alone and with eviction, vs the full cache, on a
+randomly initialised Llama-3.1-8B-shaped model in bf16 (weights do not matter for speed or memory).
+
+    python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu        # CUDA, ~3 min
+    python benchmarks/channel_throughput.py --config benchmarks/tiny_config.json --device cpu --out /tmp/ch  # check
+
+Methods (each figure next to the full cache's from the same run):
+
+* ``full``: transformers' ``DynamicCache`` holding ``context`` tokens;
+* ``kivi2``: KIVI 2-bit (group 32, residual 128), nothing evicted;
+* ``snapkv0.3``: SnapKV keeping 30% of the context (eviction alone);
+* ``snapkv0.3+kivi2``: the same survivors stored with KIVI 2-bit.
+
+The caches are filled directly with random keys/values of the right shapes, as they stand right after the prompt's
+compression (KIVI layers quantise what they hold through their own ``flush``, chunk by chunk), then ``steps`` greedy
+decode steps are timed (CUDA-synchronised, after ``warmup`` steps, median of ``reps`` repetitions). Max batch:
+start from free memory / measured bytes per sequence, halve until a batch fits (cache filled and ``probe_steps``
+decode steps run), then bisect up to ``--max-probes`` tries; out-of-memory errors are caught and memory released.
+KIVI decoding uses squeezekv's PyTorch reference attention (dequantise one block at a time + online softmax), not a
+fused kernel: its tokens/s measures that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import squeezekv  # noqa: E402
+from squeezekv.channel import quantized  # noqa: E402
+from squeezekv.plan import BudgetPlan  # noqa: E402
+
+KIVI2 = {"bits": 2, "group_size": 32, "residual": 128}
+#: method -> (eviction policy or None, fraction of the context kept, channel params or None)
+METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
+    "full": (None, 1.0, None),
+    "kivi2": ("none", 1.0, KIVI2),
+    "snapkv0.3": ("snapkv", 0.3, None),
+    "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
+}
+FILL_CHUNK = 512  # tokens written (and quantised) at a time per layer when filling
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def build_model(cfg: dict[str, Any], device: str) -> LlamaForCausalLM:
+    config = LlamaConfig(**cfg["model"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"]))
+    return model.eval()
+
+
+def make_cache(model: Any, method: str, batch: int, context: int, device: str) -> Any:
+    """A cache as it stands right after a ``context``-token prompt (filled with random keys/values)."""
+    cfg = model.config
+    kv_heads, head_dim, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    dtype = next(model.parameters()).dtype
+    policy, keep, channel = METHODS[method]
+    if policy is None:
+        squeezekv.detach(model)
+        cache = DynamicCache(config=cfg)
+        for i in range(layers):
+            k = torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype)
+            cache.update(k, torch.randn_like(k), i)
+        return cache
+    n = context if keep >= 1.0 else max(1, int(round(keep * context)))
+    budget = n if keep < 1.0 else cfg.max_position_embeddings
+    plan = BudgetPlan(budgets=(budget,) * layers, base=budget, allocation="uniform")
+    cache = squeezekv.make_cache(model, policy, budget, "uniform", plan=plan, channel="kivi" if channel else None,
+                                 channel_params=channel, method_params={"window": 64} if policy == "snapkv" else None)
+    for layer in cache.layers:
+        layer.lazy_initialization(*(torch.empty(batch, kv_heads, 0, head_dim, device=device, dtype=dtype),) * 2)
+        layer.seen, layer.prefill_done, layer.compressed = context, True, keep < 1.0
+        idx = torch.arange(context - n, context, device=device, dtype=torch.int32)
+        layer.token_idx = idx.expand(batch, kv_heads, n).contiguous()
+        if layer.scores is not None:
+            layer.scores = torch.rand(batch, kv_heads, n, device=device)
+        if channel is None:
+            layer.keys = torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=dtype)
+            layer.values = torch.randn_like(layer.keys)
+            continue
+        layer.keys = layer.values = torch.empty(batch, kv_heads, 0, head_dim, device=device, dtype=dtype)
+        for s in range(0, n, FILL_CHUNK):
+            m = min(FILL_CHUNK, n - s)
+            k = torch.randn(batch, kv_heads, m, head_dim, device=device, dtype=dtype)
+            layer.keys = torch.cat([layer.keys, k], dim=2)
+            layer.values = torch.cat([layer.values, torch.randn_like(k)], dim=2)
+            layer.flush()  # quantises all but the newest residual..residual+group-1 tokens
+    return cache
+
+
+def kv_bytes(cache: Any) -> int:
+    if isinstance(cache, squeezekv.SqueezeCache):
+        return cache.nbytes()
+    return squeezekv.dynamic_cache_nbytes(cache)
+
+
+def timed(fn: Callable[[], Any], reps: int, device: str) -> list[float]:
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+@torch.no_grad()
+def decode(model: Any, method: str, batch: int, context: int, steps: int, warmup: int, reps: int,
+           device: str) -> dict[str, Any]:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    cache = make_cache(model, method, batch, context, device)
+    live = kv_bytes(cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+
+    def step() -> None:
+        nonlocal ids
+        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        ids = logits[:, -1:].argmax(-1)
+
+    for _ in range(warmup):
+        step()
+    times = timed(lambda: [step() for _ in range(steps)], reps, device)
+    per_step = statistics.median(times) / steps
+    res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
+           "tokens_per_s": batch / per_step, "times": times, "kv_bytes_start": live,
+           "kv_bytes_per_seq": live / batch, "kv_bytes_end": kv_bytes(cache)}
+    if device.startswith("cuda"):
+        res["peak_allocated"] = torch.cuda.max_memory_allocated()
+    del cache
+    free(device)
+    return res
+
+
+def or_oom(fn: Callable[[], dict[str, Any]], device: str, **labels: Any) -> dict[str, Any]:
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - only OOM is expected
+        if not is_oom(err):
+            raise
+        result = {**labels, "oom": True}
+    free(device)
+    return result
+
+
+def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probes: int, hi: int,
+              device: str) -> dict[str, Any]:
+    """Largest batch found to fit within ``max_probes`` tries (``lo`` fits; ``hi`` is the smallest that did not, or
+    None if none failed)."""
+    free(device)
+    probe = make_cache(model, method, 1, context, device)
+    per_seq = kv_bytes(probe)
+    del probe
+    free(device)
+    avail = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else 8 * 2**30
+    estimate = max(1, min(hi, int(avail / per_seq)))
+    tries: list[tuple[int, bool]] = []
+
+    def fits(b: int) -> bool:
+        r = or_oom(lambda: decode(model, method, b, context, probe_steps, 0, 1, device), device)
+        tries.append((b, not r.get("oom")))
+        return not r.get("oom")
+
+    lo, bad, b = 0, None, estimate
+    while len(tries) < max_probes:
+        if fits(b):
+            lo = b
+            if bad is None:
+                if b >= hi:
+                    break
+                b = min(hi, b + max(1, b // 8))
+                continue
+        else:
+            bad = b
+            if lo == 0:
+                b = max(1, b // 2)
+                if tries[-1][0] == 1:
+                    break
+                continue
+        if bad is not None and bad - lo <= max(1, lo // 64):
+            break
+        b = (lo + bad) // 2
+    return {"method": method, "context": context, "max_batch": lo, "smallest_failing": bad,
+            "kv_bytes_per_seq": per_seq, "estimate": estimate, "tries": tries}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(Path(__file__).with_name("throughput_config.json")),
+                    help="model shape and dtype (the 8B shape by default)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--probe-steps", type=int, default=2)
+    ap.add_argument("--max-probes", type=int, default=5)
+    ap.add_argument("--max-batch-hi", type=int, default=1024)
+    ap.add_argument("--block-elems", type=int, default=1 << 26,
+                    help="elements of one dequantised K (or V) block in the reference attention")
+    ap.add_argument("--only", default="decode,maxbatch")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA device; pass --device cpu (with a tiny --config) to check")
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
+    quantized.BLOCK_ELEMS = args.block_elems
+    cfg = json.loads(Path(args.config).read_text())
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    model = build_model(cfg, args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "config": {**vars(args), "model": cfg["model"], "dtype": cfg["dtype"], "methods_spec": METHODS},
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "squeezekv": squeezekv.__version__,
+        "decode": [], "max_batch": {},
+    }
+    path = out_dir / "channel_throughput.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(report, indent=2, default=str))
+
+    parts = set(args.only.split(","))
+    t0 = time.perf_counter()
+    if "decode" in parts:
+        for b in [int(x) for x in args.batches.split(",")]:
+            for method in methods:
+                r = or_oom(lambda: decode(model, method, b, args.context, args.steps, args.warmup, args.reps,
+                                          args.device), args.device, method=method, batch=b)
+                report["decode"].append(r)
+                print("decode", json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
+                save()
+    if "maxbatch" in parts:
+        for method in methods:
+            r = max_batch(model, method, args.context, args.probe_steps, args.max_probes, args.max_batch_hi,
+                          args.device)
+            report["max_batch"][method] = r
+            print("max_batch", json.dumps(r), flush=True)
+            save()
+    full = {r["batch"]: r for r in report["decode"] if r["method"] == "full" and not r.get("oom")}
+    for r in report["decode"]:
+        if not r.get("oom") and r["batch"] in full:
+            r["tokens_per_s_vs_full"] = r["tokens_per_s"] / full[r["batch"]]["tokens_per_s"]
+            r["kv_bytes_vs_full"] = r["kv_bytes_start"] / full[r["batch"]]["kv_bytes_start"]
+    fb = report["max_batch"].get("full", {}).get("max_batch")
+    for r in report["max_batch"].values():
+        if fb:
+            r["max_batch_vs_full"] = r["max_batch"] / fb
+    report["wall_s"] = time.perf_counter() - t0
+    save()
+    print(f"wrote {path} in {report['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""KIVI: asymmetric 2-bit (or 4-bit) KV cache, keys quantised per channel, values per token.
+
+Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024, arXiv 2402.02750.
+Round-to-nearest asymmetric quantisation with ``2**bits`` levels: ``code = round((x - zero) / scale)``,
+``scale = (max - min) / (2**bits - 1)``, ``zero = min``; dequantised ``code * scale + zero``, so the error of an element
+is at most ``scale / 2``.
+
+* Keys, per channel: a group of ``group_size`` consecutive tokens shares one (scale, zero) per channel (key outliers
+  are channel-wise, so grouping along tokens keeps them apart).
+* Values, per token: each token's channels are split into groups of ``group_size`` channels with their own
+  (scale, zero).
+* The newest ``residual`` tokens (at least; up to ``residual + group_size - 1``) stay in full precision; when the
+  residual reaches ``residual + group_size`` tokens, its oldest ``group_size`` tokens are quantised together (one key
+  group). The paper's defaults: ``group_size`` = 32, ``residual`` = 128.
+* Codes are packed ``8 / bits`` to a byte (:mod:`squeezekv.channel.packing`); scales and zeros are stored in the
+  model's dtype. Bytes per quantised token and KV head: ``2 * D * bits / 8`` (codes) ``+ 2 * (D / group_size) *
+  dtype`` (value scales/zeros) ``+ 2 * D * dtype / group_size`` (key scales/zeros of its group).
+
+Differences from the paper, all stated in ``docs/channel.md``: the paper keeps keys and values in separate residuals
+(keys: 0 to R-1 tokens, flushed R at a time; values: exactly R); here one residual of R to R+G-1 tokens serves both,
+so a token is either quantised or full precision in K and V alike (this keeps eviction and block attention simple).
+Keys are quantised as the model caches them, after rotary embedding.
+
+Composition with eviction (evict first, quantise the survivors; see :mod:`squeezekv.channel.quantized`): when a
+policy evicts quantised tokens, each kept token keeps its key group through a per-token group id (int16, int32 for
+contexts over 32k) into a table of per-group scales/zeros; groups with no token left are dropped. The group ids exist
+only once an eviction has touched quantised tokens (before that the group of position ``p`` is ``p // group_size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..registry import register_channel
+from .base import ChannelMethod
+from .packing import pack, unpack
+from .quantized import QuantizedLayer
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         torch.Tensor]:
+    """Asymmetric round-to-nearest quantisation of ``x`` with one (scale, zero) per slice along ``dim``.
+
+    Returns ``(codes uint8 like x, scale, zero)`` with ``scale``/``zero`` reduced over ``dim`` (kept as size 1) and
+    stored in ``store_dtype``; the codes are computed with the *stored* scale and zero, so that
+    ``|x - (code * scale + zero)| <= scale / 2`` holds for what is dequantised."""
+    qmax = (1 << bits) - 1
+    xf = x.float()
+    lo = xf.amin(dim=dim, keepdim=True)
+    hi = xf.amax(dim=dim, keepdim=True)
+    scale = ((hi - lo) / qmax).to(store_dtype)
+    zero = lo.to(store_dtype)
+    s = scale.float()
+    codes = torch.round((xf - zero.float()) / torch.where(s > 0, s, torch.ones_like(s))).clamp_(0, qmax)
+    return codes.to(torch.uint8), scale, zero
+
+
+class KIVILayer(QuantizedLayer):
+    """Storage (``nq`` quantised positions, ``ng`` key groups, ``P = D * bits / 8``): ``kcode``/``vcode``
+    ``[B, H, nq, P]`` uint8; ``vscale``/``vzero`` ``[B, H, nq, D / group_size]``; ``kscale``/``kzero``
+    ``[B, H, ng, D]``; ``kgid`` ``[B, H, nq]`` int16/int32 or None (group of position p = p // group_size)."""
+
+    token_fields = ("kcode", "vcode", "vscale", "vzero", "kgid")
+    table_fields = ("kscale", "kzero")
+
+    def __init__(self, cache: Any, layer_idx: int, method: "KIVI"):
+        super().__init__(cache, layer_idx, residual=method.residual, flush_block=method.group_size)
+        self.bits = method.bits
+        self.group_size = method.group_size
+
+    def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        for dim, what in ((d, "key"), (dv, "value")):
+            if dim % self.group_size or (dim * self.bits) % 8:
+                raise ValueError(
+                    f"kivi group_size={self.group_size} does not fit the {what} head dimension {dim} of layer "
+                    f"{self.layer_idx}: the head dimension must be a multiple of group_size (values are grouped by "
+                    "channels) and its codes must fill whole bytes"
+                )
+        dt, dev = key_states.dtype, key_states.device
+        u8 = torch.uint8
+        self.kcode = torch.empty((b, h, 0, d * self.bits // 8), dtype=u8, device=dev)
+        self.vcode = torch.empty((b, h, 0, dv * self.bits // 8), dtype=u8, device=dev)
+        self.vscale = torch.empty((b, h, 0, dv // self.group_size), dtype=dt, device=dev)
+        self.vzero = torch.empty_like(self.vscale)
+        self.kscale = torch.empty((b, h, 0, d), dtype=dt, device=dev)
+        self.kzero = torch.empty_like(self.kscale)
+        self.kgid = None
+
+    def _gid_dtype(self) -> torch.dtype:
+        return torch.int16 if self.cache.max_context < (1 << 15) else torch.int32
+
+    def _gid(self, pos: slice | torch.Tensor) -> torch.Tensor:
+        """Key group (int64) of quantised positions ``pos`` (slice or ``[B, H, m]`` indices) -> ``[B|1, H|1, m]``."""
+        if self.kgid is not None:
+            return (self.kgid[:, :, pos] if isinstance(pos, slice) else self.kgid.gather(2, pos)).long()
+        if isinstance(pos, slice):
+            return (torch.arange(pos.start, pos.stop, device=self.device) // self.group_size).view(1, 1, -1)
+        return pos // self.group_size
+
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
+        b, h, m, d = keys.shape
+        g = self.group_size
+        ng_old = self.kscale.shape[2]
+        # keys: per channel over groups of g tokens -> scale/zero [B, H, m/g, 1, D]
+        kc, ks, kz = quantize(keys.reshape(b, h, m // g, g, d), self.bits, dim=3, store_dtype=self.dtype)
+        # values: per token over groups of g channels -> scale/zero [B, H, m, D/g, 1]
+        dv = values.shape[-1]
+        vc, vs, vz = quantize(values.reshape(b, h, m, dv // g, g), self.bits, dim=4, store_dtype=self.dtype)
+        self._append("kcode", pack(kc.reshape(b, h, m, d), self.bits), reserve)
+        self._append("vcode", pack(vc.reshape(b, h, m, dv), self.bits), reserve)
+        self._append("vscale", vs.squeeze(-1), reserve)
+        self._append("vzero", vz.squeeze(-1), reserve)
+        self._append("kscale", ks.squeeze(3), reserve // g)
+        self._append("kzero", kz.squeeze(3), reserve // g)
+        if self.kgid is not None:
+            gid = ng_old + torch.arange(m, device=self.device) // g
+            self._append("kgid", gid.to(self.kgid.dtype).expand(b, h, m), reserve)
+
+    def _dequant(self, pos: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            if isinstance(pos, slice):
+                return t[:, :, pos]
+            return t.gather(2, pos[..., None].expand(-1, -1, -1, t.shape[-1]))
+
+        dt, g = self.dtype, self.group_size
+        kc = unpack(rows(self.kcode), self.bits).to(dt)  # [B, H, m, D]
+        b, h, m, d = kc.shape
+        if isinstance(pos, slice) and self.kgid is None and pos.start % g == 0 and m % g == 0:
+            # whole groups in storage order: broadcast each group's scale/zero over its g tokens (no gather)
+            g0 = pos.start // g
+            ks, kz = self.kscale[:, :, g0:g0 + m // g, None], self.kzero[:, :, g0:g0 + m // g, None]
+            keys = (kc.view(b, h, m // g, g, d) * ks + kz).view(b, h, m, d)
+        else:
+            gid = self._gid(pos).expand(b, h, m)[..., None].expand(-1, -1, -1, d)  # [B, H, m, D]
+            keys = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
+        vc = unpack(rows(self.vcode), self.bits).to(dt)
+        dv = vc.shape[-1]
+        values = vc.view(b, h, m, dv // g, g) * rows(self.vscale)[..., None] + rows(self.vzero)[..., None]
+        return keys, values.view(b, h, m, dv)
+
+    def _gather_quantised(self, idx: torch.Tensor) -> None:
+        # idx: [B, H, s]
+        gid = self._gid(idx)  # [B, H, s] int64, into the current group table
+        for name in ("kcode", "vcode", "vscale", "vzero"):
+            t = getattr(self, name)
+            setattr(self, name, t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])))
+        # drop the groups no kept token refers to, and renumber
+        used = torch.zeros(self.kscale.shape[2], dtype=torch.bool, device=self.device)
+        used[gid.reshape(-1)] = True
+        remap = used.long().cumsum(0) - 1
+        self.kscale = self.kscale[:, :, used]
+        self.kzero = self.kzero[:, :, used]
+        self.kgid = remap[gid].to(self._gid_dtype())
+
+
+@register_channel("kivi")
+@dataclass
+class KIVI(ChannelMethod):
+    """KIVI: keys per channel and values per token at ``bits`` bits; ``residual`` newest tokens in full precision."""
+
+    paper = "Liu et al. 2024, arXiv 2402.02750"
+    summary = "2/4-bit KV, keys per channel and values per token, full-precision recent tokens"
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (2, 4):
+            raise ValueError(f"kivi bits={self.bits!r} is out of range: choose 2 or 4")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"kivi group_size={self.group_size!r} is out of range: must be an integer >= 1")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"kivi residual={self.residual!r} is out of range: must be an integer >= 0")
+
+    def make_layer(self, cache: Any, layer_idx: int) -> KIVILayer:
+        return KIVILayer(cache, layer_idx, self)
+
+    def bytes_per_token(self, head_dim: int, kv_heads: int, dtype_bytes: int) -> float:
+        """KV bytes of one quantised token in one layer (all KV heads), key scales amortised over their group."""
+        d, g = head_dim, self.group_size
+        return kv_heads * (2 * d * self.bits / 8 + 2 * (d / g) * dtype_bytes + 2 * d * dtype_bytes / g)
