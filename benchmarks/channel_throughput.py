@@ -23,7 +23,6 @@ fused kernel: its tokens/s measures that path.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -35,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import squeezekv  # noqa: E402
+from squeezekv.bench import sync, free, is_oom, build_model  # noqa: E402
 from squeezekv.channel import quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -52,28 +52,8 @@ METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
 FILL_CHUNK = 512  # tokens written (and quantised) at a time per layer when filling
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
-def free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def build_model(cfg: dict[str, Any], device: str) -> LlamaForCausalLM:
-    config = LlamaConfig(**cfg["model"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"]))
-    return model.eval()
 
 
 def make_cache(model: Any, method: str, batch: int, context: int, device: str) -> Any:

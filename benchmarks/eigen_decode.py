@@ -22,7 +22,6 @@ out-of-memory run is recorded as such.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -38,19 +37,11 @@ import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
+from squeezekv.bench import sync, free  # noqa: E402
 from squeezekv.channel.eigen import FORMAT  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def random_calibration(config: LlamaConfig, path: Path) -> Path:

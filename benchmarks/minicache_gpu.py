@@ -18,7 +18,6 @@ merged keys/values at every step.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import statistics
@@ -28,9 +27,10 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import squeezekv
+from squeezekv.bench import sync, free, is_oom, build_model
 from squeezekv.crosslayer.minicache import MiniCacheLayer
 
 #: name -> (squeezekv method or None for DynamicCache, budget fraction, minicache parameters or None);
@@ -45,28 +45,8 @@ SETTINGS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
 }
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
-def free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def build_model(cfg: dict[str, Any], device: str) -> LlamaForCausalLM:
-    config = LlamaConfig(**cfg["model"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"]))
-    return model.eval()
 
 
 def kv_bytes(cache: Any) -> int:

@@ -36,16 +36,13 @@ import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
+from squeezekv.bench import sync, build_model  # noqa: E402
 from squeezekv.bench import is_oom  # noqa: E402
 from squeezekv.crosslayer.shared_attention import SharedLayer  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def free(device: str) -> None:
@@ -55,14 +52,6 @@ def free(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
-
-def build_model(cfg: dict[str, Any], device: str) -> LlamaForCausalLM:
-    config = LlamaConfig(**cfg["model"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"]))
-    return model.eval()
 
 
 def parse(spec: str, layers: int) -> tuple[int, float | None]:

@@ -47,24 +47,27 @@ def hbm_bandwidth() -> float:
     raise ValueError(f"no HBM bandwidth known for {name!r}: add it to HBM_BYTES_PER_S")
 
 
-def sync() -> None:
-    torch.cuda.synchronize()
+def sync(device: str = "cuda") -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def free() -> None:
+def free(device: str = "cuda") -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def build_model(cfg: dict[str, Any]) -> LlamaForCausalLM:
+def build_model(cfg: dict[str, Any], device: str = "cuda") -> LlamaForCausalLM:
+    """The benchmark's randomly initialised model (``cfg["model"]``: a LlamaConfig dict, ``cfg["dtype"]``), seed 0."""
     config = LlamaConfig(**cfg["model"])
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"]))
     return model.eval()
 
