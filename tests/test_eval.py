@@ -309,3 +309,17 @@ def test_full_value_uses_the_cells_examples_and_small_n_gets_no_verdict():
     assert row["full_value"] == 100.0 and row["delta_vs_full"] == 0.0  # full on example a only, not on a and b
     (comp,) = paired_comparisons(recs)
     assert comp["gain"] == -100.0 and comp["verdict"].startswith("n < 5")
+
+
+def test_channel_and_crosslayer_cells_are_labelled_and_composed():
+    """--channels/--crosslayers multiply the grid; 'none' (no eviction) gets one cell per channel/cross-layer method
+    and none alone; records and reports see the composed label."""
+    cfg = GridConfig(model="tiny", tasks=("ppl",), methods=("none", "window"), allocations=("uniform",),
+                     budgets=(0.3,), channels=("none", "kivi"), crosslayers=("none",),
+                     channel_params={"kivi": {"bits": 4}})
+    cfg.validate()
+    keys = [c.key for c in cfg.cells()]
+    assert keys == ["full", "window/uniform/0.3", "none+kivi/-/1", "window+kivi/uniform/0.3"]
+    with pytest.raises(ValueError, match="not in the grid"):
+        GridConfig(model="tiny", tasks=("ppl",), methods=("window",), budgets=(0.3,),
+                   channel_params={"kivi": {"bits": 2}}).validate()
