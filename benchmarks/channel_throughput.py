@@ -37,7 +37,7 @@ import transformers  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import sync, free, is_oom, build_model  # noqa: E402
+from squeezekv.bench import full_cache, sync, free, is_oom, build_model  # noqa: E402
 from squeezekv.channel import quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -63,12 +63,7 @@ def make_cache(model: Any, method: str, batch: int, context: int, device: str) -
     dtype = next(model.parameters()).dtype
     policy, keep, channel = METHODS[method]
     if policy is None:
-        squeezekv.detach(model)
-        cache = DynamicCache(config=cfg)
-        for i in range(layers):
-            k = torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype)
-            cache.update(k, torch.randn_like(k), i)
-        return cache
+        return full_cache(model, batch, context, device)
     n = context if keep >= 1.0 else max(1, int(round(keep * context)))
     budget = n if keep < 1.0 else cfg.max_position_embeddings
     plan = BudgetPlan(budgets=(budget,) * layers, base=budget, allocation="uniform")

@@ -37,7 +37,7 @@ import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import sync, free  # noqa: E402
+from squeezekv.bench import full_cache, sync, free  # noqa: E402
 from squeezekv.channel.eigen import FORMAT  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -65,12 +65,7 @@ def make_cache(model: Any, method: str, batch: int, context: int, calibration: P
     heads, d, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     dtype = next(model.parameters()).dtype
     if method == "full":
-        squeezekv.detach(model)
-        cache = DynamicCache(config=cfg)
-        for i in range(layers):
-            k = torch.randn(batch, heads, context, d, device=device, dtype=dtype)
-            cache.update(k, torch.randn_like(k), i)
-        return cache
+        return full_cache(model, batch, context, device)
     name, _, rank = method.partition(":")
     extra: dict[str, Any] = {}
     if name.startswith("eigen"):

@@ -36,8 +36,7 @@ import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import sync, build_model  # noqa: E402
-from squeezekv.bench import is_oom  # noqa: E402
+from squeezekv.bench import build_model, full_cache, is_oom, sync  # noqa: E402
 from squeezekv.crosslayer.shared_attention import SharedLayer  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -76,12 +75,7 @@ def make_cache(model: Any, spec: str, batch: int, context: int, device: str) -> 
     hkv, d, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     dtype = next(model.parameters()).dtype
     if spec == "full":
-        squeezekv.detach(model)
-        cache = DynamicCache(config=cfg)
-        for i in range(layers):
-            k = torch.randn(batch, hkv, context, d, device=device, dtype=dtype)
-            cache.update(k, torch.randn_like(k), i)
-        return cache
+        return full_cache(model, batch, context, device)
     shared, budget = parse(spec, layers)
     n = context if budget is None else max(1, int(round(budget * context)))
     plan = BudgetPlan(budgets=(n,) * layers, base=n, allocation="uniform")

@@ -76,19 +76,27 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def full_cache(model: Any, batch: int, context: int, device: str = "cuda") -> DynamicCache:
+    """The full ``DynamicCache`` (squeezekv detached from ``model``) holding ``context`` random keys/values per layer
+    ``[batch, kv_heads, context, head_dim]``, as right after a prompt (0: empty)."""
+    cfg = model.config
+    squeezekv.detach(model)
+    cache = DynamicCache(config=cfg)
+    dtype = next(model.parameters()).dtype
+    if context:
+        for i in range(cfg.num_hidden_layers):
+            k = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dtype)
+            cache.update(k, torch.randn_like(k), i)
+    return cache
+
+
 def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context: int, fill: bool) -> Any:
     """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens``."""
     cfg = model.config
     kv_heads, head_dim, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     dtype = next(model.parameters()).dtype
     if method == "full":
-        squeezekv.detach(model)
-        cache = DynamicCache(config=cfg)
-        if fill:
-            for i in range(layers):
-                k = torch.randn(batch, kv_heads, context, head_dim, device="cuda", dtype=dtype)
-                cache.update(k, torch.randn_like(k), i)
-        return cache
+        return full_cache(model, batch, context if fill else 0)
     plan = BudgetPlan(budgets=(budget_tokens,) * layers, base=budget_tokens, allocation="uniform")
     # "window:16" = window policy evicting every 16 decode steps; "window:16:graph" = the same, CUDA-graph decoding
     name, _, every = method.partition(":")
