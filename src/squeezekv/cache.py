@@ -420,7 +420,7 @@ class SqueezeCache(Cache):
         )
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
-            if kind == "full_attention" or (kind == "sliding_attention" and all_sliding):
+            if i in self.managed:
                 layers.append(self.make_layer(i))
             elif kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))

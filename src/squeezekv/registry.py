@@ -4,9 +4,24 @@ all read :data:`POLICIES` and :data:`ALLOCATIONS`; a method registers itself onc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar
+from abc import ABC
+from typing import Any, Callable, ClassVar, TypeVar
 
 T = TypeVar("T")
+
+class Method(ABC):
+    """What every registered method class shares: its registry ``name`` (set by the decorator), ``paper`` and
+    ``summary`` (the docs and the README table), and :meth:`describe`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def describe(self) -> str:
+        """``name(param=value, ...)`` with the instance's parameters."""
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{self.name}({params})"
+
 
 #: name -> eviction policy class (sequence dimension)
 POLICIES: dict[str, type] = {}

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any, ClassVar, Sequence
 
+from ..registry import Method
 
-class Allocator(ABC):
+
+class Allocator(Method):
     """Base class of the layer-dimension allocations.
 
     ``needs_importance``: the allocator needs one importance score per layer measured on the prompt (SqueezeAttention);
     the cache then defers compression until the whole prompt went through every layer.
     """
 
-    name: ClassVar[str]
-    paper: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     needs_importance: ClassVar[bool] = False
 
     @abstractmethod

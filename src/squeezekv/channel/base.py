@@ -4,21 +4,19 @@ stored compressed."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from ..registry import Method
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import SqueezeCache, SqueezeLayer
 
 
-class ChannelMethod(ABC):
+class ChannelMethod(Method):
     """Base class of the channel-dimension methods (registered with :func:`squeezekv.registry.register_channel`).
 
     Class attributes ``paper``/``summary`` feed the docs and the README table."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
 
     @abstractmethod
     def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> "SqueezeLayer":
@@ -26,7 +24,3 @@ class ChannelMethod(ABC):
 
     def prepare(self, model: Any) -> None:
         """Called once by :func:`squeezekv.make_cache` with the model (e.g. to load or check a calibration)."""
-
-    def describe(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{self.name}({params})"

@@ -33,6 +33,7 @@ token).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Iterator
 
 import torch
@@ -64,22 +65,23 @@ class QuantizedLayer(SqueezeLayer):
             setattr(self, name, None)
 
     # -- subclass hooks -----------------------------------------------------------------------------------------
+    @abstractmethod
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Create the (empty) fields of :attr:`token_fields`/:attr:`table_fields` for this batch and head layout."""
 
+    @abstractmethod
     def _encode(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
         """Quantise ``keys``/``values`` ``[B, H, m, D]`` (m a multiple of ``flush_block``, the oldest residual
         tokens) and append them after position ``nq - 1``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _dequant(self, pos: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, m, D]`` (model dtype) of quantised positions ``pos``: a slice, or indices
         ``[B, H, m]`` (each ``< nq``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _gather_quantised(self, idx: torch.Tensor) -> None:
         """Keep quantised positions ``idx`` ``[B, H, s]`` (ascending, each ``< nq``) and drop the others."""
-        raise NotImplementedError
 
     # -- storage ------------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -3,21 +3,19 @@ keys/values or reuses another layer's (attention weights or KV), by choosing tha
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from ..registry import Method
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import SqueezeCache, SqueezeLayer
 
 
-class CrossLayerMethod(ABC):
+class CrossLayerMethod(Method):
     """Base class of the cross-layer methods (registered with :func:`squeezekv.registry.register_crosslayer`).
 
     Class attributes ``paper``/``summary`` feed the docs and the README table."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
 
     @abstractmethod
     def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> "SqueezeLayer | None":
@@ -34,7 +32,3 @@ class CrossLayerMethod(ABC):
 
     def prepare(self, model: Any) -> None:
         """Called once by :func:`squeezekv.make_cache` with the model."""
-
-    def describe(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{self.name}({params})"

@@ -3,10 +3,12 @@ temporal order. A policy only says *how important* each cached position is (:met
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+from ..registry import Method
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import SqueezeLayer
@@ -15,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KEEP = float("inf")
 
 
-class EvictionPolicy(ABC):
+class EvictionPolicy(Method):
     """Base class of the sequence-dimension policies.
 
     Class attributes: ``paper``/``summary`` (docs and README table), ``keeps_evicting`` (evict again during decoding,
@@ -23,9 +25,6 @@ class EvictionPolicy(ABC):
     cached position for this policy), ``evicts`` (False: never drop a token).
     """
 
-    name: ClassVar[str]
-    paper: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     keeps_evicting: ClassVar[bool] = True
     evicts: ClassVar[bool] = True  # False only for the 'none' baseline: compress() keeps everything
     uses_scores: ClassVar[bool] = False
@@ -66,10 +65,6 @@ class EvictionPolicy(ABC):
             prio = prio.masked_fill(~valid, float("-inf"))
         idx = prio.topk(k, dim=-1, sorted=False).indices
         return idx.sort(dim=-1).values
-
-    def describe(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{self.name}({params})"
 
 
 def rank_from_start(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
