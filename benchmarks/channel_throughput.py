@@ -28,16 +28,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import full_cache, sync, free, is_oom, build_model  # noqa: E402
+from squeezekv.bench import build_model, free, full_cache, kv_bytes, or_oom, timed  # noqa: E402
 from squeezekv.channel import quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -90,23 +89,6 @@ def make_cache(model: Any, method: str, batch: int, context: int, device: str) -
     return cache
 
 
-def kv_bytes(cache: Any) -> int:
-    if isinstance(cache, squeezekv.SqueezeCache):
-        return cache.nbytes()
-    return squeezekv.dynamic_cache_nbytes(cache)
-
-
-def timed(fn: Callable[[], Any], reps: int, device: str) -> list[float]:
-    out = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return out
-
-
 @torch.no_grad()
 def decode(model: Any, method: str, batch: int, context: int, steps: int, warmup: int, reps: int,
            device: str) -> dict[str, Any]:
@@ -133,17 +115,6 @@ def decode(model: Any, method: str, batch: int, context: int, steps: int, warmup
     del cache
     free(device)
     return res
-
-
-def or_oom(fn: Callable[[], dict[str, Any]], device: str, **labels: Any) -> dict[str, Any]:
-    try:
-        result = fn()
-    except Exception as err:  # noqa: BLE001 - only OOM is expected
-        if not is_oom(err):
-            raise
-        result = {**labels, "oom": True}
-    free(device)
-    return result
 
 
 def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probes: int, hi: int,

@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import build_model, full_cache, is_oom, sync  # noqa: E402
+from squeezekv.bench import build_model, full_cache, is_oom, kv_bytes, timed  # noqa: E402
 from squeezekv.crosslayer.shared_attention import SharedLayer  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -98,10 +96,6 @@ def make_cache(model: Any, spec: str, batch: int, context: int, device: str) -> 
     return cache
 
 
-def kv_bytes(cache: Any) -> int:
-    return cache.nbytes() if isinstance(cache, squeezekv.SqueezeCache) else squeezekv.dynamic_cache_nbytes(cache)
-
-
 @torch.no_grad()
 def decode(model: Any, spec: str, batch: int, context: int, steps: int, warmup: int, reps: int,
            device: str) -> dict[str, Any]:
@@ -116,14 +110,7 @@ def decode(model: Any, spec: str, batch: int, context: int, steps: int, warmup: 
 
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        times.append(time.perf_counter() - t)
+    times = timed(lambda: [step() for _ in range(steps)], reps, device)
     per_step = statistics.median(times) / steps
     res = {"config": spec, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),

@@ -123,13 +123,14 @@ def kv_bytes(cache: Any) -> int:
     return squeezekv.dynamic_cache_nbytes(cache)
 
 
-def timed(fn: Callable[[], Any], reps: int) -> list[float]:
+def timed(fn: Callable[[], Any], reps: int, device: str = "cuda") -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn``, synchronised with the device before and after."""
     out = []
     for _ in range(reps):
-        sync()
+        sync(device)
         t = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         out.append(time.perf_counter() - t)
     return out
 
@@ -198,7 +199,7 @@ def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int
     return res
 
 
-def or_oom(fn: Callable[[], dict[str, Any]], **labels: Any) -> dict[str, Any]:
+def or_oom(fn: Callable[[], dict[str, Any]], device: str = "cuda", **labels: Any) -> dict[str, Any]:
     """``fn()``, or ``{**labels, "oom": True}`` if it ran out of GPU memory; memory is released either way."""
     try:
         result = fn()
@@ -207,7 +208,7 @@ def or_oom(fn: Callable[[], dict[str, Any]], **labels: Any) -> dict[str, Any]:
             raise
         result = {**labels, "oom": True}
     # outside the except block: the traceback (and the cache it holds) is gone, so the memory can be released
-    free()
+    free(device)
     return result
 
 
