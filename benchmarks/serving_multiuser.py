@@ -32,6 +32,7 @@ import torch
 import transformers
 
 import squeezekv
+from squeezekv.bench import build_model
 from squeezekv.serve.engine import Engine, EngineConfig, GenRequest
 from squeezekv.store import DiskTier, KVStore, MemoryTier, namespace
 
@@ -152,10 +153,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = json.loads(Path(args.random_config).read_text())
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg["model"]))
-    model = model.to(getattr(torch, cfg["dtype"])).eval()
+    model = build_model(cfg, args.device)
     torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
