@@ -45,16 +45,11 @@ def seed(shard: Path, source: Path, cells: set[str] | None) -> int:
     res = shard / "results.jsonl"
     if res.exists() or not source.exists():
         return 0
-    lines = []
-    for line in source.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if cells is None or r["cell"] in cells:
-            lines.append(line)
-    res.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-    return len(lines)
+    from squeezekv.eval.grid import read_records
+
+    kept = [r for r in read_records(source) if cells is None or r["cell"] in cells]
+    res.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return len(kept)
 
 
 def ingest_raw(shard: Path) -> int:
@@ -88,6 +83,8 @@ def ingest_raw(shard: Path) -> int:
 
 def merge(out: Path, ingest: bool = False) -> int:
     """Merge every shard's records and config into ``out``; returns the number of records."""
+    from squeezekv.eval.grid import read_records
+
     seen, records, configs = set(), [], []
     for shard in sorted((out / "shards").iterdir()):
         if ingest:
@@ -95,14 +92,7 @@ def merge(out: Path, ingest: bool = False) -> int:
         cfg = shard / "config.json"
         if cfg.exists():
             configs.append(json.loads(cfg.read_text()))
-        res = shard / "results.jsonl"
-        if not res.exists():
-            continue
-        for line in res.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # torn last line of an interrupted shard
+        for r in read_records(shard / "results.jsonl"):  # skips a torn last line of an interrupted shard
             key = (r["cell"], r["example_id"])
             if key not in seen:
                 seen.add(key)
