@@ -323,3 +323,29 @@ def test_channel_and_crosslayer_cells_are_labelled_and_composed():
     with pytest.raises(ValueError, match="not in the grid"):
         GridConfig(model="tiny", tasks=("ppl",), methods=("window",), budgets=(0.3,),
                    channel_params={"kivi": {"bits": 2}}).validate()
+
+
+def test_channel_labels_run_one_method_under_several_settings(tmp_path, make_model, tiny_tokenizer, tiny_sources):
+    """``kivi2=kivi,kivi4=kivi``: two cells of one registered method, each built with its own parameters (the
+    4-bit cache is larger than the 2-bit one on the same example) and recorded under its label."""
+    cfg = _cfg(tasks=("ppl",), methods=("none",), allocations=("uniform",), budgets=(0.3,), method_params={},
+               channels=("kivi2=kivi", "kivi4=kivi"),
+               channel_params={"kivi2": {"bits": 2, "residual": 0, "group_size": 16},
+                               "kivi4": {"bits": 4, "residual": 0, "group_size": 16}})
+    cfg.validate()
+    assert [c.key for c in cfg.cells()] == ["full", "none+kivi2/-/1", "none+kivi4/-/1"]
+    assert cfg.aliases == {"kivi2": "kivi", "kivi4": "kivi"}
+    model = make_model("llama", layers=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=512)
+    evaluate(cfg, tmp_path / "run", sources=tiny_sources, loaded=(model, tiny_tokenizer), progress=False)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    held = {}
+    for r in recs:
+        held.setdefault(r["cell"], []).append(r["kv_bytes_after_prefill"])
+        if r["cell"] != "full":
+            assert r["config"]["channel_method"] == "kivi"
+            assert r["config"]["channel_params"]["bits"] == (2 if "kivi2" in r["cell"] else 4)
+    assert all(a < b < f for a, b, f in zip(held["none+kivi2/-/1"], held["none+kivi4/-/1"], held["full"]))
+    for bad, fragment in ((("x=",), "must look like label=method"), (("a=kivi", "a=coupled"), "names both"),
+                          (("a=nope",), "unknown channel method 'nope'")):
+        with pytest.raises(ValueError, match=fragment):
+            GridConfig(model="tiny", tasks=("ppl",), methods=("none",), channels=bad).validate()

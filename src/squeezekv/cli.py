@@ -33,10 +33,13 @@ def _extras_args(p: argparse.ArgumentParser, scoped: bool) -> None:
     many = "comma-separated " if scoped else ""
     p.add_argument("--channel" + ("s" if scoped else ""), default="none",
                    help=f"{many}channel method(s), fewer bits or channels per kept token: none, "
-                   f"{', '.join(channel_names()) or '(none registered)'}")
+                   f"{', '.join(channel_names()) or '(none registered)'}"
+                   + ("; LABEL=METHOD evaluates one method under several settings, e.g. --channels "
+                      "kivi2=kivi,kivi4=kivi --channel-param kivi4:bits=4" if scoped else ""))
     p.add_argument("--crosslayer" + ("s" if scoped else ""), default="none",
                    help=f"{many}training-free cross-layer method(s): none, "
-                   f"{', '.join(crosslayer_names()) or '(none registered)'}")
+                   f"{', '.join(crosslayer_names()) or '(none registered)'}"
+                   + ("; LABEL=METHOD as for --channels" if scoped else ""))
     meta = "METHOD:NAME=VALUE" if scoped else "NAME=VALUE"
     p.add_argument("--channel-param", action="append", metavar=meta, help="a channel method's parameter (repeatable)")
     p.add_argument("--crosslayer-param", action="append", metavar=meta,

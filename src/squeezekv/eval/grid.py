@@ -63,6 +63,10 @@ class GridConfig:
     crosslayers: tuple[str, ...] = ("none",)
     channel_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     crosslayer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: label -> registered method, for several settings of one method in a grid: ``channels=("kivi2=kivi",
+    #: "kivi4=kivi")`` is parsed by :meth:`validate` into labels ``kivi2``, ``kivi4`` (their parameters are given
+    #: under the label: ``channel_params={"kivi4": {"bits": 4}}``)
+    aliases: dict[str, str] = field(default_factory=dict)
     options: TaskOptions = field(default_factory=TaskOptions)
     device: str = "cpu"
     dtype: str = "float32"
@@ -77,14 +81,14 @@ class GridConfig:
         parse_tasks(list(self.tasks))
         if not self.methods:
             self.methods = tuple(n for n in policy_names() if n != "none")
-        self.channels = tuple(self.channels) or ("none",)
-        self.crosslayers = tuple(self.crosslayers) or ("none",)
+        self.channels = self._labels(self.channels)
+        self.crosslayers = self._labels(self.crosslayers)
         for c in self.channels:
             if c != "none":
-                make_channel(c, **self.channel_params.get(c, {}))
+                make_channel(self.registered(c), **self.channel_params.get(c, {}))
         for x in self.crosslayers:
             if x != "none":
-                make_crosslayer(x, **self.crosslayer_params.get(x, {}))
+                make_crosslayer(self.registered(x), **self.crosslayer_params.get(x, {}))
         for kind, params, names in (("channel", self.channel_params, self.channels),
                                     ("cross-layer", self.crosslayer_params, self.crosslayers)):
             extra = sorted(set(params) - set(names))
@@ -118,12 +122,34 @@ class GridConfig:
 
         validate_kvpress(self.kvpress_python, tuple(self.kvpress_presses))
 
+    def _labels(self, entries: tuple[str, ...]) -> tuple[str, ...]:
+        """``"label=method"`` entries -> labels (recorded in :attr:`aliases`); plain names stay as they are."""
+        out = []
+        for entry in tuple(entries) or ("none",):
+            label, sep, name = (t.strip() for t in entry.partition("="))
+            if sep:
+                if not label or not name or label == "none":
+                    raise ValueError(f"{entry!r} must look like label=method (e.g. kivi4=kivi)")
+                if self.aliases.get(label, name) != name:
+                    raise ValueError(f"label {label!r} names both {self.aliases[label]!r} and {name!r}")
+                self.aliases[label] = name
+            if label in out:
+                raise ValueError(f"{label!r} is given twice")
+            out.append(label)
+        return tuple(out)
+
+    def registered(self, label: str) -> str:
+        """The registered method a channel/cross-layer label stands for."""
+        return self.aliases.get(label, label)
+
     def fingerprint(self) -> str:
         """Hash of what decides an example's content and a record's meaning (model, task options, params)."""
         params = {"model": self.model, "options": asdict(self.options), "method_params": self.method_params,
                   "allocation_params": self.allocation_params}
         if self.channel_params or self.crosslayer_params:  # absent when unused: older grids keep their fingerprint
             params.update(channel_params=self.channel_params, crosslayer_params=self.crosslayer_params)
+        if self.aliases:
+            params["aliases"] = self.aliases
         if self.prefill_chunk is not None:
             params["prefill_chunk"] = self.prefill_chunk
         blob = json.dumps(params, sort_keys=True, default=str)
@@ -233,7 +259,7 @@ def _factory(model: Any, cell: Cell, cfg: GridConfig):
     if cell.method == FULL:
         return (lambda: DynamicCache(config=model.config)), dynamic_cache_nbytes
     def _extra(name: str, params: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
-        return (None, {}) if name == "none" else (name, params.get(name, {}))
+        return (None, {}) if name == "none" else (cfg.registered(name), params.get(name, {}))
 
     channel, channel_params = _extra(cell.channel, cfg.channel_params)
     crosslayer, crosslayer_params = _extra(cell.crosslayer, cfg.crosslayer_params)
@@ -372,7 +398,9 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                 "kv_bytes_after_prefill": held, "seconds": time.perf_counter() - t0,
                 "config": {"model": cfg.model, "fingerprint": cfg.fingerprint(),
                            "method_params": cfg.method_params.get(cell.method, {}),
+                           "channel_method": cfg.registered(cell.channel),
                            "channel_params": cfg.channel_params.get(cell.channel, {}),
+                           "crosslayer_method": cfg.registered(cell.crosslayer),
                            "crosslayer_params": cfg.crosslayer_params.get(cell.crosslayer, {}),
                            "allocation_params": cfg.allocation_params.get(cell.allocation, {}),
                            "device": cfg.device, "dtype": str(next(model.parameters()).dtype),
