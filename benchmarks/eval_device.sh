@@ -32,7 +32,7 @@ case "${1:-}" in
     cp .evc1/gguf.part.* "$W/parts/"
     ls "$W" "$W/parts"
     exit 0 ;;
-2) cp .evc2/gguf.part.* "$W/parts/"; ls "$W/parts"; exit 0 ;;
+2) cp .evc2/gguf.part.* "$W/parts/"; [ -d .cal ] && cp -r .cal "$W/cal"; ls "$W/parts"; exit 0 ;;
 3) cp .evc3/gguf.part.* "$W/parts/"; ls "$W/parts" ;;
 resume) ;;
 *) echo "usage: $0 1|2|3|resume" >&2; exit 2 ;;
@@ -50,6 +50,32 @@ if [ -d "$W/kvsite" ]; then
     printf '#!/bin/sh\nPYTHONPATH=%s:%s exec %s "$@"\n' "$W/kvsite" "$W/kvstubs" "$(command -v $PY)" > "$W/kvpy"
     chmod +x "$W/kvpy"
     kv=(--kvpress-python "$W/kvpy")
+fi
+if [ "${MODE:-grid}" = channel ]; then
+    # issue 8: the channel methods (KIVI 2/4-bit, CQ 1/2 bits per channel, Eigen 0.95/0.98) alone and under SnapKV 30%
+    # (uniform and squeeze), one shard per (method, allocation, channel); calibration files (.cal, carried in call 2:
+    # cq1.pt, cq2.pt, eigen.pt made on the CPU from text the eval never reads) and the full cache's records of the
+    # main GPU grid (seed.jsonl.gz) seed every shard but the first, which measures the full cache again
+    C="$W/cal"
+    [ -f "$W/seed_full.jsonl" ] || gunzip -c "$C/seed.jsonl.gz" > "$W/seed_full.jsonl"
+    $PY benchmarks/eval_sharded.py --out "$W/channel" --device "$DEV" --deadline "$DEADLINE" \
+        --methods none,snapkv --allocations uniform,squeeze \
+        --channels none,kivi2=kivi,kivi4=kivi,cq1=coupled,cq2=coupled,eig95=eigen,eig98=eigen \
+        --seed-from "$W/seed_full.jsonl" --seed-cells full --fresh-first \
+        -- --budgets 0.3 --qa-per-subtask 12 --ppl-docs 6 --skip-infeasible \
+        --channel-param kivi2:bits=2 --channel-param kivi4:bits=4 \
+        --channel-param cq1:bits=1 --channel-param "cq1:calibration=$C/cq1.pt" \
+        --channel-param cq2:bits=2 --channel-param "cq2:calibration=$C/cq2.pt" \
+        --channel-param "eig95:calibration=$C/eigen.pt" --channel-param eig95:threshold=0.95 \
+        --channel-param "eig98:calibration=$C/eigen.pt" --channel-param eig98:threshold=0.98 > "$W/channel.log" 2>&1
+    tail -n 25 "$W/channel.log"
+    tail -q -n 1 "$W"/channel/shards/*/log.txt
+    if [ -n "${OUT:-}" ]; then
+        (cd "$W" && tar -czf "$OUT/channel.tgz" channel/results.jsonl channel/config.json channel.log \
+            channel/shards/*/log.txt 2>/dev/null)
+        ls -la "$OUT"
+    fi
+    exit 0
 fi
 if [ "${MODE:-grid}" = finish ]; then
     # a new machine: finish kvpress's side of the grid (one shard per press x budget, seeded with the records the

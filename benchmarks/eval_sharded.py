@@ -26,11 +26,33 @@ ALLOCATIONS = ("uniform", "pyramid", "squeeze")
 PRESSES = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
 
 
-def shard_plan(methods, allocations, presses) -> list[dict]:
-    shards = [{"methods": m, "allocations": a, "presses": []} for m, a in itertools.product(methods, allocations)]
+def shard_plan(methods, allocations, presses, channels=None) -> list[dict]:
+    """One shard per (method, allocation), and per channel entry when ``channels`` is given (method ``none``, no
+    eviction, takes no allocation: one shard per channel; ``none`` with channel ``none`` is the full cache alone)."""
+    if channels:
+        shards = [{"methods": m, "allocations": a, "channels": c, "presses": []}
+                  for m, c, a in itertools.product(methods, channels, allocations)
+                  if not (m == "none" and (c == "none" or a != allocations[0]))]
+    else:
+        shards = [{"methods": m, "allocations": a, "presses": []} for m, a in itertools.product(methods, allocations)]
     for i, p in enumerate(presses):
         shards[i % len(shards)]["presses"].append(p)
     return shards
+
+
+def own_params(extra: list[str], channel: str) -> list[str]:
+    """The grid arguments without ``--channel-param LABEL:...`` of channels other than ``channel`` (a shard's grid
+    holds one channel, and refuses parameters for channels it does not hold)."""
+    label, out, i = channel.split("=")[0], [], 0
+    while i < len(extra):
+        if extra[i] == "--channel-param" and i + 1 < len(extra):
+            if extra[i + 1].split(":", 1)[0] == label:
+                out += extra[i:i + 2]
+            i += 2
+            continue
+        out.append(extra[i])
+        i += 1
+    return out
 
 
 def kvpress_plan(presses, budgets) -> list[dict]:
@@ -100,8 +122,11 @@ def merge(out: Path, ingest: bool = False) -> int:
     if not configs:
         raise SystemExit(f"no shard under {out / 'shards'} has a config.json")
     merged = dict(configs[0])
-    for key in ("tasks", "methods", "allocations", "budgets", "kvpress_presses", "skipped_cells"):
+    for key in ("tasks", "methods", "allocations", "budgets", "kvpress_presses", "skipped_cells", "channels",
+                "crosslayers"):
         merged[key] = list(dict.fromkeys(v for c in configs for v in c.get(key, [])))
+    for key in ("channel_params", "crosslayer_params", "aliases"):
+        merged[key] = {k: v for c in configs for k, v in (c.get(key) or {}).items()}
     merged["shards"] = len(configs)
     (out / "config.json").write_text(json.dumps(merged, indent=2, default=str))
     with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
@@ -124,6 +149,10 @@ def main() -> int:
                     "for finishing kvpress's side of a grid whose squeezekv cells are done (use with --seed-from)")
     ap.add_argument("--seed-from", default=None, help="results.jsonl whose records new shards start from")
     ap.add_argument("--seed-cells", default="", help="comma-separated cells to seed (default: every record)")
+    ap.add_argument("--fresh-first", action="store_true", help="do not seed the first shard: it measures the seeded "
+                    "cells again in this run (the merge keeps its records; compare with the seed to check determinism)")
+    ap.add_argument("--channels", default="", help="comma-separated channel entries (LABEL=METHOD allowed): one "
+                    "shard per (method, allocation, channel); their parameters go in the grid arguments")
     ap.add_argument("--merge-only", action="store_true")
     ap.add_argument("--ingest-raw", action="store_true", help="when merging, also record kvpress results that a "
                     "stopped shard's worker finished (rebuilds the examples: needs the tokenizer and data)")
@@ -136,21 +165,27 @@ def main() -> int:
         if args.kvpress_only:
             plan = kvpress_plan(presses, args.kvpress_only.split(","))
         else:
-            plan = shard_plan(args.methods.split(","), args.allocations.split(","), presses)
+            plan = shard_plan(args.methods.split(","), args.allocations.split(","), presses,
+                              [c for c in args.channels.split(",") if c])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         procs = []
         t0 = time.time()
         for i, s in enumerate(plan):
             name = f"{i:02d}-{s['methods']}-{s['allocations']}"
+            if "channels" in s:
+                name = f"{i:02d}-{s['methods']}-{s['allocations']}-{s['channels'].split('=')[0]}"
             if "budgets" in s:
                 name = f"{i:02d}-kvpress-{s['presses'][0]}-{s['budgets']}"
             d = out / "shards" / name
             d.mkdir(parents=True, exist_ok=True)
-            if args.seed_from:
+            if args.seed_from and not (args.fresh_first and i == 0):
                 cells = set(args.seed_cells.split(",")) if args.seed_cells else None
                 print(f"{name}: seeded {seed(d, Path(args.seed_from), cells)} records", flush=True)
+            shard_extra = own_params(extra, s["channels"]) if "channels" in s else extra
             cmd = [sys.executable, "-m", "squeezekv.cli", "eval", "--out", str(d), "--device", args.device,
-                   "--methods", s["methods"], "--allocations", s["allocations"], "--no-progress", *extra]
+                   "--methods", s["methods"], "--allocations", s["allocations"], "--no-progress", *shard_extra]
+            if "channels" in s:
+                cmd += ["--channels", s["channels"]]
             if "budgets" in s:
                 cmd += ["--budgets", s["budgets"]]  # after the shared arguments: this shard's budget wins
                 if i > 0:
