@@ -388,7 +388,15 @@ class EigenAttention(ChannelMethod):
         return self._on_device[key]
 
     # -- the channel-method protocol ----------------------------------------------------------------------------
-    def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> SqueezeLayer:
+    def make_layer(self, cache: "SqueezeCache", layer_idx: int, role: type | None = None,
+                   **role_kwargs: Any) -> SqueezeLayer:
+        if role is not None:
+            raise ValueError(
+                f"eigen does not compose with {cache.crosslayer.name}: its layer projects keys and values into the "
+                "low-rank bases in update() and maps the output back with U_V in attend(), so a layer that attends "
+                "with another layer's weights (or holds values only) would need its own low-rank value path; "
+                "use kivi or coupled with a cross-layer method"
+            )
         return EigenLayer(cache, layer_idx)
 
     def describe(self) -> str:
