@@ -44,7 +44,8 @@ computes: H2O receives its weights, SnapKV's window queries score against the sa
 ``pre``, projected queries and low-rank keys for ``post``). Eviction gathers the low-rank rows, so the survivors stay
 low-rank and every allocation works unchanged. Bytes per held token and KV head: ``(r_K + r_V)`` elements plus the
 usual bookkeeping (token index, score); the bases (``float32``, per model) are reported by :meth:`EigenAttention.
-basis_nbytes`. Not supported: the CUDA-graph decoder, cross-layer methods.
+basis_nbytes`. Not supported: the CUDA-graph decoder, cross-layer methods that give a layer another role (Shared
+Attention's source/shared layers: ``ValueError``).
 """
 
 from __future__ import annotations

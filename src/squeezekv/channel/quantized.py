@@ -29,6 +29,10 @@ Policies that need weights (H2O) get them from :meth:`QuantizedLayer.weight_chun
 second time, block by block (cost: one more pass over the keys per step); SnapKV, which re-reads the keys on a prompt
 chunk, gets them from :meth:`QuantizedLayer.attention_keys` (dequantised once per multi-token chunk, never per decoded
 token).
+
+Values only: a layer whose class says ``stores_keys = False`` (Shared Attention's shared layer mixed in front of the
+method's layer, :meth:`squeezekv.channel.base.ChannelMethod.make_layer`) creates no key fields, quantises only its
+values (``_encode(None, values)``) and exposes them block by block through :meth:`QuantizedLayer.value_blocks`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ Composition with eviction: the source's weights are over the tokens the source h
 exactly those tokens. It never selects on its own: when the source evicts with indices ``idx``, its sharers gather
 their values with the same ``idx`` (per batch row and KV head), and the budget plan gives every layer of a span one
 budget (:meth:`SharedAttention.tied_layers`; a given plan that does not is refused).
+
+Composition with a channel method (``kivi``, ``coupled``): the source and shared layer classes are *roles* mixed in
+front of the method's layer class (:meth:`CrossLayerMethod.layer`, :meth:`ChannelMethod.make_layer`). The source
+stores quantised keys+values as the method does and hands on its softmax weights over every held position (the
+quantised keys dequantised block by block, :meth:`QuantizedLayer.weight_chunks`); a shared layer
+(``stores_keys = False``) stores its values as the method quantises them (KIVI: per token; CQ: its value codebooks)
+plus the full-precision residual, no key codes or scales, and returns ``weights @ values`` block by block over its
+dequantised values (:meth:`SqueezeLayer.value_blocks`). Source and sharers hold the same tokens and apply the same
+residual/flush rule, so their quantised/residual split is the same. ``eigen`` refuses (its layer projects in
+``update``/``attend``, which a role would bypass).
 """
 
 from __future__ import annotations
