@@ -217,6 +217,25 @@ def test_eviction_keeps_the_sources_tokens_and_split(method, allocation, make_mo
             assert torch.equal(sa_alone.layers[i].token_idx, cache.layers[i].token_idx), (method, allocation, i)
 
 
+@pytest.mark.parametrize("method", ["h2o", "snapkv"])
+def test_chunked_prefill_keeps_the_sources_tokens_and_split(method, make_model, make_ids):
+    """A prompt in chunks of 12 with eviction to 10 tokens after each chunk and quantisation of the survivors: the
+    shared layers hold the source's tokens with the same split after every chunk, then decode on."""
+    from squeezekv.prefill import chunked_prefill
+
+    model = make_model("llama", layers=4)
+    ids = make_ids(2, 41)
+    cache = _cache(model, [[1, 3]], "kivi", {"bits": 2, "group_size": 2, "residual": 2}, method=method, budget=10)
+    chunked_prefill(model, ids[:, :40], cache, chunk_size=12)
+    model(ids[:, 40:], cache=cache)
+    src = cache.layers[1]
+    assert src.nq > 0 and src.physical_length == (10 if method == "h2o" else 11)
+    for i in (2, 3):
+        layer = cache.layers[i]
+        assert torch.equal(layer.token_idx, src.token_idx)
+        assert (layer.nq, layer.residual_length) == (src.nq, src.residual_length)
+
+
 def _all_values(layer) -> torch.Tensor:
     return torch.cat([v for _, _, v in layer.value_blocks()], dim=2)  # [B, H, n, Dv]
 
