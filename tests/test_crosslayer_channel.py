@@ -313,3 +313,31 @@ def test_lckv_cache_refuses_a_channel_method():
                         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="LCKV.*kivi.*reads the full-precision"):
         LCKVCache(config, channel="kivi")
+
+
+@pytest.mark.real_weights
+def test_default_model_sharing_with_kivi():
+    """SmolLM2: span [23, 26] with KIVI; residual longer than the sequence = Shared Attention alone exactly; 2-bit with
+    H2O keeps the span on the source's tokens and split, shared layers without key storage."""
+    import os
+
+    from squeezekv import assets
+
+    try:
+        assets.fetch(assets.SMOLLM2, allow_download=os.environ.get("SQUEEZEKV_OFFLINE") != "1")
+        model, _ = assets.load_model(None)
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"default model not available offline: {err}")
+    ids = torch.randint(1000, 20000, (1, 72), generator=torch.Generator().manual_seed(0))
+    ref = _teacher_forced(model, _cache(model, [[23, 26]]), ids, 64)
+    out = _teacher_forced(model, _cache(model, [[23, 26]], "kivi", {"bits": 2, "residual": 128}), ids, 64)
+    assert torch.equal(out, ref)
+    cache = _cache(model, [[23, 26]], "kivi", {"bits": 2, "group_size": 32, "residual": 8}, method="h2o", budget=48)
+    _teacher_forced(model, cache, ids, 64)
+    src = cache.layers[23]
+    assert src.nq > 0 and src.physical_length <= 49
+    for i in (24, 25, 26):
+        layer = cache.layers[i]
+        assert torch.equal(layer.token_idx, src.token_idx) and layer.kcode is None and layer.keys.numel() == 0
+        assert (layer.nq, layer.residual_length) == (src.nq, src.residual_length)
+    squeezekv.detach(model)
