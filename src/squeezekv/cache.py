@@ -10,7 +10,7 @@ squeezekv's attention function (:mod:`squeezekv.attention`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
@@ -39,6 +39,9 @@ class SqueezeLayer(CacheLayerMixin):
     #: the layer picks its kept tokens with the eviction policy (False: it follows another layer's selection, and the
     #: policy never sees its attention)
     selects_tokens = True
+    #: the layer stores keys (False: values only, ``keys`` stays an empty ``[B, H, 0, D]`` tensor, e.g. a layer that
+    #: reuses another layer's attention weights)
+    stores_keys = True
 
     def __init__(self, cache: "SqueezeCache", layer_idx: int):
         super().__init__()
@@ -103,8 +106,9 @@ class SqueezeLayer(CacheLayerMixin):
         return self.cache.growth_chunk - 1
 
     def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
-        """Store the new tokens' keys and values (a layer that stores only values overrides it)."""
-        self._append("keys", key_states, reserve)
+        """Store the new tokens' keys (unless the layer stores values only) and values."""
+        if self.stores_keys:
+            self._append("keys", key_states, reserve)
         self._append("values", value_states, reserve)
 
     def _append(self, name: str, new: torch.Tensor, reserve: int) -> None:
@@ -227,7 +231,8 @@ class SqueezeLayer(CacheLayerMixin):
         """Keep the held positions ``idx`` ``[B, H, k]`` (ascending) of every per-position tensor; the rest is
         freed."""
         d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
-        self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
+        if self.stores_keys:
+            self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
         self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
         self.token_idx = self.token_idx.gather(2, idx)
         if self.scores is not None:
@@ -236,6 +241,15 @@ class SqueezeLayer(CacheLayerMixin):
             self.valid = self.valid.gather(2, idx)
         self._buffers = {}  # the old storage is released with the views into it
         self.compressed = True
+
+    def flush(self) -> None:
+        """Move held tokens to their compact storage once eviction is done (extension point: a quantised layer
+        quantises its oldest full-precision tokens); nothing for a plain layer."""
+
+    def value_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The values of every held position in order, as ``(start, end, values [B, H, end - start, Dv])`` blocks
+        (extension point: a quantised layer dequantises one block at a time); one block for a plain layer."""
+        yield 0, self.values.shape[2], self.values
 
     def attention_query(self, query: torch.Tensor) -> torch.Tensor:
         """The queries ``[B, Hq, q, D]`` in the space this layer's attention keys live in (what :meth:`update`

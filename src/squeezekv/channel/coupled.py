@@ -188,7 +188,8 @@ def calibrate(model: Any, input_ids: torch.Tensor, bits: int, channels: int, ite
 # -- the layer ------------------------------------------------------------------------------------------------------
 class CoupledLayer(QuantizedLayer):
     """Storage: ``kcode``/``vcode`` ``[B, H, nq, (D / c) * bits * c / 8]`` uint8 (one code of ``bits * c`` bits per
-    channel group, packed), codebooks ``[H, D / c, 2**(bits*c), c]`` shared with the method."""
+    channel group, packed), codebooks ``[H, D / c, 2**(bits*c), c]`` shared with the method. A layer that stores values
+    only (:attr:`SqueezeLayer.stores_keys` False) has ``vcode`` and no key codes."""
 
     token_fields = ("kcode", "vcode")
 
@@ -201,14 +202,15 @@ class CoupledLayer(QuantizedLayer):
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         kb, vb = self.method.codebooks_for(self.layer_idx, key_states.device)
-        for book, t, what in ((kb, key_states, "key"), (vb, value_states, "value")):
+        for book, t, what in ((kb, key_states, "key"), (vb, value_states, "value"))[0 if self.stores_keys else 1:]:
             if book.shape[0] != h or book.shape[1] * book.shape[3] != t.shape[-1]:
                 raise ValueError(
                     f"coupled codebooks of layer {self.layer_idx} ({what}s: {book.shape[0]} heads x "
                     f"{book.shape[1] * book.shape[3]} channels) do not match the model ({h} heads x {t.shape[-1]})"
                 )
-        self.kbook, self.vbook = kb, vb
-        self.kcode = torch.empty((b, h, 0, d // self.c * self.width // 8), dtype=torch.uint8, device=self.device)
+        self.kbook, self.vbook = (kb if self.stores_keys else None), vb
+        if self.stores_keys:  # a values-only layer has no key codes
+            self.kcode = torch.empty((b, h, 0, d // self.c * self.width // 8), dtype=torch.uint8, device=self.device)
         self.vcode = torch.empty((b, h, 0, value_states.shape[-1] // self.c * self.width // 8), dtype=torch.uint8,
                                  device=self.device)
 
@@ -221,8 +223,9 @@ class CoupledLayer(QuantizedLayer):
         idx = idx.reshape(h, ng, b, m).permute(2, 0, 3, 1)  # [B, H, m, ng]
         return pack(idx, self.width)
 
-    def _encode(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
-        self._append("kcode", self._codes(keys, self.kbook), reserve)
+    def _encode(self, keys: torch.Tensor | None, values: torch.Tensor, reserve: int) -> None:
+        if keys is not None:
+            self._append("kcode", self._codes(keys, self.kbook), reserve)
         self._append("vcode", self._codes(values, self.vbook), reserve)
 
     def _decode(self, codes: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
@@ -233,16 +236,17 @@ class CoupledLayer(QuantizedLayer):
         groups = torch.arange(ng, device=idx.device).view(1, 1, 1, ng)
         return book[heads, groups, idx].reshape(b, h, m, ng * self.c).to(self.dtype)  # [B, H, m, ng, c] -> D
 
-    def _dequant(self, pos: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dequant(self, pos: slice | torch.Tensor, keys: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         def rows(t: torch.Tensor) -> torch.Tensor:
             if isinstance(pos, slice):
                 return t[:, :, pos]
             return t.gather(2, pos[..., None].expand(-1, -1, -1, t.shape[-1]))
 
-        return self._decode(rows(self.kcode), self.kbook), self._decode(rows(self.vcode), self.vbook)
+        k = self._decode(rows(self.kcode), self.kbook) if keys and self.stores_keys else None
+        return k, self._decode(rows(self.vcode), self.vbook)
 
     def _gather_quantised(self, idx: torch.Tensor) -> None:
-        for name in ("kcode", "vcode"):
+        for name in ("kcode", "vcode")[0 if self.stores_keys else 1:]:
             t = getattr(self, name)
             setattr(self, name, t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])))
 
@@ -253,6 +257,7 @@ class CoupledQuant(ChannelMethod):
     """Coupled Quantization: ``channels`` contiguous channels share a k-means code of ``bits * channels`` bits."""
 
     paper = "Zhang et al. 2024, arXiv 2405.03917"
+    layer_class = CoupledLayer
     summary = "coupled channels share a learned k-means code: 1-2 bits per channel (calibrated)"
     bits: int = 1
     channels: int = 0
@@ -357,9 +362,6 @@ class CoupledQuant(ChannelMethod):
 
     def calibrate(self, model: Any, input_ids: torch.Tensor) -> None:
         self.set_codebooks(calibrate(model, input_ids, self.bits, self.coupled, self.iters, self.seed))
-
-    def make_layer(self, cache: Any, layer_idx: int) -> CoupledLayer:
-        return CoupledLayer(cache, layer_idx, self)
 
     def bytes_per_token(self, head_dim: int, kv_heads: int) -> float:
         """KV bytes of one quantised token in one layer (all KV heads), codebooks not included."""

@@ -44,7 +44,8 @@ computes: H2O receives its weights, SnapKV's window queries score against the sa
 ``pre``, projected queries and low-rank keys for ``post``). Eviction gathers the low-rank rows, so the survivors stay
 low-rank and every allocation works unchanged. Bytes per held token and KV head: ``(r_K + r_V)`` elements plus the
 usual bookkeeping (token index, score); the bases (``float32``, per model) are reported by :meth:`EigenAttention.
-basis_nbytes`. Not supported: the CUDA-graph decoder, cross-layer methods.
+basis_nbytes`. Not supported: the CUDA-graph decoder, cross-layer methods that give a layer another role (Shared
+Attention's source/shared layers: ``ValueError``).
 """
 
 from __future__ import annotations
@@ -388,7 +389,15 @@ class EigenAttention(ChannelMethod):
         return self._on_device[key]
 
     # -- the channel-method protocol ----------------------------------------------------------------------------
-    def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> SqueezeLayer:
+    def make_layer(self, cache: "SqueezeCache", layer_idx: int, role: type | None = None,
+                   **role_kwargs: Any) -> SqueezeLayer:
+        if role is not None:
+            raise ValueError(
+                f"eigen does not compose with {cache.crosslayer.name}: its layer projects keys and values into the "
+                "low-rank bases in update() and maps the output back with U_V in attend(), so a layer that attends "
+                "with another layer's weights (or holds values only) would need its own low-rank value path; "
+                "use kivi or coupled with a cross-layer method"
+            )
         return EigenLayer(cache, layer_idx)
 
     def describe(self) -> str:

@@ -61,7 +61,8 @@ def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> 
 class KIVILayer(QuantizedLayer):
     """Storage (``nq`` quantised positions, ``ng`` key groups, ``P = D * bits / 8``): ``kcode``/``vcode``
     ``[B, H, nq, P]`` uint8; ``vscale``/``vzero`` ``[B, H, nq, D / group_size]``; ``kscale``/``kzero``
-    ``[B, H, ng, D]``; ``kgid`` ``[B, H, nq]`` int16/int32 or None (group of position p = p // group_size)."""
+    ``[B, H, ng, D]``; ``kgid`` ``[B, H, nq]`` int16/int32 or None (group of position p = p // group_size). A layer that
+    stores values only (:attr:`SqueezeLayer.stores_keys` False) has ``vcode``/``vscale``/``vzero`` and no key fields."""
 
     token_fields = ("kcode", "vcode", "vscale", "vzero", "kgid")
     table_fields = ("kscale", "kzero")
@@ -74,7 +75,7 @@ class KIVILayer(QuantizedLayer):
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
-        for dim, what in ((d, "key"), (dv, "value")):
+        for dim, what in ((d, "key"), (dv, "value"))[0 if self.stores_keys else 1:]:
             if dim % self.group_size or (dim * self.bits) % 8:
                 raise ValueError(
                     f"kivi group_size={self.group_size} does not fit the {what} head dimension {dim} of layer "
@@ -83,13 +84,14 @@ class KIVILayer(QuantizedLayer):
                 )
         dt, dev = key_states.dtype, key_states.device
         u8 = torch.uint8
-        self.kcode = torch.empty((b, h, 0, d * self.bits // 8), dtype=u8, device=dev)
         self.vcode = torch.empty((b, h, 0, dv * self.bits // 8), dtype=u8, device=dev)
         self.vscale = torch.empty((b, h, 0, dv // self.group_size), dtype=dt, device=dev)
         self.vzero = torch.empty_like(self.vscale)
-        self.kscale = torch.empty((b, h, 0, d), dtype=dt, device=dev)
-        self.kzero = torch.empty_like(self.kscale)
         self.kgid = None
+        if self.stores_keys:  # a values-only layer has no key codes, scales or group ids
+            self.kcode = torch.empty((b, h, 0, d * self.bits // 8), dtype=u8, device=dev)
+            self.kscale = torch.empty((b, h, 0, d), dtype=dt, device=dev)
+            self.kzero = torch.empty_like(self.kscale)
 
     def _gid_dtype(self) -> torch.dtype:
         return torch.int16 if self.cache.max_context < (1 << 15) else torch.int32
@@ -102,53 +104,61 @@ class KIVILayer(QuantizedLayer):
             return (torch.arange(pos.start, pos.stop, device=self.device) // self.group_size).view(1, 1, -1)
         return pos // self.group_size
 
-    def _encode(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
-        b, h, m, d = keys.shape
+    def _encode(self, keys: torch.Tensor | None, values: torch.Tensor, reserve: int) -> None:
+        b, h, m, dv = values.shape
         g = self.group_size
-        ng_old = self.kscale.shape[2]
-        # keys: per channel over groups of g tokens -> scale/zero [B, H, m/g, 1, D]
-        kc, ks, kz = quantize(keys.reshape(b, h, m // g, g, d), self.bits, dim=3, store_dtype=self.dtype)
         # values: per token over groups of g channels -> scale/zero [B, H, m, D/g, 1]
-        dv = values.shape[-1]
         vc, vs, vz = quantize(values.reshape(b, h, m, dv // g, g), self.bits, dim=4, store_dtype=self.dtype)
-        self._append("kcode", pack(kc.reshape(b, h, m, d), self.bits), reserve)
         self._append("vcode", pack(vc.reshape(b, h, m, dv), self.bits), reserve)
         self._append("vscale", vs.squeeze(-1), reserve)
         self._append("vzero", vz.squeeze(-1), reserve)
+        if keys is None:
+            return
+        d = keys.shape[-1]
+        ng_old = self.kscale.shape[2]
+        # keys: per channel over groups of g tokens -> scale/zero [B, H, m/g, 1, D]
+        kc, ks, kz = quantize(keys.reshape(b, h, m // g, g, d), self.bits, dim=3, store_dtype=self.dtype)
+        self._append("kcode", pack(kc.reshape(b, h, m, d), self.bits), reserve)
         self._append("kscale", ks.squeeze(3), reserve // g)
         self._append("kzero", kz.squeeze(3), reserve // g)
         if self.kgid is not None:
             gid = ng_old + torch.arange(m, device=self.device) // g
             self._append("kgid", gid.to(self.kgid.dtype).expand(b, h, m), reserve)
 
-    def _dequant(self, pos: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dequant(self, pos: slice | torch.Tensor, keys: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         def rows(t: torch.Tensor) -> torch.Tensor:
             if isinstance(pos, slice):
                 return t[:, :, pos]
             return t.gather(2, pos[..., None].expand(-1, -1, -1, t.shape[-1]))
 
         dt, g = self.dtype, self.group_size
+        vc = unpack(rows(self.vcode), self.bits).to(dt)  # [B, H, m, Dv]
+        b, h, m, dv = vc.shape
+        values = (vc.view(b, h, m, dv // g, g) * rows(self.vscale)[..., None] + rows(self.vzero)[..., None])
+        values = values.view(b, h, m, dv)
+        if not (keys and self.stores_keys):
+            return None, values
         kc = unpack(rows(self.kcode), self.bits).to(dt)  # [B, H, m, D]
-        b, h, m, d = kc.shape
+        d = kc.shape[-1]
         if isinstance(pos, slice) and self.kgid is None and pos.start % g == 0 and m % g == 0:
             # whole groups in storage order: broadcast each group's scale/zero over its g tokens (no gather)
             g0 = pos.start // g
             ks, kz = self.kscale[:, :, g0:g0 + m // g, None], self.kzero[:, :, g0:g0 + m // g, None]
-            keys = (kc.view(b, h, m // g, g, d) * ks + kz).view(b, h, m, d)
+            k = (kc.view(b, h, m // g, g, d) * ks + kz).view(b, h, m, d)
         else:
             gid = self._gid(pos).expand(b, h, m)[..., None].expand(-1, -1, -1, d)  # [B, H, m, D]
-            keys = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
-        vc = unpack(rows(self.vcode), self.bits).to(dt)
-        dv = vc.shape[-1]
-        values = vc.view(b, h, m, dv // g, g) * rows(self.vscale)[..., None] + rows(self.vzero)[..., None]
-        return keys, values.view(b, h, m, dv)
+            k = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
+        return k, values
 
     def _gather_quantised(self, idx: torch.Tensor) -> None:
         # idx: [B, H, s]
-        gid = self._gid(idx)  # [B, H, s] int64, into the current group table
-        for name in ("kcode", "vcode", "vscale", "vzero"):
+        for name in ("vcode", "vscale", "vzero"):
             t = getattr(self, name)
             setattr(self, name, t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])))
+        if not self.stores_keys:
+            return
+        gid = self._gid(idx)  # [B, H, s] int64, into the current group table
+        self.kcode = self.kcode.gather(2, idx[..., None].expand(-1, -1, -1, self.kcode.shape[-1]))
         # drop the groups no kept token refers to, and renumber
         used = torch.zeros(self.kscale.shape[2], dtype=torch.bool, device=self.device)
         used[gid.reshape(-1)] = True
@@ -164,6 +174,7 @@ class KIVI(ChannelMethod):
     """KIVI: keys per channel and values per token at ``bits`` bits; ``residual`` newest tokens in full precision."""
 
     paper = "Liu et al. 2024, arXiv 2402.02750"
+    layer_class = KIVILayer
     summary = "2/4-bit KV, keys per channel and values per token, full-precision recent tokens"
     bits: int = 2
     group_size: int = 32
@@ -176,9 +187,6 @@ class KIVI(ChannelMethod):
             raise ValueError(f"kivi group_size={self.group_size!r} is out of range: must be an integer >= 1")
         if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"kivi residual={self.residual!r} is out of range: must be an integer >= 0")
-
-    def make_layer(self, cache: Any, layer_idx: int) -> KIVILayer:
-        return KIVILayer(cache, layer_idx, self)
 
     def bytes_per_token(self, head_dim: int, kv_heads: int, dtype_bytes: int) -> float:
         """KV bytes of one quantised token in one layer (all KV heads), key scales amortised over their group."""

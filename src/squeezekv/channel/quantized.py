@@ -29,6 +29,10 @@ Policies that need weights (H2O) get them from :meth:`QuantizedLayer.weight_chun
 second time, block by block (cost: one more pass over the keys per step); SnapKV, which re-reads the keys on a prompt
 chunk, gets them from :meth:`QuantizedLayer.attention_keys` (dequantised once per multi-token chunk, never per decoded
 token).
+
+Values only: a layer whose class says ``stores_keys = False`` (Shared Attention's shared layer mixed in front of the
+method's layer, :meth:`squeezekv.channel.base.ChannelMethod.make_layer`) creates no key fields, quantises only its
+values (``_encode(None, values)``) and exposes them block by block through :meth:`QuantizedLayer.value_blocks`.
 """
 
 from __future__ import annotations
@@ -70,14 +74,15 @@ class QuantizedLayer(SqueezeLayer):
         """Create the (empty) fields of :attr:`token_fields`/:attr:`table_fields` for this batch and head layout."""
 
     @abstractmethod
-    def _encode(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
+    def _encode(self, keys: torch.Tensor | None, values: torch.Tensor, reserve: int) -> None:
         """Quantise ``keys``/``values`` ``[B, H, m, D]`` (m a multiple of ``flush_block``, the oldest residual
-        tokens) and append them after position ``nq - 1``."""
+        tokens) and append them after position ``nq - 1``; ``keys`` is None in a layer that stores values only
+        (:attr:`SqueezeLayer.stores_keys` False: no key fields are created)."""
 
     @abstractmethod
-    def _dequant(self, pos: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dequant(self, pos: slice | torch.Tensor, keys: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Keys and values ``[B, H, m, D]`` (model dtype) of quantised positions ``pos``: a slice, or indices
-        ``[B, H, m]`` (each ``< nq``)."""
+        ``[B, H, m]`` (each ``< nq``). Keys are None when ``keys`` is False or the layer stores values only."""
 
     @abstractmethod
     def _gather_quantised(self, idx: torch.Tensor) -> None:
@@ -95,7 +100,7 @@ class QuantizedLayer(SqueezeLayer):
 
     @property
     def residual_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self.values is None else self.values.shape[-2]
 
     def _tensors(self) -> list[str]:
         return super()._tensors() + list(self.token_fields) + list(self.table_fields)
@@ -136,10 +141,11 @@ class QuantizedLayer(SqueezeLayer):
         if m <= 0:
             return
         reserve = QUANT_RESERVE if m == self.flush_block else 0
-        self._encode(self.keys[:, :, :m], self.values[:, :, :m], reserve)
+        self._encode(self.keys[:, :, :m] if self.stores_keys else None, self.values[:, :, :m], reserve)
         self.nq += m
         # clone: the residual's old buffer (holding the quantised tokens in full precision) is released
-        self.keys = self.keys[:, :, m:].clone()
+        if self.stores_keys:
+            self.keys = self.keys[:, :, m:].clone()
         self.values = self.values[:, :, m:].clone()
         self._buffers.pop("keys", None)
         self._buffers.pop("values", None)
@@ -151,25 +157,24 @@ class QuantizedLayer(SqueezeLayer):
 
     def compress(self, budget: int) -> None:
         """Evict down to ``budget`` positions (the policy decides, as for a plain layer), then quantise."""
-        if self.physical_length > budget and self.policy.evicts:
-            self._gather(self.policy.select(self, budget))
-            self.compressed = True
+        super().compress(budget)
         self.flush()
 
-    def _gather(self, idx: torch.Tensor) -> None:
-        # idx: [B, H, k] ascending positions to keep
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep held positions ``idx`` ``[B, H, k]`` (ascending): quantised and residual parts alike."""
         nq, d_k, d_v = self.nq, self.keys.shape[-1], self.values.shape[-1]
         kept_q = (idx < nq).sum(-1)  # [B, H] quantised positions each (row, head) keeps
         s = int(kept_q.min()) if nq else 0
         ridx = idx[..., s:]  # [B, H, k - s]: these become the residual
         rpos = (ridx - nq).clamp(min=0)
-        keys = self.keys.gather(2, rpos[..., None].expand(-1, -1, -1, d_k))
+        keys = self.keys.gather(2, rpos[..., None].expand(-1, -1, -1, d_k)) if self.stores_keys else self.keys
         values = self.values.gather(2, rpos[..., None].expand(-1, -1, -1, d_v))
         if nq and int(kept_q.max()) > s:
             # some heads keep more quantised positions than others: those move to the residual, dequantised
             from_q = (ridx < nq)[..., None]  # [B, H, k - s, 1]
-            dk, dv = self._dequant(ridx.clamp(max=nq - 1))
-            keys = torch.where(from_q, dk.to(keys.dtype), keys)
+            dk, dv = self._dequant(ridx.clamp(max=nq - 1), keys=self.stores_keys)
+            if self.stores_keys:
+                keys = torch.where(from_q, dk.to(keys.dtype), keys)
             values = torch.where(from_q, dv.to(values.dtype), values)
         if nq:
             self._gather_quantised(idx[..., :s])
@@ -181,6 +186,7 @@ class QuantizedLayer(SqueezeLayer):
         if self.valid is not None:
             self.valid = self.valid.gather(2, idx)
         self._buffers = {}
+        self.compressed = True
 
     # -- attention ----------------------------------------------------------------------------------------------
     def attention_keys(self) -> torch.Tensor:
@@ -208,6 +214,17 @@ class QuantizedLayer(SqueezeLayer):
         from ..attention import _causal
 
         return _causal(q_len, self.physical_length, self.keys.device)  # [q, n]: the new queries are the last q
+
+    def value_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Values of every held position: quantised ones dequantised ``flush_block``-aligned blocks at a time (each
+        at most :data:`BLOCK_ELEMS` elements), then the residual."""
+        b, h, _, dv = self.values.shape
+        step = max(1, BLOCK_ELEMS // max(1, b * h * dv))
+        step = max(self.flush_block, step // self.flush_block * self.flush_block)
+        for start in range(0, self.nq, step):
+            end = min(self.nq, start + step)
+            yield start, end, self._dequant(slice(start, end), keys=False)[1]
+        yield self.nq, self.physical_length, self.values
 
     def _logits(self, qg: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         # qg: [B, H, G, q, D], keys: [B, H, m, D] -> float32 [B, H, G, q, m]

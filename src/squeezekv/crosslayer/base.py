@@ -21,6 +21,15 @@ class CrossLayerMethod(Method):
     def make_layer(self, cache: "SqueezeCache", layer_idx: int) -> "SqueezeLayer | None":
         """The layer object for managed layer ``layer_idx``, or None to let the channel method / default decide."""
 
+    @staticmethod
+    def layer(cache: "SqueezeCache", role: type, layer_idx: int, **role_kwargs: Any) -> "SqueezeLayer":
+        """A layer of class ``role`` (a :class:`SqueezeLayer` subclass) for ``layer_idx``; with a channel method, the
+        method's layer with ``role`` mixed in front (:meth:`ChannelMethod.make_layer`: the role decides attention and
+        which tokens are kept, the channel method how they are stored)."""
+        if cache.channel is None:
+            return role(cache, layer_idx, **role_kwargs)
+        return cache.channel.make_layer(cache, layer_idx, role=role, **role_kwargs)
+
     def bind(self, cache: "SqueezeCache") -> None:
         """Called once the cache's layers exist (``cache.layers``, ``cache.managed``, ``cache.layer_types``): raise
         ``ValueError`` if the method does not fit this model."""

@@ -25,6 +25,16 @@ Composition with eviction: the source's weights are over the tokens the source h
 exactly those tokens. It never selects on its own: when the source evicts with indices ``idx``, its sharers gather
 their values with the same ``idx`` (per batch row and KV head), and the budget plan gives every layer of a span one
 budget (:meth:`SharedAttention.tied_layers`; a given plan that does not is refused).
+
+Composition with a channel method (``kivi``, ``coupled``): the source and shared layer classes are *roles* mixed in
+front of the method's layer class (:meth:`CrossLayerMethod.layer`, :meth:`ChannelMethod.make_layer`). The source
+stores quantised keys+values as the method does and hands on its softmax weights over every held position (the
+quantised keys dequantised block by block, :meth:`QuantizedLayer.weight_chunks`); a shared layer
+(``stores_keys = False``) stores its values as the method quantises them (KIVI: per token; CQ: its value codebooks)
+plus the full-precision residual, no key codes or scales, and returns ``weights @ values`` block by block over its
+dequantised values (:meth:`SqueezeLayer.value_blocks`). Source and sharers hold the same tokens and apply the same
+residual/flush rule, so their quantised/residual split is the same. ``eigen`` refuses (its layer projects in
+``update``/``attend``, which a role would bypass).
 """
 
 from __future__ import annotations
@@ -115,15 +125,13 @@ class SharedAttention(CrossLayerMethod):
                         "squeezekv does not manage (e.g. a sliding-window layer of a hybrid model): spans may only "
                         "cover full-attention layers"
                     )
-        if self._source_of and cache.channel is not None:
-            raise ValueError("shared_attention does not compose with a channel method yet: leave channel out")
 
     def make_layer(self, cache: SqueezeCache, layer_idx: int) -> SqueezeLayer | None:
         if layer_idx in self._source_of:
             src = self._source_of[layer_idx]
-            return SharedLayer(cache, layer_idx, src, last=layer_idx == self._last_of[src])
+            return self.layer(cache, SharedLayer, layer_idx, source_idx=src, last=layer_idx == self._last_of[src])
         if layer_idx in self._last_of:
-            return SourceLayer(cache, layer_idx)
+            return self.layer(cache, SourceLayer, layer_idx)
         return None
 
     def tied_layers(self) -> list[tuple[int, ...]]:
@@ -134,49 +142,61 @@ class SharedAttention(CrossLayerMethod):
 
 
 class SharedWeights:
-    """One forward step's softmax weights of a source layer, ``[B, Hkv, G, q, n]`` (float32) in query chunks.
+    """One forward step's softmax weights of a source layer, ``[B, Hkv, G, q, n]`` (float32) in query chunks, over
+    every position the source holds (with a channel method: its quantised positions' keys dequantised block by block,
+    :meth:`SqueezeLayer.weight_chunks`).
 
     Kept as tensors when they fit one chunk (decoding, short prompts); for a long prompt only the inputs are kept and
     each layer of the span recomputes the chunks (the same arithmetic, so the same weights), which bounds memory at
-    the price of the prompt's ``QK^T`` per shared layer."""
+    the price of the prompt's ``QK^T`` per shared layer. The inputs are then the source's keys of this step
+    (:meth:`SqueezeLayer.attention_keys`: a dequantised copy if some are quantised, as SnapKV's scoring of a prompt
+    chunk), since the source evicts and quantises before the shared layers attend."""
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float):
+    def __init__(self, layer: SqueezeLayer, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None,
+                 scaling: float):
         b, hq, q_len, _ = query.shape
-        self.hq, self.q_len, self.n = hq, q_len, key.shape[2]
+        self.hq, self.q_len, self.n = hq, q_len, layer.physical_length
         one_chunk = max(1, _EAGER_BLOCK // max(1, b * hq * self.n)) >= q_len
-        args = (query, key, allowed, scaling)
-        self._chunks = list(_weight_chunks(*args)) if one_chunk else None
-        self._args = None if one_chunk else args  # held only to recompute (keeps the source's pre-eviction keys)
+        self._chunks = list(layer.weight_chunks(query, key, allowed, scaling)) if one_chunk else None
+        # held only to recompute (keeps the source's pre-eviction keys)
+        self._args = None if one_chunk else (query, layer.attention_keys(), allowed, scaling)
 
     def chunks(self):
         return self._chunks if self._chunks is not None else _weight_chunks(*self._args)
 
-    def apply(self, value: torch.Tensor, dtype: torch.dtype, layer_idx: int) -> torch.Tensor:
-        """``weights @ value`` for value ``[B, Hkv, n, Dv]`` -> ``[B, Hq, q, Dv]`` in ``dtype`` (float32 weights, cast
-        to the values' dtype for the product)."""
-        if value.shape[2] != self.n:
-            raise RuntimeError(f"layer {layer_idx} holds {value.shape[2]} tokens but its span's weights cover "
-                               f"{self.n}: a shared layer must hold exactly its source's tokens")
-        b, _, _, dv = value.shape
-        # the product in the values' dtype (as the official code: weights cast to the model dtype), so a bf16
-        # cache is read once, not copied to float32 every step
-        outs = [torch.einsum("bhgqn,bhnd->bhgqd", w.to(value.dtype), value[:, :, : w.shape[-1]])
-                for _, _, w in self.chunks()]
+    def apply(self, layer: SqueezeLayer, dtype: torch.dtype) -> torch.Tensor:
+        """``weights @ values`` of ``layer`` (its :meth:`SqueezeLayer.value_blocks`, ``[B, Hkv, n, Dv]`` in all)
+        -> ``[B, Hq, q, Dv]`` in ``dtype`` (float32 weights, cast to the values' dtype for the product)."""
+        if layer.physical_length != self.n:
+            raise RuntimeError(f"layer {layer.layer_idx} holds {layer.physical_length} tokens but its span's weights "
+                               f"cover {self.n}: a shared layer must hold exactly its source's tokens")
+        outs = []
+        for _, _, w in self.chunks():
+            m = w.shape[-1]  # causal chunks stop at their last query's own key
+            # the product in the values' dtype (as the official code: weights cast to the model dtype), so a bf16
+            # cache is read once, not copied to float32 every step; blocks (quantised values) summed in float32
+            parts = [torch.einsum("bhgqn,bhnd->bhgqd", w[..., start:min(end, m)].to(v.dtype),
+                                  v[:, :, : min(end, m) - start])
+                     for start, end, v in layer.value_blocks() if start < m]
+            outs.append(parts[0] if len(parts) == 1 else sum(p.float() for p in parts))
+        b, dv = outs[0].shape[0], outs[0].shape[-1]
         return torch.cat(outs, dim=3).reshape(b, self.hq, self.q_len, dv).to(dtype)
 
 
 class SourceLayer(SqueezeLayer):
     """First layer of a span: attention with explicit softmax weights, handed on to the span's other layers; its
-    evictions (``keep``) are recorded so the others keep the same tokens."""
+    evictions (``keep``) are recorded so the others keep the same tokens. With a channel method it is mixed in front of
+    the method's layer (:meth:`CrossLayerMethod.layer`): storage, eviction and weights over quantised keys are the
+    method's."""
 
-    def __init__(self, cache: SqueezeCache, layer_idx: int):
-        super().__init__(cache, layer_idx)
+    def __init__(self, cache: SqueezeCache, layer_idx: int, *args: Any, **kwargs: Any):
+        super().__init__(cache, layer_idx, *args, **kwargs)
         self.shared: SharedWeights | None = None
         self.last_keep: tuple[int, torch.Tensor] | None = None  # (tokens seen, idx [B, H, k]) of the last eviction
 
     def attend(self, query, key, value, allowed, scaling):
-        self.shared = SharedWeights(query, key, allowed, scaling)
-        return self.shared.apply(value, query.dtype, self.layer_idx)
+        self.shared = SharedWeights(self, query, key, allowed, scaling)
+        return self.shared.apply(self, query.dtype)
 
     def keep(self, idx: torch.Tensor) -> None:
         super().keep(idx)
@@ -194,12 +214,14 @@ class SourceLayer(SqueezeLayer):
 class SharedLayer(SqueezeLayer):
     """A layer that reuses its source layer's weights: it stores values (``[B, H, n, Dv]``), token indices and the
     padding flags only; ``keys`` is an empty ``[B, H, 0, D]`` tensor (no storage). It keeps exactly the source's
-    tokens: it gathers with the indices of the source's last eviction and never consults the policy."""
+    tokens: it gathers with the indices of the source's last eviction and never consults the policy. With a channel
+    method it is mixed in front of the method's layer, which then stores (quantises) the values alone."""
 
     selects_tokens = False
+    stores_keys = False
 
-    def __init__(self, cache: SqueezeCache, layer_idx: int, source_idx: int, last: bool):
-        super().__init__(cache, layer_idx)
+    def __init__(self, cache: SqueezeCache, layer_idx: int, *args: Any, source_idx: int, last: bool, **kwargs: Any):
+        super().__init__(cache, layer_idx, *args, **kwargs)
         self.source_idx = source_idx
         self.last_in_span = last
         self._followed = -1  # tokens seen when this layer last copied the source's eviction
@@ -212,19 +234,16 @@ class SharedLayer(SqueezeLayer):
         super().lazy_initialization(key_states, value_states)  # keys: [B, H, 0, D], no storage
         self.scores = None
 
-    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
-        self._append("values", value_states, reserve)  # the keys are dropped
-
     @property
     def physical_length(self) -> int:
-        return 0 if self.values is None else self.values.shape[-2]
+        return 0 if self.token_idx is None else self.token_idx.shape[-1]
 
     def attend(self, query, key, value, allowed, scaling):
         src = self.source
         if src.shared is None:
             raise RuntimeError(f"layer {self.layer_idx} reuses layer {self.source_idx}'s weights, but that layer did "
                                "not attend in this forward pass")
-        out = src.shared.apply(value, query.dtype, self.layer_idx)
+        out = src.shared.apply(self, query.dtype)
         if self.last_in_span:
             src.shared = None  # free the weights (and the source's pre-eviction keys)
         return out
@@ -237,9 +256,11 @@ class SharedLayer(SqueezeLayer):
         if not (self.prefill_done and q_len == 1):
             self.prefill_done = True
         self.follow_source()
+        self.flush()
 
     def compress(self, budget: int) -> None:
         self.follow_source()
+        self.flush()
 
     def follow_source(self) -> None:
         """Keep the tokens the source kept at its eviction in this forward step (if it evicted)."""
@@ -250,14 +271,6 @@ class SharedLayer(SqueezeLayer):
         self._followed = self.seen
         if self.token_idx.shape != self.source.token_idx.shape:
             raise RuntimeError(f"layer {self.layer_idx} and its source {self.source_idx} hold different tokens")
-
-    def keep(self, idx: torch.Tensor) -> None:
-        self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1])).contiguous()
-        self.token_idx = self.token_idx.gather(2, idx)
-        if self.valid is not None:
-            self.valid = self.valid.gather(2, idx)
-        self._buffers = {}
-        self.compressed = True
 
     def reset(self) -> None:
         super().reset()

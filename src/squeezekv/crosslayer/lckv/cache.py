@@ -17,7 +17,17 @@ class LCKVCache(DynamicCache):
     """A ``DynamicCache`` built from an :class:`LCKVConfig`: ``DynamicLayer`` for KV-producing layers, ``DummyLayer``
     elsewhere (transformers does this from ``config.kv_sharing_modes``; checked here)."""
 
-    def __init__(self, config: LCKVConfig):
+    def __init__(self, config: LCKVConfig, channel: str | None = None, channel_params: dict | None = None):
+        """``channel``/``channel_params``: a channel method for the KV layers; refused (``ValueError``), see below."""
+        if channel is not None:
+            raise ValueError(
+                f"LCKV does not compose with the channel method {channel!r}: LCKV's attention (LCKVModel._iterate) "
+                "reads the full-precision keys/values tensors of its KV layers from the cache and concatenates them "
+                "with the block's uncommitted KV in every layer that attends to them, outside squeezekv's attention "
+                "function; a quantised layer would have to hand out its whole cache dequantised at every step (peak "
+                "memory above the unquantised cache) and its residual flush would never run. See docs/crosslayer.md, "
+                "'LCKV and channel methods'"
+            )
         if not isinstance(config, LCKVConfig):
             raise TypeError(f"LCKVCache needs an LCKVConfig, got {type(config).__name__}")
         super().__init__(config=config)
