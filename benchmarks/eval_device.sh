@@ -33,7 +33,7 @@ case "${1:-}" in
     ls "$W" "$W/parts"
     exit 0 ;;
 2) cp .evc2/gguf.part.* "$W/parts/"; [ -d .cal ] && cp -r .cal "$W/cal"; ls "$W/parts"; exit 0 ;;
-3) cp .evc3/gguf.part.* "$W/parts/"; ls "$W/parts" ;;
+3) cp .evc3/gguf.part.* "$W/parts/"; [ -d .cal2 ] && mkdir -p "$W/cal" && cp .cal2/* "$W/cal/"; ls "$W/parts" ;;
 resume) ;;
 *) echo "usage: $0 1|2|3|resume" >&2; exit 2 ;;
 esac
@@ -53,8 +53,8 @@ if [ -d "$W/kvsite" ]; then
 fi
 if [ "${MODE:-grid}" = channel ]; then
     # issue 8: the channel methods (KIVI 2/4-bit, CQ 1/2 bits per channel, Eigen 0.95/0.98) alone and under SnapKV 30%
-    # (uniform and squeeze), one shard per (method, allocation, channel); calibration files (.cal, carried in call 2:
-    # cq1.pt, cq2.pt, eigen.pt made on the CPU from text the eval never reads) and the full cache's records of the
+    # (uniform and squeeze), one shard per (method, allocation, channel); calibration files (.cal in call 2: cq1.pt, eigen.pt;
+    # .cal2 in call 3: cq2.pt; made on the CPU from text the eval never reads) and the full cache's records of the
     # main GPU grid (seed.jsonl.gz) seed every shard but the first, which measures the full cache again
     C="$W/cal"
     [ -f "$W/seed_full.jsonl" ] || gunzip -c "$C/seed.jsonl.gz" > "$W/seed_full.jsonl"
