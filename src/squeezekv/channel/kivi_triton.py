@@ -15,7 +15,8 @@ full-precision residual (the same state its PyTorch reference path produces bloc
 
 Numerics follow the reference: dequantised keys/values and the softmax weights are cast to the query's dtype before
 each product (bf16/fp16 tensor-core products, float32 accumulation; float32 queries use IEEE float32 products, no
-TF32); logits are scaled in float32.
+TF32); logits are scaled in float32. (In the CPU interpreter, bfloat16 products are computed in float32: its
+bfloat16 ``tl.dot`` is wrong.)
 
 The module imports ``triton``; :mod:`squeezekv.channel.kivi` imports it lazily and only when the kernel is used.
 With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels run on CPU tensors (tests).
@@ -67,7 +68,7 @@ def _split_kernel(
     sgid_b, sgid_h, sgid_n,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_GID: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     BLOCK_D: tl.constexpr = BLOCK_PK * PER
@@ -92,6 +93,8 @@ def _split_kernel(
     # queries of the G heads of this KV head: [BLOCK_G, BLOCK_D] (padded rows/channels are 0)
     q_ptr = Q + pid_bh.to(tl.int64) * (G * D)
     q = tl.load(q_ptr + offs_g[:, None] * D + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bfloat16 products are wrong: float32 there
+        q = q.to(tl.float32)
 
     kc_ptr = KC + b * skc_b + h * skc_h
     vc_ptr = VC + b * svc_b + h * svc_h
@@ -237,6 +240,7 @@ def decode_state(
     a_part = torch.empty((b * h, splits, g, dv), **f32)
     gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
     per = 8 // bits
+    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
     _split_kernel[(b * h, splits)](
         q, kcode, vcode, kscale, kzero, vscale, vzero, kcode if kgid is None else kgid, m_part, l_part, a_part,
         nq, h, split_len, float(scaling),
@@ -245,7 +249,7 @@ def decode_state(
         BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_PK=triton.next_power_of_2(d // per), BLOCK_PV=triton.next_power_of_2(dv // per),
         BLOCK_N=block_n, HAS_GID=kgid is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
         num_warps=4,
     )
     m = torch.empty((b, h, g), **f32)
