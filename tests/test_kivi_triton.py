@@ -82,11 +82,12 @@ def _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, scaling):
 
 
 @pytest.mark.parametrize("bits,d,g,with_gid,splits,block_n,dtype", [
-    (2, 64, 1, False, 1, 16, torch.float32),
-    (2, 128, 4, True, 3, 16, torch.float32),
+    (2, 64, 1, False, 1, 64, torch.float32),  # group rows loaded once (block a multiple of the group)
+    (2, 128, 4, True, 3, 16, torch.float32),  # group ids
     (4, 64, 3, True, None, 32, torch.float32),
-    (4, 128, 1, False, 2, 16, torch.float32),
-    (2, 64, 3, False, 4, 16, torch.bfloat16),
+    (4, 128, 1, False, 2, 16, torch.float32),  # block smaller than a group: per-token group rows
+    (2, 96, 2, False, 2, 64, torch.float32),  # channels padded to a power of 2, 3 value groups
+    (2, 64, 3, False, 4, 32, torch.bfloat16),
     (4, 64, 4, True, None, 16, torch.float16),
 ])
 def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype):

@@ -69,6 +69,7 @@ def _split_kernel(
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, KEY_ROWS: tl.constexpr, VALUE_ROWS: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     BLOCK_D: tl.constexpr = BLOCK_PK * PER
@@ -112,18 +113,38 @@ def _split_kernel(
         pos = n0 + offs_n  # [BLOCK_N]
         nmask = pos < end
         # keys: packed bytes [BLOCK_N, BLOCK_PK] -> codes [BLOCK_N, BLOCK_D] (byte j holds channels j*PER .. +PER-1)
-        kb = tl.load(kc_ptr + pos[:, None] * skc_n + offs_pk[None, :],
-                     mask=nmask[:, None] & (offs_pk[None, :] < D // PER), other=0)
+        if EVEN_K:
+            kb = tl.load(kc_ptr + pos[:, None] * skc_n + offs_pk[None, :], mask=nmask[:, None], other=0)
+        else:
+            kb = tl.load(kc_ptr + pos[:, None] * skc_n + offs_pk[None, :],
+                         mask=nmask[:, None] & (offs_pk[None, :] < D // PER), other=0)
         kq = (kb[:, :, None].to(tl.int32) >> shifts[None, None, :]) & CODE_MASK
         kq = tl.reshape(kq, [BLOCK_N, BLOCK_D]).to(tl.float32)
-        if HAS_GID:
-            grp = tl.load(KGID + b * sgid_b + h * sgid_h + pos * sgid_n, mask=nmask, other=0).to(tl.int32)
+        if KEY_ROWS:  # whole groups in storage order: load each group's row once, repeat it over its GS tokens
+            NGK: tl.constexpr = BLOCK_N // GS
+            rows = n0 // GS + tl.arange(0, NGK)
+            rmask = rows * GS < end
+            if EVEN_K:
+                rmask2 = rmask[:, None]
+            else:
+                rmask2 = rmask[:, None] & dmask[None, :]
+            r_off = rows[:, None] * sks_g + offs_d[None, :]
+            ks = tl.load(ks_ptr + r_off, mask=rmask2, other=0.0).to(tl.float32)  # [NGK, BLOCK_D]
+            kz = tl.load(kz_ptr + r_off, mask=rmask2, other=0.0).to(tl.float32)
+            ks = tl.reshape(tl.broadcast_to(ks[:, None, :], [NGK, GS, BLOCK_D]), [BLOCK_N, BLOCK_D])
+            kz = tl.reshape(tl.broadcast_to(kz[:, None, :], [NGK, GS, BLOCK_D]), [BLOCK_N, BLOCK_D])
         else:
-            grp = pos // GS
-        kmask = nmask[:, None] & dmask[None, :]
-        k_off = grp[:, None] * sks_g + offs_d[None, :]
-        ks = tl.load(ks_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-        kz = tl.load(kz_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_GID:
+                grp = tl.load(KGID + b * sgid_b + h * sgid_h + pos * sgid_n, mask=nmask, other=0).to(tl.int32)
+            else:
+                grp = pos // GS
+            if EVEN_K:
+                kmask = nmask[:, None]
+            else:
+                kmask = nmask[:, None] & dmask[None, :]
+            k_off = grp[:, None] * sks_g + offs_d[None, :]
+            ks = tl.load(ks_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         k = (kq * ks + kz).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [BLOCK_G, BLOCK_N] float32
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -132,14 +153,25 @@ def _split_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         # values: per token, channel group d // GS
-        vb = tl.load(vc_ptr + pos[:, None] * svc_n + offs_pv[None, :],
-                     mask=nmask[:, None] & (offs_pv[None, :] < DV // PER), other=0)
+        if EVEN_V:
+            vb = tl.load(vc_ptr + pos[:, None] * svc_n + offs_pv[None, :], mask=nmask[:, None], other=0)
+        else:
+            vb = tl.load(vc_ptr + pos[:, None] * svc_n + offs_pv[None, :],
+                         mask=nmask[:, None] & (offs_pv[None, :] < DV // PER), other=0)
         vq = (vb[:, :, None].to(tl.int32) >> shifts[None, None, :]) & CODE_MASK
         vq = tl.reshape(vq, [BLOCK_N, BLOCK_DV]).to(tl.float32)
-        vmask = nmask[:, None] & dvmask[None, :]
-        v_off = pos[:, None] * svs_n + offs_dv[None, :] // GS
-        vs = tl.load(vs_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
-        vz = tl.load(vz_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+        if VALUE_ROWS:  # DV // GS channel groups, a power of 2: load them once per token, repeat over GS channels
+            NGV: tl.constexpr = BLOCK_DV // GS
+            c_off = pos[:, None] * svs_n + tl.arange(0, NGV)[None, :]
+            vs = tl.load(vs_ptr + c_off, mask=nmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, NGV]
+            vz = tl.load(vz_ptr + c_off, mask=nmask[:, None], other=0.0).to(tl.float32)
+            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], [BLOCK_N, NGV, GS]), [BLOCK_N, BLOCK_DV])
+            vz = tl.reshape(tl.broadcast_to(vz[:, :, None], [BLOCK_N, NGV, GS]), [BLOCK_N, BLOCK_DV])
+        else:
+            vmask = nmask[:, None] & dvmask[None, :]
+            v_off = pos[:, None] * svs_n + offs_dv[None, :] // GS
+            vs = tl.load(vs_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
         v = (vq * vs + vz).to(q.dtype)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -241,15 +273,21 @@ def decode_state(
     gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
     per = 8 // bits
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
+    block_pk, block_pv = triton.next_power_of_2(d // per), triton.next_power_of_2(dv // per)
+    even_k, even_v = block_pk * per == d, block_pv * per == dv
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    key_rows = kgid is None and block_n % group_size == 0 and pow2(block_n // group_size)
+    value_rows = even_v and pow2(dv // group_size)
     _split_kernel[(b * h, splits)](
         q, kcode, vcode, kscale, kzero, vscale, vzero, kcode if kgid is None else kgid, m_part, l_part, a_part,
         nq, h, split_len, float(scaling),
         *kcode.stride()[:3], *vcode.stride()[:3], *kscale.stride()[:3], *vscale.stride()[:3], *gid_strides,
         G=g, D=d, DV=dv, BITS=bits, GS=group_size,
         BLOCK_G=max(16, triton.next_power_of_2(g)),
-        BLOCK_PK=triton.next_power_of_2(d // per), BLOCK_PV=triton.next_power_of_2(dv // per),
+        BLOCK_PK=block_pk, BLOCK_PV=block_pv,
         BLOCK_N=block_n, HAS_GID=kgid is not None,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
+        EVEN_K=even_k, EVEN_V=even_v, KEY_ROWS=key_rows, VALUE_ROWS=value_rows,
         num_warps=4,
     )
     m = torch.empty((b, h, g), **f32)
