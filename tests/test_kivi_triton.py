@@ -89,12 +89,13 @@ def _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, scaling):
     (2, 96, 2, False, 2, 64, torch.float32),  # channels padded to a power of 2, 3 value groups
     (2, 64, 3, False, 4, 32, torch.bfloat16),
     (4, 64, 4, True, None, 16, torch.float16),
+    (2, 64, 2, True, 19, 16, torch.float32),  # more splits than the reduction reads at once (nq 300 here)
 ])
 def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype):
     """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
     the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
     gen = torch.Generator().manual_seed(bits * d + g)
-    b, h, nq, gs = 2, 2, 77, 32
+    b, h, nq, gs = 2, 2, (300 if splits == 19 else 77), 32
     ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
     codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
     kc, vc = pack(codes[0], bits), pack(codes[1], bits)
@@ -110,6 +111,12 @@ def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, spl
     torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
     torch.testing.assert_close((acc / s[..., None]).double(), racc / rs[..., None], atol=tol * 4, rtol=tol)
     torch.testing.assert_close(s.double() * torch.exp(m.double() - rm), rs, atol=tol, rtol=tol * 4)
+
+
+def test_choose_splits_fills_the_machine_with_whole_blocks(kt):
+    assert kt.choose_splits(3968, 8, 132, 64) == (62, 64)  # batch 1, 8 KV heads: one block per split
+    assert kt.choose_splits(3968, 256, 132, 64) == (3, 1344)  # batch 32: 768 programs
+    assert kt.choose_splits(10, 4096, 132, 64) == (1, 64)
 
 
 def _kivi_layer(make_model, make_ids, bits: int, head_dim: int, heads: int, kv_heads: int, evict: bool):

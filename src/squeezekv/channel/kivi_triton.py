@@ -185,22 +185,31 @@ def _split_kernel(
 @triton.jit
 def _reduce_kernel(MO, LO, AO, M, L, A, S, G: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_DV: tl.constexpr):
+    # S splits read BLOCK_S at a time (a fixed block: a growing split count never compiles a new variant)
     pid = tl.program_id(0)  # one (row, KV head, query head of the group)
     bh = pid // G
     g = pid % G
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    smask = offs_s < S
-    row = (bh.to(tl.int64) * S + offs_s) * G + g  # [BLOCK_S]
-    m = tl.load(MO + row, mask=smask, other=float("-inf"))
-    m_max = tl.max(m, 0)
-    w = tl.exp(m - m_max)  # 0 for the padding
-    l_tot = tl.sum(tl.load(LO + row, mask=smask, other=0.0) * w, 0)
-    a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = tl.sum(a * w[:, None], 0)
+    base = bh.to(tl.int64) * S
+    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        smask = s0 + offs_s < S
+        m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf")))
+    m_tot = tl.max(m_max, 0)
+    l_tot = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        smask = s0 + offs_s < S
+        row = (base + s0 + offs_s) * G + g  # [BLOCK_S] rows of [B*H, S, G]
+        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf")) - m_tot)  # 0 for the padding
+        l_tot += tl.load(LO + row, mask=smask, other=0.0) * w
+        a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & (offs_dv[None, :] < DV),
+                    other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
     out = pid.to(tl.int64)
-    tl.store(M + out, m_max)
-    tl.store(L + out, l_tot)
+    tl.store(M + out, m_tot)
+    tl.store(L + out, tl.sum(l_tot, 0))
     tl.store(A + out * DV + offs_dv, acc, mask=offs_dv < DV)
 
 
@@ -295,6 +304,6 @@ def decode_state(
     acc = torch.empty((b, h, g, dv), **f32)
     _reduce_kernel[(b * h * g,)](
         m_part, l_part, a_part, m, l_sum, acc, splits, G=g, DV=dv,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=triton.next_power_of_2(dv), num_warps=4,
+        BLOCK_S=16, BLOCK_DV=triton.next_power_of_2(dv), num_warps=4,
     )
     return m, l_sum, acc
