@@ -3,21 +3,34 @@ randomly initialised Llama-3.1-8B-shaped model in bf16 (weights do not matter fo
 
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu        # CUDA, ~3 min
     python benchmarks/channel_throughput.py --config benchmarks/tiny_config.json --device cpu --out /tmp/ch  # check
+    # the fused Triton kernel vs the PyTorch reference path:
+    python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused --batches 1,16,64 --only decode
+    python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused_maxbatch --only maxbatch \
+        --methods full,kivi2-fused,snapkv0.3+kivi2-fused,kivi4-fused
 
 Methods (each figure next to the full cache's from the same run):
 
 * ``full``: transformers' ``DynamicCache`` holding ``context`` tokens;
-* ``kivi2``: KIVI 2-bit (group 32, residual 128), nothing evicted;
+* ``kivi2``: KIVI 2-bit (group 32, residual 128), nothing evicted, PyTorch reference attention (``kernel="torch"``);
+* ``kivi2-fused``: the same storage, decoded with the fused Triton kernel (``kernel="triton"``,
+  :mod:`squeezekv.channel.kivi_triton`);
+* ``kivi4-fused``: KIVI 4-bit with the fused kernel;
 * ``snapkv0.3``: SnapKV keeping 30% of the context (eviction alone);
-* ``snapkv0.3+kivi2``: the same survivors stored with KIVI 2-bit.
+* ``snapkv0.3+kivi2``/``snapkv0.3+kivi2-fused``: the same survivors stored with KIVI 2-bit (reference path / kernel).
+
+``--methods a,b,c`` picks methods (default: all). ``-fused`` methods need CUDA and triton; elsewhere they are
+skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
+(``check``): the fused attention output vs the reference path's, for 2 and 4 bits, with and without per-token group
+ids (after a random eviction of quantised tokens), max abs difference recorded; it also times one layer's attention
+over the quantised cache both ways (``check[..]["ms_torch"]``, ``["ms_fused"]``).
 
 The caches are filled directly with random keys/values of the right shapes, as they stand right after the prompt's
 compression (KIVI layers quantise what they hold through their own ``flush``, chunk by chunk), then ``steps`` greedy
 decode steps are timed (CUDA-synchronised, after ``warmup`` steps, median of ``reps`` repetitions). Max batch:
 start from free memory / measured bytes per sequence, halve until a batch fits (cache filled and ``probe_steps``
 decode steps run), then bisect up to ``--max-probes`` tries; out-of-memory errors are caught and memory released.
-KIVI decoding uses squeezekv's PyTorch reference attention (dequantise one block at a time + online softmax), not a
-fused kernel: its tokens/s measures that path.
+``kivi2``/``snapkv0.3+kivi2`` measure squeezekv's PyTorch reference attention (dequantise one block at a time +
+online softmax); the ``-fused`` methods the Triton kernel (packed codes read once, dequantised in registers).
 """
 
 from __future__ import annotations
@@ -40,14 +53,70 @@ from squeezekv.bench import build_model, free, full_cache, kv_bytes, or_oom, tim
 from squeezekv.channel import quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
-KIVI2 = {"bits": 2, "group_size": 32, "residual": 128}
+KIVI2 = {"bits": 2, "group_size": 32, "residual": 128, "kernel": "torch"}
+KIVI2_FUSED = {**KIVI2, "kernel": "triton"}
+KIVI4_FUSED = {**KIVI2_FUSED, "bits": 4}
 #: method -> (eviction policy or None, fraction of the context kept, channel params or None)
 METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "full": (None, 1.0, None),
     "kivi2": ("none", 1.0, KIVI2),
+    "kivi2-fused": ("none", 1.0, KIVI2_FUSED),
+    "kivi4-fused": ("none", 1.0, KIVI4_FUSED),
     "snapkv0.3": ("snapkv", 0.3, None),
     "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
+    "snapkv0.3+kivi2-fused": ("snapkv", 0.3, KIVI2_FUSED),
 }
+
+
+def fused_unavailable(method: str, device: str) -> str | None:
+    """Why a ``-fused`` method cannot run here (None if it can, or if it is not fused)."""
+    channel = METHODS[method][2]
+    if not channel or channel.get("kernel") != "triton":
+        return None
+    if not device.startswith("cuda"):
+        return "the fused Triton kernel needs a CUDA device: skipped"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'squeezekv[gpu]'): skipped"
+    return None
+
+
+@torch.no_grad()
+def check_fused(model: Any, device: str, context: int, batch: int = 4, reps: int = 20) -> dict[str, Any]:
+    """Fused vs reference attention on layer 0 of a filled cache (one decoding query): max abs difference of the
+    outputs, with and without group ids, and the time of one layer's attention each way."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    out: dict[str, Any] = {}
+    for method in ("kivi2-fused", "kivi4-fused"):
+        cache = make_cache(model, method, batch, context, device)
+        layer = cache.layers[0]
+        q = torch.randn(batch, cfg.num_attention_heads, 1, cfg.head_dim, device=device, dtype=dtype)
+        scaling = cfg.head_dim ** -0.5
+        for case in ("groups", "group_ids"):
+            if case == "group_ids":  # keep a random 70% of the quantised tokens: per-token group ids appear
+                n = layer.physical_length
+                keep = int(0.7 * layer.nq)
+                r = torch.rand(batch, layer.keys.shape[1], layer.nq, device=device)
+                idx = r.argsort(-1)[..., :keep].sort(-1).values
+                rest = torch.arange(layer.nq, n, device=device).expand(batch, layer.keys.shape[1], -1)
+                layer._gather(torch.cat([idx, rest], dim=-1))
+                assert layer.kgid is not None
+            res: dict[str, Any] = {"nq": layer.nq}
+            outs = {}
+            for kernel in ("torch", "triton"):
+                layer.kernel = kernel
+                outs[kernel] = layer.attend(q, None, None, None, scaling).float()
+                times = timed(lambda: [layer.attend(q, None, None, None, scaling) for _ in range(reps)], 3, device)
+                res["ms_fused" if kernel == "triton" else "ms_torch"] = 1e3 * statistics.median(times) / reps
+            res["max_abs_diff"] = (outs["triton"] - outs["torch"]).abs().max().item()
+            res["max_abs_out"] = outs["torch"].abs().max().item()
+            out[f"{method}/{case}"] = res
+            print("check", method, case, json.dumps(res), flush=True)
+        del cache
+        free(device)
+    return out
 FILL_CHUNK = 512  # tokens written (and quantised) at a time per layer when filling
 
 
@@ -165,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    ap.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference check of a GPU run")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
@@ -193,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": {**vars(args), "model": cfg["model"], "dtype": cfg["dtype"], "methods_spec": METHODS},
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "squeezekv": squeezekv.__version__,
-        "decode": [], "max_batch": {},
+        "decode": [], "max_batch": {}, "skipped": {},
     }
     path = out_dir / "channel_throughput.json"
 
@@ -202,6 +272,15 @@ def main(argv: list[str] | None = None) -> None:
 
     parts = set(args.only.split(","))
     t0 = time.perf_counter()
+    for method in list(methods):
+        why = fused_unavailable(method, args.device)
+        if why is not None:
+            report["skipped"][method] = why
+            methods.remove(method)
+            print(f"{method}: {why}", flush=True)
+    if not args.no_check and fused_unavailable("kivi2-fused", args.device) is None:
+        report["check"] = check_fused(model, args.device, min(args.context, 4096))
+        save()
     if "decode" in parts:
         for b in [int(x) for x in args.batches.split(",")]:
             for method in methods:
