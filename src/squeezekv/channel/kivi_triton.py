@@ -24,6 +24,7 @@ With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels run 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -213,6 +214,7 @@ def _reduce_kernel(MO, LO, AO, M, L, A, S, G: tl.constexpr, DV: tl.constexpr, BL
     tl.store(A + out * DV + offs_dv, acc, mask=offs_dv < DV)
 
 
+@functools.lru_cache(maxsize=None)
 def _sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
