@@ -205,3 +205,55 @@ def test_kernel_parameter_is_validated(make_model, monkeypatch):
     monkeypatch.setattr(kivi, "_triton_module", lambda: None)  # as on a machine without triton
     with pytest.raises(ValueError, match="needs the triton package"):
         squeezekv.make_cache(make_model("llama"), "window", 64, channel="kivi", channel_params={"kernel": "triton"})
+
+
+# -- on a CUDA device (compiled kernels, tensor-core products): pytest -m gpu tests/test_kivi_triton.py ----------------
+@pytest.fixture(scope="module")
+def kt_gpu():
+    """``squeezekv.channel.kivi_triton`` compiled for the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if _interpreted():
+        pytest.skip("triton runs in its CPU interpreter in this process")
+    sys.modules.pop("squeezekv.channel.kivi_triton", None)
+    return importlib.import_module("squeezekv.channel.kivi_triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,d,g,with_gid", [(2, 128, 4, False), (2, 128, 4, True), (4, 128, 1, False),
+                                               (4, 64, 8, True), (2, 96, 3, False)])
+def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_gid, dtype):
+    gen = torch.Generator().manual_seed(bits * d + g)
+    b, h, nq, gs = 3, 8, 1000, 32
+    ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
+    codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
+    kc, vc = pack(codes[0], bits), pack(codes[1], bits)
+    ks = (torch.rand(b, h, ng, d, generator=gen) * 0.5).to(dtype)
+    kz = torch.randn(b, h, ng, d, generator=gen).to(dtype)
+    vs = (torch.rand(b, h, nq, d // gs, generator=gen) * 0.5).to(dtype)
+    vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
+    gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
+    q = torch.randn(b, h, g, d, generator=gen).to(dtype)
+    cpu = (q, kc, vc, ks, kz, vs, vz, gid)
+    dev = [None if t is None else t.cuda() for t in cpu]
+    rm, rs, racc = _state_reference(*cpu, bits, gs, 0.125)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for splits in (None, 1, 7):
+        m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits))
+        torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
+        torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt_gpu, make_model, make_ids):
+    model = make_model("llama").cuda()
+    ids = make_ids(2, PROMPT + 6).cuda()
+    logits = {}
+    for kernel in ("torch", "triton"):
+        cache = squeezekv.make_cache(model, "h2o", 30, channel="kivi", channel_params={**KIVI_SMALL, "kernel": kernel})
+        logits[kernel] = _teacher_forced(model, cache, ids)
+    for a, b in zip(logits["triton"], logits["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
