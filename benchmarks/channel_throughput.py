@@ -22,7 +22,9 @@ Methods (each figure next to the full cache's from the same run):
 skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
 (``check``): the fused attention output vs the reference path's, for 2 and 4 bits, with and without per-token group
 ids (after a random eviction of quantised tokens), max abs difference recorded; it also times one layer's attention
-over the quantised cache both ways (``check[..]["ms_torch"]``, ``["ms_fused"]``).
+over the quantised cache both ways (``check[..]["ms_torch"]``, ``["ms_fused"]``), and the kernel alone on random
+2-bit storage of the model's shape at batch 1 and 64 for a few block sizes / warp counts (``kernel_sweep``: ms per
+call and GB/s of packed codes, scales and zeros read).
 
 The caches are filled directly with random keys/values of the right shapes, as they stand right after the prompt's
 compression (KIVI layers quantise what they hold through their own ``flush``, chunk by chunk), then ``steps`` greedy
@@ -227,6 +229,42 @@ def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probe
             "kv_bytes_per_seq": per_seq, "estimate": estimate, "tries": tries}
 
 
+@torch.no_grad()
+def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 64), reps: int = 50,
+                 configs: tuple[tuple[int, int], ...] = ((64, 4), (32, 4), (64, 8), (128, 8))) -> list[dict[str, Any]]:
+    """The split kernel + reduction alone (:func:`kivi_triton.decode_state`) on random 2-bit storage of the model's
+    shape (``context - 128`` quantised tokens): ms per call and the bytes it must read (codes, scales, zeros) per
+    second, for a few (tokens per block, warps) configurations."""
+    from squeezekv.channel import kivi_triton as kt
+
+    h, d, g = cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
+    bits, gs, nq = 2, 32, max(32, (context - 128) // 32 * 32)
+    out = []
+    for b in batches:
+        kc = torch.randint(0, 256, (b, h, nq, d * bits // 8), device=device, dtype=torch.uint8)
+        vc = torch.randint_like(kc, 0, 256)
+        ks = torch.rand(b, h, nq // gs, d, device=device, dtype=dtype)
+        kz = torch.randn_like(ks)
+        vs = torch.rand(b, h, nq, d // gs, device=device, dtype=dtype)
+        vz = torch.randn_like(vs)
+        q = torch.randn(b, h, g, d, device=device, dtype=dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
+        for block_n, warps in configs:
+            def call() -> None:
+                kt.decode_state(q, kc, vc, ks, kz, vs, vz, None, bits, gs, d ** -0.5, block_n=block_n,
+                                num_warps=warps)
+            call()
+            ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
+            r = {"batch": b, "nq": nq, "block_n": block_n, "num_warps": warps, "ms": ms, "read_bytes": nbytes,
+                 "GB_per_s": nbytes / ms / 1e6}
+            out.append(r)
+            print("sweep", json.dumps(r), flush=True)
+        del kc, vc, ks, kz, vs, vz
+        free(device)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(Path(__file__).with_name("throughput_config.json")),
@@ -236,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     ap.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference check of a GPU run")
+    ap.add_argument("--kernel-block-n", type=int, default=None, help="tokens per block of the fused kernel")
+    ap.add_argument("--kernel-warps", type=int, default=None, help="warps per program of the fused kernel")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
@@ -278,8 +318,16 @@ def main(argv: list[str] | None = None) -> None:
             report["skipped"][method] = why
             methods.remove(method)
             print(f"{method}: {why}", flush=True)
+    if fused_unavailable("kivi2-fused", args.device) is None:
+        from squeezekv.channel import kivi_triton
+
+        kivi_triton.BLOCK_N = args.kernel_block_n or kivi_triton.BLOCK_N
+        kivi_triton.NUM_WARPS = args.kernel_warps or kivi_triton.NUM_WARPS
+        report["kernel_defaults"] = {"block_n": kivi_triton.BLOCK_N, "num_warps": kivi_triton.NUM_WARPS}
     if not args.no_check and fused_unavailable("kivi2-fused", args.device) is None:
         report["check"] = check_fused(model, args.device, min(args.context, 4096))
+        save()
+        report["kernel_sweep"] = sweep_kernel(cfg["model"] | {"dtype": cfg["dtype"]}, args.device, args.context)
         save()
     if "decode" in parts:
         for b in [int(x) for x in args.batches.split(",")]:

@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-#: tokens per block of a program's loop
+#: tokens per block of a program's loop, and warps per program (defaults, not tuned on a GPU yet)
 BLOCK_N = 64
+NUM_WARPS = 4
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132  # H100/H200
@@ -249,18 +250,22 @@ def decode_state(
     group_size: int,
     scaling: float,
     splits: int | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` quantised positions.
 
     ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, D*bits/8]`` /
     ``[B, H, nq, Dv*bits/8]`` uint8; ``kscale``/``kzero`` ``[B, H, ng, D]``; ``vscale``/``vzero``
     ``[B, H, nq, Dv/group_size]``; ``kgid`` ``[B, H, nq]`` or None (group ``p // group_size``). ``splits``: number
-    of token splits (default: :func:`choose_splits`). Returns float32 ``(max [B, H, G], sum [B, H, G],
+    of token splits (default: :func:`choose_splits`); ``block_n``/``num_warps``: tokens per block and warps per
+    program of the split kernel (default: the module's :data:`BLOCK_N`/:data:`NUM_WARPS`). Returns float32 ``(max [B, H, G], sum [B, H, G],
     acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and ``sum = sum_p exp(logit_p - max)``."""
     b, h, g, d = q.shape
     nq = kcode.shape[2]
     dv = vcode.shape[-1] * 8 // bits
+    block_n = BLOCK_N if block_n is None else block_n
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     if nq == 0:
         raise ValueError("decode_state needs at least one quantised position")
     if block_n < 16 or block_n & (block_n - 1):
@@ -299,7 +304,7 @@ def decode_state(
         BLOCK_N=block_n, HAS_GID=kgid is not None,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
         EVEN_K=even_k, EVEN_V=even_v, KEY_ROWS=key_rows, VALUE_ROWS=value_rows,
-        num_warps=4,
+        num_warps=num_warps,
     )
     m = torch.empty((b, h, g), **f32)
     l_sum = torch.empty_like(m)
