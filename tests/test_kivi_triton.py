@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -257,3 +258,32 @@ def test_gpu_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt_gpu, mak
         logits[kernel] = _teacher_forced(model, cache, ids)
     for a, b in zip(logits["triton"], logits["torch"]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_auto_falls_back_for_good_when_the_kernel_fails(kt, make_model, make_ids, monkeypatch):
+    """A kernel that fails (e.g. does not compile for the GPU) under kernel='auto' (made to try it on CPU here): one
+    warning, then the reference path for good (same logits as kernel='torch'); kernel='triton' raises the error."""
+    def boom(*a, **k):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(kt, "decode_state", boom)
+    monkeypatch.setattr(kivi, "_KERNEL_FAILED", None)
+    monkeypatch.setattr(kivi, "_auto_uses_kernel", lambda device: True)
+    model = make_model("llama")
+    ids = make_ids(1, PROMPT + 3)
+    logits = {}
+    for kernel in ("torch", "auto"):
+        cache = squeezekv.make_cache(model, "window", 4096, channel="kivi",
+                                     channel_params={**KIVI_SMALL, "kernel": kernel})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits[kernel] = _teacher_forced(model, cache, ids)
+        assert len([w for w in caught if "no kernel for this GPU" in str(w.message)]) == (kernel == "auto")
+    assert kivi._KERNEL_FAILED == "RuntimeError: no kernel for this GPU"
+    for a, b in zip(logits["auto"], logits["torch"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params={**KIVI_SMALL,
+                                                                                       "kernel": "triton"})
+    model(ids[:, :PROMPT], cache=cache)
+    with pytest.raises(RuntimeError, match="no kernel for this GPU"):
+        model(ids[:, PROMPT:PROMPT + 1], cache=cache)

@@ -34,6 +34,7 @@ only once an eviction has touched quantised tokens (before that the group of pos
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,12 @@ from .quantized import QuantizedLayer
 #: values of :attr:`KIVI.kernel`
 KERNELS = ("auto", "torch", "triton")
 _NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
+_KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
+
+
+def _auto_uses_kernel(device: torch.device) -> bool:
+    """Whether kernel "auto" tries the fused kernel on ``device`` (CUDA only: CPU behaviour never changes)."""
+    return device.type == "cuda"
 
 
 def _triton_module() -> Any:
@@ -168,7 +175,7 @@ class KIVILayer(QuantizedLayer):
         kt = _triton_module()
         if kt is None:
             return "triton is not importable (pip install 'squeezekv[gpu]')"
-        why = kt.supports(qg.device, qg.shape[-1], self.values.shape[-1], self.bits, self.group_size)
+        why = kt.supports(qg.device, qg.shape[-1], self.values.shape[-1], self.bits, self.group_size, qg.dtype)
         if why is None and (mask is not None or qg.shape[3] != 1):
             return _NOT_DECODING
         return why
@@ -176,7 +183,7 @@ class KIVILayer(QuantizedLayer):
     def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the fused kernel for decoding steps (kernel "auto" only on CUDA: CPU behaviour never changes)
-        if self.kernel == "torch" or (self.kernel == "auto" and qg.device.type != "cuda"):
+        if self.kernel == "torch" or (self.kernel == "auto" and not _auto_uses_kernel(qg.device)):
             return super()._quantised_state(qg, mask, scaling)
         why = self._kernel_blocker(qg, mask)
         if why is not None:
@@ -184,11 +191,24 @@ class KIVILayer(QuantizedLayer):
                 raise ValueError(f"kivi kernel='triton' cannot run on layer {self.layer_idx}: {why}; "
                                  "use kernel='auto' or 'torch'")
             return super()._quantised_state(qg, mask, scaling)
+        global _KERNEL_FAILED
+        if self.kernel == "auto" and _KERNEL_FAILED is not None:
+            return super()._quantised_state(qg, mask, scaling)
         n = self.nq
-        m, s, acc = _triton_module().decode_state(
-            qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n], self.kscale, self.kzero,
-            self.vscale[:, :, :n], self.vzero[:, :, :n], None if self.kgid is None else self.kgid[:, :, :n],
-            self.bits, self.group_size, scaling)  # [B, H, G], [B, H, G], [B, H, G, Dv]
+        try:
+            m, s, acc = _triton_module().decode_state(
+                qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n], self.kscale, self.kzero,
+                self.vscale[:, :, :n], self.vzero[:, :, :n], None if self.kgid is None else self.kgid[:, :, :n],
+                self.bits, self.group_size, scaling)  # [B, H, G], [B, H, G], [B, H, G, Dv]
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good
+            if self.kernel == "triton":
+                raise
+            _KERNEL_FAILED = f"{type(e).__name__}: {e}"
+            warnings.warn(f"kivi: the fused Triton kernel failed ({_KERNEL_FAILED}); using the PyTorch reference "
+                          "path from now on", RuntimeWarning, stacklevel=2)
+            return super()._quantised_state(qg, mask, scaling)
         return m[..., None], s[..., None], acc[:, :, :, None]
 
     def _gather_quantised(self, idx: torch.Tensor) -> None:
@@ -217,7 +237,8 @@ class KIVI(ChannelMethod):
     reference path; ``"triton"`` requires the kernel and raises ValueError when triton is missing (at cache
     creation) or the query's device or head dimensions do not suit it (at attention; on CPU only with
     ``TRITON_INTERPRET=1``). Under every setting, multi-token chunks and padded or masked rows (which the kernel
-    does not cover) take the reference path."""
+    does not cover) take the reference path. Should the kernel fail to compile or launch under ``"auto"``, a
+    warning is issued and the reference path is used from then on."""
 
     paper = "Liu et al. 2024, arXiv 2402.02750"
     summary = "2/4-bit KV, keys per channel and values per token, full-precision recent tokens"

@@ -45,10 +45,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int) -> str | None:
-    """None if the kernel can run for this device and layout, else the reason it cannot."""
+def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int,
+             dtype: torch.dtype | None = None) -> str | None:
+    """None if the kernel can run for this device, layout and query dtype, else the reason it cannot."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return f"the query is on {device.type}, the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return "bfloat16 products need a GPU of compute capability 8.0 or newer"
     if bits not in (1, 2, 4, 8):
         return f"bits={bits} does not pack into bytes"
     for dim, what in ((d, "key"), (dv, "value")):
