@@ -3,21 +3,36 @@ randomly initialised Llama-3.1-8B-shaped model in bf16 (weights do not matter fo
 
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu        # CUDA, ~3 min
     python benchmarks/channel_throughput.py --config benchmarks/tiny_config.json --device cpu --out /tmp/ch  # check
+    # the fused Triton kernel vs the PyTorch reference path:
+    python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused --batches 1,16,64 --only decode
+    python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused_maxbatch --only maxbatch \
+        --methods full,kivi2-fused,snapkv0.3+kivi2-fused,kivi4-fused
 
 Methods (each figure next to the full cache's from the same run):
 
 * ``full``: transformers' ``DynamicCache`` holding ``context`` tokens;
-* ``kivi2``: KIVI 2-bit (group 32, residual 128), nothing evicted;
+* ``kivi2``: KIVI 2-bit (group 32, residual 128), nothing evicted, PyTorch reference attention (``kernel="torch"``);
+* ``kivi2-fused``: the same storage, decoded with the fused Triton kernel (``kernel="triton"``,
+  :mod:`squeezekv.channel.kivi_triton`);
+* ``kivi4-fused``: KIVI 4-bit with the fused kernel;
 * ``snapkv0.3``: SnapKV keeping 30% of the context (eviction alone);
-* ``snapkv0.3+kivi2``: the same survivors stored with KIVI 2-bit.
+* ``snapkv0.3+kivi2``/``snapkv0.3+kivi2-fused``: the same survivors stored with KIVI 2-bit (reference path / kernel).
+
+``--methods a,b,c`` picks methods (default: all). ``-fused`` methods need CUDA and triton; elsewhere they are
+skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
+(``check``): the fused attention output vs the reference path's, for 2 and 4 bits, with and without per-token group
+ids (after a random eviction of quantised tokens), max abs difference recorded; it also times one layer's attention
+over the quantised cache both ways (``check[..]["ms_torch"]``, ``["ms_fused"]``), and the kernel alone on random
+2-bit storage of the model's shape at batch 1 and 64 for a few block sizes / warp counts (``kernel_sweep``: ms per
+call and GB/s of packed codes, scales and zeros read).
 
 The caches are filled directly with random keys/values of the right shapes, as they stand right after the prompt's
 compression (KIVI layers quantise what they hold through their own ``flush``, chunk by chunk), then ``steps`` greedy
 decode steps are timed (CUDA-synchronised, after ``warmup`` steps, median of ``reps`` repetitions). Max batch:
 start from free memory / measured bytes per sequence, halve until a batch fits (cache filled and ``probe_steps``
 decode steps run), then bisect up to ``--max-probes`` tries; out-of-memory errors are caught and memory released.
-KIVI decoding uses squeezekv's PyTorch reference attention (dequantise one block at a time + online softmax), not a
-fused kernel: its tokens/s measures that path.
+``kivi2``/``snapkv0.3+kivi2`` measure squeezekv's PyTorch reference attention (dequantise one block at a time +
+online softmax); the ``-fused`` methods the Triton kernel (packed codes read once, dequantised in registers).
 """
 
 from __future__ import annotations
@@ -40,14 +55,70 @@ from squeezekv.bench import build_model, free, full_cache, kv_bytes, or_oom, tim
 from squeezekv.channel import quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
-KIVI2 = {"bits": 2, "group_size": 32, "residual": 128}
+KIVI2 = {"bits": 2, "group_size": 32, "residual": 128, "kernel": "torch"}
+KIVI2_FUSED = {**KIVI2, "kernel": "triton"}
+KIVI4_FUSED = {**KIVI2_FUSED, "bits": 4}
 #: method -> (eviction policy or None, fraction of the context kept, channel params or None)
 METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "full": (None, 1.0, None),
     "kivi2": ("none", 1.0, KIVI2),
+    "kivi2-fused": ("none", 1.0, KIVI2_FUSED),
+    "kivi4-fused": ("none", 1.0, KIVI4_FUSED),
     "snapkv0.3": ("snapkv", 0.3, None),
     "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
+    "snapkv0.3+kivi2-fused": ("snapkv", 0.3, KIVI2_FUSED),
 }
+
+
+def fused_unavailable(method: str, device: str) -> str | None:
+    """Why a ``-fused`` method cannot run here (None if it can, or if it is not fused)."""
+    channel = METHODS[method][2]
+    if not channel or channel.get("kernel") != "triton":
+        return None
+    if not device.startswith("cuda"):
+        return "the fused Triton kernel needs a CUDA device: skipped"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'squeezekv[gpu]'): skipped"
+    return None
+
+
+@torch.no_grad()
+def check_fused(model: Any, device: str, context: int, batch: int = 4, reps: int = 20) -> dict[str, Any]:
+    """Fused vs reference attention on layer 0 of a filled cache (one decoding query): max abs difference of the
+    outputs, with and without group ids, and the time of one layer's attention each way."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    out: dict[str, Any] = {}
+    for method in ("kivi2-fused", "kivi4-fused"):
+        cache = make_cache(model, method, batch, context, device)
+        layer = cache.layers[0]
+        q = torch.randn(batch, cfg.num_attention_heads, 1, cfg.head_dim, device=device, dtype=dtype)
+        scaling = cfg.head_dim ** -0.5
+        for case in ("groups", "group_ids"):
+            if case == "group_ids":  # keep a random 70% of the quantised tokens: per-token group ids appear
+                n = layer.physical_length
+                keep = int(0.7 * layer.nq)
+                r = torch.rand(batch, layer.keys.shape[1], layer.nq, device=device)
+                idx = r.argsort(-1)[..., :keep].sort(-1).values
+                rest = torch.arange(layer.nq, n, device=device).expand(batch, layer.keys.shape[1], -1)
+                layer._gather(torch.cat([idx, rest], dim=-1))
+                assert layer.kgid is not None
+            res: dict[str, Any] = {"nq": layer.nq}
+            outs = {}
+            for kernel in ("torch", "triton"):
+                layer.kernel = kernel
+                outs[kernel] = layer.attend(q, None, None, None, scaling).float()
+                times = timed(lambda: [layer.attend(q, None, None, None, scaling) for _ in range(reps)], 3, device)
+                res["ms_fused" if kernel == "triton" else "ms_torch"] = 1e3 * statistics.median(times) / reps
+            res["max_abs_diff"] = (outs["triton"] - outs["torch"]).abs().max().item()
+            res["max_abs_out"] = outs["torch"].abs().max().item()
+            out[f"{method}/{case}"] = res
+            print("check", method, case, json.dumps(res), flush=True)
+        del cache
+        free(device)
+    return out
 FILL_CHUNK = 512  # tokens written (and quantised) at a time per layer when filling
 
 
@@ -158,6 +229,42 @@ def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probe
             "kv_bytes_per_seq": per_seq, "estimate": estimate, "tries": tries}
 
 
+@torch.no_grad()
+def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 64), reps: int = 50,
+                 configs: tuple[tuple[int, int], ...] = ((64, 4), (32, 4), (64, 8), (128, 8))) -> list[dict[str, Any]]:
+    """The split kernel + reduction alone (:func:`kivi_triton.decode_state`) on random 2-bit storage of the model's
+    shape (``context - 128`` quantised tokens): ms per call and the bytes it must read (codes, scales, zeros) per
+    second, for a few (tokens per block, warps) configurations."""
+    from squeezekv.channel import kivi_triton as kt
+
+    h, d, g = cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
+    bits, gs, nq = 2, 32, max(32, (context - 128) // 32 * 32)
+    out = []
+    for b in batches:
+        kc = torch.randint(0, 256, (b, h, nq, d * bits // 8), device=device, dtype=torch.uint8)
+        vc = torch.randint_like(kc, 0, 256)
+        ks = torch.rand(b, h, nq // gs, d, device=device, dtype=dtype)
+        kz = torch.randn_like(ks)
+        vs = torch.rand(b, h, nq, d // gs, device=device, dtype=dtype)
+        vz = torch.randn_like(vs)
+        q = torch.randn(b, h, g, d, device=device, dtype=dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
+        for block_n, warps in configs:
+            def call() -> None:
+                kt.decode_state(q, kc, vc, ks, kz, vs, vz, None, bits, gs, d ** -0.5, block_n=block_n,
+                                num_warps=warps)
+            call()
+            ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
+            r = {"batch": b, "nq": nq, "block_n": block_n, "num_warps": warps, "ms": ms, "read_bytes": nbytes,
+                 "GB_per_s": nbytes / ms / 1e6}
+            out.append(r)
+            print("sweep", json.dumps(r), flush=True)
+        del kc, vc, ks, kz, vs, vz
+        free(device)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(Path(__file__).with_name("throughput_config.json")),
@@ -165,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    ap.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference check of a GPU run")
+    ap.add_argument("--kernel-block-n", type=int, default=None, help="tokens per block of the fused kernel")
+    ap.add_argument("--kernel-warps", type=int, default=None, help="warps per program of the fused kernel")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
@@ -193,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": {**vars(args), "model": cfg["model"], "dtype": cfg["dtype"], "methods_spec": METHODS},
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "squeezekv": squeezekv.__version__,
-        "decode": [], "max_batch": {},
+        "decode": [], "max_batch": {}, "skipped": {},
     }
     path = out_dir / "channel_throughput.json"
 
@@ -202,6 +312,23 @@ def main(argv: list[str] | None = None) -> None:
 
     parts = set(args.only.split(","))
     t0 = time.perf_counter()
+    for method in list(methods):
+        why = fused_unavailable(method, args.device)
+        if why is not None:
+            report["skipped"][method] = why
+            methods.remove(method)
+            print(f"{method}: {why}", flush=True)
+    if fused_unavailable("kivi2-fused", args.device) is None:
+        from squeezekv.channel import kivi_triton
+
+        kivi_triton.BLOCK_N = args.kernel_block_n or kivi_triton.BLOCK_N
+        kivi_triton.NUM_WARPS = args.kernel_warps or kivi_triton.NUM_WARPS
+        report["kernel_defaults"] = {"block_n": kivi_triton.BLOCK_N, "num_warps": kivi_triton.NUM_WARPS}
+    if not args.no_check and fused_unavailable("kivi2-fused", args.device) is None:
+        report["check"] = check_fused(model, args.device, min(args.context, 4096))
+        save()
+        report["kernel_sweep"] = sweep_kernel(cfg["model"] | {"dtype": cfg["dtype"]}, args.device, args.context)
+        save()
     if "decode" in parts:
         for b in [int(x) for x in args.batches.split(",")]:
             for method in methods:

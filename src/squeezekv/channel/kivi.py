@@ -21,6 +21,11 @@ Differences from the paper, all stated in ``docs/channel.md``: the paper keeps k
 so a token is either quantised or full precision in K and V alike (this keeps eviction and block attention simple).
 Keys are quantised as the model caches them, after rotary embedding.
 
+Attention over the quantised tokens (see :mod:`squeezekv.channel.quantized`): the PyTorch reference path
+dequantises one block at a time; decoding steps on a CUDA device use a fused Triton kernel
+(:mod:`squeezekv.channel.kivi_triton`, parameter ``kernel``) that reads the packed codes once, unpacks and
+dequantises them in registers and never writes dequantised keys/values to memory.
+
 Composition with eviction (evict first, quantise the survivors; see :mod:`squeezekv.channel.quantized`): when a
 policy evicts quantised tokens, each kept token keeps its key group through a per-token group id (int16, int32 for
 contexts over 32k) into a table of per-group scales/zeros; groups with no token left are dropped. The group ids exist
@@ -29,6 +34,7 @@ only once an eviction has touched quantised tokens (before that the group of pos
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +44,25 @@ from ..registry import register_channel
 from .base import ChannelMethod
 from .packing import pack, unpack
 from .quantized import QuantizedLayer
+
+#: values of :attr:`KIVI.kernel`
+KERNELS = ("auto", "torch", "triton")
+_NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
+_KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
+
+
+def _auto_uses_kernel(device: torch.device) -> bool:
+    """Whether kernel "auto" tries the fused kernel on ``device`` (CUDA only: CPU behaviour never changes)."""
+    return device.type == "cuda"
+
+
+def _triton_module() -> Any:
+    """:mod:`squeezekv.channel.kivi_triton`, or None when triton is not importable (imported on first use)."""
+    try:
+        from . import kivi_triton
+    except ImportError:
+        return None
+    return kivi_triton
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
@@ -71,6 +96,7 @@ class KIVILayer(QuantizedLayer):
         super().__init__(cache, layer_idx, residual=method.residual, flush_block=method.group_size)
         self.bits = method.bits
         self.group_size = method.group_size
+        self.kernel = method.kernel
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -150,6 +176,48 @@ class KIVILayer(QuantizedLayer):
             k = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
         return k, values
 
+    def _kernel_blocker(self, qg: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+        """None if the fused Triton kernel can compute :meth:`_quantised_state` for this call, else why not
+        (:data:`_NOT_DECODING` when only the query shape or mask is the reason)."""
+        kt = _triton_module()
+        if kt is None:
+            return "triton is not importable (pip install 'squeezekv[gpu]')"
+        why = kt.supports(qg.device, qg.shape[-1], self.values.shape[-1], self.bits, self.group_size, qg.dtype)
+        if why is None and (mask is not None or qg.shape[3] != 1):
+            return _NOT_DECODING
+        return why
+
+    def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the fused kernel for decoding steps (kernel "auto" only on CUDA: CPU behaviour never changes)
+        if self.kernel == "torch" or (self.kernel == "auto" and not _auto_uses_kernel(qg.device)):
+            return super()._quantised_state(qg, mask, scaling)
+        why = self._kernel_blocker(qg, mask)
+        if why is not None:
+            if self.kernel == "triton" and why is not _NOT_DECODING:
+                raise ValueError(f"kivi kernel='triton' cannot run on layer {self.layer_idx}: {why}; "
+                                 "use kernel='auto' or 'torch'")
+            return super()._quantised_state(qg, mask, scaling)
+        global _KERNEL_FAILED
+        if self.kernel == "auto" and _KERNEL_FAILED is not None:
+            return super()._quantised_state(qg, mask, scaling)
+        n = self.nq
+        try:
+            m, s, acc = _triton_module().decode_state(
+                qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n], self.kscale, self.kzero,
+                self.vscale[:, :, :n], self.vzero[:, :, :n], None if self.kgid is None else self.kgid[:, :, :n],
+                self.bits, self.group_size, scaling)  # [B, H, G], [B, H, G], [B, H, G, Dv]
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good
+            if self.kernel == "triton":
+                raise
+            _KERNEL_FAILED = f"{type(e).__name__}: {e}"
+            warnings.warn(f"kivi: the fused Triton kernel failed ({_KERNEL_FAILED}); using the PyTorch reference "
+                          "path from now on", RuntimeWarning, stacklevel=2)
+            return super()._quantised_state(qg, mask, scaling)
+        return m[..., None], s[..., None], acc[:, :, :, None]
+
     def _gather_quantised(self, idx: torch.Tensor) -> None:
         # idx: [B, H, s]
         for name in ("vcode", "vscale", "vzero"):
@@ -171,7 +239,16 @@ class KIVILayer(QuantizedLayer):
 @register_channel("kivi")
 @dataclass
 class KIVI(ChannelMethod):
-    """KIVI: keys per channel and values per token at ``bits`` bits; ``residual`` newest tokens in full precision."""
+    """KIVI: keys per channel and values per token at ``bits`` bits; ``residual`` newest tokens in full precision.
+
+    ``kernel`` picks how a decoding step attends over the quantised tokens: ``"auto"`` (default) uses the fused
+    Triton kernel (:mod:`squeezekv.channel.kivi_triton`) when the query is on a CUDA device and triton is
+    importable, else the PyTorch reference path (so CPU behaviour never changes); ``"torch"`` always uses the
+    reference path; ``"triton"`` requires the kernel and raises ValueError when triton is missing (at cache
+    creation) or the query's device or head dimensions do not suit it (at attention; on CPU only with
+    ``TRITON_INTERPRET=1``). Under every setting, multi-token chunks and padded or masked rows (which the kernel
+    does not cover) take the reference path. Should the kernel fail to compile or launch under ``"auto"``, a
+    warning is issued and the reference path is used from then on."""
 
     paper = "Liu et al. 2024, arXiv 2402.02750"
     layer_class = KIVILayer
@@ -179,6 +256,7 @@ class KIVI(ChannelMethod):
     bits: int = 2
     group_size: int = 32
     residual: int = 128
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (2, 4):
@@ -187,6 +265,14 @@ class KIVI(ChannelMethod):
             raise ValueError(f"kivi group_size={self.group_size!r} is out of range: must be an integer >= 1")
         if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"kivi residual={self.residual!r} is out of range: must be an integer >= 0")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kivi kernel={self.kernel!r} is out of range: choose one of {KERNELS}")
+
+    def make_layer(self, cache: Any, layer_idx: int, role: type | None = None, **role_kwargs: Any) -> KIVILayer:
+        if self.kernel == "triton" and _triton_module() is None:
+            raise ValueError("kivi kernel='triton' needs the triton package (pip install 'squeezekv[gpu]'); "
+                             "use kernel='auto' or 'torch'")
+        return super().make_layer(cache, layer_idx, role, **role_kwargs)
 
     def bytes_per_token(self, head_dim: int, kv_heads: int, dtype_bytes: int) -> float:
         """KV bytes of one quantised token in one layer (all KV heads), key scales amortised over their group."""

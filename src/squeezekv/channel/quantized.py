@@ -22,9 +22,11 @@ compacted (:meth:`QuantizedLayer._gather_quantised`). The quantised/residual spl
 the smallest count are *dequantised back into the residual* (no new information is lost) and quantised again when
 the residual flushes.
 
-Attention (:meth:`QuantizedLayer.attend`, the PyTorch reference path) runs block by block over the quantised
-positions, dequantising one block of keys/values at a time and merging blocks with an online softmax
-(running max and sum, as in FlashAttention), then the residual; the whole dequantised cache is never materialised.
+Attention (:meth:`QuantizedLayer.attend`) takes the online-softmax state (running max and sum, as in
+FlashAttention) of the quantised positions from :meth:`QuantizedLayer._quantised_state`, then merges the residual.
+The PyTorch reference path of that method dequantises one block of keys/values at a time; the whole dequantised
+cache is never materialised. A subclass may fuse it: KIVI's decoding steps on CUDA run a Triton kernel that
+dequantises in registers (:mod:`squeezekv.channel.kivi_triton`).
 Policies that need weights (H2O) get them from :meth:`QuantizedLayer.weight_chunks`, which dequantises the keys a
 second time, block by block (cost: one more pass over the keys per step); SnapKV, which re-reads the keys on a prompt
 chunk, gets them from :meth:`QuantizedLayer.attention_keys` (dequantised once per multi-token chunk, never per decoded
@@ -233,36 +235,49 @@ class QuantizedLayer(SqueezeLayer):
             logits = logits.masked_fill(~mask, float("-inf"))
         return logits
 
+    def _merge(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qg: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, mask: torch.Tensor | None, scaling: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Online-softmax step: the running ``(max [B, H, G, q], sum [B, H, G, q], acc [B, H, G, q, Dv])`` (float32)
+        after also attending to ``keys``/``values`` ``[B, H, m, D]``."""
+        run_max, run_sum, acc = state
+        logits = self._logits(qg, keys, mask, scaling)  # [B, H, G, q, m]
+        new_max = torch.maximum(run_max, logits.amax(dim=-1))
+        safe = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw nothing yet
+        p = torch.exp(logits - safe[..., None])
+        corr = torch.exp(run_max - safe)
+        run_sum = run_sum * corr + p.sum(dim=-1)
+        acc = acc * corr[..., None] + torch.einsum("bhgqn,bhnd->bhgqd", p.to(values.dtype), values).float()
+        return new_max, run_sum, acc
+
+    def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Online-softmax state ``(max [B, H, G, q], sum [B, H, G, q], acc [B, H, G, q, Dv])`` (float32) of the
+        queries ``qg`` ``[B, H, G, q, D]`` over the quantised positions ``0 .. nq-1`` (``mask``: their columns of
+        :meth:`_mask`, or None). The PyTorch reference: one dequantised block at a time (a subclass may fuse it)."""
+        b, h, g, q_len, _ = qg.shape
+        run_max = qg.new_full((b, h, g, q_len), float("-inf"), dtype=torch.float32)
+        state = (run_max, torch.zeros_like(run_max),
+                 qg.new_zeros((b, h, g, q_len, self.values.shape[-1]), dtype=torch.float32))
+        for start, end in self._blocks(qg.reshape(b, h * g, q_len, -1)):
+            kb, vb = self._dequant(slice(start, end))  # [B, H, m, D]
+            state = self._merge(state, qg, kb, vb, None if mask is None else mask[..., start:end], scaling)
+        return state
+
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
     ) -> torch.Tensor:
-        """Attention of ``query`` ``[B, Hq, q, D]`` over every held position: quantised blocks dequantised one at a
-        time, then the residual, merged by an online softmax. Returns ``[B, Hq, q, Dv]``."""
+        """Attention of ``query`` ``[B, Hq, q, D]`` over every held position: the quantised part's online-softmax
+        state (:meth:`_quantised_state`), then the residual merged into it. Returns ``[B, Hq, q, Dv]``."""
         if self.nq == 0:
             return super().attend(query, self.keys, self.values, allowed, scaling)
         b, hq, q_len, d = query.shape
         h = self.keys.shape[1]
         qg = query.reshape(b, h, hq // h, q_len, d)  # query heads of one KV head side by side
-        run_max = query.new_full((b, h, hq // h, q_len), float("-inf"), dtype=torch.float32)
-        run_sum = torch.zeros_like(run_max)
-        acc = query.new_zeros((b, h, hq // h, q_len, self.values.shape[-1]), dtype=torch.float32)
-
-        def merge(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
-            nonlocal run_max, run_sum, acc
-            logits = self._logits(qg, keys, mask, scaling)  # [B, H, G, q, m]
-            new_max = torch.maximum(run_max, logits.amax(dim=-1))
-            safe = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw nothing yet
-            p = torch.exp(logits - safe[..., None])
-            corr = torch.exp(run_max - safe)
-            run_sum = run_sum * corr + p.sum(dim=-1)
-            acc = acc * corr[..., None] + torch.einsum("bhgqn,bhnd->bhgqd", p.to(values.dtype), values).float()
-            run_max = new_max
-
         mask = self._mask(allowed, q_len)
-        for start, end in self._blocks(query):
-            kb, vb = self._dequant(slice(start, end))  # [B, H, m, D]
-            merge(kb, vb, None if mask is None else mask[..., start:end])
-        merge(self.keys, self.values, None if mask is None else mask[..., self.nq:])
+        state = self._quantised_state(qg, None if mask is None else mask[..., :self.nq], scaling)
+        _, run_sum, acc = self._merge(state, qg, self.keys, self.values,
+                                      None if mask is None else mask[..., self.nq:], scaling)
         out = acc / run_sum[..., None]
         return out.reshape(b, hq, q_len, -1).to(query.dtype)
 

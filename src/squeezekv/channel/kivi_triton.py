@@ -1,0 +1,319 @@
+"""Fused dequantise-in-attention for KIVI decoding: a Triton kernel that attends one query token over the packed
+low-bit codes of :class:`squeezekv.channel.kivi.KIVILayer` without writing any dequantised key or value to memory.
+
+Flash-decoding layout (split-K): the grid is ``(B * H, S)``; program ``(bh, s)`` walks the quantised positions
+``[s * L, min((s + 1) * L, nq))`` of one (row, KV head) in blocks of ``BLOCK_N`` tokens. For each block it loads the
+packed key/value bytes once (``[BLOCK_N, D * bits / 8]`` uint8), unpacks each byte into its ``8 / bits`` codes in
+registers (code ``i`` of a byte at bit offset ``bits * i``, as :mod:`squeezekv.channel.packing` writes it),
+dequantises keys with their group's per-channel scale/zero (group ``p // group_size``, or ``kgid[b, h, p]`` after an
+eviction) and values with their own per-channel-group scale/zero, and computes the logits of the ``G = Hq / H`` query
+heads of that KV head together (one ``tl.dot`` with the query heads padded to 16 rows), so the codes are read once per
+KV head. An online softmax (running max and sum, float32) accumulates ``P V``; each program writes its partial
+``(max, sum, acc)`` in float32, and a second small kernel merges the ``S`` splits into the running state
+``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` that :meth:`QuantizedLayer.attend` then merges with the
+full-precision residual (the same state its PyTorch reference path produces block by block).
+
+Numerics follow the reference: dequantised keys/values and the softmax weights are cast to the query's dtype before
+each product (bf16/fp16 tensor-core products, float32 accumulation; float32 queries use IEEE float32 products, no
+TF32); logits are scaled in float32. (In the CPU interpreter, bfloat16 products are computed in float32: its
+bfloat16 ``tl.dot`` is wrong.)
+
+The module imports ``triton``; :mod:`squeezekv.channel.kivi` imports it lazily and only when the kernel is used.
+With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: tokens per block of a program's loop, and warps per program (defaults, not tuned on a GPU yet)
+BLOCK_N = 64
+NUM_WARPS = 4
+#: programs to aim for per streaming multiprocessor when choosing the number of splits
+PROGRAMS_PER_SM = 4
+_DEFAULT_SMS = 132  # H100/H200
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int,
+             dtype: torch.dtype | None = None) -> str | None:
+    """None if the kernel can run for this device, layout and query dtype, else the reason it cannot."""
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"the query is on {device.type}, the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return "bfloat16 products need a GPU of compute capability 8.0 or newer"
+    if bits not in (1, 2, 4, 8):
+        return f"bits={bits} does not pack into bytes"
+    for dim, what in ((d, "key"), (dv, "value")):
+        if dim < 16 or (dim * bits) % 8:
+            return f"the {what} head dimension {dim} is too small for the kernel (needs >= 16 and whole bytes)"
+    if dv % group_size:
+        return f"the value head dimension {dv} is not a multiple of group_size={group_size}"
+    return None
+
+
+@triton.jit
+def _split_kernel(
+    Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO,
+    nq, H, split_len, scaling,
+    skc_b, skc_h, skc_n,
+    svc_b, svc_h, svc_n,
+    sks_b, sks_h, sks_g,
+    svs_b, svs_h, svs_n,
+    sgid_b, sgid_h, sgid_n,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, KEY_ROWS: tl.constexpr, VALUE_ROWS: tl.constexpr,
+):
+    PER: tl.constexpr = 8 // BITS  # codes per byte
+    BLOCK_D: tl.constexpr = BLOCK_PK * PER
+    BLOCK_DV: tl.constexpr = BLOCK_PV * PER
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_pk = tl.arange(0, BLOCK_PK)
+    offs_pv = tl.arange(0, BLOCK_PV)
+    offs_n = tl.arange(0, BLOCK_N)
+    shifts = tl.arange(0, PER) * BITS  # [PER]
+    gmask = offs_g < G
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+
+    # queries of the G heads of this KV head: [BLOCK_G, BLOCK_D] (padded rows/channels are 0)
+    q_ptr = Q + pid_bh.to(tl.int64) * (G * D)
+    q = tl.load(q_ptr + offs_g[:, None] * D + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bfloat16 products are wrong: float32 there
+        q = q.to(tl.float32)
+
+    kc_ptr = KC + b * skc_b + h * skc_h
+    vc_ptr = VC + b * svc_b + h * svc_h
+    ks_ptr = KS + b * sks_b + h * sks_h
+    kz_ptr = KZ + b * sks_b + h * sks_h
+    vs_ptr = VS + b * svs_b + h * svs_h
+    vz_ptr = VZ + b * svs_b + h * svs_h
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, nq)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n  # [BLOCK_N]
+        nmask = pos < end
+        # keys: packed bytes [BLOCK_N, BLOCK_PK] -> codes [BLOCK_N, BLOCK_D] (byte j holds channels j*PER .. +PER-1)
+        if EVEN_K:
+            kb = tl.load(kc_ptr + pos[:, None] * skc_n + offs_pk[None, :], mask=nmask[:, None], other=0)
+        else:
+            kb = tl.load(kc_ptr + pos[:, None] * skc_n + offs_pk[None, :],
+                         mask=nmask[:, None] & (offs_pk[None, :] < D // PER), other=0)
+        kq = (kb[:, :, None].to(tl.int32) >> shifts[None, None, :]) & CODE_MASK
+        kq = tl.reshape(kq, [BLOCK_N, BLOCK_D]).to(tl.float32)
+        if KEY_ROWS:  # whole groups in storage order: load each group's row once, repeat it over its GS tokens
+            NGK: tl.constexpr = BLOCK_N // GS
+            rows = n0 // GS + tl.arange(0, NGK)
+            rmask = rows * GS < end
+            if EVEN_K:
+                rmask2 = rmask[:, None]
+            else:
+                rmask2 = rmask[:, None] & dmask[None, :]
+            r_off = rows[:, None] * sks_g + offs_d[None, :]
+            ks = tl.load(ks_ptr + r_off, mask=rmask2, other=0.0).to(tl.float32)  # [NGK, BLOCK_D]
+            kz = tl.load(kz_ptr + r_off, mask=rmask2, other=0.0).to(tl.float32)
+            ks = tl.reshape(tl.broadcast_to(ks[:, None, :], [NGK, GS, BLOCK_D]), [BLOCK_N, BLOCK_D])
+            kz = tl.reshape(tl.broadcast_to(kz[:, None, :], [NGK, GS, BLOCK_D]), [BLOCK_N, BLOCK_D])
+        else:
+            if HAS_GID:
+                grp = tl.load(KGID + b * sgid_b + h * sgid_h + pos * sgid_n, mask=nmask, other=0).to(tl.int32)
+            else:
+                grp = pos // GS
+            if EVEN_K:
+                kmask = nmask[:, None]
+            else:
+                kmask = nmask[:, None] & dmask[None, :]
+            k_off = grp[:, None] * sks_g + offs_d[None, :]
+            ks = tl.load(ks_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+        k = (kq * ks + kz).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [BLOCK_G, BLOCK_N] float32
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one position
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # values: per token, channel group d // GS
+        if EVEN_V:
+            vb = tl.load(vc_ptr + pos[:, None] * svc_n + offs_pv[None, :], mask=nmask[:, None], other=0)
+        else:
+            vb = tl.load(vc_ptr + pos[:, None] * svc_n + offs_pv[None, :],
+                         mask=nmask[:, None] & (offs_pv[None, :] < DV // PER), other=0)
+        vq = (vb[:, :, None].to(tl.int32) >> shifts[None, None, :]) & CODE_MASK
+        vq = tl.reshape(vq, [BLOCK_N, BLOCK_DV]).to(tl.float32)
+        if VALUE_ROWS:  # DV // GS channel groups, a power of 2: load them once per token, repeat over GS channels
+            NGV: tl.constexpr = BLOCK_DV // GS
+            c_off = pos[:, None] * svs_n + tl.arange(0, NGV)[None, :]
+            vs = tl.load(vs_ptr + c_off, mask=nmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, NGV]
+            vz = tl.load(vz_ptr + c_off, mask=nmask[:, None], other=0.0).to(tl.float32)
+            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], [BLOCK_N, NGV, GS]), [BLOCK_N, BLOCK_DV])
+            vz = tl.reshape(tl.broadcast_to(vz[:, :, None], [BLOCK_N, NGV, GS]), [BLOCK_N, BLOCK_DV])
+        else:
+            vmask = nmask[:, None] & dvmask[None, :]
+            v_off = pos[:, None] * svs_n + offs_dv[None, :] // GS
+            vs = tl.load(vs_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+        v = (vq * vs + vz).to(q.dtype)  # [BLOCK_N, BLOCK_DV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    row = (pid_bh.to(tl.int64) * n_split + pid_s) * G + offs_g  # [BLOCK_G] rows of [B*H, S, G]
+    tl.store(MO + row, m_i, mask=gmask)
+    tl.store(LO + row, l_i, mask=gmask)
+    tl.store(AO + row[:, None] * DV + offs_dv[None, :], acc, mask=gmask[:, None] & dvmask[None, :])
+
+
+@triton.jit
+def _reduce_kernel(MO, LO, AO, M, L, A, S, G: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+    # S splits read BLOCK_S at a time (a fixed block: a growing split count never compiles a new variant)
+    pid = tl.program_id(0)  # one (row, KV head, query head of the group)
+    bh = pid // G
+    g = pid % G
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base = bh.to(tl.int64) * S
+    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        smask = s0 + offs_s < S
+        m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf")))
+    m_tot = tl.max(m_max, 0)
+    l_tot = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        smask = s0 + offs_s < S
+        row = (base + s0 + offs_s) * G + g  # [BLOCK_S] rows of [B*H, S, G]
+        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf")) - m_tot)  # 0 for the padding
+        l_tot += tl.load(LO + row, mask=smask, other=0.0) * w
+        a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & (offs_dv[None, :] < DV),
+                    other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
+    out = pid.to(tl.int64)
+    tl.store(M + out, m_tot)
+    tl.store(L + out, tl.sum(l_tot, 0))
+    tl.store(A + out * DV + offs_dv, acc, mask=offs_dv < DV)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N) -> tuple[int, int]:
+    """``(splits, tokens per split)``: enough programs (``B * H * splits``) for about :data:`PROGRAMS_PER_SM` per
+    multiprocessor, each split a whole number of blocks and none empty."""
+    blocks = max(1, math.ceil(nq / block_n))
+    want = max(1, math.ceil(PROGRAMS_PER_SM * sms / max(1, bh)))
+    per = math.ceil(blocks / min(blocks, want))
+    split_len = per * block_n
+    return math.ceil(nq / split_len), split_len
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit stride on its last dimension (a view of the layer's buffer when it already has one)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def decode_state(
+    q: torch.Tensor,
+    kcode: torch.Tensor,
+    vcode: torch.Tensor,
+    kscale: torch.Tensor,
+    kzero: torch.Tensor,
+    vscale: torch.Tensor,
+    vzero: torch.Tensor,
+    kgid: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    scaling: float,
+    splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online-softmax state of one query token per query head over ``nq`` quantised positions.
+
+    ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, D*bits/8]`` /
+    ``[B, H, nq, Dv*bits/8]`` uint8; ``kscale``/``kzero`` ``[B, H, ng, D]``; ``vscale``/``vzero``
+    ``[B, H, nq, Dv/group_size]``; ``kgid`` ``[B, H, nq]`` or None (group ``p // group_size``). ``splits``: number
+    of token splits (default: :func:`choose_splits`); ``block_n``/``num_warps``: tokens per block and warps per
+    program of the split kernel (default: the module's :data:`BLOCK_N`/:data:`NUM_WARPS`). Returns float32 ``(max [B, H, G], sum [B, H, G],
+    acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and ``sum = sum_p exp(logit_p - max)``."""
+    b, h, g, d = q.shape
+    nq = kcode.shape[2]
+    dv = vcode.shape[-1] * 8 // bits
+    block_n = BLOCK_N if block_n is None else block_n
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    if nq == 0:
+        raise ValueError("decode_state needs at least one quantised position")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+    why = supports(q.device, d, dv, bits, group_size)
+    if why is not None:
+        raise ValueError(f"the fused KIVI kernel cannot run: {why}")
+    if splits is None:
+        splits, split_len = choose_splits(nq, b * h, _sms(q.device), block_n)
+    else:
+        split_len = math.ceil(math.ceil(nq / max(1, splits)) / block_n) * block_n
+        splits = math.ceil(nq / split_len)
+    q = q.contiguous()
+    kcode, vcode, kscale, kzero, vscale, vzero = map(_rows, (kcode, vcode, kscale, kzero, vscale, vzero))
+    if kzero.stride() != kscale.stride() or vzero.stride() != vscale.stride():
+        kscale, kzero, vscale, vzero = (t.contiguous() for t in (kscale, kzero, vscale, vzero))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    m_part = torch.empty((b * h, splits, g), **f32)
+    l_part = torch.empty_like(m_part)
+    a_part = torch.empty((b * h, splits, g, dv), **f32)
+    gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
+    per = 8 // bits
+    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
+    block_pk, block_pv = triton.next_power_of_2(d // per), triton.next_power_of_2(dv // per)
+    even_k, even_v = block_pk * per == d, block_pv * per == dv
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    key_rows = kgid is None and block_n % group_size == 0 and pow2(block_n // group_size)
+    value_rows = even_v and pow2(dv // group_size)
+    _split_kernel[(b * h, splits)](
+        q, kcode, vcode, kscale, kzero, vscale, vzero, kcode if kgid is None else kgid, m_part, l_part, a_part,
+        nq, h, split_len, float(scaling),
+        *kcode.stride()[:3], *vcode.stride()[:3], *kscale.stride()[:3], *vscale.stride()[:3], *gid_strides,
+        G=g, D=d, DV=dv, BITS=bits, GS=group_size,
+        BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_PK=block_pk, BLOCK_PV=block_pv,
+        BLOCK_N=block_n, HAS_GID=kgid is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
+        EVEN_K=even_k, EVEN_V=even_v, KEY_ROWS=key_rows, VALUE_ROWS=value_rows,
+        num_warps=num_warps,
+    )
+    m = torch.empty((b, h, g), **f32)
+    l_sum = torch.empty_like(m)
+    acc = torch.empty((b, h, g, dv), **f32)
+    _reduce_kernel[(b * h * g,)](
+        m_part, l_part, a_part, m, l_sum, acc, splits, G=g, DV=dv,
+        BLOCK_S=16, BLOCK_DV=triton.next_power_of_2(dv), num_warps=4,
+    )
+    return m, l_sum, acc

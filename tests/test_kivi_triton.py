@@ -1,0 +1,289 @@
+"""The fused KIVI decode kernel (squeezekv.channel.kivi_triton) against the PyTorch reference path.
+
+The kernel tests run Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before the kernel module is imported) and
+are skipped when triton is not installed (CI); the ``kernel`` parameter's validation runs everywhere."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import squeezekv
+from squeezekv.channel import kivi
+from squeezekv.channel.packing import pack
+from squeezekv.channel.quantized import QuantizedLayer
+
+PROMPT = 40
+KIVI_SMALL = {"bits": 2, "group_size": 8, "residual": 8}
+
+
+def _interpreted() -> bool:
+    """Whether triton, as imported in this process, runs kernels in its CPU interpreter (decided at its import)."""
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard._sum_combine, InterpretedFunction)
+
+
+@pytest.fixture(scope="module")
+def kt():
+    """``squeezekv.channel.kivi_triton`` imported with the interpreter on (dropped again afterwards)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton (and each @triton.jit) is imported
+    try:
+        if not _interpreted():
+            pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process: "
+                        "test_kernel_tests_in_a_fresh_process runs these")
+        sys.modules.pop("squeezekv.channel.kivi_triton", None)
+        yield importlib.import_module("squeezekv.channel.kivi_triton")
+    finally:
+        sys.modules.pop("squeezekv.channel.kivi_triton", None)
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def test_kernel_tests_in_a_fresh_process():
+    """When this process imported triton without the interpreter, run the kernel tests in a fresh one."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if "triton" not in sys.modules or _interpreted():
+        pytest.skip("the kernel tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "not fresh_process"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, scaling):
+    """(max, sum, acc) from explicitly dequantised keys/values, float64."""
+    from squeezekv.channel.packing import unpack
+
+    b, h, nq, _ = kc.shape
+    grp = gid.long() if gid is not None else (torch.arange(nq) // gs).expand(b, h, nq)
+    idx = grp[..., None].expand(-1, -1, -1, ks.shape[-1])
+    keys = unpack(kc, bits).double() * ks.double().gather(2, idx) + kz.double().gather(2, idx)
+    vcod = unpack(vc, bits).double()
+    dv = vcod.shape[-1]
+    values = (vcod.view(b, h, nq, dv // gs, gs) * vs.double()[..., None] + vz.double()[..., None]).view(b, h, nq, dv)
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double(), keys) * scaling
+    m = logits.amax(-1)
+    p = torch.exp(logits - m[..., None])
+    return m, p.sum(-1), torch.einsum("bhgn,bhnd->bhgd", p, values)
+
+
+@pytest.mark.parametrize("bits,d,g,with_gid,splits,block_n,dtype", [
+    (2, 64, 1, False, 1, 64, torch.float32),  # group rows loaded once (block a multiple of the group)
+    (2, 128, 4, True, 3, 16, torch.float32),  # group ids
+    (4, 64, 3, True, None, 32, torch.float32),
+    (4, 128, 1, False, 2, 16, torch.float32),  # block smaller than a group: per-token group rows
+    (2, 96, 2, False, 2, 64, torch.float32),  # channels padded to a power of 2, 3 value groups
+    (2, 64, 3, False, 4, 32, torch.bfloat16),
+    (4, 64, 4, True, None, 16, torch.float16),
+    (2, 64, 2, True, 19, 16, torch.float32),  # more splits than the reduction reads at once (nq 300 here)
+])
+def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype):
+    """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
+    the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
+    gen = torch.Generator().manual_seed(bits * d + g)
+    b, h, nq, gs = 2, 2, (300 if splits == 19 else 77), 32
+    ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
+    codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
+    kc, vc = pack(codes[0], bits), pack(codes[1], bits)
+    ks = (torch.rand(b, h, ng, d, generator=gen) * 0.5).to(dtype)
+    kz = torch.randn(b, h, ng, d, generator=gen).to(dtype)
+    vs = (torch.rand(b, h, nq, d // gs, generator=gen) * 0.5).to(dtype)
+    vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
+    gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
+    q = torch.randn(b, h, g, d, generator=gen).to(dtype)
+    m, s, acc = kt.decode_state(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, 0.125, splits=splits, block_n=block_n)
+    rm, rs, racc = _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before the products
+    torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
+    torch.testing.assert_close((acc / s[..., None]).double(), racc / rs[..., None], atol=tol * 4, rtol=tol)
+    torch.testing.assert_close(s.double() * torch.exp(m.double() - rm), rs, atol=tol, rtol=tol * 4)
+
+
+def test_choose_splits_fills_the_machine_with_whole_blocks(kt):
+    assert kt.choose_splits(3968, 8, 132, 64) == (62, 64)  # batch 1, 8 KV heads: one block per split
+    assert kt.choose_splits(3968, 256, 132, 64) == (3, 1344)  # batch 32: 768 programs
+    assert kt.choose_splits(10, 4096, 132, 64) == (1, 64)
+
+
+def _kivi_layer(make_model, make_ids, bits: int, head_dim: int, heads: int, kv_heads: int, evict: bool):
+    """A KIVI layer (group 32, residual 16) filled by a 200-token prompt of a tiny Llama with the given head layout;
+    with ``evict``, a decode-time H2O-like eviction that drops quantised tokens (so the layer holds group ids)."""
+    model = make_model("llama", layers=2, hidden_size=32 * heads, head_dim=head_dim, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads)
+    cache = squeezekv.make_cache(model, "h2o" if evict else "window", 4096, channel="kivi",
+                                 channel_params={"bits": bits, "group_size": 32, "residual": 16, "kernel": "triton"})
+    model(make_ids(2, 200), cache=cache)
+    layer = cache.layers[1]
+    if evict:
+        g = torch.Generator().manual_seed(3)
+        layer.scores = torch.rand(layer.scores.shape, generator=g)
+        layer.compress(150)
+        assert layer.kgid is not None
+    else:
+        assert layer.kgid is None
+    assert layer.nq > 64 and layer.nq % 64 != 0
+    return layer
+
+
+@pytest.mark.parametrize("bits,head_dim,heads,kv_heads,evict", [
+    (2, 64, 2, 2, False), (2, 128, 4, 1, True), (4, 64, 3, 1, True), (4, 128, 2, 2, False),
+])
+def test_layer_state_and_output_equal_the_torch_path(kt, make_model, make_ids, bits, head_dim, heads, kv_heads, evict):
+    layer = _kivi_layer(make_model, make_ids, bits, head_dim, heads, kv_heads, evict)
+    q = torch.randn(2, heads, 1, head_dim, generator=torch.Generator().manual_seed(5))
+    qg = q.reshape(2, kv_heads, heads // kv_heads, 1, head_dim)
+    scaling = head_dim ** -0.5
+    got = layer._quantised_state(qg, None, scaling)
+    ref = QuantizedLayer._quantised_state(layer, qg, None, scaling)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    out = layer.attend(q, None, None, None, scaling)
+    layer.kernel = "torch"
+    torch.testing.assert_close(out, layer.attend(q, None, None, None, scaling), atol=1e-6, rtol=1e-5)
+
+
+def _teacher_forced(model, cache, ids: torch.Tensor) -> list[torch.Tensor]:
+    out = [model(ids[:, :PROMPT], cache=cache).logits[:, -1]]
+    for t in range(PROMPT, ids.shape[1]):
+        out.append(model(ids[:, t:t + 1], cache=cache).logits[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("policy,budget", [("window", 4096), ("h2o", 30)])
+def test_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt, make_model, make_ids, monkeypatch, policy,
+                                                                   budget):
+    """Teacher-forced decoding of a tiny Llama (head dim 16, group 8): kernel forced vs reference path give the same
+    logits; H2O evicts quantised tokens while decoding, so the kernel also reads group ids."""
+    calls = []
+    real = kt.decode_state
+    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: calls.append(a[7] is not None) or real(*a, **k))
+    model = make_model("llama")
+    ids = make_ids(2, PROMPT + 6)
+    logits = {}
+    for kernel in ("torch", "triton"):
+        cache = squeezekv.make_cache(model, policy, budget, channel="kivi",
+                                     channel_params={**KIVI_SMALL, "kernel": kernel})
+        logits[kernel] = _teacher_forced(model, cache, ids)
+    assert len(calls) == 6 * 4  # every decoding step of every layer went through the kernel
+    if policy == "h2o":
+        assert any(calls)  # some steps read per-token group ids
+    for a, b in zip(logits["triton"], logits["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_auto_keeps_the_torch_path_on_cpu_and_triton_needs_a_device(kt, make_model, make_ids, monkeypatch):
+    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: pytest.fail("auto must not use the kernel on CPU"))
+    model = make_model("llama")
+    ids = make_ids(1, PROMPT + 1)
+    cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params=KIVI_SMALL)
+    _teacher_forced(model, cache, ids)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: the kernel cannot run
+    cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params={**KIVI_SMALL,
+                                                                                       "kernel": "triton"})
+    model(ids[:, :PROMPT], cache=cache)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        model(ids[:, PROMPT:], cache=cache)
+
+
+def test_kernel_parameter_is_validated(make_model, monkeypatch):
+    with pytest.raises(ValueError, match="kernel='fast' is out of range"):
+        squeezekv.registry.make_channel("kivi", kernel="fast")
+    monkeypatch.setattr(kivi, "_triton_module", lambda: None)  # as on a machine without triton
+    with pytest.raises(ValueError, match="needs the triton package"):
+        squeezekv.make_cache(make_model("llama"), "window", 64, channel="kivi", channel_params={"kernel": "triton"})
+
+
+# -- on a CUDA device (compiled kernels, tensor-core products): pytest -m gpu tests/test_kivi_triton.py ----------------
+@pytest.fixture(scope="module")
+def kt_gpu():
+    """``squeezekv.channel.kivi_triton`` compiled for the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if _interpreted():
+        pytest.skip("triton runs in its CPU interpreter in this process")
+    sys.modules.pop("squeezekv.channel.kivi_triton", None)
+    return importlib.import_module("squeezekv.channel.kivi_triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,d,g,with_gid", [(2, 128, 4, False), (2, 128, 4, True), (4, 128, 1, False),
+                                               (4, 64, 8, True), (2, 96, 3, False)])
+def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_gid, dtype):
+    gen = torch.Generator().manual_seed(bits * d + g)
+    b, h, nq, gs = 3, 8, 1000, 32
+    ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
+    codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
+    kc, vc = pack(codes[0], bits), pack(codes[1], bits)
+    ks = (torch.rand(b, h, ng, d, generator=gen) * 0.5).to(dtype)
+    kz = torch.randn(b, h, ng, d, generator=gen).to(dtype)
+    vs = (torch.rand(b, h, nq, d // gs, generator=gen) * 0.5).to(dtype)
+    vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
+    gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
+    q = torch.randn(b, h, g, d, generator=gen).to(dtype)
+    cpu = (q, kc, vc, ks, kz, vs, vz, gid)
+    dev = [None if t is None else t.cuda() for t in cpu]
+    rm, rs, racc = _state_reference(*cpu, bits, gs, 0.125)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for splits in (None, 1, 7):
+        m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits))
+        torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
+        torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt_gpu, make_model, make_ids):
+    model = make_model("llama").cuda()
+    ids = make_ids(2, PROMPT + 6).cuda()
+    logits = {}
+    for kernel in ("torch", "triton"):
+        cache = squeezekv.make_cache(model, "h2o", 30, channel="kivi", channel_params={**KIVI_SMALL, "kernel": kernel})
+        logits[kernel] = _teacher_forced(model, cache, ids)
+    for a, b in zip(logits["triton"], logits["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_auto_falls_back_for_good_when_the_kernel_fails(kt, make_model, make_ids, monkeypatch):
+    """A kernel that fails (e.g. does not compile for the GPU) under kernel='auto' (made to try it on CPU here): one
+    warning, then the reference path for good (same logits as kernel='torch'); kernel='triton' raises the error."""
+    def boom(*a, **k):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(kt, "decode_state", boom)
+    monkeypatch.setattr(kivi, "_KERNEL_FAILED", None)
+    monkeypatch.setattr(kivi, "_auto_uses_kernel", lambda device: True)
+    model = make_model("llama")
+    ids = make_ids(1, PROMPT + 3)
+    logits = {}
+    for kernel in ("torch", "auto"):
+        cache = squeezekv.make_cache(model, "window", 4096, channel="kivi",
+                                     channel_params={**KIVI_SMALL, "kernel": kernel})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits[kernel] = _teacher_forced(model, cache, ids)
+        assert len([w for w in caught if "no kernel for this GPU" in str(w.message)]) == (kernel == "auto")
+    assert kivi._KERNEL_FAILED == "RuntimeError: no kernel for this GPU"
+    for a, b in zip(logits["auto"], logits["torch"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params={**KIVI_SMALL,
+                                                                                       "kernel": "triton"})
+    model(ids[:, :PROMPT], cache=cache)
+    with pytest.raises(RuntimeError, match="no kernel for this GPU"):
+        model(ids[:, PROMPT:PROMPT + 1], cache=cache)
