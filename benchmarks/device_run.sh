@@ -8,7 +8,8 @@ set -u
 export PYTHONUNBUFFERED=1
 cfg=benchmarks/throughput_config.json
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite .kvp/whl/*.whl || exit 1
+[ -d .kvp ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite \
+    .kvp/whl/*.whl || exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ours() { PYTHONPATH=/tmp/site:src python3 benchmarks/throughput.py --config $cfg "$@" 2>&1 | grep -v -i warn; }
 kvpress() {
@@ -16,6 +17,22 @@ kvpress() {
         --out $OUT/kvpress.json 2>&1 | grep -v -i warn
 }
 py() { PYTHONPATH=/tmp/site:src timeout "$1" python3 "${@:2}" 2>&1 | grep -v -i warn | cut -c1-400 | tail -12; }
+if [ "${1:-}" = session7 ]; then
+    # issue 8: the fused Triton KIVI kernel: its GPU tests, then decode tokens/s (torch path vs fused, with a kernel
+    # sweep and a fused-vs-torch check in the JSON) and max batch (.whl also holds pytest's wheels)
+    PYTHONPATH=/tmp/site:src timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kivi_triton.py \
+        2>&1 | tail -n 15
+    mkdir -p $OUT/decode
+    py 400 benchmarks/channel_throughput.py --out $OUT/decode --batches 1,16,64 --only decode \
+        --methods full,kivi2,kivi2-fused,kivi4-fused,snapkv0.3,snapkv0.3+kivi2,snapkv0.3+kivi2-fused
+    exit 0
+fi
+if [ "${1:-}" = session7mb ]; then
+    mkdir -p $OUT/maxbatch
+    py 500 benchmarks/channel_throughput.py --out $OUT/maxbatch --only maxbatch --no-check --max-probes 5 \
+        --max-batch-hi 2048 --methods full,kivi2-fused,kivi4-fused,snapkv0.3,snapkv0.3+kivi2-fused
+    exit 0
+fi
 if [ "${1:-}" = session5 ]; then
     # chunked prefill after the bottom-right causal fix (8k, 32k) and the multi-user replay with roomier tiers
     ours --out $OUT/prefill_chunked.json --only prefill --methods full,streamingllm,snapkv,h2o \
