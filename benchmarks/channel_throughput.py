@@ -103,7 +103,7 @@ def check_fused(model: Any, device: str, context: int, batch: int = 4, reps: int
                 r = torch.rand(batch, layer.keys.shape[1], layer.nq, device=device)
                 idx = r.argsort(-1)[..., :keep].sort(-1).values
                 rest = torch.arange(layer.nq, n, device=device).expand(batch, layer.keys.shape[1], -1)
-                layer._gather(torch.cat([idx, rest], dim=-1))
+                layer.keep(torch.cat([idx, rest], dim=-1))
                 assert layer.kgid is not None
             res: dict[str, Any] = {"nq": layer.nq}
             outs = {}
