@@ -5,7 +5,7 @@ and SqueezeAttention's allocation, on the default model (SmolLM2-135M-Instruct, 
 
 Reuses the eval harness (:mod:`squeezekv.eval`): its needle and perplexity examples (Paul Graham essays, Linux kernel
 documentation pages of >= 20,000 characters), its greedy generation and continuation log-likelihood. Coupled
-Quantization's codebooks come from ``<calib-dir>/cq<bits>.pt`` (made by ``python -m squeezekv.channel.coupled``;
+Quantization's codebooks come from ``<calib-dir>/cq<bits>.pt`` (made by ``squeezekv calibrate-cq``;
 calibrated here if absent) on short kernel documentation pages the evaluation never reads.
 
 Writes ``<out>.jsonl`` (one record per cell and example; resumable) and ``<out>.json`` (per-cell summary: needle

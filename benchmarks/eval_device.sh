@@ -32,7 +32,9 @@ case "${1:-}" in
     cp .evc1/gguf.part.* "$W/parts/"
     ls "$W" "$W/parts"
     exit 0 ;;
-2) cp .evc2/gguf.part.* "$W/parts/"; [ -d .cal ] && cp -r .cal "$W/cal"; ls "$W/parts"; exit 0 ;;
+2) cp .evc2/gguf.part.* "$W/parts/"; [ -d .cal ] && cp -r .cal "$W/cal"
+   [ -d .cal3 ] && mkdir -p "$W/cal" && cp .cal3/* "$W/cal/" && tar -xJf "$W/cal/calib_pages.tar.xz" -C "$W"
+   ls "$W/parts"; exit 0 ;;
 3) cp .evc3/gguf.part.* "$W/parts/"; [ -d .cal2 ] && mkdir -p "$W/cal" && cp .cal2/* "$W/cal/"; ls "$W/parts" ;;
 resume) ;;
 *) echo "usage: $0 1|2|3|resume" >&2; exit 2 ;;
@@ -73,6 +75,30 @@ if [ "${MODE:-grid}" = channel ]; then
     if [ -n "${OUT:-}" ]; then
         (cd "$W" && tar -czf "$OUT/channel.tgz" channel/results.jsonl channel/config.json channel.log \
             channel/shards/*/log.txt 2>/dev/null)
+        ls -la "$OUT"
+    fi
+    exit 0
+fi
+if [ "${MODE:-grid}" = cqcal ]; then
+    # issue 8: Coupled Quantization with larger codebook training on the GPU (32,768 calibration tokens, 25 Lloyd
+    # iterations, vs 2,048-4,096 tokens and 6-10 iterations on the CPU): short kernel pages the eval never reads
+    # (.cal3/calib_pages.tar.xz, the first pages in path order, carried in call 2), then the CQ cells of the channel grid
+    C="$W/cal"
+    for b in 1 2; do
+        [ -f "$C/cq${b}x.pt" ] || $PY -m squeezekv.cli calibrate-cq --out "$C/cq${b}x.pt" --bits $b --tokens 32768 \
+            --iters 25 --device "$DEV" 2>&1 | grep -v -i -E "warn|Loading weights"
+    done
+    [ -f "$W/seed_full.jsonl" ] || gunzip -c "$C/seed.jsonl.gz" > "$W/seed_full.jsonl"
+    $PY benchmarks/eval_sharded.py --out "$W/cqx" --device "$DEV" --deadline "$DEADLINE" \
+        --methods none,snapkv --allocations uniform,squeeze --channels cq1x=coupled,cq2x=coupled \
+        --seed-from "$W/seed_full.jsonl" --seed-cells full --fresh-first \
+        -- --budgets 0.3 --qa-per-subtask 12 --ppl-docs 6 --skip-infeasible \
+        --channel-param cq1x:bits=1 --channel-param "cq1x:calibration=$C/cq1x.pt" \
+        --channel-param cq2x:bits=2 --channel-param "cq2x:calibration=$C/cq2x.pt" > "$W/cqx.log" 2>&1
+    tail -n 12 "$W/cqx.log"
+    if [ -n "${OUT:-}" ]; then
+        (cd "$W" && tar -czf "$OUT/cqx.tgz" cqx/results.jsonl cqx/config.json cqx.log cqx/shards/*/log.txt \
+            2>/dev/null)
         ls -la "$OUT"
     fi
     exit 0

@@ -408,3 +408,30 @@ def test_heads_keeping_different_numbers_of_quantised_tokens(make_model, make_id
     # decoding goes on from this state
     model(make_ids(1, 1, seed=7), cache=cache)  # the plan's budget (4096) evicts nothing more
     assert layer.physical_length == 21 and layer.token_idx[0, :, -1].tolist() == [PROMPT, PROMPT]
+
+
+def test_cli_calibrate_cq_reports_user_errors(tmp_path, capsys):
+    from squeezekv.cli import main
+
+    assert main(["calibrate-cq", "--out", str(tmp_path / "c.pt"), "--bits", "3"]) == 2
+    assert "bits=3" in capsys.readouterr().err
+
+
+def test_calibration_pages_are_disjoint_from_the_evaluations(tmp_path, monkeypatch):
+    """$SQUEEZEKV_LINUX_DOC is honoured by the evaluation and both calibrations; calibrations read only pages shorter
+    than the evaluation's minimum (CQ from 2,000 characters, Eigen from 4,000), translations never."""
+    from squeezekv.channel import eigen_calibrate
+    from squeezekv.eval.data import EVAL_MIN_CHARS, load_linux_docs
+
+    sizes = {"a.rst.txt": 1000, "b.rst.txt": 3000, "c.rst.txt": 5000, "d.rst.txt": EVAL_MIN_CHARS,
+             "translations/e.rst.txt": 5000}
+    for name, n in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x" * n)
+    monkeypatch.setenv("SQUEEZEKV_LINUX_DOC", str(tmp_path))
+    assert [p for p, _ in load_linux_docs()] == ["d.rst.txt"]
+    assert [p for p, _ in cq.calibration_texts()] == ["b.rst.txt", "c.rst.txt"]
+    assert [p for p, _ in eigen_calibrate.calibration_texts()] == ["c.rst.txt"]
+    monkeypatch.setenv("SQUEEZEKV_LINUX_DOC", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="calibration file"):
+        cq.calibration_texts()

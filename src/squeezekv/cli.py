@@ -1,8 +1,8 @@
 """Command line: ``squeezekv run`` (the main job), ``squeezekv eval`` (quality grid), ``squeezekv methods`` (the
 registry), ``squeezekv bench`` (GPU throughput, :mod:`squeezekv.bench`), ``squeezekv serve`` (the OpenAI-compatible
 server, :mod:`squeezekv.serve.cli`), ``squeezekv train-lckv`` (:mod:`squeezekv.crosslayer.lckv.cli`),
-``squeezekv calibrate-eigen`` (:mod:`squeezekv.channel.eigen_calibrate`) and ``squeezekv analyze-layers``
-(:mod:`squeezekv.crosslayer.analyze`)."""
+``squeezekv calibrate-eigen`` (:mod:`squeezekv.channel.eigen_calibrate`), ``squeezekv calibrate-cq``
+(:mod:`squeezekv.channel.coupled`) and ``squeezekv analyze-layers`` (:mod:`squeezekv.crosslayer.analyze`)."""
 
 from __future__ import annotations
 
@@ -111,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .crosslayer.lckv.cli import add_parser as add_train_lckv_parser
 
     add_train_lckv_parser(sub)
+    from .channel.coupled import add_parser as add_calibrate_cq_parser
     from .channel.eigen_calibrate import add_parser as add_calibrate_eigen_parser
 
     add_calibrate_eigen_parser(sub)
+    add_calibrate_cq_parser(sub)
     _add_eval_parser(sub)
     from .crosslayer.analyze import add_parser as add_analyze_parser
 
@@ -255,6 +257,12 @@ def _run_analyze_layers(args: argparse.Namespace) -> int:
     return analyze_layers(args)
 
 
+def _run_calibrate_cq(args: argparse.Namespace) -> int:
+    from .channel.coupled import run as calibrate_cq
+
+    return calibrate_cq(args)
+
+
 def _run_calibrate_eigen(args: argparse.Namespace) -> int:
     from .channel.eigen_calibrate import run as calibrate_eigen
 
@@ -277,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table())
         return 0
     handlers = {"bench": _run_bench, "train-lckv": _run_train_lckv, "serve": _run_serve, "eval": _run_eval,
-                "calibrate-eigen": _run_calibrate_eigen, "analyze-layers": _run_analyze_layers}
+                "calibrate-eigen": _run_calibrate_eigen, "calibrate-cq": _run_calibrate_cq,
+                "analyze-layers": _run_analyze_layers}
     if args.command in handlers:
         try:
             return handlers[args.command](args)

@@ -18,7 +18,7 @@ keys (after rotary embedding, as squeezekv stores them) and values of every laye
 of the k-means objective is not implemented). Default calibration text (:func:`calibration_ids`): short pages of the
 Linux kernel documentation, which the evaluation never uses (it reads pages of at least 20,000 characters and the
 essays). ``prepare(model)`` loads the file, or calibrates (and saves it when a path is given);
-``python -m squeezekv.channel.coupled --out FILE`` calibrates the default model from the command line.
+``squeezekv calibrate-cq --out FILE`` calibrates the default model from the command line.
 
 Storage: codes packed into bytes, ``D * bits / 8`` bytes per token per head for keys and again for values; the
 codebooks (``2 * H * (D / c) * 2**(bits*c) * c`` floats per layer) are shared by every sequence and every cache of
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..eval.data import EVAL_MIN_CHARS
 from ..registry import register_channel
 from .base import ChannelMethod
 from .packing import check_width, pack, unpack
@@ -42,7 +43,7 @@ from .quantized import QuantizedLayer
 #: largest groups x points x centroids seeded with k-means++ (larger problems: random distinct points)
 KMEANS_PP_LIMIT = 1 << 22
 #: calibration pages are shorter than this (the evaluation's linux-doc pages are at least this long)
-CALIB_MAX_CHARS = 20000
+CALIB_MAX_CHARS = EVAL_MIN_CHARS
 
 
 # -- k-means --------------------------------------------------------------------------------------------------------
@@ -109,22 +110,12 @@ def _lloyd(x: torch.Tensor, cent: torch.Tensor, iters: int) -> torch.Tensor:
 
 # -- calibration ----------------------------------------------------------------------------------------------------
 def calibration_texts(max_chars: int = CALIB_MAX_CHARS, root: Path | None = None) -> list[tuple[str, str]]:
-    """``[(page, text)]`` of the English Linux kernel documentation pages shorter than ``max_chars`` characters
-    (disjoint from the evaluation's pages, which are at least 20,000 characters), sorted by path."""
-    from ..eval.data import LINUX_DOC_ROOT
+    """``[(page, text)]`` of the English Linux kernel documentation pages of 2,000 to ``max_chars`` characters
+    (disjoint from the evaluation's pages, which are at least 20,000 characters), sorted by path (``root`` defaults
+    to ``$SQUEEZEKV_LINUX_DOC``, else the Debian package's folder, as for the evaluation's pages)."""
+    from ..eval.data import load_linux_docs
 
-    root = LINUX_DOC_ROOT if root is None else root
-    if not root.is_dir():
-        raise FileNotFoundError(f"Linux kernel documentation not found at {root} (apt-get install linux-doc-6.1); "
-                                "give coupled a calibration file instead")
-    out = []
-    for path in sorted(root.rglob("*.rst.txt")):
-        if path.relative_to(root).parts[0] == "translations":
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if 2000 <= len(text) < max_chars:
-            out.append((str(path.relative_to(root)), text))
-    return out
+    return load_linux_docs(root, 2000, max_chars, missing_hint="or give coupled a calibration file instead")
 
 
 def calibration_ids(tokenizer: Any, tokens: int, seq_len: int = 1024) -> torch.Tensor:
@@ -368,24 +359,37 @@ class CoupledQuant(ChannelMethod):
         return kv_heads * 2 * head_dim * self.bits / 8
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m squeezekv.channel.coupled --out FILE [--bits 1] [--model default]``: calibrate and save."""
-    ap = argparse.ArgumentParser(description="Learn Coupled Quantization codebooks on calibration text")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--bits", type=int, default=1)
-    ap.add_argument("--channels", type=int, default=0)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--iters", type=int, default=25)
-    args = ap.parse_args(argv)
+def add_parser(sub: Any) -> None:
+    """``squeezekv calibrate-cq``."""
+    p = sub.add_parser(
+        "calibrate-cq",
+        help="Coupled Quantization calibration: k-means codebooks of keys/values on calibration text, saved to a file",
+        description="Runs the model (float32) over calibration text (Linux kernel documentation pages of 2,000 to "
+        "19,999 characters, which the evaluation never reads; $SQUEEZEKV_LINUX_DOC points elsewhere), collects every "
+        "layer's cached keys (after RoPE) and values, learns one codebook per (layer, KV head, channel group, K/V) "
+        "by k-means and saves them to OUT. Use it with make_cache(..., channel='coupled', "
+        "channel_params={'bits': B, 'calibration': OUT}).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="codebook file to write")
+    p.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--bits", type=int, default=1, help="bits per channel (1 or 2)")
+    p.add_argument("--channels", type=int, default=0, help="channels coupled per code (0: 8 // bits)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    p.add_argument("--iters", type=int, default=25, help="Lloyd iterations at most")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model runs in float32 either way)")
+
+
+def run(args: Any) -> int:
+    import time
+
+    method = CoupledQuant(bits=args.bits, channels=args.channels, calib_tokens=args.tokens, iters=args.iters)
     from ..assets import load_model
 
-    model, tokenizer = load_model(args.model)
-    method = CoupledQuant(bits=args.bits, channels=args.channels, calib_tokens=args.tokens, iters=args.iters)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=torch.float32)
+    t0 = time.perf_counter()
     method.calibrate(model, calibration_ids(tokenizer, args.tokens))
     method.save(args.out)
-    print(f"saved {args.out}: {len(method._books)} layers, {method.codebook_nbytes() / 2**20:.1f} MiB of codebooks")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"saved {args.out}: {len(method._books)} layers, {method.codebook_nbytes() / 2**20:.1f} MiB of codebooks, "
+          f"{args.tokens} tokens, {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -22,31 +22,19 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..eval.data import EVAL_MIN_CHARS  # the evaluation's pages are at least this long; calibration reads shorter
 from .eigen import FORMAT, RotaryTable, model_shape, select_rank, unapply_rope
 
 CALIB_ATTN = "squeezekv_eigen_calibration"
-#: the evaluation's perplexity task reads linux-doc pages of at least this many characters; calibration uses shorter
-EVAL_MIN_CHARS = 20000
 
 
 def calibration_texts(min_chars: int = 4000, max_chars: int = EVAL_MIN_CHARS, root: Path | None = None
                       ) -> list[tuple[str, str]]:
     """``[(relative path, text)]`` of English Linux kernel documentation pages with ``min_chars <= len <
     max_chars`` (sorted): pages the evaluation never reads."""
-    from ..eval.data import LINUX_DOC_ROOT
+    from ..eval.data import load_linux_docs
 
-    root = LINUX_DOC_ROOT if root is None else root
-    if not root.is_dir():
-        raise FileNotFoundError(f"Linux kernel documentation not found at {root}: install it with "
-                                "`apt-get install linux-doc-6.1`, or pass --text-file")
-    out = []
-    for path in sorted(root.rglob("*.rst.txt")):
-        if path.relative_to(root).parts[0] == "translations":
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if min_chars <= len(text) < max_chars:
-            out.append((str(path.relative_to(root)), text))
-    return out
+    return load_linux_docs(root, min_chars, max_chars, missing_hint="or pass --text-file")
 
 
 def calibration_sequences(tokenizer: Any, texts: list[tuple[str, str]], tokens: int, seq_len: int

@@ -155,23 +155,33 @@ def load_qa(allow_download: bool = True) -> list[QARecord]:
     return out
 
 
-def load_linux_docs(root: Path | None = None, min_chars: int = 20000) -> list[tuple[str, str]]:
-    """``[(relative path, text)]`` of the English kernel documentation pages (``translations/`` left out) of at least
-    ``min_chars`` characters, sorted
+def linux_doc_root() -> Path:
+    """Where the kernel documentation pages are: ``$SQUEEZEKV_LINUX_DOC`` if set, else :data:`LINUX_DOC_ROOT`."""
+    return Path(os.environ["SQUEEZEKV_LINUX_DOC"]) if os.environ.get("SQUEEZEKV_LINUX_DOC") else LINUX_DOC_ROOT
+
+
+#: the evaluation reads kernel pages of at least this many characters; calibrations read only shorter ones
+EVAL_MIN_CHARS = 20000
+
+
+def load_linux_docs(root: Path | None = None, min_chars: int = EVAL_MIN_CHARS, max_chars: int | None = None,
+                    missing_hint: str = "or leave 'linux-doc' out of --ppl-sources") -> list[tuple[str, str]]:
+    """``[(relative path, text)]`` of the English kernel documentation pages (``translations/`` left out) with
+    ``min_chars <= len < max_chars`` characters (no upper bound for None), sorted
     (``root`` defaults to ``$SQUEEZEKV_LINUX_DOC``, else :data:`LINUX_DOC_ROOT`)."""
     if root is None:
-        root = Path(os.environ["SQUEEZEKV_LINUX_DOC"]) if os.environ.get("SQUEEZEKV_LINUX_DOC") else LINUX_DOC_ROOT
+        root = linux_doc_root()
     if not root.is_dir():
         raise FileNotFoundError(
             f"Linux kernel documentation not found at {root}: install it with `apt-get install linux-doc-6.1` "
-            "(Debian package), or leave 'linux-doc' out of --ppl-sources"
+            f"(Debian package), {missing_hint}"
         )
     docs = []
     for path in sorted(root.rglob("*.rst.txt")):
         if path.relative_to(root).parts[0] == "translations":
             continue  # English prose only
         text = path.read_text(encoding="utf-8", errors="replace")
-        if len(text) >= min_chars:
+        if len(text) >= min_chars and (max_chars is None or len(text) < max_chars):
             docs.append((str(path.relative_to(root)), text))
     if not docs:
         raise FileNotFoundError(f"no .rst.txt page of at least {min_chars} characters under {root}")
