@@ -18,8 +18,9 @@ GRID_ARGS=${GRID_ARGS:---budgets 0.1,0.2,0.3,0.5 --qa-per-subtask 12 --ppl-docs 
 mkdir -p "$W/parts"
 case "${1:-}" in
 1)
+    # .whl (transformers) may come in call 2 instead when the working tree leaves no room for it here
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
-        .whl/*.whl .evc1/wheels/*.whl || exit 1
+        $(ls .whl/*.whl 2>/dev/null) .evc1/wheels/*.whl || exit 1
     if [ -d .kvp ]; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/kvsite" \
             .kvp/whl/*.whl || exit 1
@@ -33,6 +34,8 @@ case "${1:-}" in
     ls "$W" "$W/parts"
     exit 0 ;;
 2) cp .evc2/gguf.part.* "$W/parts/"; [ -d .cal ] && cp -r .cal "$W/cal"
+   [ -d .whl ] && { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+       --target "$W/site" .whl/*.whl || exit 1; }
    [ -d .cal3 ] && mkdir -p "$W/cal" && cp .cal3/* "$W/cal/" && tar -xJf "$W/cal/calib_pages.tar.xz" -C "$W"
    ls "$W/parts"; exit 0 ;;
 3) cp .evc3/gguf.part.* "$W/parts/"; [ -d .cal2 ] && mkdir -p "$W/cal" && cp .cal2/* "$W/cal/"; ls "$W/parts" ;;
