@@ -27,14 +27,21 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-#: tokens per block of a program's loop, and warps per program (defaults, not tuned on a GPU yet)
+#: tokens per block of a program's loop (interleaved / planes variant), and warps per program (not tuned on a GPU)
 BLOCK_N = 64
+BLOCK_N_PLANES = 32
 NUM_WARPS = 4
+#: split-kernel variants (see the module docstring); :data:`VARIANT` is the default ("auto": :func:`choose_variant`)
+VARIANTS = ("interleaved", "planes")
+VARIANT = "auto"
+#: residual tokens per step of the finishing kernel
+BLOCK_R = 16
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132  # H100/H200
@@ -50,7 +57,7 @@ def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int,
     """None if the kernel can run for this device, layout and query dtype, else the reason it cannot."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return f"the query is on {device.type}, the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
-    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+    if device.type == "cuda" and dtype == torch.bfloat16 and _capability(device) < (8, 0):
         return "bfloat16 products need a GPU of compute capability 8.0 or newer"
     if bits not in (1, 2, 4, 8):
         return f"bits={bits} does not pack into bytes"
@@ -218,6 +225,212 @@ def _reduce_kernel(MO, LO, AO, M, L, A, S, G: tl.constexpr, DV: tl.constexpr, BL
     tl.store(A + out * DV + offs_dv, acc, mask=offs_dv < DV)
 
 
+@triton.jit
+def _plane(byts, I: tl.constexpr, BITS: tl.constexpr):
+    """Codes of bit plane ``I`` (channels ``j * 8 / BITS + I``) of packed bytes ``byts`` (int32), as float32."""
+    return ((byts >> (I * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _key_plane(byts, KS_P, KZ_P, grp_off, kmask, offs_pk, I: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr,
+               DT: tl.constexpr):
+    """Dequantised keys of bit plane ``I`` ``[BLOCK_N, BLOCK_PK]`` (``grp_off``: offset of each token's scale row,
+    ``[BLOCK_N, 1]`` or ``[1, 1]`` when the block lies in one group)."""
+    off = grp_off + offs_pk[None, :] * PER + I
+    ks = tl.load(KS_P + off, mask=kmask, other=0.0).to(tl.float32)
+    kz = tl.load(KZ_P + off, mask=kmask, other=0.0).to(tl.float32)
+    return (_plane(byts, I, BITS) * ks + kz).to(DT)
+
+
+@triton.jit
+def _value_plane(byts, vs, vz, I: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """Dequantised values of bit plane ``I`` ``[BLOCK_N, BLOCK_PV]`` (``vs``/``vz``: the scale/zero of each
+    (token, byte): channel ``j * PER + I`` lies in group ``j // (GS / PER)`` whatever the plane)."""
+    return (_plane(byts, I, BITS) * vs + vz).to(DT)
+
+
+@triton.jit
+def _split_kernel_planes(
+    Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO,
+    nq, H, split_len, scaling,
+    skc_b, skc_h, skc_n,
+    svc_b, svc_h, svc_n,
+    sks_b, sks_h, sks_g,
+    svs_b, svs_h, svs_n,
+    sgid_b, sgid_h, sgid_n,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_GROUP: tl.constexpr,
+):
+    # the "planes" variant: bit plane I of a byte row holds channels j * PER + I (j = byte); each plane is its own
+    # [BLOCK_N, D / PER] operand (a dot over D / PER channels per plane, PER dots summed), so the codes are never
+    # interleaved back into channel order in registers (no reshape / layout conversion of the unpacked codes)
+    PER: tl.constexpr = 8 // BITS
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_pk = tl.arange(0, BLOCK_PK)
+    offs_pv = tl.arange(0, BLOCK_PV)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = offs_g < G
+    pkmask = offs_pk < D // PER
+    pvmask = offs_pv < DV // PER
+    qmask = gmask[:, None] & pkmask[None, :]
+    q_ptr = Q + pid_bh.to(tl.int64) * (G * D) + offs_g[:, None] * D + offs_pk[None, :] * PER
+    q0 = tl.load(q_ptr, mask=qmask, other=0.0)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if PER > 1:
+        q1 = tl.load(q_ptr + 1, mask=qmask, other=0.0)
+    if PER > 2:
+        q2 = tl.load(q_ptr + 2, mask=qmask, other=0.0)
+        q3 = tl.load(q_ptr + 3, mask=qmask, other=0.0)
+    if UPCAST:
+        q0 = q0.to(tl.float32)
+        q1 = q1.to(tl.float32)
+        q2 = q2.to(tl.float32)
+        q3 = q3.to(tl.float32)
+    DT = q0.dtype
+
+    kc_ptr = KC + b * skc_b + h * skc_h
+    vc_ptr = VC + b * svc_b + h * svc_h
+    ks_ptr = KS + b * sks_b + h * sks_h
+    kz_ptr = KZ + b * sks_b + h * sks_h
+    vs_ptr = VS + b * svs_b + h * svs_h
+    vz_ptr = VZ + b * svs_b + h * svs_h
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc0 = tl.zeros([BLOCK_G, BLOCK_PV], tl.float32)
+    acc1 = tl.zeros([BLOCK_G, BLOCK_PV], tl.float32)
+    acc2 = tl.zeros([BLOCK_G, BLOCK_PV], tl.float32)
+    acc3 = tl.zeros([BLOCK_G, BLOCK_PV], tl.float32)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, nq)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n  # [BLOCK_N]
+        nmask = pos < end
+        kb = tl.load(kc_ptr + pos[:, None] * skc_n + offs_pk[None, :], mask=nmask[:, None] & pkmask[None, :],
+                     other=0).to(tl.int32)  # [BLOCK_N, BLOCK_PK]
+        if ONE_GROUP:  # the block lies in one key group (GS a multiple of BLOCK_N): one scale row for all tokens
+            grp_off = tl.zeros([1, 1], tl.int64) + (n0 // GS) * sks_g
+            kmask = pkmask[None, :]
+        else:
+            if HAS_GID:
+                grp = tl.load(KGID + b * sgid_b + h * sgid_h + pos * sgid_n, mask=nmask, other=0).to(tl.int64)
+            else:
+                grp = (pos // GS).to(tl.int64)
+            grp_off = grp[:, None] * sks_g
+            kmask = nmask[:, None] & pkmask[None, :]
+        k0 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 0, PER, BITS, DT)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+        if PER > 1:
+            k1 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 1, PER, BITS, DT)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        if PER > 2:
+            k2 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 2, PER, BITS, DT)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+            k3 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 3, PER, BITS, DT)
+            s += tl.dot(q3, tl.trans(k3), input_precision=PRECISION)
+        s = tl.where(nmask[None, :], s * scaling, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pd = p.to(DT)
+        vmask = nmask[:, None] & pvmask[None, :]
+        vb = tl.load(vc_ptr + pos[:, None] * svc_n + offs_pv[None, :], mask=vmask, other=0).to(tl.int32)
+        v_off = pos[:, None].to(tl.int64) * svs_n + (offs_pv // (GS // PER))[None, :]  # one tile for all planes
+        vs = tl.load(vs_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+        vz = tl.load(vz_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+        v0 = _value_plane(vb, vs, vz, 0, BITS, DT)
+        acc0 = acc0 * alpha[:, None] + tl.dot(pd, v0, input_precision=PRECISION)
+        if PER > 1:
+            v1 = _value_plane(vb, vs, vz, 1, BITS, DT)
+            acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1, input_precision=PRECISION)
+        if PER > 2:
+            v2 = _value_plane(vb, vs, vz, 2, BITS, DT)
+            acc2 = acc2 * alpha[:, None] + tl.dot(pd, v2, input_precision=PRECISION)
+            v3 = _value_plane(vb, vs, vz, 3, BITS, DT)
+            acc3 = acc3 * alpha[:, None] + tl.dot(pd, v3, input_precision=PRECISION)
+        m_i = m_new
+
+    row = (pid_bh.to(tl.int64) * n_split + pid_s) * G + offs_g  # [BLOCK_G] rows of [B*H, S, G]
+    tl.store(MO + row, m_i, mask=gmask)
+    tl.store(LO + row, l_i, mask=gmask)
+    a_ptr = AO + row[:, None] * DV + offs_pv[None, :] * PER
+    amask = gmask[:, None] & pvmask[None, :]
+    tl.store(a_ptr, acc0, mask=amask)
+    if PER > 1:
+        tl.store(a_ptr + 1, acc1, mask=amask)
+    if PER > 2:
+        tl.store(a_ptr + 2, acc2, mask=amask)
+        tl.store(a_ptr + 3, acc3, mask=amask)
+
+
+@triton.jit
+def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
+                   srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, H,
+                   G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    # one program per (row, KV head, query head of the group): merge the S splits (as _reduce_kernel), then attend to
+    # the r full-precision residual tokens (keys RK / values RV [B, H, r, D], any strides with a unit last stride)
+    # with the same online softmax, and store the normalised output in the output's dtype
+    pid = tl.program_id(0)
+    bh = pid // G
+    g = pid % G
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_r = tl.arange(0, BLOCK_R)
+    dmask = offs_d < D
+    dvmask = offs_dv < DV
+    base = bh.to(tl.int64) * S
+    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        smask = s0 + offs_s < S
+        m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf")))
+    m_i = tl.max(m_max, 0)
+    l_vec = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        smask = s0 + offs_s < S
+        row = (base + s0 + offs_s) * G + g
+        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf")) - m_i)
+        l_vec += tl.load(LO + row, mask=smask, other=0.0) * w
+        a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & dvmask[None, :], other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
+    l_i = tl.sum(l_vec, 0)
+    # the residual: logits by a broadcast product + reduction over D (one query head: no padded tl.dot)
+    q = tl.load(Q + pid.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)
+    qf = q.to(tl.float32)
+    rk_ptr = RK + b * srk_b + h * srk_h
+    rv_ptr = RV + b * srv_b + h * srv_h
+    for n0 in range(0, r, BLOCK_R):
+        pos = n0 + offs_r
+        nmask = pos < r
+        k = tl.load(rk_ptr + pos[:, None] * srk_n + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.sum(k.to(q.dtype).to(tl.float32) * qf[None, :], 1) * scaling  # [BLOCK_R]
+        s = tl.where(nmask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(rv_ptr + pos[:, None] * srv_n + offs_dv[None, :], mask=nmask[:, None] & dvmask[None, :],
+                    other=0.0)
+        pw = p.to(v.dtype).to(tl.float32)  # the weights in the values' dtype before the product, as the reference
+        acc = acc * alpha + tl.sum(pw[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    out = acc / l_i
+    tl.store(OUT + pid.to(tl.int64) * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dvmask)
+
+
 @functools.lru_cache(maxsize=None)
 def _sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -225,19 +438,108 @@ def _sms(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """``(splits, tokens per split)``: enough programs (``B * H * splits``) for about :data:`PROGRAMS_PER_SM` per
-    multiprocessor, each split a whole number of blocks and none empty."""
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N,
+                  programs_per_sm: int | None = None) -> tuple[int, int]:
+    """``(splits, tokens per split)``: enough programs (``B * H * splits``) for about ``programs_per_sm`` (default
+    :data:`PROGRAMS_PER_SM`) per multiprocessor, each split a whole number of blocks and none empty."""
+    pps = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
     blocks = max(1, math.ceil(nq / block_n))
-    want = max(1, math.ceil(PROGRAMS_PER_SM * sms / max(1, bh)))
+    want = max(1, math.ceil(pps * sms / max(1, bh)))
     per = math.ceil(blocks / min(blocks, want))
     split_len = per * block_n
     return math.ceil(nq / split_len), split_len
 
 
+def planes_apply(d: int, dv: int, bits: int, group_size: int) -> bool:
+    """Whether the ``"planes"`` variant covers this layout: 2, 4 or 8 bits, at least 16 bytes of codes per token for
+    keys and values (one ``tl.dot`` operand per bit plane), ``group_size`` a multiple of the codes per byte."""
+    per = 8 // bits
+    return bits in (2, 4, 8) and d // per >= 16 and dv // per >= 16 and group_size % per == 0
+
+
+def choose_variant(d: int, dv: int, bits: int, group_size: int, variant: str | None = None) -> str:
+    """The split kernel used for ``variant`` (default :data:`VARIANT`): ``"auto"`` takes ``"planes"`` where
+    :func:`planes_apply`, else ``"interleaved"``; ``"planes"`` falls back to ``"interleaved"`` where it does not
+    apply."""
+    v = VARIANT if variant is None else variant
+    if v not in VARIANTS + ("auto",):
+        raise ValueError(f"variant={v!r} is out of range: choose one of {VARIANTS + ('auto',)}")
+    if v == "interleaved" or not planes_apply(d, dv, bits, group_size):
+        return "interleaved"
+    return "planes"
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a unit stride on its last dimension (a view of the layer's buffer when it already has one)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(b: int, h: int, g: int, d: int, dv: int, nq: int, bits: int, group_size: int, has_gid: bool,
+                   dtype: torch.dtype, device: torch.device, splits: int | None, block_n: int | None,
+                   num_warps: int | None, variant: str | None, programs_per_sm: int | None
+                   ) -> tuple[Any, int, int, dict[str, Any]]:
+    """(split kernel, splits, tokens per split, its constexpr/launch keywords) for one call shape (cached: a decoding
+    step repeats the previous step's shape until the next flush)."""
+    if nq == 0:
+        raise ValueError("the fused KIVI kernel needs at least one quantised position")
+    why = supports(device, d, dv, bits, group_size)
+    if why is not None:
+        raise ValueError(f"the fused KIVI kernel cannot run: {why}")
+    var = choose_variant(d, dv, bits, group_size, variant)
+    if block_n is None:
+        block_n = BLOCK_N_PLANES if var == "planes" else BLOCK_N
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+    if splits is None:
+        splits, split_len = choose_splits(nq, b * h, _sms(device), block_n, programs_per_sm)
+    else:
+        split_len = math.ceil(math.ceil(nq / max(1, splits)) / block_n) * block_n
+        splits = math.ceil(nq / split_len)
+    per = 8 // bits
+    upcast = dtype == torch.bfloat16 and device.type == "cpu"  # CPU = interpreter
+    block_pk, block_pv = triton.next_power_of_2(d // per), triton.next_power_of_2(dv // per)
+    kw: dict[str, Any] = dict(
+        G=g, D=d, DV=dv, BITS=bits, GS=group_size, BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_PK=block_pk, BLOCK_PV=block_pv, BLOCK_N=block_n, HAS_GID=has_gid,
+        PRECISION="ieee" if dtype == torch.float32 or upcast else None, UPCAST=upcast, num_warps=num_warps)
+    if var == "planes":
+        kw["ONE_GROUP"] = not has_gid and group_size % block_n == 0
+        return _split_kernel_planes, splits, split_len, kw
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    kw.update(EVEN_K=block_pk * per == d, EVEN_V=block_pv * per == dv,
+              KEY_ROWS=not has_gid and block_n % group_size == 0 and pow2(block_n // group_size),
+              VALUE_ROWS=block_pv * per == dv and pow2(dv // group_size))
+    return _split_kernel, splits, split_len, kw
+
+
+def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits,
+                    block_n, num_warps, variant, programs_per_sm):
+    """Launch the split kernel: float32 partial states ``(max, sum [B*H, S, G], acc [B*H, S, G, Dv])``."""
+    b, h, g, d = q.shape
+    nq = kcode.shape[2]
+    dv = vcode.shape[-1] * 8 // bits
+    kernel, splits, split_len, kw = _launch_config(
+        b, h, g, d, dv, nq, bits, group_size, kgid is not None, q.dtype, q.device, splits, block_n, num_warps,
+        variant, programs_per_sm)
+    kcode, vcode, kscale, kzero, vscale, vzero = map(_rows, (kcode, vcode, kscale, kzero, vscale, vzero))
+    if kzero.stride() != kscale.stride() or vzero.stride() != vscale.stride():
+        kscale, kzero, vscale, vzero = (t.contiguous() for t in (kscale, kzero, vscale, vzero))
+    m_part = torch.empty((b * h, splits, g), device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    a_part = torch.empty((b * h, splits, g, dv), device=q.device, dtype=torch.float32)
+    gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
+    kernel[(b * h, splits)](
+        q, kcode, vcode, kscale, kzero, vscale, vzero, kcode if kgid is None else kgid, m_part, l_part, a_part,
+        nq, h, split_len, float(scaling),
+        *kcode.stride()[:3], *vcode.stride()[:3], *kscale.stride()[:3], *vscale.stride()[:3], *gid_strides, **kw)
+    return m_part, l_part, a_part, splits
 
 
 def decode_state(
@@ -255,60 +557,26 @@ def decode_state(
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    variant: str | None = None,
+    programs_per_sm: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` quantised positions.
 
     ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, D*bits/8]`` /
     ``[B, H, nq, Dv*bits/8]`` uint8; ``kscale``/``kzero`` ``[B, H, ng, D]``; ``vscale``/``vzero``
     ``[B, H, nq, Dv/group_size]``; ``kgid`` ``[B, H, nq]`` or None (group ``p // group_size``). ``splits``: number
-    of token splits (default: :func:`choose_splits`); ``block_n``/``num_warps``: tokens per block and warps per
-    program of the split kernel (default: the module's :data:`BLOCK_N`/:data:`NUM_WARPS`). Returns float32 ``(max [B, H, G], sum [B, H, G],
-    acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and ``sum = sum_p exp(logit_p - max)``."""
-    b, h, g, d = q.shape
-    nq = kcode.shape[2]
+    of token splits (default: :func:`choose_splits` with ``programs_per_sm``); ``block_n``/``num_warps``: tokens
+    per block and warps per program of the split kernel (default: :data:`BLOCK_N` (:data:`BLOCK_N_PLANES` for the
+    planes variant) / :data:`NUM_WARPS`); ``variant``: the split kernel (:func:`choose_variant`). Returns float32
+    ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and
+    ``sum = sum_p exp(logit_p - max)``."""
+    b, h, g, _ = q.shape
     dv = vcode.shape[-1] * 8 // bits
-    block_n = BLOCK_N if block_n is None else block_n
-    num_warps = NUM_WARPS if num_warps is None else num_warps
-    if nq == 0:
-        raise ValueError("decode_state needs at least one quantised position")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
-    why = supports(q.device, d, dv, bits, group_size)
-    if why is not None:
-        raise ValueError(f"the fused KIVI kernel cannot run: {why}")
-    if splits is None:
-        splits, split_len = choose_splits(nq, b * h, _sms(q.device), block_n)
-    else:
-        split_len = math.ceil(math.ceil(nq / max(1, splits)) / block_n) * block_n
-        splits = math.ceil(nq / split_len)
     q = q.contiguous()
-    kcode, vcode, kscale, kzero, vscale, vzero = map(_rows, (kcode, vcode, kscale, kzero, vscale, vzero))
-    if kzero.stride() != kscale.stride() or vzero.stride() != vscale.stride():
-        kscale, kzero, vscale, vzero = (t.contiguous() for t in (kscale, kzero, vscale, vzero))
+    m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
+                                                     group_size, scaling, splits, block_n, num_warps, variant,
+                                                     programs_per_sm)
     f32 = dict(device=q.device, dtype=torch.float32)
-    m_part = torch.empty((b * h, splits, g), **f32)
-    l_part = torch.empty_like(m_part)
-    a_part = torch.empty((b * h, splits, g, dv), **f32)
-    gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
-    per = 8 // bits
-    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
-    block_pk, block_pv = triton.next_power_of_2(d // per), triton.next_power_of_2(dv // per)
-    even_k, even_v = block_pk * per == d, block_pv * per == dv
-    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
-    key_rows = kgid is None and block_n % group_size == 0 and pow2(block_n // group_size)
-    value_rows = even_v and pow2(dv // group_size)
-    _split_kernel[(b * h, splits)](
-        q, kcode, vcode, kscale, kzero, vscale, vzero, kcode if kgid is None else kgid, m_part, l_part, a_part,
-        nq, h, split_len, float(scaling),
-        *kcode.stride()[:3], *vcode.stride()[:3], *kscale.stride()[:3], *vscale.stride()[:3], *gid_strides,
-        G=g, D=d, DV=dv, BITS=bits, GS=group_size,
-        BLOCK_G=max(16, triton.next_power_of_2(g)),
-        BLOCK_PK=block_pk, BLOCK_PV=block_pv,
-        BLOCK_N=block_n, HAS_GID=kgid is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
-        EVEN_K=even_k, EVEN_V=even_v, KEY_ROWS=key_rows, VALUE_ROWS=value_rows,
-        num_warps=num_warps,
-    )
     m = torch.empty((b, h, g), **f32)
     l_sum = torch.empty_like(m)
     acc = torch.empty((b, h, g, dv), **f32)
@@ -317,3 +585,49 @@ def decode_state(
         BLOCK_S=16, BLOCK_DV=triton.next_power_of_2(dv), num_warps=4,
     )
     return m, l_sum, acc
+
+
+def decode_attend(
+    q: torch.Tensor,
+    kcode: torch.Tensor,
+    vcode: torch.Tensor,
+    kscale: torch.Tensor,
+    kzero: torch.Tensor,
+    vscale: torch.Tensor,
+    vzero: torch.Tensor,
+    kgid: torch.Tensor | None,
+    rkeys: torch.Tensor,
+    rvalues: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scaling: float,
+    splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    variant: str | None = None,
+    programs_per_sm: int | None = None,
+) -> torch.Tensor:
+    """Attention output ``[B, H, G, Dv]`` (``q``'s dtype) of one query token per query head over ``nq`` quantised
+    positions and then the ``r`` full-precision residual positions ``rkeys``/``rvalues`` ``[B, H, r, D]`` / ``[B, H,
+    r, Dv]`` (float32/bfloat16/float16, any strides with a unit last stride; ``r`` may be 0). The quantised part as in
+    :func:`decode_state` (same arguments); the second kernel merges the splits, attends to the residual with the same
+    online softmax and writes the normalised output: no PyTorch operation runs on the residual."""
+    b, h, g, d = q.shape
+    dv = vcode.shape[-1] * 8 // bits
+    r = rkeys.shape[2]
+    if rkeys.shape[:2] != (b, h) or rvalues.shape[:3] != (b, h, r) or rkeys.shape[3] != d or rvalues.shape[3] != dv:
+        raise ValueError(f"residual keys {tuple(rkeys.shape)} / values {tuple(rvalues.shape)} do not match the query "
+                         f"{tuple(q.shape)} and value head dimension {dv}")
+    q = q.contiguous()
+    rkeys, rvalues = _rows(rkeys), _rows(rvalues)
+    m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
+                                                     group_size, scaling, splits, block_n, num_warps, variant,
+                                                     programs_per_sm)
+    out = torch.empty((b, h, g, dv), device=q.device, dtype=q.dtype)
+    _finish_kernel[(b * h * g,)](
+        m_part, l_part, a_part, q, rkeys, rvalues, out, splits, r, float(scaling),
+        *rkeys.stride()[:3], *rvalues.stride()[:3], h,
+        G=g, D=d, DV=dv, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
+        BLOCK_R=BLOCK_R, num_warps=4,
+    )
+    return out
