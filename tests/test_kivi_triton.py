@@ -82,21 +82,8 @@ def _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, scaling):
     return m, p.sum(-1), torch.einsum("bhgn,bhnd->bhgd", p, values)
 
 
-@pytest.mark.parametrize("bits,d,g,with_gid,splits,block_n,dtype", [
-    (2, 64, 1, False, 1, 64, torch.float32),  # group rows loaded once (block a multiple of the group)
-    (2, 128, 4, True, 3, 16, torch.float32),  # group ids
-    (4, 64, 3, True, None, 32, torch.float32),
-    (4, 128, 1, False, 2, 16, torch.float32),  # block smaller than a group: per-token group rows
-    (2, 96, 2, False, 2, 64, torch.float32),  # channels padded to a power of 2, 3 value groups
-    (2, 64, 3, False, 4, 32, torch.bfloat16),
-    (4, 64, 4, True, None, 16, torch.float16),
-    (2, 64, 2, True, 19, 16, torch.float32),  # more splits than the reduction reads at once (nq 300 here)
-])
-def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype):
-    """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
-    the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
-    gen = torch.Generator().manual_seed(bits * d + g)
-    b, h, nq, gs = 2, 2, (300 if splits == 19 else 77), 32
+def _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq, gs=32):
+    """Random packed KIVI storage and queries: (q, kcode, vcode, kscale, kzero, vscale, vzero, kgid or None)."""
     ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
     codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
     kc, vc = pack(codes[0], bits), pack(codes[1], bits)
@@ -106,18 +93,90 @@ def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, spl
     vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
     gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
     q = torch.randn(b, h, g, d, generator=gen).to(dtype)
-    m, s, acc = kt.decode_state(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, 0.125, splits=splits, block_n=block_n)
-    rm, rs, racc = _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, 0.125)
+    return q, kc, vc, ks, kz, vs, vz, gid
+
+
+@pytest.mark.parametrize("bits,d,g,with_gid,splits,block_n,dtype,variant", [
+    (2, 64, 1, False, 1, 64, torch.float32, "interleaved"),  # group rows loaded once (block a multiple of the group)
+    (2, 64, 1, False, 1, 32, torch.float32, "planes"),  # planes: one key group per block
+    (2, 128, 4, True, 3, 16, torch.float32, "interleaved"),  # group ids
+    (2, 128, 4, True, 3, 16, torch.float32, "planes"),
+    (4, 64, 3, True, None, 32, torch.float32, "planes"),
+    (4, 128, 1, False, 2, 16, torch.float32, "interleaved"),  # block smaller than a group: per-token group rows
+    (4, 128, 1, False, 2, 64, torch.float32, "planes"),  # planes: block over 2 key groups (per-token rows)
+    (2, 96, 2, False, 2, 64, torch.float32, "interleaved"),  # channels padded to a power of 2, 3 value groups
+    (2, 96, 2, False, 2, 16, torch.float32, "planes"),
+    (2, 64, 3, False, 4, 32, torch.bfloat16, "planes"),
+    (4, 64, 4, True, None, 16, torch.float16, "interleaved"),
+    (2, 64, 2, True, 19, 16, torch.float32, "planes"),  # more splits than the reduction reads at once (nq 300 here)
+])
+def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype, variant):
+    """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
+    the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
+    assert kt.choose_variant(d, d, bits, 32, variant) == variant
+    gen = torch.Generator().manual_seed(bits * d + g)
+    (b, h, nq), gs = (1, 2, 300) if splits == 19 else (2, 2, 77), 32
+    st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq)
+    m, s, acc = kt.decode_state(*st, bits, gs, 0.125, splits=splits, block_n=block_n, variant=variant)
+    rm, rs, racc = _state_reference(*st, bits, gs, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before the products
     torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
     torch.testing.assert_close((acc / s[..., None]).double(), racc / rs[..., None], atol=tol * 4, rtol=tol)
     torch.testing.assert_close(s.double() * torch.exp(m.double() - rm), rs, atol=tol, rtol=tol * 4)
 
 
+def _with_residual(state, q, rk, rv, scaling):
+    """Normalised attention output (float64) from a quantised state (max, sum, acc) and residual keys/values."""
+    m, s, acc = state
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double(), rk.double()) * scaling
+    top = torch.maximum(m, logits.amax(-1)) if rk.shape[2] else m
+    p = torch.exp(logits - top[..., None])
+    tot = s * torch.exp(m - top) + p.sum(-1)
+    out = acc * torch.exp(m - top)[..., None] + torch.einsum("bhgn,bhnd->bhgd", p, rv.double())
+    return out / tot[..., None]
+
+
+@pytest.mark.parametrize("bits,d,g,with_gid,dtype,variant", [
+    (2, 64, 1, False, torch.float32, "planes"),
+    (4, 128, 4, True, torch.float32, "interleaved"),
+    (2, 128, 3, True, torch.bfloat16, "planes"),
+    (4, 64, 4, False, torch.float16, "interleaved"),
+])
+def test_fused_residual_output_equals_reference(kt, bits, d, g, with_gid, dtype, variant):
+    """decode_attend (quantised part + full-precision residual in the kernels, normalised output in the query's
+    dtype) equals float64 attention over the dequantised storage then the residual, for residual lengths 0 ..
+    residual + group - 1 (here 0 .. 39: one and several residual blocks), the residual a strided view (a window of
+    a larger buffer, values with a non-unit last stride: copied)."""
+    gen = torch.Generator().manual_seed(bits + d + g)
+    b, h, nq, gs = 2, 2, 45, 32
+    st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq)
+    ref_state = _state_reference(*st, bits, gs, 0.125)
+    kbuf = torch.randn(b, h, 48, d, generator=gen).to(dtype)
+    vbuf = torch.randn(b, h, d, 48, generator=gen).to(dtype)
+    for r in (0, 1, 16, 39):
+        rk, rv = kbuf[:, :, 5:5 + r], vbuf[:, :, :, 2:2 + r].transpose(2, 3)  # [B, H, r, D] views
+        out = kt.decode_attend(*st, rk, rv, bits, gs, 0.125, splits=2, variant=variant)
+        assert out.dtype == dtype and out.shape == (b, h, g, d)
+        ref = _with_residual(ref_state, st[0], rk, rv, 0.125)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # + the output's rounding to half precision
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"residual length {r}")
+
+
+def test_variant_choice(kt):
+    assert kt.choose_variant(128, 128, 2, 32, "auto") == "planes"
+    assert kt.choose_variant(16, 16, 2, 8, "auto") == "interleaved"  # 4 bytes of codes: no tl.dot per plane
+    assert kt.choose_variant(128, 128, 2, 6, "planes") == "interleaved"  # group not a multiple of 4 channels
+    assert kt.choose_variant(128, 128, 4, 32, "interleaved") == "interleaved"
+    with pytest.raises(ValueError, match="variant='fast' is out of range"):
+        kt.choose_variant(128, 128, 2, 32, "fast")
+
+
 def test_choose_splits_fills_the_machine_with_whole_blocks(kt):
     assert kt.choose_splits(3968, 8, 132, 64) == (62, 64)  # batch 1, 8 KV heads: one block per split
     assert kt.choose_splits(3968, 256, 132, 64) == (3, 1344)  # batch 32: 768 programs
     assert kt.choose_splits(10, 4096, 132, 64) == (1, 64)
+    assert kt.choose_splits(3968, 512, 132, 64) == (2, 1984)  # batch 64: 1024 programs
+    assert kt.choose_splits(3968, 512, 132, 64, programs_per_sm=8) == (3, 1344)
 
 
 def _kivi_layer(make_model, make_ids, bits: int, head_dim: int, heads: int, kv_heads: int, evict: bool):
@@ -170,8 +229,10 @@ def test_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt, make_model,
     """Teacher-forced decoding of a tiny Llama (head dim 16, group 8): kernel forced vs reference path give the same
     logits; H2O evicts quantised tokens while decoding, so the kernel also reads group ids."""
     calls = []
-    real = kt.decode_state
-    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: calls.append(a[7] is not None) or real(*a, **k))
+    real = kt.decode_attend
+    monkeypatch.setattr(kt, "decode_attend", lambda *a, **k: calls.append(a[7] is not None) or real(*a, **k))
+    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: pytest.fail("a decoding step merges the residual in "
+                                                                        "the kernel (decode_attend)"))
     model = make_model("llama")
     ids = make_ids(2, PROMPT + 6)
     logits = {}
@@ -187,7 +248,8 @@ def test_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt, make_model,
 
 
 def test_auto_keeps_the_torch_path_on_cpu_and_triton_needs_a_device(kt, make_model, make_ids, monkeypatch):
-    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: pytest.fail("auto must not use the kernel on CPU"))
+    for name in ("decode_state", "decode_attend"):
+        monkeypatch.setattr(kt, name, lambda *a, **k: pytest.fail("auto must not use the kernel on CPU"))
     model = make_model("llama")
     ids = make_ids(1, PROMPT + 1)
     cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params=KIVI_SMALL)
@@ -267,6 +329,7 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(kt, make_model, make_ids
         raise RuntimeError("no kernel for this GPU")
 
     monkeypatch.setattr(kt, "decode_state", boom)
+    monkeypatch.setattr(kt, "decode_attend", boom)
     monkeypatch.setattr(kivi, "_KERNEL_FAILED", None)
     monkeypatch.setattr(kivi, "_auto_uses_kernel", lambda device: True)
     model = make_model("llama")
