@@ -285,29 +285,64 @@ def kt_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["interleaved", "planes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,d,g,with_gid", [(2, 128, 4, False), (2, 128, 4, True), (4, 128, 1, False),
                                                (4, 64, 8, True), (2, 96, 3, False)])
-def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_gid, dtype):
+def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_gid, dtype, variant):
     gen = torch.Generator().manual_seed(bits * d + g)
     b, h, nq, gs = 3, 8, 1000, 32
-    ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
-    codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
-    kc, vc = pack(codes[0], bits), pack(codes[1], bits)
-    ks = (torch.rand(b, h, ng, d, generator=gen) * 0.5).to(dtype)
-    kz = torch.randn(b, h, ng, d, generator=gen).to(dtype)
-    vs = (torch.rand(b, h, nq, d // gs, generator=gen) * 0.5).to(dtype)
-    vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
-    gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
-    q = torch.randn(b, h, g, d, generator=gen).to(dtype)
-    cpu = (q, kc, vc, ks, kz, vs, vz, gid)
+    cpu = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq)
     dev = [None if t is None else t.cuda() for t in cpu]
     rm, rs, racc = _state_reference(*cpu, bits, gs, 0.125)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for splits in (None, 1, 7):
-        m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits))
+    for splits, block_n in ((None, None), (1, 32), (7, 64)):
+        m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits,
+                                                                   block_n=block_n, variant=variant))
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
+    kbuf = torch.randn(b, h, 200, d, generator=gen).to(dtype)
+    for r in (0, 1, 128, 159):  # residual lengths up to residual + group - 1 (defaults 128, 32)
+        rk, rv = kbuf[:, :, 7:7 + r], kbuf.flip(2)[:, :, :r]  # strided views
+        out = kt_gpu.decode_attend(*dev, rk.cuda(), rv.cuda(), bits, gs, 0.125, variant=variant)
+        ref = _with_residual((rm, rs, racc), cpu[0], rk, rv, 0.125)
+        torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol, msg=f"residual length {r}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["interleaved", "planes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, monkeypatch, dtype, variant):
+    """KIVILayer.attend with the kernel (quantised part and residual fused, output in the query's dtype) against the
+    PyTorch reference path (kernel state + torch residual merge, and kernel='torch'), decoding step by step so the
+    residual runs through 16..47 tokens, with and without group ids."""
+    monkeypatch.setattr(kt_gpu, "VARIANT", variant)
+    model = make_model("llama", layers=2, hidden_size=256, head_dim=128, num_attention_heads=4,
+                       num_key_value_heads=1).to("cuda", dtype)
+    for policy in ("window", "h2o"):
+        cache = squeezekv.make_cache(model, policy, 4096, channel="kivi",
+                                     channel_params={"bits": 2, "group_size": 32, "residual": 16, "kernel": "triton"})
+        ids = make_ids(2, 260).cuda()
+        model(ids[:, :200], cache=cache)
+        layer = cache.layers[1]
+        if policy == "h2o":  # evict quantised tokens: group ids
+            layer.scores = torch.rand(layer.scores.shape, device="cuda")
+            layer.compress(150)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for t in range(200, 240):
+            model(ids[:, t:t + 1], cache=cache)
+            q = torch.randn(2, 4, 1, 128, device="cuda", generator=gen).to(dtype)
+            layer.kernel = "triton"
+            out = layer.attend(q, None, None, None, 128 ** -0.5)
+            assert out.dtype == dtype
+            ref_kernel_state = QuantizedLayer.attend(layer, q, None, None, None, 128 ** -0.5)
+            layer.kernel = "torch"
+            ref = layer.attend(q, None, None, None, 128 ** -0.5)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out.float(), ref_kernel_state.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+        assert (layer.kgid is not None) == (policy == "h2o")
 
 
 @pytest.mark.gpu
