@@ -107,12 +107,18 @@ def check_fused(model: Any, device: str, context: int, batch: int = 4, reps: int
                 assert layer.kgid is not None
             res: dict[str, Any] = {"nq": layer.nq}
             outs = {}
-            for kernel in ("torch", "triton"):
+            # torch: reference path; triton: quantised part and residual in the kernels (KIVILayer.attend);
+            # state: the kernel's state + the residual merged in PyTorch (QuantizedLayer.attend, the path before)
+            for kernel, name in (("torch", "torch"), ("triton", "triton"), ("triton", "state")):
                 layer.kernel = kernel
-                outs[kernel] = layer.attend(q, None, None, None, scaling).float()
-                times = timed(lambda: [layer.attend(q, None, None, None, scaling) for _ in range(reps)], 3, device)
-                res["ms_fused" if kernel == "triton" else "ms_torch"] = 1e3 * statistics.median(times) / reps
+                fn = layer.attend if name != "state" else (lambda *a: quantized.QuantizedLayer.attend(layer, *a))
+                outs[name] = fn(q, None, None, None, scaling).float()
+                times = timed(lambda: [fn(q, None, None, None, scaling) for _ in range(reps)], 3, device)
+                res[{"torch": "ms_torch", "triton": "ms_fused", "state": "ms_fused_state_torch_residual"}[name]] = (
+                    1e3 * statistics.median(times) / reps)
             res["max_abs_diff"] = (outs["triton"] - outs["torch"]).abs().max().item()
+            res["max_abs_diff_state_path"] = (outs["state"] - outs["torch"]).abs().max().item()
+            res["residual"] = layer.residual_length
             res["max_abs_out"] = outs["torch"].abs().max().item()
             out[f"{method}/{case}"] = res
             print("check", method, case, json.dumps(res), flush=True)
@@ -229,39 +235,70 @@ def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probe
             "kv_bytes_per_seq": per_seq, "estimate": estimate, "tries": tries}
 
 
+#: (variant, tokens per block, warps, programs per multiprocessor) timed by ``kernel_sweep``
+SWEEP_CONFIGS: tuple[tuple[str, int, int, int], ...] = (
+    ("interleaved", 64, 4, 4), ("interleaved", 32, 4, 4), ("interleaved", 64, 8, 4), ("interleaved", 128, 8, 4),
+    ("planes", 32, 4, 4), ("planes", 64, 4, 4), ("planes", 32, 2, 4), ("planes", 16, 2, 4), ("planes", 64, 8, 4),
+    ("planes", 32, 4, 2), ("planes", 32, 4, 8), ("interleaved", 64, 4, 8),
+)
+
+
 @torch.no_grad()
-def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 64), reps: int = 50,
-                 configs: tuple[tuple[int, int], ...] = ((64, 4), (32, 4), (64, 8), (128, 8))) -> list[dict[str, Any]]:
-    """The split kernel + reduction alone (:func:`kivi_triton.decode_state`) on random 2-bit storage of the model's
-    shape (``context - 128`` quantised tokens): ms per call and the bytes it must read (codes, scales, zeros) per
-    second, for a few (tokens per block, warps) configurations."""
+def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 16, 64), reps: int = 50,
+                 configs: tuple[tuple[str, int, int, int], ...] = SWEEP_CONFIGS, bits_list: tuple[int, ...] = (2, 4)
+                 ) -> list[dict[str, Any]]:
+    """The kernels alone on random storage of the model's shape (``context - 128`` quantised tokens, 2 and 4 bits,
+    group 32): for each (variant, tokens per block, warps, programs per SM) of ``configs`` (4 bits: the first
+    config of each variant only), ms per call of :func:`kivi_triton.decode_state` (split kernel + reduction) and of
+    :func:`kivi_triton.decode_attend` (split kernel + finishing kernel over a 144-token bf16 residual), and the bytes
+    the quantised part must read (codes, scales, zeros; ``GB_per_s``) per second; ``config_auto`` marks what
+    the defaults pick."""
     from squeezekv.channel import kivi_triton as kt
 
     h, d, g = cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
     dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
-    bits, gs, nq = 2, 32, max(32, (context - 128) // 32 * 32)
+    gs, nq, r = 32, max(32, (context - 128) // 32 * 32), 144
     out = []
-    for b in batches:
-        kc = torch.randint(0, 256, (b, h, nq, d * bits // 8), device=device, dtype=torch.uint8)
-        vc = torch.randint_like(kc, 0, 256)
-        ks = torch.rand(b, h, nq // gs, d, device=device, dtype=dtype)
-        kz = torch.randn_like(ks)
-        vs = torch.rand(b, h, nq, d // gs, device=device, dtype=dtype)
-        vz = torch.randn_like(vs)
-        q = torch.randn(b, h, g, d, device=device, dtype=dtype)
-        nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
-        for block_n, warps in configs:
-            def call() -> None:
-                kt.decode_state(q, kc, vc, ks, kz, vs, vz, None, bits, gs, d ** -0.5, block_n=block_n,
-                                num_warps=warps)
-            call()
-            ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
-            r = {"batch": b, "nq": nq, "block_n": block_n, "num_warps": warps, "ms": ms, "read_bytes": nbytes,
-                 "GB_per_s": nbytes / ms / 1e6}
-            out.append(r)
-            print("sweep", json.dumps(r), flush=True)
-        del kc, vc, ks, kz, vs, vz
-        free(device)
+    for bits in bits_list:
+        todo = configs if bits == 2 else tuple({c[0]: c for c in reversed(configs)}.values())
+        for b in batches:
+            kc = torch.randint(0, 256, (b, h, nq, d * bits // 8), device=device, dtype=torch.uint8)
+            vc = torch.randint_like(kc, 0, 256)
+            ks = torch.rand(b, h, nq // gs, d, device=device, dtype=dtype)
+            kz = torch.randn_like(ks)
+            vs = torch.rand(b, h, nq, d // gs, device=device, dtype=dtype)
+            vz = torch.randn_like(vs)
+            q = torch.randn(b, h, g, d, device=device, dtype=dtype)
+            rk = torch.randn(b, h, r, d, device=device, dtype=dtype)
+            rv = torch.randn_like(rk)
+            nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
+            store = (q, kc, vc, ks, kz, vs, vz, None)
+            auto = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, None, None, None,
+                                     None)
+            for variant, block_n, warps, pps in todo:
+                opts = dict(block_n=block_n, num_warps=warps, variant=variant, programs_per_sm=pps)
+                splits = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, block_n, warps,
+                                           variant, pps)[1]
+                r_ = {"bits": bits, "batch": b, "nq": nq, "variant": variant, "block_n": block_n, "num_warps": warps,
+                      "programs_per_sm": pps, "splits": splits, "read_bytes": nbytes,
+                      "config_auto": (variant == kt.choose_variant(d, d, bits, gs) and block_n == auto[3]["BLOCK_N"]
+                                      and warps == auto[3]["num_warps"] and splits == auto[1]
+                                      and pps == kt.PROGRAMS_PER_SM)}
+                for name, call in (("state", lambda: kt.decode_state(*store, bits, gs, d ** -0.5, **opts)),
+                                   ("attend", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5, **opts))):
+                    try:
+                        call()
+                        ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
+                    except Exception as e:  # a config that does not compile: recorded, the sweep goes on
+                        r_[f"error_{name}"] = f"{type(e).__name__}: {e}"[:300]
+                        continue
+                    r_[f"ms_{name}"] = ms
+                    r_[f"GB_per_s_{name}"] = nbytes / ms / 1e6
+                r_["ms"], r_["GB_per_s"] = r_.get("ms_state"), r_.get("GB_per_s_state")
+                out.append(r_)
+                print("sweep", json.dumps(r_), flush=True)
+            del kc, vc, ks, kz, vs, vz, rk, rv
+            free(device)
     return out
 
 
@@ -276,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference check of a GPU run")
     ap.add_argument("--kernel-block-n", type=int, default=None, help="tokens per block of the fused kernel")
     ap.add_argument("--kernel-warps", type=int, default=None, help="warps per program of the fused kernel")
+    ap.add_argument("--kernel-variant", default=None, help="split-kernel variant of the fused kernel "
+                    "(interleaved / planes / auto)")
+    ap.add_argument("--programs-per-sm", type=int, default=None, help="split heuristic of the fused kernel")
+    ap.add_argument("--sweep-batches", default="1,16,64", help="batches of the kernel sweep")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
@@ -323,11 +364,21 @@ def main(argv: list[str] | None = None) -> None:
 
         kivi_triton.BLOCK_N = args.kernel_block_n or kivi_triton.BLOCK_N
         kivi_triton.NUM_WARPS = args.kernel_warps or kivi_triton.NUM_WARPS
-        report["kernel_defaults"] = {"block_n": kivi_triton.BLOCK_N, "num_warps": kivi_triton.NUM_WARPS}
+        kivi_triton.BLOCK_N_PLANES = args.kernel_block_n or kivi_triton.BLOCK_N_PLANES
+        kivi_triton.VARIANT = args.kernel_variant or kivi_triton.VARIANT
+        kivi_triton.PROGRAMS_PER_SM = args.programs_per_sm or kivi_triton.PROGRAMS_PER_SM
+        cfgm = cfg["model"]
+        report["kernel_defaults"] = {
+            "block_n": kivi_triton.BLOCK_N, "block_n_planes": kivi_triton.BLOCK_N_PLANES,
+            "num_warps": kivi_triton.NUM_WARPS, "variant": kivi_triton.VARIANT,
+            "programs_per_sm": kivi_triton.PROGRAMS_PER_SM,
+            "variant_used": {bits: kivi_triton.choose_variant(cfgm["head_dim"], cfgm["head_dim"], bits, 32)
+                             for bits in (2, 4)}}
     if not args.no_check and fused_unavailable("kivi2-fused", args.device) is None:
         report["check"] = check_fused(model, args.device, min(args.context, 4096))
         save()
-        report["kernel_sweep"] = sweep_kernel(cfg["model"] | {"dtype": cfg["dtype"]}, args.device, args.context)
+        report["kernel_sweep"] = sweep_kernel(cfg["model"] | {"dtype": cfg["dtype"]}, args.device, args.context,
+                                              tuple(int(x) for x in args.sweep_batches.split(",")))
         save()
     if "decode" in parts:
         for b in [int(x) for x in args.batches.split(",")]:
