@@ -98,6 +98,7 @@ class KIVILayer(QuantizedLayer):
         self.group_size = method.group_size
         self.kernel = method.kernel
         self._blockers: dict[tuple[Any, ...], str | None] = {}  # (device, dtype, D) -> why the kernel cannot run
+        self._plan: dict[str, Any] = {}  # the kernel's launch arguments, reused between flushes (kivi_triton)
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -244,7 +245,7 @@ class KIVILayer(QuantizedLayer):
         if not self._use_kernel(qg, mask is None and qg.shape[3] == 1):
             return super()._quantised_state(qg, mask, scaling)
         state = self._run_kernel(lambda kt: kt.decode_state(
-            qg[:, :, :, 0], *self._kernel_storage(), self.bits, self.group_size, scaling))
+            qg[:, :, :, 0], *self._kernel_storage(), self.bits, self.group_size, scaling, plan=self._plan))
         if state is None:
             return super()._quantised_state(qg, mask, scaling)
         m, s, acc = state  # [B, H, G], [B, H, G], [B, H, G, Dv]
@@ -263,7 +264,7 @@ class KIVILayer(QuantizedLayer):
         h = self.keys.shape[1]
         out = self._run_kernel(lambda kt: kt.decode_attend(
             query.reshape(b, h, hq // h, d), *self._kernel_storage(), self.keys, self.values, self.bits,
-            self.group_size, scaling))  # [B, H, G, Dv]
+            self.group_size, scaling, plan=self._plan))  # [B, H, G, Dv]
         if out is None:
             return super().attend(query, key, value, allowed, scaling)
         return out.view(b, hq, 1, out.shape[-1])

@@ -520,25 +520,48 @@ def _launch_config(b: int, h: int, g: int, d: int, dv: int, nq: int, bits: int, 
 
 
 def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits,
-                    block_n, num_warps, variant, programs_per_sm):
-    """Launch the split kernel: float32 partial states ``(max, sum [B*H, S, G], acc [B*H, S, G, Dv])``."""
-    b, h, g, d = q.shape
-    nq = kcode.shape[2]
-    dv = vcode.shape[-1] * 8 // bits
-    kernel, splits, split_len, kw = _launch_config(
-        b, h, g, d, dv, nq, bits, group_size, kgid is not None, q.dtype, q.device, splits, block_n, num_warps,
-        variant, programs_per_sm)
-    kcode, vcode, kscale, kzero, vscale, vzero = map(_rows, (kcode, vcode, kscale, kzero, vscale, vzero))
-    if kzero.stride() != kscale.stride() or vzero.stride() != vscale.stride():
-        kscale, kzero, vscale, vzero = (t.contiguous() for t in (kscale, kzero, vscale, vzero))
-    m_part = torch.empty((b * h, splits, g), device=q.device, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)
-    a_part = torch.empty((b * h, splits, g, dv), device=q.device, dtype=torch.float32)
-    gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
-    kernel[(b * h, splits)](
-        q, kcode, vcode, kscale, kzero, vscale, vzero, kcode if kgid is None else kgid, m_part, l_part, a_part,
-        nq, h, split_len, float(scaling),
-        *kcode.stride()[:3], *vcode.stride()[:3], *kscale.stride()[:3], *vscale.stride()[:3], *gid_strides, **kw)
+                    block_n, num_warps, variant, programs_per_sm, plan=None):
+    """Launch the split kernel: float32 partial states ``(max, sum [B*H, S, G], acc [B*H, S, G, Dv])`` (one
+    allocation). ``plan``: a dict the caller keeps between calls (e.g. one per layer); the launch's scalar arguments
+    are kept there (with weak references to the storage tensors) and reused while the same tensors come back, so a
+    decoding step between two flushes skips the stride and layout work."""
+    store = (kcode, vcode, kscale, kzero, vscale, vzero, kgid)
+    key = (q.shape, q.dtype, q.device, bits, group_size, float(scaling), splits, block_n, num_warps, variant,
+           programs_per_sm)
+    if plan is not None and plan.get("key") == key and all(
+            (t is None and r is None) or (r is not None and r() is t) for r, t in zip(plan["refs"], store)):
+        kernel, splits, grid_args, kw, sizes = plan["launch"]
+    else:
+        b, h, g, d = q.shape
+        nq = kcode.shape[2]
+        dv = vcode.shape[-1] * 8 // bits
+        kernel, splits, split_len, kw = _launch_config(
+            b, h, g, d, dv, nq, bits, group_size, kgid is not None, q.dtype, q.device, splits, block_n, num_warps,
+            variant, programs_per_sm)
+        views = tuple(map(_rows, (kcode, vcode, kscale, kzero, vscale, vzero)))
+        kc, vc, ks, kz, vs, vz = views
+        if kz.stride() != ks.stride() or vz.stride() != vs.stride():
+            ks, kz, vs, vz = (t.contiguous() for t in (ks, kz, vs, vz))
+        copied = any(x is not y for x, y in zip((kc, vc, ks, kz, vs, vz), store))
+        store = (kc, vc, ks, kz, vs, vz, kgid)
+        gid_strides = (0, 0, 0) if kgid is None else kgid.stride()
+        grid_args = (nq, h, split_len, float(scaling), *kc.stride()[:3], *vc.stride()[:3], *ks.stride()[:3],
+                     *vs.stride()[:3], *gid_strides)
+        n_ml = -(-b * h * splits * g // 4) * 4  # max and sum blocks rounded to 16 bytes
+        sizes = (b * h, splits, g, dv, n_ml)
+        if plan is not None and not copied:
+            import weakref
+
+            plan["key"] = key
+            plan["refs"] = tuple(None if t is None else weakref.ref(t) for t in store)
+            plan["launch"] = (kernel, splits, grid_args, kw, sizes)
+    bh, splits, g, dv, n_ml = sizes
+    part = torch.empty(2 * n_ml + bh * splits * g * dv, device=q.device, dtype=torch.float32)
+    m_part, l_part = part[:bh * splits * g].view(bh, splits, g), part[n_ml:n_ml + bh * splits * g].view(bh, splits, g)
+    a_part = part[2 * n_ml:].view(bh, splits, g, dv)
+    kc, vc, ks, kz, vs, vz, gid = store
+    kernel[(bh, splits)](q, kc, vc, ks, kz, vs, vz, kc if gid is None else gid, m_part, l_part, a_part, *grid_args,
+                         **kw)
     return m_part, l_part, a_part, splits
 
 
@@ -559,6 +582,7 @@ def decode_state(
     num_warps: int | None = None,
     variant: str | None = None,
     programs_per_sm: int | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` quantised positions.
 
@@ -567,7 +591,8 @@ def decode_state(
     ``[B, H, nq, Dv/group_size]``; ``kgid`` ``[B, H, nq]`` or None (group ``p // group_size``). ``splits``: number
     of token splits (default: :func:`choose_splits` with ``programs_per_sm``); ``block_n``/``num_warps``: tokens
     per block and warps per program of the split kernel (default: :data:`BLOCK_N` (:data:`BLOCK_N_PLANES` for the
-    planes variant) / :data:`NUM_WARPS`); ``variant``: the split kernel (:func:`choose_variant`). Returns float32
+    planes variant) / :data:`NUM_WARPS`); ``variant``: the split kernel (:func:`choose_variant`); ``plan``: a dict kept by the caller between
+    calls (launch arguments reused while the same storage tensors come back). Returns float32
     ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and
     ``sum = sum_p exp(logit_p - max)``."""
     b, h, g, _ = q.shape
@@ -575,7 +600,7 @@ def decode_state(
     q = q.contiguous()
     m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
                                                      group_size, scaling, splits, block_n, num_warps, variant,
-                                                     programs_per_sm)
+                                                     programs_per_sm, plan)
     f32 = dict(device=q.device, dtype=torch.float32)
     m = torch.empty((b, h, g), **f32)
     l_sum = torch.empty_like(m)
@@ -606,6 +631,7 @@ def decode_attend(
     num_warps: int | None = None,
     variant: str | None = None,
     programs_per_sm: int | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Attention output ``[B, H, G, Dv]`` (``q``'s dtype) of one query token per query head over ``nq`` quantised
     positions and then the ``r`` full-precision residual positions ``rkeys``/``rvalues`` ``[B, H, r, D]`` / ``[B, H,
@@ -622,7 +648,7 @@ def decode_attend(
     rkeys, rvalues = _rows(rkeys), _rows(rvalues)
     m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
                                                      group_size, scaling, splits, block_n, num_warps, variant,
-                                                     programs_per_sm)
+                                                     programs_per_sm, plan)
     out = torch.empty((b, h, g, dv), device=q.device, dtype=q.dtype)
     _finish_kernel[(b * h * g,)](
         m_part, l_part, a_part, q, rkeys, rvalues, out, splits, r, float(scaling),
