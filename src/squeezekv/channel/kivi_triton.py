@@ -1,22 +1,46 @@
-"""Fused dequantise-in-attention for KIVI decoding: a Triton kernel that attends one query token over the packed
-low-bit codes of :class:`squeezekv.channel.kivi.KIVILayer` without writing any dequantised key or value to memory.
+"""Fused dequantise-in-attention for KIVI decoding: Triton kernels that attend one query token over the packed
+low-bit codes of :class:`squeezekv.channel.kivi.KIVILayer` (and its full-precision residual) without writing any
+dequantised key or value to memory.
 
 Flash-decoding layout (split-K): the grid is ``(B * H, S)``; program ``(bh, s)`` walks the quantised positions
 ``[s * L, min((s + 1) * L, nq))`` of one (row, KV head) in blocks of ``BLOCK_N`` tokens. For each block it loads the
-packed key/value bytes once (``[BLOCK_N, D * bits / 8]`` uint8), unpacks each byte into its ``8 / bits`` codes in
+packed key/value bytes once (``[BLOCK_N, D * bits / 8]`` uint8), unpacks the ``8 / bits`` codes of each byte in
 registers (code ``i`` of a byte at bit offset ``bits * i``, as :mod:`squeezekv.channel.packing` writes it),
 dequantises keys with their group's per-channel scale/zero (group ``p // group_size``, or ``kgid[b, h, p]`` after an
 eviction) and values with their own per-channel-group scale/zero, and computes the logits of the ``G = Hq / H`` query
-heads of that KV head together (one ``tl.dot`` with the query heads padded to 16 rows), so the codes are read once per
-KV head. An online softmax (running max and sum, float32) accumulates ``P V``; each program writes its partial
-``(max, sum, acc)`` in float32, and a second small kernel merges the ``S`` splits into the running state
-``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` that :meth:`QuantizedLayer.attend` then merges with the
-full-precision residual (the same state its PyTorch reference path produces block by block).
+heads of that KV head together (``tl.dot`` with the query heads padded to 16 rows), so the codes are read once per KV
+head. An online softmax (running max and sum, float32) accumulates ``P V``; each program writes its partial
+``(max, sum, acc)`` in float32.
+
+Two split kernels (``variant``, default :data:`VARIANT`, picked per call by :func:`choose_variant`; the launch
+arguments of a shape are cached, :func:`_launch_config`, and a caller may keep a ``plan`` dict to skip the stride work
+between flushes):
+
+* ``"interleaved"``: the codes of a byte row are interleaved back into channel order (``[BLOCK_N, D / PER, PER]`` ->
+  ``[BLOCK_N, D]``, ``PER = 8 / bits``) and one ``tl.dot`` over ``D`` computes the logits (one over the block for
+  ``P V``); key scale rows are loaded once per group and repeated over its tokens when a block holds whole groups.
+* ``"planes"``: bit plane ``i`` of the bytes holds channels ``j * PER + i``; each plane is its own operand
+  ``[BLOCK_N, D / PER]`` (the query loaded with the same channel stride), the logits are the sum of ``PER`` dots over
+  ``D / PER`` channels and ``P V`` is ``PER`` dots into ``PER`` accumulators stored back at channel ``j * PER + i``.
+  The unpacked codes never change layout (no reshape), a block of ``BLOCK_N <= group_size`` tokens within one key
+  group loads one scale/zero row per plane, and the value scales/zeros of a token are one tile for all planes
+  (channel ``j * PER + i`` lies in group ``j // (group_size / PER)``). It needs ``D * bits / 8 >= 16`` and
+  ``group_size`` a multiple of ``PER`` (else ``"interleaved"`` runs).
+
+The splits are merged by a second small kernel: :func:`decode_state` returns the running state
+``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` (the state :meth:`QuantizedLayer._quantised_state` defines, for
+callers that merge more positions themselves); :func:`decode_attend` (what a KIVI decoding step uses) also attends to
+the ``r`` full-precision residual tokens (keys/values ``[B, H, r, D]`` in the model's dtype, strided views of the
+layer's buffers) in the same kernel — one program per (row, KV head, query head), the residual's logits by a
+broadcast product and reduction over ``D`` — and writes the normalised output ``[B, H, G, Dv]`` in the query's dtype,
+so a decoding step runs two kernel launches and no PyTorch operation on the residual. The number of splits is chosen
+for about :data:`PROGRAMS_PER_SM` programs per multiprocessor (:func:`choose_splits`).
 
 Numerics follow the reference: dequantised keys/values and the softmax weights are cast to the query's dtype before
 each product (bf16/fp16 tensor-core products, float32 accumulation; float32 queries use IEEE float32 products, no
-TF32); logits are scaled in float32. (In the CPU interpreter, bfloat16 products are computed in float32: its
-bfloat16 ``tl.dot`` is wrong.)
+TF32); logits are scaled in float32 (the residual's logits stay float32, where the reference rounds them to the
+query's dtype). (In the CPU interpreter, bfloat16 products are computed in float32: its bfloat16 ``tl.dot`` is
+wrong.)
 
 The module imports ``triton``; :mod:`squeezekv.channel.kivi` imports it lazily and only when the kernel is used.
 With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels run on CPU tensors (tests).
