@@ -302,9 +302,12 @@ def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
     kbuf = torch.randn(b, h, 200, d, generator=gen).to(dtype)
+    vbuf = torch.randn(b, h, d, 200, generator=gen).to(dtype)
+    kbuf_dev, vbuf_dev = kbuf.cuda(), vbuf.cuda()
     for r in (0, 1, 128, 159):  # residual lengths up to residual + group - 1 (defaults 128, 32)
-        rk, rv = kbuf[:, :, 7:7 + r], kbuf.flip(2)[:, :, :r]  # strided views
-        out = kt_gpu.decode_attend(*dev, rk.cuda(), rv.cuda(), bits, gs, 0.125, variant=variant)
+        rk, rv = kbuf[:, :, 7:7 + r], vbuf[:, :, :, 3:3 + r].transpose(2, 3)
+        rk_dev, rv_dev = kbuf_dev[:, :, 7:7 + r], vbuf_dev[:, :, :, 3:3 + r].transpose(2, 3)  # strided views
+        out = kt_gpu.decode_attend(*dev, rk_dev, rv_dev, bits, gs, 0.125, variant=variant)
         ref = _with_residual((rm, rs, racc), cpu[0], rk, rv, 0.125)
         torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol, msg=f"residual length {r}")
 

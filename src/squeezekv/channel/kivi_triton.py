@@ -503,13 +503,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=4096)
 def _launch_config(b: int, h: int, g: int, d: int, dv: int, nq: int, bits: int, group_size: int, has_gid: bool,
                    dtype: torch.dtype, device: torch.device, splits: int | None, block_n: int | None,
                    num_warps: int | None, variant: str | None, programs_per_sm: int | None
                    ) -> tuple[Any, int, int, dict[str, Any]]:
     """(split kernel, splits, tokens per split, its constexpr/launch keywords) for one call shape (cached: a decoding
-    step repeats the previous step's shape until the next flush)."""
+    step repeats the previous step's shape until the next flush; the module's defaults are part of the key)."""
+    return _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, device, splits, block_n,
+                                 num_warps, VARIANT if variant is None else variant, programs_per_sm,
+                                 (BLOCK_N, BLOCK_N_PLANES, NUM_WARPS, PROGRAMS_PER_SM))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, device, splits, block_n, num_warps,
+                          variant, programs_per_sm, defaults):
     if nq == 0:
         raise ValueError("the fused KIVI kernel needs at least one quantised position")
     why = supports(device, d, dv, bits, group_size)
