@@ -240,6 +240,7 @@ SWEEP_CONFIGS: tuple[tuple[str, int, int, int], ...] = (
     ("interleaved", 64, 4, 4), ("interleaved", 32, 4, 4), ("interleaved", 64, 8, 4), ("interleaved", 128, 8, 4),
     ("planes", 32, 4, 4), ("planes", 64, 4, 4), ("planes", 32, 2, 4), ("planes", 16, 2, 4), ("planes", 64, 8, 4),
     ("planes", 32, 4, 2), ("planes", 32, 4, 8), ("interleaved", 64, 4, 8),
+    ("planes_fma", 32, 4, 4), ("planes_fma", 16, 4, 4), ("planes_fma", 32, 8, 4), ("planes_fma", 64, 8, 4),
 )
 
 

@@ -109,14 +109,18 @@ def _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq, gs=32):
     (2, 64, 3, False, 4, 32, torch.bfloat16, "planes"),
     (4, 64, 4, True, None, 16, torch.float16, "interleaved"),
     (2, 64, 2, True, 19, 16, torch.float32, "planes"),  # more splits than the reduction reads at once (nq 300 here)
+    (2, 64, 1, False, 2, 32, torch.float32, "planes_fma"),  # broadcast products: no padded query rows
+    (4, 128, 3, True, 3, 16, torch.float32, "planes_fma"),
+    (2, 128, 4, False, None, 64, torch.bfloat16, "planes_fma"),
+    (2, 16, 2, True, 2, 16, torch.float32, "planes_fma"),  # 4 bytes of codes per token: fine without tl.dot
 ])
 def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype, variant):
     """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
     the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
-    assert kt.choose_variant(d, d, bits, 32, variant) == variant
+    assert kt.choose_variant(d, d, bits, 32 if d > 16 else 8, variant) == variant
     gen = torch.Generator().manual_seed(bits * d + g)
-    (b, h, nq), gs = (1, 2, 300) if splits == 19 else (2, 2, 77), 32
-    st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq)
+    (b, h, nq), gs = (1, 2, 300) if splits == 19 else (2, 2, 77), (32 if d > 16 else 8)
+    st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq, gs)
     m, s, acc = kt.decode_state(*st, bits, gs, 0.125, splits=splits, block_n=block_n, variant=variant)
     rm, rs, racc = _state_reference(*st, bits, gs, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before the products
@@ -141,6 +145,7 @@ def _with_residual(state, q, rk, rv, scaling):
     (4, 128, 4, True, torch.float32, "interleaved"),
     (2, 128, 3, True, torch.bfloat16, "planes"),
     (4, 64, 4, False, torch.float16, "interleaved"),
+    (2, 64, 3, True, torch.float32, "planes_fma"),
 ])
 def test_fused_residual_output_equals_reference(kt, bits, d, g, with_gid, dtype, variant):
     """decode_attend (quantised part + full-precision residual in the kernels, normalised output in the query's
@@ -167,6 +172,8 @@ def test_variant_choice(kt):
     assert kt.choose_variant(16, 16, 2, 8, "auto") == "interleaved"  # 4 bytes of codes: no tl.dot per plane
     assert kt.choose_variant(128, 128, 2, 6, "planes") == "interleaved"  # group not a multiple of 4 channels
     assert kt.choose_variant(128, 128, 4, 32, "interleaved") == "interleaved"
+    assert kt.choose_variant(16, 16, 2, 8, "planes_fma") == "planes_fma"
+    assert kt.choose_variant(128, 128, 2, 6, "planes_fma") == "interleaved"
     with pytest.raises(ValueError, match="variant='fast' is out of range"):
         kt.choose_variant(128, 128, 2, 32, "fast")
 
@@ -285,7 +292,7 @@ def kt_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["interleaved", "planes"])
+@pytest.mark.parametrize("variant", ["interleaved", "planes", "planes_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,d,g,with_gid", [(2, 128, 4, False), (2, 128, 4, True), (4, 128, 1, False),
                                                (4, 64, 8, True), (2, 96, 3, False)])
@@ -313,7 +320,7 @@ def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["interleaved", "planes"])
+@pytest.mark.parametrize("variant", ["interleaved", "planes", "planes_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, monkeypatch, dtype, variant):

@@ -12,7 +12,7 @@ heads of that KV head together (``tl.dot`` with the query heads padded to 16 row
 head. An online softmax (running max and sum, float32) accumulates ``P V``; each program writes its partial
 ``(max, sum, acc)`` in float32.
 
-Two split kernels (``variant``, default :data:`VARIANT`, picked per call by :func:`choose_variant`; the launch
+Three split kernels (``variant``, default :data:`VARIANT`, picked per call by :func:`choose_variant`; the launch
 arguments of a shape are cached, :func:`_launch_config`, and a caller may keep a ``plan`` dict to skip the stride work
 between flushes):
 
@@ -26,6 +26,9 @@ between flushes):
   group loads one scale/zero row per plane, and the value scales/zeros of a token are one tile for all planes
   (channel ``j * PER + i`` lies in group ``j // (group_size / PER)``). It needs ``D * bits / 8 >= 16`` and
   ``group_size`` a multiple of ``PER`` (else ``"interleaved"`` runs).
+* ``"planes_fma"``: the ``"planes"`` kernel with the products as broadcast multiplies and float32 reductions on the
+  CUDA cores instead of ``tl.dot`` (the query heads padded only to a power of two, not to 16 rows; no operand goes
+  through shared memory); any ``D`` whose codes fill bytes.
 
 The splits are merged by a second small kernel: :func:`decode_state` returns the running state
 ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` (the state :meth:`QuantizedLayer._quantised_state` defines, for
@@ -62,7 +65,7 @@ BLOCK_N = 64
 BLOCK_N_PLANES = 32
 NUM_WARPS = 4
 #: split-kernel variants (see the module docstring); :data:`VARIANT` is the default ("auto": :func:`choose_variant`)
-VARIANTS = ("interleaved", "planes")
+VARIANTS = ("interleaved", "planes", "planes_fma")
 VARIANT = "auto"
 #: residual tokens per step of the finishing kernel
 BLOCK_R = 16
@@ -274,6 +277,23 @@ def _value_plane(byts, vs, vz, I: tl.constexpr, BITS: tl.constexpr, DT: tl.const
 
 
 @triton.jit
+def _qk(q, k, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Logits ``[BLOCK_G, BLOCK_N]`` of queries ``q`` ``[BLOCK_G, C]`` and keys ``k`` ``[BLOCK_N, C]``: a tensor-core
+    ``tl.dot`` (``BLOCK_G`` >= 16) or a broadcast product + reduction over ``C`` in float32 (small ``BLOCK_G``)."""
+    if DOT:
+        return tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+
+
+@triton.jit
+def _pv(p, v, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """``p @ v`` for weights ``[BLOCK_G, BLOCK_N]`` and values ``[BLOCK_N, C]`` (as :func:`_qk`)."""
+    if DOT:
+        return tl.dot(p, v, input_precision=PRECISION)
+    return tl.sum(p.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+
+
+@triton.jit
 def _split_kernel_planes(
     Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO,
     nq, H, split_len, scaling,
@@ -285,6 +305,7 @@ def _split_kernel_planes(
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_GROUP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # the "planes" variant: bit plane I of a byte row holds channels j * PER + I (j = byte); each plane is its own
     # [BLOCK_N, D / PER] operand (a dot over D / PER channels per plane, PER dots summed), so the codes are never
@@ -351,15 +372,15 @@ def _split_kernel_planes(
             grp_off = grp[:, None] * sks_g
             kmask = nmask[:, None] & pkmask[None, :]
         k0 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 0, PER, BITS, DT)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+        s = _qk(q0, k0, DOT, PRECISION)
         if PER > 1:
             k1 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 1, PER, BITS, DT)
-            s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+            s += _qk(q1, k1, DOT, PRECISION)
         if PER > 2:
             k2 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 2, PER, BITS, DT)
-            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+            s += _qk(q2, k2, DOT, PRECISION)
             k3 = _key_plane(kb, ks_ptr, kz_ptr, grp_off, kmask, offs_pk, 3, PER, BITS, DT)
-            s += tl.dot(q3, tl.trans(k3), input_precision=PRECISION)
+            s += _qk(q3, k3, DOT, PRECISION)
         s = tl.where(nmask[None, :], s * scaling, float("-inf"))  # [BLOCK_G, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -372,15 +393,15 @@ def _split_kernel_planes(
         vs = tl.load(vs_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
         vz = tl.load(vz_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
         v0 = _value_plane(vb, vs, vz, 0, BITS, DT)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pd, v0, input_precision=PRECISION)
+        acc0 = acc0 * alpha[:, None] + _pv(pd, v0, DOT, PRECISION)
         if PER > 1:
             v1 = _value_plane(vb, vs, vz, 1, BITS, DT)
-            acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1, input_precision=PRECISION)
+            acc1 = acc1 * alpha[:, None] + _pv(pd, v1, DOT, PRECISION)
         if PER > 2:
             v2 = _value_plane(vb, vs, vz, 2, BITS, DT)
-            acc2 = acc2 * alpha[:, None] + tl.dot(pd, v2, input_precision=PRECISION)
+            acc2 = acc2 * alpha[:, None] + _pv(pd, v2, DOT, PRECISION)
             v3 = _value_plane(vb, vs, vz, 3, BITS, DT)
-            acc3 = acc3 * alpha[:, None] + tl.dot(pd, v3, input_precision=PRECISION)
+            acc3 = acc3 * alpha[:, None] + _pv(pd, v3, DOT, PRECISION)
         m_i = m_new
 
     row = (pid_bh.to(tl.int64) * n_split + pid_s) * G + offs_g  # [BLOCK_G] rows of [B*H, S, G]
@@ -479,23 +500,24 @@ def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N,
     return math.ceil(nq / split_len), split_len
 
 
-def planes_apply(d: int, dv: int, bits: int, group_size: int) -> bool:
-    """Whether the ``"planes"`` variant covers this layout: 2, 4 or 8 bits, at least 16 bytes of codes per token for
-    keys and values (one ``tl.dot`` operand per bit plane), ``group_size`` a multiple of the codes per byte."""
+def planes_apply(d: int, dv: int, bits: int, group_size: int, dot: bool = True) -> bool:
+    """Whether the ``"planes"`` variants cover this layout: 2, 4 or 8 bits, ``group_size`` a multiple of the codes
+    per byte, and for ``"planes"`` (``dot``) at least 16 bytes of codes per token for keys and values (one ``tl.dot``
+    operand per bit plane)."""
     per = 8 // bits
-    return bits in (2, 4, 8) and d // per >= 16 and dv // per >= 16 and group_size % per == 0
+    return bits in (2, 4, 8) and group_size % per == 0 and (not dot or (d // per >= 16 and dv // per >= 16))
 
 
 def choose_variant(d: int, dv: int, bits: int, group_size: int, variant: str | None = None) -> str:
     """The split kernel used for ``variant`` (default :data:`VARIANT`): ``"auto"`` takes ``"planes"`` where
-    :func:`planes_apply`, else ``"interleaved"``; ``"planes"`` falls back to ``"interleaved"`` where it does not
-    apply."""
+    :func:`planes_apply`, else ``"interleaved"``; ``"planes"``/``"planes_fma"`` fall back to ``"interleaved"`` where
+    they do not apply."""
     v = VARIANT if variant is None else variant
     if v not in VARIANTS + ("auto",):
         raise ValueError(f"variant={v!r} is out of range: choose one of {VARIANTS + ('auto',)}")
-    if v == "interleaved" or not planes_apply(d, dv, bits, group_size):
+    if v == "interleaved" or not planes_apply(d, dv, bits, group_size, dot=v != "planes_fma"):
         return "interleaved"
-    return "planes"
+    return "planes_fma" if v == "planes_fma" else "planes"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -524,7 +546,7 @@ def _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, 
         raise ValueError(f"the fused KIVI kernel cannot run: {why}")
     var = choose_variant(d, dv, bits, group_size, variant)
     if block_n is None:
-        block_n = BLOCK_N_PLANES if var == "planes" else BLOCK_N
+        block_n = BLOCK_N if var == "interleaved" else BLOCK_N_PLANES
     num_warps = NUM_WARPS if num_warps is None else num_warps
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two >= 16")
@@ -540,8 +562,11 @@ def _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, 
         G=g, D=d, DV=dv, BITS=bits, GS=group_size, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_PK=block_pk, BLOCK_PV=block_pv, BLOCK_N=block_n, HAS_GID=has_gid,
         PRECISION="ieee" if dtype == torch.float32 or upcast else None, UPCAST=upcast, num_warps=num_warps)
-    if var == "planes":
+    if var != "interleaved":
         kw["ONE_GROUP"] = not has_gid and group_size % block_n == 0
+        kw["DOT"] = var == "planes"
+        if var == "planes_fma":  # no tensor-core product: the query heads are not padded to 16 rows
+            kw["BLOCK_G"] = triton.next_power_of_2(g)
         return _split_kernel_planes, splits, split_len, kw
     pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
     kw.update(EVEN_K=block_pk * per == d, EVEN_V=block_pv * per == dv,
