@@ -251,7 +251,9 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
     """The kernels alone on random storage of the model's shape (``context - 128`` quantised tokens, 2 and 4 bits,
     group 32): for each (variant, tokens per block, warps, programs per SM) of ``configs`` (4 bits: the first
     config of each variant only), ms per call of :func:`kivi_triton.decode_state` (split kernel + reduction) and of
-    :func:`kivi_triton.decode_attend` (split kernel + finishing kernel over a 144-token bf16 residual), and the bytes
+    :func:`kivi_triton.decode_attend` (split kernel + finishing kernel over a 144-token bf16 residual; ``attend``: two
+    launches, ``attend_1launch``: one, the last split program finishing; ``max_abs_diff_*`` against the first
+    config's output on the same inputs), and the bytes
     the quantised part must read (codes, scales, zeros; ``GB_per_s``) per second; ``config_auto`` marks what
     the defaults pick."""
     from squeezekv.channel import kivi_triton as kt
@@ -276,6 +278,7 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
             store = (q, kc, vc, ks, kz, vs, vz, None)
             auto = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, None, None, None,
                                      None)
+            ref = None
             for variant, block_n, warps, pps in todo:
                 opts = dict(block_n=block_n, num_warps=warps, variant=variant, programs_per_sm=pps)
                 splits = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, block_n, warps,
@@ -285,8 +288,12 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
                       "config_auto": (variant == kt.choose_variant(d, d, bits, gs) and block_n == auto[3]["BLOCK_N"]
                                       and warps == auto[3]["num_warps"] and splits == auto[1]
                                       and pps == kt.PROGRAMS_PER_SM)}
-                for name, call in (("state", lambda: kt.decode_state(*store, bits, gs, d ** -0.5, **opts)),
-                                   ("attend", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5, **opts))):
+                for name, call in (
+                        ("state", lambda: kt.decode_state(*store, bits, gs, d ** -0.5, **opts)),
+                        ("attend", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5, one_launch=False,
+                                                            **opts)),
+                        ("attend_1launch", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5,
+                                                                    one_launch=True, **opts))):
                     try:
                         call()
                         ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
@@ -295,6 +302,10 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
                         continue
                     r_[f"ms_{name}"] = ms
                     r_[f"GB_per_s_{name}"] = nbytes / ms / 1e6
+                    if name != "state":  # against the first config's two-launch output (same inputs)
+                        o = call().float()
+                        ref = o if ref is None else ref
+                        r_[f"max_abs_diff_{name}"] = (o - ref).abs().max().item()
                 r_["ms"], r_["GB_per_s"] = r_.get("ms_state"), r_.get("GB_per_s_state")
                 out.append(r_)
                 print("sweep", json.dumps(r_), flush=True)
@@ -317,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernel-variant", default=None, help="split-kernel variant of the fused kernel "
                     "(interleaved / planes / auto)")
     ap.add_argument("--programs-per-sm", type=int, default=None, help="split heuristic of the fused kernel")
+    ap.add_argument("--one-launch", type=int, default=None, choices=(0, 1),
+                    help="fused decoding in one kernel launch (1) or two (0)")
     ap.add_argument("--sweep-batches", default="1,16,64", help="batches of the kernel sweep")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=16)
@@ -368,11 +381,13 @@ def main(argv: list[str] | None = None) -> None:
         kivi_triton.BLOCK_N_PLANES = args.kernel_block_n or kivi_triton.BLOCK_N_PLANES
         kivi_triton.VARIANT = args.kernel_variant or kivi_triton.VARIANT
         kivi_triton.PROGRAMS_PER_SM = args.programs_per_sm or kivi_triton.PROGRAMS_PER_SM
+        if args.one_launch is not None:
+            kivi_triton.ONE_LAUNCH = bool(args.one_launch)
         cfgm = cfg["model"]
         report["kernel_defaults"] = {
             "block_n": kivi_triton.BLOCK_N, "block_n_planes": kivi_triton.BLOCK_N_PLANES,
             "num_warps": kivi_triton.NUM_WARPS, "variant": kivi_triton.VARIANT,
-            "programs_per_sm": kivi_triton.PROGRAMS_PER_SM,
+            "programs_per_sm": kivi_triton.PROGRAMS_PER_SM, "one_launch": kivi_triton.ONE_LAUNCH,
             "variant_used": {bits: kivi_triton.choose_variant(cfgm["head_dim"], cfgm["head_dim"], bits, 32)
                              for bits in (2, 4)}}
     if not args.no_check and fused_unavailable("kivi2-fused", args.device) is None:

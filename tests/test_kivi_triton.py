@@ -158,9 +158,10 @@ def test_fused_residual_output_equals_reference(kt, bits, d, g, with_gid, dtype,
     ref_state = _state_reference(*st, bits, gs, 0.125)
     kbuf = torch.randn(b, h, 48, d, generator=gen).to(dtype)
     vbuf = torch.randn(b, h, d, 48, generator=gen).to(dtype)
-    for r in (0, 1, 16, 39):
+    for r in (0, 1, 16, 39):  # odd lengths in the one-launch mode (the last split program finishes its row)
         rk, rv = kbuf[:, :, 5:5 + r], vbuf[:, :, :, 2:2 + r].transpose(2, 3)  # [B, H, r, D] views
-        out = kt.decode_attend(*st, rk, rv, bits, gs, 0.125, splits=2, variant=variant)
+        out = kt.decode_attend(*st, rk, rv, bits, gs, 0.125, splits=2, variant=variant, one_launch=r % 2 == 1)
+        assert not kt._counters(torch.device("cpu"), 4)[:4].any()  # arrival counters reset for the next call
         assert out.dtype == dtype and out.shape == (b, h, g, d)
         ref = _with_residual(ref_state, st[0], rk, rv, 0.125)
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # + the output's rounding to half precision
@@ -314,20 +315,25 @@ def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_
     for r in (0, 1, 128, 159):  # residual lengths up to residual + group - 1 (defaults 128, 32)
         rk, rv = kbuf[:, :, 7:7 + r], vbuf[:, :, :, 3:3 + r].transpose(2, 3)
         rk_dev, rv_dev = kbuf_dev[:, :, 7:7 + r], vbuf_dev[:, :, :, 3:3 + r].transpose(2, 3)  # strided views
-        out = kt_gpu.decode_attend(*dev, rk_dev, rv_dev, bits, gs, 0.125, variant=variant)
         ref = _with_residual((rm, rs, racc), cpu[0], rk, rv, 0.125)
-        torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol, msg=f"residual length {r}")
+        for one_launch in (False, True):
+            out = kt_gpu.decode_attend(*dev, rk_dev, rv_dev, bits, gs, 0.125, variant=variant, one_launch=one_launch)
+            torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol,
+                                       msg=f"residual length {r}, one launch {one_launch}")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("variant", ["interleaved", "planes", "planes_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, monkeypatch, dtype, variant):
+def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, monkeypatch, dtype, variant,
+                                                         one_launch):
     """KIVILayer.attend with the kernel (quantised part and residual fused, output in the query's dtype) against the
     PyTorch reference path (kernel state + torch residual merge, and kernel='torch'), decoding step by step so the
     residual runs through 16..47 tokens, with and without group ids."""
     monkeypatch.setattr(kt_gpu, "VARIANT", variant)
+    monkeypatch.setattr(kt_gpu, "ONE_LAUNCH", one_launch)
     model = make_model("llama", layers=2, hidden_size=256, head_dim=128, num_attention_heads=4,
                        num_key_value_heads=1).to("cuda", dtype)
     for policy in ("window", "h2o"):

@@ -69,6 +69,9 @@ VARIANTS = ("interleaved", "planes", "planes_fma")
 VARIANT = "auto"
 #: residual tokens per step of the finishing kernel
 BLOCK_R = 16
+#: decode_attend in one launch: the last split program of each (row, KV head) merges the splits and the residual
+#: (arrival counter, atomics), instead of a second kernel (default off until measured on a GPU)
+ONE_LAUNCH = False
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132  # H100/H200
@@ -109,6 +112,9 @@ def _split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, KEY_ROWS: tl.constexpr, VALUE_ROWS: tl.constexpr,
+    RK=None, RV=None, OUT=None, CNT=None, r=0, srk_b=0, srk_h=0, srk_n=0, srv_b=0, srv_h=0, srv_n=0,
+    FINISH: tl.constexpr = False, BLOCK_D_F: tl.constexpr = 16, BLOCK_DV_F: tl.constexpr = 16,
+    BLOCK_R: tl.constexpr = 16,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     BLOCK_D: tl.constexpr = BLOCK_PK * PER
@@ -219,6 +225,9 @@ def _split_kernel(
     tl.store(MO + row, m_i, mask=gmask)
     tl.store(LO + row, l_i, mask=gmask)
     tl.store(AO + row[:, None] * DV + offs_dv[None, :], acc, mask=gmask[:, None] & dvmask[None, :])
+    if FINISH:
+        _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, pid_bh,
+                       n_split, b, h, G, D, DV, BLOCK_D_F, BLOCK_DV_F, BLOCK_R)
 
 
 @triton.jit
@@ -306,6 +315,9 @@ def _split_kernel_planes(
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_GROUP: tl.constexpr,
     DOT: tl.constexpr,
+    RK=None, RV=None, OUT=None, CNT=None, r=0, srk_b=0, srk_h=0, srk_n=0, srv_b=0, srv_h=0, srv_n=0,
+    FINISH: tl.constexpr = False, BLOCK_D_F: tl.constexpr = 16, BLOCK_DV_F: tl.constexpr = 16,
+    BLOCK_R: tl.constexpr = 16,
 ):
     # the "planes" variant: bit plane I of a byte row holds channels j * PER + I (j = byte); each plane is its own
     # [BLOCK_N, D / PER] operand (a dot over D / PER channels per plane, PER dots summed), so the codes are never
@@ -415,21 +427,19 @@ def _split_kernel_planes(
     if PER > 2:
         tl.store(a_ptr + 2, acc2, mask=amask)
         tl.store(a_ptr + 3, acc3, mask=amask)
+    if FINISH:
+        _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, pid_bh,
+                       n_split, b, h, G, D, DV, BLOCK_D_F, BLOCK_DV_F, BLOCK_R)
 
 
 @triton.jit
-def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
-                   srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, H,
-                   G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    # one program per (row, KV head, query head of the group): merge the S splits (as _reduce_kernel), then attend to
-    # the r full-precision residual tokens (keys RK / values RV [B, H, r, D], any strides with a unit last stride)
-    # with the same online softmax, and store the normalised output in the output's dtype
-    pid = tl.program_id(0)
-    bh = pid // G
-    g = pid % G
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+def _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, bh, g, b, h,
+                G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as _reduce_kernel), then attend to the
+    r full-precision residual tokens (keys RK / values RV [B, H, r, D], any strides with a unit last stride) with
+    the same online softmax, and store the normalised output in the output's dtype. The split states are loaded
+    through L2 only (``.cg``): in the one-launch mode other programs wrote them during this kernel."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -440,20 +450,23 @@ def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
     m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for s0 in range(0, S, BLOCK_S):
         smask = s0 + offs_s < S
-        m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf")))
+        m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf"),
+                                          cache_modifier=".cg"))
     m_i = tl.max(m_max, 0)
     l_vec = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([BLOCK_DV], tl.float32)
     for s0 in range(0, S, BLOCK_S):
         smask = s0 + offs_s < S
         row = (base + s0 + offs_s) * G + g
-        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf")) - m_i)
-        l_vec += tl.load(LO + row, mask=smask, other=0.0) * w
-        a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & dvmask[None, :], other=0.0)
+        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf"), cache_modifier=".cg") - m_i)
+        l_vec += tl.load(LO + row, mask=smask, other=0.0, cache_modifier=".cg") * w
+        a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & dvmask[None, :], other=0.0,
+                    cache_modifier=".cg")
         acc += tl.sum(a * w[:, None], 0)
     l_i = tl.sum(l_vec, 0)
     # the residual: logits by a broadcast product + reduction over D (one query head: no padded tl.dot)
-    q = tl.load(Q + pid.to(tl.int64) * D + offs_d, mask=dmask, other=0.0)
+    qrow = bh.to(tl.int64) * G + g
+    q = tl.load(Q + qrow * D + offs_d, mask=dmask, other=0.0)
     qf = q.to(tl.float32)
     rk_ptr = RK + b * srk_b + h * srk_h
     rv_ptr = RV + b * srv_b + h * srv_h
@@ -473,7 +486,35 @@ def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
         acc = acc * alpha + tl.sum(pw[:, None] * v.to(tl.float32), 0)
         m_i = m_new
     out = acc / l_i
-    tl.store(OUT + pid.to(tl.int64) * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dvmask)
+    tl.store(OUT + qrow * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dvmask)
+
+
+@triton.jit
+def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
+                   srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, H,
+                   G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    # one program per (row, KV head, query head of the group)
+    pid = tl.program_id(0)
+    bh = pid // G
+    g = pid % G
+    _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, bh, g,
+                (bh // H).to(tl.int64), (bh % H).to(tl.int64), G, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_R)
+
+
+@triton.jit
+def _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
+                   pid_bh, n_split, b, h, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One-launch mode: after a split program stored its state, it counts itself in ``CNT[bh]``; the last of the
+    (row, KV head)'s programs resets the counter (for the next call) and finishes all G query heads."""
+    tl.debug_barrier()  # every thread's stores of this program issued before the release below
+    done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
+    if done == n_split - 1:
+        tl.store(CNT + pid_bh, 0)
+        for g in range(G):
+            _finish_row(MO, LO, AO, Q, RK, RV, OUT, n_split, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
+                        pid_bh, g, b, h, G, D, DV, 16, BLOCK_D, BLOCK_DV, BLOCK_R)
 
 
 @functools.lru_cache(maxsize=None)
@@ -576,7 +617,7 @@ def _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, 
 
 
 def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits,
-                    block_n, num_warps, variant, programs_per_sm, plan=None):
+                    block_n, num_warps, variant, programs_per_sm, plan=None, finish=None):
     """Launch the split kernel: float32 partial states ``(max, sum [B*H, S, G], acc [B*H, S, G, Dv])`` (one
     allocation). ``plan``: a dict the caller keeps between calls (e.g. one per layer); the launch's scalar arguments
     are kept there (with weak references to the storage tensors) and reused while the same tensors come back, so a
@@ -616,8 +657,9 @@ def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, g
     m_part, l_part = part[:bh * splits * g].view(bh, splits, g), part[n_ml:n_ml + bh * splits * g].view(bh, splits, g)
     a_part = part[2 * n_ml:].view(bh, splits, g, dv)
     kc, vc, ks, kz, vs, vz, gid = store
+    extra = {} if finish is None else finish(bh)  # one-launch mode: the residual and output arguments
     kernel[(bh, splits)](q, kc, vc, ks, kz, vs, vz, kc if gid is None else gid, m_part, l_part, a_part, *grid_args,
-                         **kw)
+                         **kw, **extra)
     return m_part, l_part, a_part, splits
 
 
@@ -688,6 +730,7 @@ def decode_attend(
     variant: str | None = None,
     programs_per_sm: int | None = None,
     plan: dict[str, Any] | None = None,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """Attention output ``[B, H, G, Dv]`` (``q``'s dtype) of one query token per query head over ``nq`` quantised
     positions and then the ``r`` full-precision residual positions ``rkeys``/``rvalues`` ``[B, H, r, D]`` / ``[B, H,
@@ -702,14 +745,36 @@ def decode_attend(
                          f"{tuple(q.shape)} and value head dimension {dv}")
     q = q.contiguous()
     rkeys, rvalues = _rows(rkeys), _rows(rvalues)
+    out = torch.empty((b, h, g, dv), device=q.device, dtype=q.dtype)
+    blocks = dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv), BLOCK_R=BLOCK_R)
+    res_args = (r, *rkeys.stride()[:3], *rvalues.stride()[:3])
+    if ONE_LAUNCH if one_launch is None else one_launch:
+        def finish(bh: int) -> dict[str, Any]:
+            return dict(RK=rkeys, RV=rvalues, OUT=out, CNT=_counters(q.device, bh), r=r,
+                        srk_b=res_args[1], srk_h=res_args[2], srk_n=res_args[3], srv_b=res_args[4],
+                        srv_h=res_args[5], srv_n=res_args[6], FINISH=True, BLOCK_D_F=blocks["BLOCK_D"],
+                        BLOCK_DV_F=blocks["BLOCK_DV"], BLOCK_R=BLOCK_R)
+
+        _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits,
+                        block_n, num_warps, variant, programs_per_sm, plan, finish)
+        return out
     m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
                                                      group_size, scaling, splits, block_n, num_warps, variant,
                                                      programs_per_sm, plan)
-    out = torch.empty((b, h, g, dv), device=q.device, dtype=q.dtype)
     _finish_kernel[(b * h * g,)](
-        m_part, l_part, a_part, q, rkeys, rvalues, out, splits, r, float(scaling),
-        *rkeys.stride()[:3], *rvalues.stride()[:3], h,
-        G=g, D=d, DV=dv, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
-        BLOCK_R=BLOCK_R, num_warps=4,
+        m_part, l_part, a_part, q, rkeys, rvalues, out, splits, res_args[0], float(scaling), *res_args[1:], h,
+        G=g, D=d, DV=dv, BLOCK_S=16, num_warps=4, **blocks,
     )
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 zeros on ``device`` for the one-launch mode's arrival counters (each reset to 0 by the program
+    that finishes its (row, KV head), so one zeroed buffer per device serves every call; launches on one stream)."""
+    t = _COUNTERS.get(device)
+    if t is None or t.numel() < n:
+        t = _COUNTERS[device] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return t
