@@ -36,7 +36,9 @@ callers that merge more positions themselves); :func:`decode_attend` (what a KIV
 the ``r`` full-precision residual tokens (keys/values ``[B, H, r, D]`` in the model's dtype, strided views of the
 layer's buffers) in the same kernel — one program per (row, KV head, query head), the residual's logits by a
 broadcast product and reduction over ``D`` — and writes the normalised output ``[B, H, G, Dv]`` in the query's dtype,
-so a decoding step runs two kernel launches and no PyTorch operation on the residual. The number of splits is chosen
+so a decoding step runs two kernel launches and no PyTorch operation on the residual. With :data:`ONE_LAUNCH` (or
+``one_launch=True``) it is one launch: the last split program of each (row, KV head) to finish (an atomic arrival
+counter, reset by that program) does the merge and the residual itself. The number of splits is chosen
 for about :data:`PROGRAMS_PER_SM` programs per multiprocessor (:func:`choose_splits`).
 
 Numerics follow the reference: dequantised keys/values and the softmax weights are cast to the query's dtype before
@@ -736,7 +738,10 @@ def decode_attend(
     positions and then the ``r`` full-precision residual positions ``rkeys``/``rvalues`` ``[B, H, r, D]`` / ``[B, H,
     r, Dv]`` (float32/bfloat16/float16, any strides with a unit last stride; ``r`` may be 0). The quantised part as in
     :func:`decode_state` (same arguments); the second kernel merges the splits, attends to the residual with the same
-    online softmax and writes the normalised output: no PyTorch operation runs on the residual."""
+    online softmax and writes the normalised output: no PyTorch operation runs on the residual. ``one_launch``
+    (default :data:`ONE_LAUNCH`): no second kernel — each split program counts itself in a per-(row, KV head)
+    arrival counter (an atomic add after its state is stored) and the last one merges the splits and the residual
+    for all ``G`` query heads, then resets the counter; calls must then be ordered (one CUDA stream)."""
     b, h, g, d = q.shape
     dv = vcode.shape[-1] * 8 // bits
     r = rkeys.shape[2]
