@@ -3,6 +3,7 @@ randomly initialised Llama-3.1-8B-shaped model in bf16 (weights do not matter fo
 
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu        # CUDA, ~3 min
     python benchmarks/channel_throughput.py --config benchmarks/tiny_config.json --device cpu --out /tmp/ch  # check
+    # issue 8 (one GPU call, < 4 min: check, kernel sweep, decode): bash benchmarks/device_run.sh session8
     # the fused Triton kernel vs the PyTorch reference path:
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused --batches 1,16,64 --only decode
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused_maxbatch --only maxbatch \
@@ -22,9 +23,14 @@ Methods (each figure next to the full cache's from the same run):
 skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
 (``check``): the fused attention output vs the reference path's, for 2 and 4 bits, with and without per-token group
 ids (after a random eviction of quantised tokens), max abs difference recorded; it also times one layer's attention
-over the quantised cache both ways (``check[..]["ms_torch"]``, ``["ms_fused"]``), and the kernel alone on random
-2-bit storage of the model's shape at batch 1 and 64 for a few block sizes / warp counts (``kernel_sweep``: ms per
-call and GB/s of packed codes, scales and zeros read).
+over the quantised cache three ways (``check[..]["ms_torch"]``: reference path; ``["ms_fused"]``: quantised part
+and residual in the kernels; ``["ms_fused_state_torch_residual"]``: the kernel's state + the residual merged in
+PyTorch, the path before the residual was fused), and the kernels alone on random 2- and 4-bit storage of the
+model's shape at batches 1, 16 and 64 for every split-kernel variant and a few block sizes / warp counts / split
+heuristics (``kernel_sweep``: ms per call and GB/s of packed codes, scales and zeros read, for the quantised state
+alone and for the fused output in two launches or one; ``config_auto`` marks the defaults' choice).
+``--kernel-variant``, ``--kernel-block-n``, ``--kernel-warps``, ``--programs-per-sm`` and ``--one-launch`` set the
+kernel's defaults for the decode runs (recorded under ``kernel_defaults``).
 
 The caches are filled directly with random keys/values of the right shapes, as they stand right after the prompt's
 compression (KIVI layers quantise what they hold through their own ``flush``, chunk by chunk), then ``steps`` greedy

@@ -691,8 +691,9 @@ def decode_state(
     ``[B, H, nq, Dv/group_size]``; ``kgid`` ``[B, H, nq]`` or None (group ``p // group_size``). ``splits``: number
     of token splits (default: :func:`choose_splits` with ``programs_per_sm``); ``block_n``/``num_warps``: tokens
     per block and warps per program of the split kernel (default: :data:`BLOCK_N` (:data:`BLOCK_N_PLANES` for the
-    planes variant) / :data:`NUM_WARPS`); ``variant``: the split kernel (:func:`choose_variant`); ``plan``: a dict kept by the caller between
-    calls (launch arguments reused while the same storage tensors come back). Returns float32
+    planes variants) / :data:`NUM_WARPS`); ``variant``: the split kernel (:func:`choose_variant`); ``plan``: a dict
+    kept by the caller between calls (launch arguments reused while the same storage tensors come back). Returns
+    float32
     ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and
     ``sum = sum_p exp(logit_p - max)``."""
     b, h, g, _ = q.shape
