@@ -16,6 +16,7 @@ Methods (each figure next to the full cache's from the same run):
 * ``kivi2-fused``: the same storage, decoded with the fused Triton kernel (``kernel="triton"``,
   :mod:`squeezekv.channel.kivi_triton`);
 * ``kivi4-fused``: KIVI 4-bit with the fused kernel;
+* ``kivi2-fused-1launch``: ``kivi2-fused`` with the kernel's one-launch mode (``kivi_triton.ONE_LAUNCH``);
 * ``snapkv0.3``: SnapKV keeping 30% of the context (eviction alone);
 * ``snapkv0.3+kivi2``/``snapkv0.3+kivi2-fused``: the same survivors stored with KIVI 2-bit (reference path / kernel).
 
@@ -70,6 +71,7 @@ METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "kivi2": ("none", 1.0, KIVI2),
     "kivi2-fused": ("none", 1.0, KIVI2_FUSED),
     "kivi4-fused": ("none", 1.0, KIVI4_FUSED),
+    "kivi2-fused-1launch": ("none", 1.0, KIVI2_FUSED),  # the kernel's one-launch mode (kivi_triton.ONE_LAUNCH)
     "snapkv0.3": ("snapkv", 0.3, None),
     "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
     "snapkv0.3+kivi2-fused": ("snapkv", 0.3, KIVI2_FUSED),
@@ -175,6 +177,15 @@ def make_cache(model: Any, method: str, batch: int, context: int, device: str) -
 @torch.no_grad()
 def decode(model: Any, method: str, batch: int, context: int, steps: int, warmup: int, reps: int,
            device: str) -> dict[str, Any]:
+    if method.endswith("-1launch"):  # the one-launch mode for this run only
+        from squeezekv.channel import kivi_triton
+
+        saved, kivi_triton.ONE_LAUNCH = kivi_triton.ONE_LAUNCH, True
+        try:
+            return decode(model, method[:-len("-1launch")], batch, context, steps, warmup, reps, device) | {
+                "method": method}
+        finally:
+            kivi_triton.ONE_LAUNCH = saved
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     cache = make_cache(model, method, batch, context, device)
@@ -243,10 +254,10 @@ def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probe
 
 #: (variant, tokens per block, warps, programs per multiprocessor) timed by ``kernel_sweep``
 SWEEP_CONFIGS: tuple[tuple[str, int, int, int], ...] = (
-    ("interleaved", 64, 4, 4), ("interleaved", 32, 4, 4), ("interleaved", 64, 8, 4), ("interleaved", 128, 8, 4),
-    ("planes", 32, 4, 4), ("planes", 64, 4, 4), ("planes", 32, 2, 4), ("planes", 16, 2, 4), ("planes", 64, 8, 4),
-    ("planes", 32, 4, 2), ("planes", 32, 4, 8), ("interleaved", 64, 4, 8),
-    ("planes_fma", 32, 4, 4), ("planes_fma", 16, 4, 4), ("planes_fma", 32, 8, 4), ("planes_fma", 64, 8, 4),
+    ("interleaved", 64, 4, 4), ("planes", 32, 4, 4), ("planes_fma", 32, 4, 4),  # the first of each: also 1 launch
+    ("interleaved", 32, 4, 4), ("interleaved", 64, 8, 4), ("interleaved", 64, 4, 8),
+    ("planes", 64, 4, 4), ("planes", 32, 2, 4), ("planes", 32, 4, 2), ("planes", 32, 4, 8),
+    ("planes_fma", 16, 4, 4), ("planes_fma", 32, 8, 4),
 )
 
 
@@ -300,6 +311,9 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
                                                             **opts)),
                         ("attend_1launch", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5,
                                                                     one_launch=True, **opts))):
+                    if name == "attend_1launch" and next(c for c in todo if c[0] == variant) != (
+                            variant, block_n, warps, pps):
+                        continue  # one launch: the first config of each variant only
                     try:
                         call()
                         ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps

@@ -34,8 +34,8 @@ if [ "${1:-}" = session8 ]; then
     PYTHONPATH=/tmp/site:src timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kivi_triton.py \
         -k "(fused_residual_attend and dtype1) or tiny_model" 2>&1 | tail -n 15
     mkdir -p $OUT/decode
-    py 180 benchmarks/channel_throughput.py --out $OUT/decode --batches 1,16,64 --only decode \
-        --methods full,kivi2-fused,kivi4-fused,snapkv0.3+kivi2-fused
+    py 185 benchmarks/channel_throughput.py --out $OUT/decode --batches 1,16,64 --only decode \
+        --methods full,kivi2-fused,kivi4-fused,snapkv0.3+kivi2-fused,kivi2-fused-1launch
     exit 0
 fi
 if [ "${1:-}" = session8t ]; then
