@@ -22,9 +22,12 @@ so a token is either quantised or full precision in K and V alike (this keeps ev
 Keys are quantised as the model caches them, after rotary embedding.
 
 Attention over the quantised tokens (see :mod:`squeezekv.channel.quantized`): the PyTorch reference path
-dequantises one block at a time; decoding steps on a CUDA device use a fused Triton kernel
-(:mod:`squeezekv.channel.kivi_triton`, parameter ``kernel``) that reads the packed codes once, unpacks and
-dequantises them in registers and never writes dequantised keys/values to memory.
+dequantises one block at a time; decoding steps on a CUDA device use fused Triton kernels
+(:mod:`squeezekv.channel.kivi_triton`, parameter ``kernel``) that read the packed codes once, unpack and
+dequantise them in registers, never write dequantised keys/values to memory, and also attend to the full-precision
+residual and write the normalised output (:meth:`KIVILayer.attend`); :meth:`KIVILayer._quantised_state` gives the
+kernel's running state over the quantised part to callers that merge the rest themselves. Whether the kernel can run
+is checked once per layer and (device, dtype, head dimension); its launch arguments are reused between flushes.
 
 Composition with eviction (evict first, quantise the survivors; see :mod:`squeezekv.channel.quantized`): when a
 policy evicts quantised tokens, each kept token keeps its key group through a per-token group id (int16, int32 for
@@ -47,7 +50,6 @@ from .quantized import QuantizedLayer
 
 #: values of :attr:`KIVI.kernel`
 KERNELS = ("auto", "torch", "triton")
-_NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
 _KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
 
 
@@ -177,14 +179,6 @@ class KIVILayer(QuantizedLayer):
             gid = self._gid(pos).expand(b, h, m)[..., None].expand(-1, -1, -1, d)  # [B, H, m, D]
             k = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
         return k, values
-
-    def _kernel_blocker(self, qg: torch.Tensor, mask: torch.Tensor | None) -> str | None:
-        """None if the fused Triton kernel can compute :meth:`_quantised_state` for this call, else why not
-        (:data:`_NOT_DECODING` when only the query shape or mask is the reason)."""
-        why = self._device_blocker(qg.device, qg.dtype, qg.shape[-1])
-        if why is None and (mask is not None or qg.shape[3] != 1):
-            return _NOT_DECODING
-        return why
 
     def _device_blocker(self, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
         """Why the kernel cannot run for queries of this device, dtype and head dimension (None: it can); cached per
