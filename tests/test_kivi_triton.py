@@ -168,6 +168,25 @@ def test_fused_residual_output_equals_reference(kt, bits, d, g, with_gid, dtype,
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"residual length {r}")
 
 
+def test_launch_plan_is_reused_for_the_same_storage_only(kt):
+    """A caller's ``plan`` keeps the launch arguments while the same storage tensors come back (a layer between two
+    flushes) and is rebuilt for new ones (after a flush: other shapes/strides); the outputs stay exact."""
+    gen = torch.Generator().manual_seed(7)
+    st = _random_storage(gen, 2, 64, 2, False, torch.float32, 1, 2, 40)
+    rk, rv = torch.randn(1, 2, 3, 64, generator=gen), torch.randn(1, 2, 3, 64, generator=gen)
+    plan: dict = {}
+    first = kt.decode_attend(*st, rk, rv, 2, 32, 0.125, plan=plan)
+    launch = plan["launch"]
+    again = kt.decode_attend(*st, rk, rv, 2, 32, 0.125, plan=plan)
+    assert plan["launch"] is launch
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    longer = _random_storage(gen, 2, 64, 2, False, torch.float32, 1, 2, 72)
+    out = kt.decode_attend(*longer, rk, rv, 2, 32, 0.125, plan=plan)
+    assert plan["launch"] is not launch and plan["launch"][2][0] == 72  # nq of the new storage
+    ref = _with_residual(_state_reference(*longer, 2, 32, 0.125), longer[0], rk, rv, 0.125)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_variant_choice(kt):
     assert kt.choose_variant(128, 128, 2, 32, "auto") == "planes"
     assert kt.choose_variant(16, 16, 2, 8, "auto") == "interleaved"  # 4 bytes of codes: no tl.dot per plane

@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -626,7 +627,7 @@ def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, g
     decoding step between two flushes skips the stride and layout work."""
     store = (kcode, vcode, kscale, kzero, vscale, vzero, kgid)
     key = (q.shape, q.dtype, q.device, bits, group_size, float(scaling), splits, block_n, num_warps, variant,
-           programs_per_sm)
+           programs_per_sm, VARIANT, BLOCK_N, BLOCK_N_PLANES, NUM_WARPS, PROGRAMS_PER_SM)
     if plan is not None and plan.get("key") == key and all(
             (t is None and r is None) or (r is not None and r() is t) for r, t in zip(plan["refs"], store)):
         kernel, splits, grid_args, kw, sizes = plan["launch"]
@@ -649,8 +650,6 @@ def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, g
         n_ml = -(-b * h * splits * g // 4) * 4  # max and sum blocks rounded to 16 bytes
         sizes = (b * h, splits, g, dv, n_ml)
         if plan is not None and not copied:
-            import weakref
-
             plan["key"] = key
             plan["refs"] = tuple(None if t is None else weakref.ref(t) for t in store)
             plan["launch"] = (kernel, splits, grid_args, kw, sizes)
