@@ -3,6 +3,7 @@ randomly initialised Llama-3.1-8B-shaped model in bf16 (weights do not matter fo
 
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu        # CUDA, ~3 min
     python benchmarks/channel_throughput.py --config benchmarks/tiny_config.json --device cpu --out /tmp/ch  # check
+    # issue 8 (one GPU call, < 4 min: check, kernel sweep, decode): bash benchmarks/device_run.sh session8
     # the fused Triton kernel vs the PyTorch reference path:
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused --batches 1,16,64 --only decode
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_fused_maxbatch --only maxbatch \
@@ -15,6 +16,7 @@ Methods (each figure next to the full cache's from the same run):
 * ``kivi2-fused``: the same storage, decoded with the fused Triton kernel (``kernel="triton"``,
   :mod:`squeezekv.channel.kivi_triton`);
 * ``kivi4-fused``: KIVI 4-bit with the fused kernel;
+* ``kivi2-fused-1launch``: ``kivi2-fused`` with the kernel's one-launch mode (``kivi_triton.ONE_LAUNCH``);
 * ``snapkv0.3``: SnapKV keeping 30% of the context (eviction alone);
 * ``snapkv0.3+kivi2``/``snapkv0.3+kivi2-fused``: the same survivors stored with KIVI 2-bit (reference path / kernel).
 
@@ -22,9 +24,14 @@ Methods (each figure next to the full cache's from the same run):
 skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
 (``check``): the fused attention output vs the reference path's, for 2 and 4 bits, with and without per-token group
 ids (after a random eviction of quantised tokens), max abs difference recorded; it also times one layer's attention
-over the quantised cache both ways (``check[..]["ms_torch"]``, ``["ms_fused"]``), and the kernel alone on random
-2-bit storage of the model's shape at batch 1 and 64 for a few block sizes / warp counts (``kernel_sweep``: ms per
-call and GB/s of packed codes, scales and zeros read).
+over the quantised cache three ways (``check[..]["ms_torch"]``: reference path; ``["ms_fused"]``: quantised part
+and residual in the kernels; ``["ms_fused_state_torch_residual"]``: the kernel's state + the residual merged in
+PyTorch, the path before the residual was fused), and the kernels alone on random 2- and 4-bit storage of the
+model's shape at batches 1, 16 and 64 for every split-kernel variant and a few block sizes / warp counts / split
+heuristics (``kernel_sweep``: ms per call and GB/s of packed codes, scales and zeros read, for the quantised state
+alone and for the fused output in two launches or one; ``config_auto`` marks the defaults' choice).
+``--kernel-variant``, ``--kernel-block-n``, ``--kernel-warps``, ``--programs-per-sm`` and ``--one-launch`` set the
+kernel's defaults for the decode runs (recorded under ``kernel_defaults``).
 
 The caches are filled directly with random keys/values of the right shapes, as they stand right after the prompt's
 compression (KIVI layers quantise what they hold through their own ``flush``, chunk by chunk), then ``steps`` greedy
@@ -64,6 +71,7 @@ METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "kivi2": ("none", 1.0, KIVI2),
     "kivi2-fused": ("none", 1.0, KIVI2_FUSED),
     "kivi4-fused": ("none", 1.0, KIVI4_FUSED),
+    "kivi2-fused-1launch": ("none", 1.0, KIVI2_FUSED),  # the kernel's one-launch mode (kivi_triton.ONE_LAUNCH)
     "snapkv0.3": ("snapkv", 0.3, None),
     "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
     "snapkv0.3+kivi2-fused": ("snapkv", 0.3, KIVI2_FUSED),
@@ -107,12 +115,18 @@ def check_fused(model: Any, device: str, context: int, batch: int = 4, reps: int
                 assert layer.kgid is not None
             res: dict[str, Any] = {"nq": layer.nq}
             outs = {}
-            for kernel in ("torch", "triton"):
+            # torch: reference path; triton: quantised part and residual in the kernels (KIVILayer.attend);
+            # state: the kernel's state + the residual merged in PyTorch (QuantizedLayer.attend, the path before)
+            for kernel, name in (("torch", "torch"), ("triton", "triton"), ("triton", "state")):
                 layer.kernel = kernel
-                outs[kernel] = layer.attend(q, None, None, None, scaling).float()
-                times = timed(lambda: [layer.attend(q, None, None, None, scaling) for _ in range(reps)], 3, device)
-                res["ms_fused" if kernel == "triton" else "ms_torch"] = 1e3 * statistics.median(times) / reps
+                fn = layer.attend if name != "state" else (lambda *a: quantized.QuantizedLayer.attend(layer, *a))
+                outs[name] = fn(q, None, None, None, scaling).float()
+                times = timed(lambda: [fn(q, None, None, None, scaling) for _ in range(reps)], 3, device)
+                res[{"torch": "ms_torch", "triton": "ms_fused", "state": "ms_fused_state_torch_residual"}[name]] = (
+                    1e3 * statistics.median(times) / reps)
             res["max_abs_diff"] = (outs["triton"] - outs["torch"]).abs().max().item()
+            res["max_abs_diff_state_path"] = (outs["state"] - outs["torch"]).abs().max().item()
+            res["residual"] = layer.residual_length
             res["max_abs_out"] = outs["torch"].abs().max().item()
             out[f"{method}/{case}"] = res
             print("check", method, case, json.dumps(res), flush=True)
@@ -163,6 +177,15 @@ def make_cache(model: Any, method: str, batch: int, context: int, device: str) -
 @torch.no_grad()
 def decode(model: Any, method: str, batch: int, context: int, steps: int, warmup: int, reps: int,
            device: str) -> dict[str, Any]:
+    if method.endswith("-1launch"):  # the one-launch mode for this run only
+        from squeezekv.channel import kivi_triton
+
+        saved, kivi_triton.ONE_LAUNCH = kivi_triton.ONE_LAUNCH, True
+        try:
+            return decode(model, method[:-len("-1launch")], batch, context, steps, warmup, reps, device) | {
+                "method": method}
+        finally:
+            kivi_triton.ONE_LAUNCH = saved
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     cache = make_cache(model, method, batch, context, device)
@@ -229,39 +252,85 @@ def max_batch(model: Any, method: str, context: int, probe_steps: int, max_probe
             "kv_bytes_per_seq": per_seq, "estimate": estimate, "tries": tries}
 
 
+#: (variant, tokens per block, warps, programs per multiprocessor) timed by ``kernel_sweep``
+SWEEP_CONFIGS: tuple[tuple[str, int, int, int], ...] = (
+    ("interleaved", 64, 4, 4), ("planes", 32, 4, 4), ("planes_fma", 32, 4, 4),  # the first of each: also 1 launch
+    ("interleaved", 32, 4, 4), ("interleaved", 64, 8, 4), ("interleaved", 64, 4, 8),
+    ("planes", 64, 4, 4), ("planes", 32, 2, 4), ("planes", 32, 4, 2), ("planes", 32, 4, 8),
+    ("planes_fma", 16, 4, 4), ("planes_fma", 32, 8, 4),
+)
+
+
 @torch.no_grad()
-def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 64), reps: int = 50,
-                 configs: tuple[tuple[int, int], ...] = ((64, 4), (32, 4), (64, 8), (128, 8))) -> list[dict[str, Any]]:
-    """The split kernel + reduction alone (:func:`kivi_triton.decode_state`) on random 2-bit storage of the model's
-    shape (``context - 128`` quantised tokens): ms per call and the bytes it must read (codes, scales, zeros) per
-    second, for a few (tokens per block, warps) configurations."""
+def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 16, 64), reps: int = 50,
+                 configs: tuple[tuple[str, int, int, int], ...] = SWEEP_CONFIGS, bits_list: tuple[int, ...] = (2, 4)
+                 ) -> list[dict[str, Any]]:
+    """The kernels alone on random storage of the model's shape (``context - 128`` quantised tokens, 2 and 4 bits,
+    group 32): for each (variant, tokens per block, warps, programs per SM) of ``configs`` (4 bits: the first
+    config of each variant only), ms per call of :func:`kivi_triton.decode_state` (split kernel + reduction) and of
+    :func:`kivi_triton.decode_attend` (split kernel + finishing kernel over a 144-token bf16 residual; ``attend``: two
+    launches, ``attend_1launch``: one, the last split program finishing; ``max_abs_diff_*`` against the first
+    config's output on the same inputs), and the bytes
+    the quantised part must read (codes, scales, zeros; ``GB_per_s``) per second; ``config_auto`` marks what
+    the defaults pick."""
     from squeezekv.channel import kivi_triton as kt
 
     h, d, g = cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
     dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
-    bits, gs, nq = 2, 32, max(32, (context - 128) // 32 * 32)
+    gs, nq, r = 32, max(32, (context - 128) // 32 * 32), 144
     out = []
-    for b in batches:
-        kc = torch.randint(0, 256, (b, h, nq, d * bits // 8), device=device, dtype=torch.uint8)
-        vc = torch.randint_like(kc, 0, 256)
-        ks = torch.rand(b, h, nq // gs, d, device=device, dtype=dtype)
-        kz = torch.randn_like(ks)
-        vs = torch.rand(b, h, nq, d // gs, device=device, dtype=dtype)
-        vz = torch.randn_like(vs)
-        q = torch.randn(b, h, g, d, device=device, dtype=dtype)
-        nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
-        for block_n, warps in configs:
-            def call() -> None:
-                kt.decode_state(q, kc, vc, ks, kz, vs, vz, None, bits, gs, d ** -0.5, block_n=block_n,
-                                num_warps=warps)
-            call()
-            ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
-            r = {"batch": b, "nq": nq, "block_n": block_n, "num_warps": warps, "ms": ms, "read_bytes": nbytes,
-                 "GB_per_s": nbytes / ms / 1e6}
-            out.append(r)
-            print("sweep", json.dumps(r), flush=True)
-        del kc, vc, ks, kz, vs, vz
-        free(device)
+    for bits in bits_list:
+        todo = configs if bits == 2 else tuple({c[0]: c for c in reversed(configs)}.values())
+        for b in batches:
+            kc = torch.randint(0, 256, (b, h, nq, d * bits // 8), device=device, dtype=torch.uint8)
+            vc = torch.randint_like(kc, 0, 256)
+            ks = torch.rand(b, h, nq // gs, d, device=device, dtype=dtype)
+            kz = torch.randn_like(ks)
+            vs = torch.rand(b, h, nq, d // gs, device=device, dtype=dtype)
+            vz = torch.randn_like(vs)
+            q = torch.randn(b, h, g, d, device=device, dtype=dtype)
+            rk = torch.randn(b, h, r, d, device=device, dtype=dtype)
+            rv = torch.randn_like(rk)
+            nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
+            store = (q, kc, vc, ks, kz, vs, vz, None)
+            auto = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, None, None, None,
+                                     None)
+            ref = None
+            for variant, block_n, warps, pps in todo:
+                opts = dict(block_n=block_n, num_warps=warps, variant=variant, programs_per_sm=pps)
+                splits = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, block_n, warps,
+                                           variant, pps)[1]
+                r_ = {"bits": bits, "batch": b, "nq": nq, "variant": variant, "block_n": block_n, "num_warps": warps,
+                      "programs_per_sm": pps, "splits": splits, "read_bytes": nbytes,
+                      "config_auto": (variant == kt.choose_variant(d, d, bits, gs) and block_n == auto[3]["BLOCK_N"]
+                                      and warps == auto[3]["num_warps"] and splits == auto[1]
+                                      and pps == kt.PROGRAMS_PER_SM)}
+                for name, call in (
+                        ("state", lambda: kt.decode_state(*store, bits, gs, d ** -0.5, **opts)),
+                        ("attend", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5, one_launch=False,
+                                                            **opts)),
+                        ("attend_1launch", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5,
+                                                                    one_launch=True, **opts))):
+                    if name == "attend_1launch" and next(c for c in todo if c[0] == variant) != (
+                            variant, block_n, warps, pps):
+                        continue  # one launch: the first config of each variant only
+                    try:
+                        call()
+                        ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
+                    except Exception as e:  # a config that does not compile: recorded, the sweep goes on
+                        r_[f"error_{name}"] = f"{type(e).__name__}: {e}"[:300]
+                        continue
+                    r_[f"ms_{name}"] = ms
+                    r_[f"GB_per_s_{name}"] = nbytes / ms / 1e6
+                    if name != "state":  # against the first config's two-launch output (same inputs)
+                        o = call().float()
+                        ref = o if ref is None else ref
+                        r_[f"max_abs_diff_{name}"] = (o - ref).abs().max().item()
+                r_["ms"], r_["GB_per_s"] = r_.get("ms_state"), r_.get("GB_per_s_state")
+                out.append(r_)
+                print("sweep", json.dumps(r_), flush=True)
+            del kc, vc, ks, kz, vs, vz, rk, rv
+            free(device)
     return out
 
 
@@ -276,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference check of a GPU run")
     ap.add_argument("--kernel-block-n", type=int, default=None, help="tokens per block of the fused kernel")
     ap.add_argument("--kernel-warps", type=int, default=None, help="warps per program of the fused kernel")
+    ap.add_argument("--kernel-variant", default=None, help="split-kernel variant of the fused kernel "
+                    "(interleaved / planes / auto)")
+    ap.add_argument("--programs-per-sm", type=int, default=None, help="split heuristic of the fused kernel")
+    ap.add_argument("--one-launch", type=int, default=None, choices=(0, 1),
+                    help="fused decoding in one kernel launch (1) or two (0)")
+    ap.add_argument("--sweep-batches", default="1,16,64", help="batches of the kernel sweep")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
@@ -323,11 +398,23 @@ def main(argv: list[str] | None = None) -> None:
 
         kivi_triton.BLOCK_N = args.kernel_block_n or kivi_triton.BLOCK_N
         kivi_triton.NUM_WARPS = args.kernel_warps or kivi_triton.NUM_WARPS
-        report["kernel_defaults"] = {"block_n": kivi_triton.BLOCK_N, "num_warps": kivi_triton.NUM_WARPS}
+        kivi_triton.BLOCK_N_PLANES = args.kernel_block_n or kivi_triton.BLOCK_N_PLANES
+        kivi_triton.VARIANT = args.kernel_variant or kivi_triton.VARIANT
+        kivi_triton.PROGRAMS_PER_SM = args.programs_per_sm or kivi_triton.PROGRAMS_PER_SM
+        if args.one_launch is not None:
+            kivi_triton.ONE_LAUNCH = bool(args.one_launch)
+        cfgm = cfg["model"]
+        report["kernel_defaults"] = {
+            "block_n": kivi_triton.BLOCK_N, "block_n_planes": kivi_triton.BLOCK_N_PLANES,
+            "num_warps": kivi_triton.NUM_WARPS, "variant": kivi_triton.VARIANT,
+            "programs_per_sm": kivi_triton.PROGRAMS_PER_SM, "one_launch": kivi_triton.ONE_LAUNCH,
+            "variant_used": {bits: kivi_triton.choose_variant(cfgm["head_dim"], cfgm["head_dim"], bits, 32)
+                             for bits in (2, 4)}}
     if not args.no_check and fused_unavailable("kivi2-fused", args.device) is None:
         report["check"] = check_fused(model, args.device, min(args.context, 4096))
         save()
-        report["kernel_sweep"] = sweep_kernel(cfg["model"] | {"dtype": cfg["dtype"]}, args.device, args.context)
+        report["kernel_sweep"] = sweep_kernel(cfg["model"] | {"dtype": cfg["dtype"]}, args.device, args.context,
+                                              tuple(int(x) for x in args.sweep_batches.split(",")))
         save()
     if "decode" in parts:
         for b in [int(x) for x in args.batches.split(",")]:

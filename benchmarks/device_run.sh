@@ -27,6 +27,23 @@ if [ "${1:-}" = session7 ]; then
         --methods full,kivi2,kivi2-fused,kivi4-fused,snapkv0.3,snapkv0.3+kivi2,snapkv0.3+kivi2-fused
     exit 0
 fi
+if [ "${1:-}" = session8 ]; then
+    # issue 8, faster fused KIVI decoding (one call, < 4 min): GPU tests of the fused residual (bf16, all three
+    # variants) and tiny-model decoding, then the check (fused vs state+torch-residual vs torch path), the kernel
+    # sweep (variants x block/warps x programs per SM at batches 1/16/64, 2 and 4 bits) and decode at 1/16/64
+    PYTHONPATH=/tmp/site:src timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kivi_triton.py \
+        -k "(fused_residual_attend and dtype1) or tiny_model" 2>&1 | tail -n 15
+    mkdir -p $OUT/decode
+    py 185 benchmarks/channel_throughput.py --out $OUT/decode --batches 1,16,64 --only decode \
+        --methods full,kivi2-fused,kivi4-fused,snapkv0.3+kivi2-fused,kivi2-fused-1launch
+    exit 0
+fi
+if [ "${1:-}" = session8t ]; then
+    # issue 8: the whole GPU test file (all variants, dtypes, residual lengths; several minutes of compiling)
+    PYTHONPATH=/tmp/site:src timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kivi_triton.py \
+        2>&1 | tail -n 25
+    exit 0
+fi
 if [ "${1:-}" = session7mb ]; then
     mkdir -p $OUT/maxbatch
     py 500 benchmarks/channel_throughput.py --out $OUT/maxbatch --only maxbatch --no-check --max-probes 5 \

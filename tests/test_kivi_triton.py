@@ -82,21 +82,8 @@ def _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, scaling):
     return m, p.sum(-1), torch.einsum("bhgn,bhnd->bhgd", p, values)
 
 
-@pytest.mark.parametrize("bits,d,g,with_gid,splits,block_n,dtype", [
-    (2, 64, 1, False, 1, 64, torch.float32),  # group rows loaded once (block a multiple of the group)
-    (2, 128, 4, True, 3, 16, torch.float32),  # group ids
-    (4, 64, 3, True, None, 32, torch.float32),
-    (4, 128, 1, False, 2, 16, torch.float32),  # block smaller than a group: per-token group rows
-    (2, 96, 2, False, 2, 64, torch.float32),  # channels padded to a power of 2, 3 value groups
-    (2, 64, 3, False, 4, 32, torch.bfloat16),
-    (4, 64, 4, True, None, 16, torch.float16),
-    (2, 64, 2, True, 19, 16, torch.float32),  # more splits than the reduction reads at once (nq 300 here)
-])
-def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype):
-    """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
-    the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
-    gen = torch.Generator().manual_seed(bits * d + g)
-    b, h, nq, gs = 2, 2, (300 if splits == 19 else 77), 32
+def _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq, gs=32):
+    """Random packed KIVI storage and queries: (q, kcode, vcode, kscale, kzero, vscale, vzero, kgid or None)."""
     ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
     codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
     kc, vc = pack(codes[0], bits), pack(codes[1], bits)
@@ -106,18 +93,117 @@ def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, spl
     vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
     gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
     q = torch.randn(b, h, g, d, generator=gen).to(dtype)
-    m, s, acc = kt.decode_state(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, 0.125, splits=splits, block_n=block_n)
-    rm, rs, racc = _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, 0.125)
+    return q, kc, vc, ks, kz, vs, vz, gid
+
+
+@pytest.mark.parametrize("bits,d,g,with_gid,splits,block_n,dtype,variant", [
+    (2, 64, 1, False, 1, 64, torch.float32, "interleaved"),  # group rows loaded once (block a multiple of the group)
+    (2, 64, 1, False, 1, 32, torch.float32, "planes"),  # planes: one key group per block
+    (2, 128, 4, True, 3, 16, torch.float32, "interleaved"),  # group ids
+    (2, 128, 4, True, 3, 16, torch.float32, "planes"),
+    (4, 64, 3, True, None, 32, torch.float32, "planes"),
+    (4, 128, 1, False, 2, 16, torch.float32, "interleaved"),  # block smaller than a group: per-token group rows
+    (4, 128, 1, False, 2, 64, torch.float32, "planes"),  # planes: block over 2 key groups (per-token rows)
+    (2, 96, 2, False, 2, 64, torch.float32, "interleaved"),  # channels padded to a power of 2, 3 value groups
+    (2, 96, 2, False, 2, 16, torch.float32, "planes"),
+    (2, 64, 3, False, 4, 32, torch.bfloat16, "planes"),
+    (4, 64, 4, True, None, 16, torch.float16, "interleaved"),
+    (2, 64, 2, True, 19, 16, torch.float32, "planes"),  # more splits than the reduction reads at once (nq 300 here)
+    (2, 64, 1, False, 2, 32, torch.float32, "planes_fma"),  # broadcast products: no padded query rows
+    (4, 128, 3, True, 3, 16, torch.float32, "planes_fma"),
+    (2, 128, 4, False, None, 64, torch.bfloat16, "planes_fma"),
+    (2, 16, 2, True, 2, 16, torch.float32, "planes_fma"),  # 4 bytes of codes per token: fine without tl.dot
+])
+def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, splits, block_n, dtype, variant):
+    """Random packed storage (nq not a multiple of the block, several splits, groups from kgid or p // 32):
+    the kernel's (max, sum, acc) equals attention over the explicitly dequantised keys/values."""
+    assert kt.choose_variant(d, d, bits, 32 if d > 16 else 8, variant) == variant
+    gen = torch.Generator().manual_seed(bits * d + g)
+    (b, h, nq), gs = (1, 2, 300) if splits == 19 else (2, 2, 77), (32 if d > 16 else 8)
+    st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq, gs)
+    m, s, acc = kt.decode_state(*st, bits, gs, 0.125, splits=splits, block_n=block_n, variant=variant)
+    rm, rs, racc = _state_reference(*st, bits, gs, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before the products
     torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
     torch.testing.assert_close((acc / s[..., None]).double(), racc / rs[..., None], atol=tol * 4, rtol=tol)
     torch.testing.assert_close(s.double() * torch.exp(m.double() - rm), rs, atol=tol, rtol=tol * 4)
 
 
+def _with_residual(state, q, rk, rv, scaling):
+    """Normalised attention output (float64) from a quantised state (max, sum, acc) and residual keys/values."""
+    m, s, acc = state
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double(), rk.double()) * scaling
+    top = torch.maximum(m, logits.amax(-1)) if rk.shape[2] else m
+    p = torch.exp(logits - top[..., None])
+    tot = s * torch.exp(m - top) + p.sum(-1)
+    out = acc * torch.exp(m - top)[..., None] + torch.einsum("bhgn,bhnd->bhgd", p, rv.double())
+    return out / tot[..., None]
+
+
+@pytest.mark.parametrize("bits,d,g,with_gid,dtype,variant", [
+    (2, 64, 1, False, torch.float32, "planes"),
+    (4, 128, 4, True, torch.float32, "interleaved"),
+    (2, 128, 3, True, torch.bfloat16, "planes"),
+    (4, 64, 4, False, torch.float16, "interleaved"),
+    (2, 64, 3, True, torch.float32, "planes_fma"),
+])
+def test_fused_residual_output_equals_reference(kt, bits, d, g, with_gid, dtype, variant):
+    """decode_attend (quantised part + full-precision residual in the kernels, normalised output in the query's
+    dtype) equals float64 attention over the dequantised storage then the residual, for residual lengths 0 ..
+    residual + group - 1 (here 0 .. 39: one and several residual blocks), the residual a strided view (a window of
+    a larger buffer, values with a non-unit last stride: copied)."""
+    gen = torch.Generator().manual_seed(bits + d + g)
+    b, h, nq, gs = 2, 2, 45, 32
+    st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq)
+    ref_state = _state_reference(*st, bits, gs, 0.125)
+    kbuf = torch.randn(b, h, 48, d, generator=gen).to(dtype)
+    vbuf = torch.randn(b, h, d, 48, generator=gen).to(dtype)
+    for r in (0, 1, 16, 39):  # odd lengths in the one-launch mode (the last split program finishes its row)
+        rk, rv = kbuf[:, :, 5:5 + r], vbuf[:, :, :, 2:2 + r].transpose(2, 3)  # [B, H, r, D] views
+        out = kt.decode_attend(*st, rk, rv, bits, gs, 0.125, splits=2, variant=variant, one_launch=r % 2 == 1)
+        assert not kt._counters(torch.device("cpu"), 4)[:4].any()  # arrival counters reset for the next call
+        assert out.dtype == dtype and out.shape == (b, h, g, d)
+        ref = _with_residual(ref_state, st[0], rk, rv, 0.125)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # + the output's rounding to half precision
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"residual length {r}")
+
+
+def test_launch_plan_is_reused_for_the_same_storage_only(kt):
+    """A caller's ``plan`` keeps the launch arguments while the same storage tensors come back (a layer between two
+    flushes) and is rebuilt for new ones (after a flush: other shapes/strides); the outputs stay exact."""
+    gen = torch.Generator().manual_seed(7)
+    st = _random_storage(gen, 2, 64, 2, False, torch.float32, 1, 2, 40)
+    rk, rv = torch.randn(1, 2, 3, 64, generator=gen), torch.randn(1, 2, 3, 64, generator=gen)
+    plan: dict = {}
+    first = kt.decode_attend(*st, rk, rv, 2, 32, 0.125, plan=plan)
+    launch = plan["launch"]
+    again = kt.decode_attend(*st, rk, rv, 2, 32, 0.125, plan=plan)
+    assert plan["launch"] is launch
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    longer = _random_storage(gen, 2, 64, 2, False, torch.float32, 1, 2, 72)
+    out = kt.decode_attend(*longer, rk, rv, 2, 32, 0.125, plan=plan)
+    assert plan["launch"] is not launch and plan["launch"][2][0] == 72  # nq of the new storage
+    ref = _with_residual(_state_reference(*longer, 2, 32, 0.125), longer[0], rk, rv, 0.125)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_variant_choice(kt):
+    assert kt.choose_variant(128, 128, 2, 32, "auto") == "planes"
+    assert kt.choose_variant(16, 16, 2, 8, "auto") == "interleaved"  # 4 bytes of codes: no tl.dot per plane
+    assert kt.choose_variant(128, 128, 2, 6, "planes") == "interleaved"  # group not a multiple of 4 channels
+    assert kt.choose_variant(128, 128, 4, 32, "interleaved") == "interleaved"
+    assert kt.choose_variant(16, 16, 2, 8, "planes_fma") == "planes_fma"
+    assert kt.choose_variant(128, 128, 2, 6, "planes_fma") == "interleaved"
+    with pytest.raises(ValueError, match="variant='fast' is out of range"):
+        kt.choose_variant(128, 128, 2, 32, "fast")
+
+
 def test_choose_splits_fills_the_machine_with_whole_blocks(kt):
     assert kt.choose_splits(3968, 8, 132, 64) == (62, 64)  # batch 1, 8 KV heads: one block per split
     assert kt.choose_splits(3968, 256, 132, 64) == (3, 1344)  # batch 32: 768 programs
     assert kt.choose_splits(10, 4096, 132, 64) == (1, 64)
+    assert kt.choose_splits(3968, 512, 132, 64) == (2, 1984)  # batch 64: 1024 programs
+    assert kt.choose_splits(3968, 512, 132, 64, programs_per_sm=8) == (3, 1344)
 
 
 def _kivi_layer(make_model, make_ids, bits: int, head_dim: int, heads: int, kv_heads: int, evict: bool):
@@ -168,18 +254,21 @@ def _teacher_forced(model, cache, ids: torch.Tensor) -> list[torch.Tensor]:
 def test_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt, make_model, make_ids, monkeypatch, policy,
                                                                    budget):
     """Teacher-forced decoding of a tiny Llama (head dim 16, group 8): kernel forced vs reference path give the same
-    logits; H2O evicts quantised tokens while decoding, so the kernel also reads group ids."""
+    logits; H2O evicts quantised tokens while decoding, so the kernel also reads group ids (one-launch mode there)."""
     calls = []
-    real = kt.decode_state
-    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: calls.append(a[7] is not None) or real(*a, **k))
+    real = kt.decode_attend
+    monkeypatch.setattr(kt, "decode_attend", lambda *a, **k: calls.append(a[7] is not None) or real(*a, **k))
+    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: pytest.fail("a decoding step merges the residual in "
+                                                                        "the kernel (decode_attend)"))
+    monkeypatch.setattr(kt, "ONE_LAUNCH", policy == "h2o")  # the one-launch mode decodes the H2O case
     model = make_model("llama")
-    ids = make_ids(2, PROMPT + 6)
+    ids = make_ids(2, PROMPT + 4)
     logits = {}
     for kernel in ("torch", "triton"):
         cache = squeezekv.make_cache(model, policy, budget, channel="kivi",
                                      channel_params={**KIVI_SMALL, "kernel": kernel})
         logits[kernel] = _teacher_forced(model, cache, ids)
-    assert len(calls) == 6 * 4  # every decoding step of every layer went through the kernel
+    assert len(calls) == 4 * 4  # every decoding step of every layer went through the kernel
     if policy == "h2o":
         assert any(calls)  # some steps read per-token group ids
     for a, b in zip(logits["triton"], logits["torch"]):
@@ -187,7 +276,8 @@ def test_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt, make_model,
 
 
 def test_auto_keeps_the_torch_path_on_cpu_and_triton_needs_a_device(kt, make_model, make_ids, monkeypatch):
-    monkeypatch.setattr(kt, "decode_state", lambda *a, **k: pytest.fail("auto must not use the kernel on CPU"))
+    for name in ("decode_state", "decode_attend"):
+        monkeypatch.setattr(kt, name, lambda *a, **k: pytest.fail("auto must not use the kernel on CPU"))
     model = make_model("llama")
     ids = make_ids(1, PROMPT + 1)
     cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params=KIVI_SMALL)
@@ -223,29 +313,72 @@ def kt_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["interleaved", "planes", "planes_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,d,g,with_gid", [(2, 128, 4, False), (2, 128, 4, True), (4, 128, 1, False),
                                                (4, 64, 8, True), (2, 96, 3, False)])
-def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_gid, dtype):
+def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_gid, dtype, variant):
     gen = torch.Generator().manual_seed(bits * d + g)
     b, h, nq, gs = 3, 8, 1000, 32
-    ng = (nq + gs - 1) // gs + (2 if with_gid else 0)
-    codes = torch.randint(0, 1 << bits, (2, b, h, nq, d), generator=gen, dtype=torch.uint8)
-    kc, vc = pack(codes[0], bits), pack(codes[1], bits)
-    ks = (torch.rand(b, h, ng, d, generator=gen) * 0.5).to(dtype)
-    kz = torch.randn(b, h, ng, d, generator=gen).to(dtype)
-    vs = (torch.rand(b, h, nq, d // gs, generator=gen) * 0.5).to(dtype)
-    vz = torch.randn(b, h, nq, d // gs, generator=gen).to(dtype)
-    gid = torch.randint(0, ng, (b, h, nq), generator=gen).sort(-1).values.to(torch.int16) if with_gid else None
-    q = torch.randn(b, h, g, d, generator=gen).to(dtype)
-    cpu = (q, kc, vc, ks, kz, vs, vz, gid)
+    cpu = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq)
     dev = [None if t is None else t.cuda() for t in cpu]
     rm, rs, racc = _state_reference(*cpu, bits, gs, 0.125)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for splits in (None, 1, 7):
-        m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits))
+    for splits, block_n in ((None, None), (1, 32), (7, 64)):
+        m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits,
+                                                                   block_n=block_n, variant=variant))
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
+    kbuf = torch.randn(b, h, 200, d, generator=gen).to(dtype)
+    vbuf = torch.randn(b, h, d, 200, generator=gen).to(dtype)
+    kbuf_dev, vbuf_dev = kbuf.cuda(), vbuf.cuda()
+    for r in (0, 1, 128, 159):  # residual lengths up to residual + group - 1 (defaults 128, 32)
+        rk, rv = kbuf[:, :, 7:7 + r], vbuf[:, :, :, 3:3 + r].transpose(2, 3)
+        rk_dev, rv_dev = kbuf_dev[:, :, 7:7 + r], vbuf_dev[:, :, :, 3:3 + r].transpose(2, 3)  # strided views
+        ref = _with_residual((rm, rs, racc), cpu[0], rk, rv, 0.125)
+        for one_launch in (False, True):
+            out = kt_gpu.decode_attend(*dev, rk_dev, rv_dev, bits, gs, 0.125, variant=variant, one_launch=one_launch)
+            torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol,
+                                       msg=f"residual length {r}, one launch {one_launch}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("variant", ["interleaved", "planes", "planes_fma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, monkeypatch, dtype, variant,
+                                                         one_launch):
+    """KIVILayer.attend with the kernel (quantised part and residual fused, output in the query's dtype) against the
+    PyTorch reference path (kernel state + torch residual merge, and kernel='torch'), decoding step by step so the
+    residual runs through 16..47 tokens, with and without group ids."""
+    monkeypatch.setattr(kt_gpu, "VARIANT", variant)
+    monkeypatch.setattr(kt_gpu, "ONE_LAUNCH", one_launch)
+    model = make_model("llama", layers=2, hidden_size=256, head_dim=128, num_attention_heads=4,
+                       num_key_value_heads=1).to("cuda", dtype)
+    for policy in ("window", "h2o"):
+        cache = squeezekv.make_cache(model, policy, 4096, channel="kivi",
+                                     channel_params={"bits": 2, "group_size": 32, "residual": 16, "kernel": "triton"})
+        ids = make_ids(2, 260).cuda()
+        model(ids[:, :200], cache=cache)
+        layer = cache.layers[1]
+        if policy == "h2o":  # evict quantised tokens: group ids
+            layer.scores = torch.rand(layer.scores.shape, device="cuda")
+            layer.compress(150)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for t in range(200, 240):
+            model(ids[:, t:t + 1], cache=cache)
+            q = torch.randn(2, 4, 1, 128, device="cuda", generator=gen).to(dtype)
+            layer.kernel = "triton"
+            out = layer.attend(q, None, None, None, 128 ** -0.5)
+            assert out.dtype == dtype
+            ref_kernel_state = QuantizedLayer.attend(layer, q, None, None, None, 128 ** -0.5)
+            layer.kernel = "torch"
+            ref = layer.attend(q, None, None, None, 128 ** -0.5)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out.float(), ref_kernel_state.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+        assert (layer.kgid is not None) == (policy == "h2o")
 
 
 @pytest.mark.gpu
@@ -267,6 +400,7 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(kt, make_model, make_ids
         raise RuntimeError("no kernel for this GPU")
 
     monkeypatch.setattr(kt, "decode_state", boom)
+    monkeypatch.setattr(kt, "decode_attend", boom)
     monkeypatch.setattr(kivi, "_KERNEL_FAILED", None)
     monkeypatch.setattr(kivi, "_auto_uses_kernel", lambda device: True)
     model = make_model("llama")

@@ -22,9 +22,12 @@ so a token is either quantised or full precision in K and V alike (this keeps ev
 Keys are quantised as the model caches them, after rotary embedding.
 
 Attention over the quantised tokens (see :mod:`squeezekv.channel.quantized`): the PyTorch reference path
-dequantises one block at a time; decoding steps on a CUDA device use a fused Triton kernel
-(:mod:`squeezekv.channel.kivi_triton`, parameter ``kernel``) that reads the packed codes once, unpacks and
-dequantises them in registers and never writes dequantised keys/values to memory.
+dequantises one block at a time; decoding steps on a CUDA device use fused Triton kernels
+(:mod:`squeezekv.channel.kivi_triton`, parameter ``kernel``) that read the packed codes once, unpack and
+dequantise them in registers, never write dequantised keys/values to memory, and also attend to the full-precision
+residual and write the normalised output (:meth:`KIVILayer.attend`); :meth:`KIVILayer._quantised_state` gives the
+kernel's running state over the quantised part to callers that merge the rest themselves. Whether the kernel can run
+is checked once per layer and (device, dtype, head dimension); its launch arguments are reused between flushes.
 
 Composition with eviction (evict first, quantise the survivors; see :mod:`squeezekv.channel.quantized`): when a
 policy evicts quantised tokens, each kept token keeps its key group through a per-token group id (int16, int32 for
@@ -47,7 +50,6 @@ from .quantized import QuantizedLayer
 
 #: values of :attr:`KIVI.kernel`
 KERNELS = ("auto", "torch", "triton")
-_NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
 _KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
 
 
@@ -97,6 +99,8 @@ class KIVILayer(QuantizedLayer):
         self.bits = method.bits
         self.group_size = method.group_size
         self.kernel = method.kernel
+        self._blockers: dict[tuple[Any, ...], str | None] = {}  # (device, dtype, D) -> why the kernel cannot run
+        self._plan: dict[str, Any] = {}  # the kernel's launch arguments, reused between flushes (kivi_triton)
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -176,37 +180,49 @@ class KIVILayer(QuantizedLayer):
             k = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
         return k, values
 
-    def _kernel_blocker(self, qg: torch.Tensor, mask: torch.Tensor | None) -> str | None:
-        """None if the fused Triton kernel can compute :meth:`_quantised_state` for this call, else why not
-        (:data:`_NOT_DECODING` when only the query shape or mask is the reason)."""
-        kt = _triton_module()
-        if kt is None:
-            return "triton is not importable (pip install 'squeezekv[gpu]')"
-        why = kt.supports(qg.device, qg.shape[-1], self.values.shape[-1], self.bits, self.group_size, qg.dtype)
-        if why is None and (mask is not None or qg.shape[3] != 1):
-            return _NOT_DECODING
-        return why
+    def _device_blocker(self, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
+        """Why the kernel cannot run for queries of this device, dtype and head dimension (None: it can); cached per
+        layer (the layer's bits, group size and value head dimension do not change)."""
+        key = (device, dtype, d)
+        if key not in self._blockers:
+            kt = _triton_module()
+            if kt is None:
+                why = "triton is not importable (pip install 'squeezekv[gpu]')"
+            else:
+                why = kt.supports(device, d, self.values.shape[-1], self.bits, self.group_size, dtype)
+            self._blockers[key] = why
+        return self._blockers[key]
 
-    def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # the fused kernel for decoding steps (kernel "auto" only on CUDA: CPU behaviour never changes)
-        if self.kernel == "torch" or (self.kernel == "auto" and not _auto_uses_kernel(qg.device)):
-            return super()._quantised_state(qg, mask, scaling)
-        why = self._kernel_blocker(qg, mask)
+    def _use_kernel(self, q: torch.Tensor, decoding: bool) -> bool:
+        """Whether this call of queries ``q`` (``[.., D]``) runs the fused kernel; raises for kernel "triton" when it
+        cannot run on this device/layout (not for a call that is only not a decoding step)."""
+        if self.kernel == "torch" or (self.kernel == "auto" and (not _auto_uses_kernel(q.device)
+                                                                 or _KERNEL_FAILED is not None)):
+            return False
+        why = self._device_blocker(q.device, q.dtype, q.shape[-1])
         if why is not None:
-            if self.kernel == "triton" and why is not _NOT_DECODING:
+            if self.kernel == "triton":
                 raise ValueError(f"kivi kernel='triton' cannot run on layer {self.layer_idx}: {why}; "
                                  "use kernel='auto' or 'torch'")
-            return super()._quantised_state(qg, mask, scaling)
-        global _KERNEL_FAILED
-        if self.kernel == "auto" and _KERNEL_FAILED is not None:
-            return super()._quantised_state(qg, mask, scaling)
+            return False
+        return decoding
+
+    def _kernel_storage(self) -> tuple[torch.Tensor, ...]:
+        """The packed storage the kernel reads: codes, scales/zeros and group ids (or None) of positions ``0..nq-1``
+        (the fields themselves when they hold exactly ``nq`` positions, as after an append: no slicing)."""
         n = self.nq
+
+        def used(t: torch.Tensor) -> torch.Tensor:
+            return t if t.shape[2] == n else t[:, :, :n]
+
+        return (used(self.kcode), used(self.vcode), self.kscale, self.kzero, used(self.vscale), used(self.vzero),
+                None if self.kgid is None else used(self.kgid))
+
+    def _run_kernel(self, call: Any) -> Any:
+        """``call(kivi_triton)``, or None when it failed under kernel "auto" (then the reference path for good)."""
+        global _KERNEL_FAILED
         try:
-            m, s, acc = _triton_module().decode_state(
-                qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n], self.kscale, self.kzero,
-                self.vscale[:, :, :n], self.vzero[:, :, :n], None if self.kgid is None else self.kgid[:, :, :n],
-                self.bits, self.group_size, scaling)  # [B, H, G], [B, H, G], [B, H, G, Dv]
+            return call(_triton_module())
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good
@@ -214,9 +230,38 @@ class KIVILayer(QuantizedLayer):
                 raise
             _KERNEL_FAILED = f"{type(e).__name__}: {e}"
             warnings.warn(f"kivi: the fused Triton kernel failed ({_KERNEL_FAILED}); using the PyTorch reference "
-                          "path from now on", RuntimeWarning, stacklevel=2)
+                          "path from now on", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the fused kernel for decoding steps (kernel "auto" only on CUDA: CPU behaviour never changes)
+        if not self._use_kernel(qg, mask is None and qg.shape[3] == 1):
             return super()._quantised_state(qg, mask, scaling)
+        state = self._run_kernel(lambda kt: kt.decode_state(
+            qg[:, :, :, 0], *self._kernel_storage(), self.bits, self.group_size, scaling, plan=self._plan))
+        if state is None:
+            return super()._quantised_state(qg, mask, scaling)
+        m, s, acc = state  # [B, H, G], [B, H, G], [B, H, G, Dv]
         return m[..., None], s[..., None], acc[:, :, :, None]
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
+    ) -> torch.Tensor:
+        """A decoding step (one query token, no mask) with the kernel: the quantised part and the full-precision
+        residual in two kernel launches (:func:`squeezekv.channel.kivi_triton.decode_attend`), output written in the
+        query's dtype; otherwise :meth:`QuantizedLayer.attend` (the kernel's state via :meth:`_quantised_state`
+        where it applies, then the residual in PyTorch)."""
+        if self.nq == 0 or not self.stores_keys or not self._use_kernel(query, allowed is None and query.shape[2] == 1):
+            return super().attend(query, key, value, allowed, scaling)
+        b, hq, _, d = query.shape
+        h = self.keys.shape[1]
+        out = self._run_kernel(lambda kt: kt.decode_attend(
+            query.reshape(b, h, hq // h, d), *self._kernel_storage(), self.keys, self.values, self.bits,
+            self.group_size, scaling, plan=self._plan))  # [B, H, G, Dv]
+        if out is None:
+            return super().attend(query, key, value, allowed, scaling)
+        return out.view(b, hq, 1, out.shape[-1])
 
     def _gather_quantised(self, idx: torch.Tensor) -> None:
         # idx: [B, H, s]
