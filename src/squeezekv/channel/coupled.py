@@ -45,6 +45,8 @@ from .quantized import QuantizedLayer
 
 #: largest groups x points x centroids seeded with k-means++ (larger problems: random distinct points)
 KMEANS_PP_LIMIT = 1 << 22
+#: points per chunk of the nearest-centroid search when tokens are quantised (memory: groups x chunk x centroids floats)
+NEAREST_CHUNK = 1024
 #: values of :attr:`CoupledQuant.kernel`
 KERNELS = ("auto", "torch", "triton")
 _NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
@@ -243,7 +245,7 @@ class CoupledLayer(QuantizedLayer):
         b, h, m, d = x.shape
         ng = d // self.c
         xg = x.float().reshape(b, h, m, ng, self.c).permute(1, 3, 0, 2, 4).reshape(h * ng, b * m, self.c)
-        idx = nearest(xg, book.reshape(h * ng, -1, self.c))  # [H * ng, B * m]
+        idx = nearest(xg, book.reshape(h * ng, -1, self.c), NEAREST_CHUNK)  # [H * ng, B * m]
         idx = idx.reshape(h, ng, b, m).permute(2, 0, 3, 1)  # [B, H, m, ng]
         return pack(idx, self.width)
 
