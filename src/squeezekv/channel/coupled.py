@@ -224,6 +224,7 @@ class CoupledLayer(QuantizedLayer):
         self.c = method.coupled
         self.width = method.bits * method.coupled  # bits per code
         self.kernel = method.kernel
+        self._cast_books: tuple[torch.Tensor, torch.Tensor] | None = None  # codebooks in the query's dtype
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -235,6 +236,7 @@ class CoupledLayer(QuantizedLayer):
                     f"{book.shape[1] * book.shape[3]} channels) do not match the model ({h} heads x {t.shape[-1]})"
                 )
         self.kbook, self.vbook = (kb if self.stores_keys else None), vb
+        self._cast_books = None
         if self.stores_keys:  # a values-only layer has no key codes
             self.kcode = torch.empty((b, h, 0, d // self.c * self.width // 8), dtype=torch.uint8, device=self.device)
         self.vcode = torch.empty((b, h, 0, value_states.shape[-1] // self.c * self.width // 8), dtype=torch.uint8,
@@ -300,8 +302,10 @@ class CoupledLayer(QuantizedLayer):
             return super()._quantised_state(qg, mask, scaling)
         n = self.nq
         try:
+            if self._cast_books is None or self._cast_books[0].dtype != qg.dtype:  # cast once, not per step
+                self._cast_books = (self.kbook.to(qg.dtype), self.vbook.to(qg.dtype))
             m, s, acc = _triton_module().decode_state(qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n],
-                                                      self.kbook, self.vbook, scaling)  # [B, H, G], .., [B, H, G, Dv]
+                                                      *self._cast_books, scaling)  # [B, H, G], .., [B, H, G, Dv]
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good

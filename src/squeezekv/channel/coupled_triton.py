@@ -5,8 +5,11 @@ registers, so no dequantised key or value is ever written to memory.
 Storage read (see :mod:`squeezekv.channel.coupled`): codes ``[B, H, nq, (D / c) * w / 8]`` uint8, one code of
 ``w = bits * c`` bits per group of ``c`` channels (code of group ``j`` at bit offset ``(j * w) % 8`` of byte
 ``j * w // 8``, as :mod:`squeezekv.channel.packing` writes it; ``w = 8`` for the paper's 8c8b / 4c8b: one byte per
-group); codebooks ``[H, D / c, 2**w, c]`` float32 per layer for keys and for values (``2 * H * D * 2**w`` floats:
-2 MiB for the 8B shape at ``w = 8``, so a layer's codebooks stay in L2 while its caches stream from memory).
+group); codebooks ``[H, D / c, 2**w, c]`` per layer for keys and for values (``2 * H * D * 2**w`` values), read in
+the query's dtype (the reference path rounds every looked-up key/value to the model's dtype, so this changes no
+result): 1 MiB per layer for the 8B shape in bf16 at ``w = 8``, 64 KiB per KV head for keys and again for values, so
+the codebooks stay in L2 (and partly L1) while the codes stream from memory. Each key/value element is one gather
+from the codebook, a 2-byte load at a data-dependent address.
 
 Flash-decoding layout (split-K), as :mod:`squeezekv.channel.kivi_triton`: the grid is ``(B * H, S)``; program
 ``(bh, s)`` walks the quantised positions ``[s * L, min((s + 1) * L, nq))`` of one (row, KV head) in blocks of
@@ -68,7 +71,7 @@ def supports(device: torch.device, d: int, dv: int, width: int, channels: int,
 def _gather(code_ptr, book_ptr, pos, nmask, offs_d, dmask, s_n, C: tl.constexpr, W: tl.constexpr,
             K: tl.constexpr):
     # channel d of each token: code of group d // C (W bits at bit (d // C * W) % 8 of byte d // C * W // 8), then
-    # book[group, code, d % C] (book: this head's [D / C, K, C] float32)  -> [BLOCK_N, BLOCK_D] float32
+    # book[group, code, d % C] (book: this head's [D / C, K, C])  -> [BLOCK_N, BLOCK_D] in the book's dtype
     grp = offs_d // C
     byte = tl.load(code_ptr + pos[:, None] * s_n + (grp * W // 8)[None, :], mask=nmask[:, None] & dmask[None, :],
                    other=0)
@@ -196,7 +199,7 @@ def decode_state(
 
     ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, (D / c) * w /
     8]`` uint8; ``kbook``/``vbook`` ``[H, D / c, 2**w, c]`` (float32; ``c`` channels per group, ``w`` bits per
-    code). ``splits``: number of token splits (default :func:`choose_splits`); ``block_n``/``num_warps``: tokens
+    code; cast to the query's dtype unless already in it). ``splits``: number of token splits (default :func:`choose_splits`); ``block_n``/``num_warps``: tokens
     per block and warps per program (default :data:`BLOCK_N`/:data:`NUM_WARPS`). Returns float32 ``(max [B, H, G],
     sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
     v_p``."""
@@ -227,7 +230,8 @@ def decode_state(
         splits = math.ceil(nq / split_len)
     q = q.contiguous()
     kcode, vcode = (t if t.stride(-1) == 1 else t.contiguous() for t in (kcode, vcode))
-    kbook, vbook = (t.float().contiguous() for t in (kbook, vbook))
+    # the model's dtype (what the reference path rounds a looked-up key/value to): half the bytes of float32
+    kbook, vbook = (t.to(q.dtype).contiguous() for t in (kbook, vbook))
     f32 = dict(device=q.device, dtype=torch.float32)
     m_part = torch.empty((b * h, splits, g), **f32)
     l_part = torch.empty_like(m_part)
