@@ -94,6 +94,8 @@ METHODS.update({
 })
 _CQ_FILES: dict[tuple[Any, ...], str] = {}
 coupled.NEAREST_CHUNK = 8192  # fewer, larger nearest-centroid searches when the cache is filled (fill time only)
+#: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4 (tokens per block, warps, programs per multiprocessor)
+CQ_KERNEL = __import__("os").environ.get("CQ_KERNEL", "")
 
 
 def channel_of(model: Any, method: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -117,6 +119,11 @@ def channel_of(model: Any, method: str) -> tuple[str | None, dict[str, Any] | No
         cq.set_codebooks({i: tuple(torch.randn(2, h, d // c, k, c, generator=gen)) for i in range(layers)})
         _CQ_FILES[key] = str(Path(tempfile.mkdtemp(prefix="cq_books_")) / f"cq{cq.bits}.pt")
         cq.save(_CQ_FILES[key])
+    if CQ_KERNEL and channel.get("kernel") == "triton":
+        from squeezekv.channel import coupled_triton
+
+        coupled_triton.BLOCK_N, coupled_triton.NUM_WARPS, coupled_triton.PROGRAMS_PER_SM = map(
+            int, CQ_KERNEL.split(","))
     return "coupled", {**channel, "calibration": _CQ_FILES[key]}
 
 

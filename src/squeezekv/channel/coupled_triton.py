@@ -175,11 +175,12 @@ def _sms(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """``(splits, tokens per split)``: about :data:`PROGRAMS_PER_SM` programs (``B * H * splits``) per
-    multiprocessor, each split a whole number of blocks, none empty."""
+def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N, per_sm: int | None = None) -> tuple[int, int]:
+    """``(splits, tokens per split)``: about ``per_sm`` (default :data:`PROGRAMS_PER_SM`) programs
+    (``B * H * splits``) per multiprocessor, each split a whole number of blocks, none empty."""
+    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
     blocks = max(1, math.ceil(nq / block_n))
-    want = max(1, math.ceil(PROGRAMS_PER_SM * sms / max(1, bh)))
+    want = max(1, math.ceil(per_sm * sms / max(1, bh)))
     split_len = math.ceil(blocks / min(blocks, want)) * block_n
     return math.ceil(nq / split_len), split_len
 
@@ -194,13 +195,16 @@ def decode_state(
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    programs_per_sm: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` CQ-quantised positions.
 
     ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, (D / c) * w /
     8]`` uint8; ``kbook``/``vbook`` ``[H, D / c, 2**w, c]`` (float32; ``c`` channels per group, ``w`` bits per
     code; cast to the query's dtype unless already in it). ``splits``: number of token splits (default :func:`choose_splits`); ``block_n``/``num_warps``: tokens
-    per block and warps per program (default :data:`BLOCK_N`/:data:`NUM_WARPS`). Returns float32 ``(max [B, H, G],
+    per block and warps per program (default :data:`BLOCK_N`/:data:`NUM_WARPS`); ``programs_per_sm``: the target of
+    :func:`choose_splits` when ``splits`` is None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor
+    means fewer heads' codebooks competing for its L1). Returns float32 ``(max [B, H, G],
     sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
     v_p``."""
     b, h, g, d = q.shape
@@ -224,7 +228,7 @@ def decode_state(
     if why is not None:
         raise ValueError(f"the fused CQ kernel cannot run: {why}")
     if splits is None:
-        splits, split_len = choose_splits(nq, b * h, _sms(q.device), block_n)
+        splits, split_len = choose_splits(nq, b * h, _sms(q.device), block_n, programs_per_sm)
     else:
         split_len = math.ceil(math.ceil(nq / max(1, splits)) / block_n) * block_n
         splits = math.ceil(nq / split_len)
