@@ -199,14 +199,14 @@ def decode_state(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` CQ-quantised positions.
 
-    ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, (D / c) * w /
-    8]`` uint8; ``kbook``/``vbook`` ``[H, D / c, 2**w, c]`` (float32; ``c`` channels per group, ``w`` bits per
-    code; cast to the query's dtype unless already in it). ``splits``: number of token splits (default :func:`choose_splits`); ``block_n``/``num_warps``: tokens
-    per block and warps per program (default :data:`BLOCK_N`/:data:`NUM_WARPS`); ``programs_per_sm``: the target of
-    :func:`choose_splits` when ``splits`` is None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor
-    means fewer heads' codebooks competing for its L1). Returns float32 ``(max [B, H, G],
-    sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
-    v_p``."""
+    ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode``
+    ``[B, H, nq, (D / c) * w / 8]`` uint8; ``kbook``/``vbook`` ``[H, D / c, 2**w, c]`` (``c`` channels per group,
+    ``w`` bits per code; cast to the query's dtype unless already in it). ``splits``: number of token splits (default
+    :func:`choose_splits`); ``block_n``/``num_warps``: tokens per block and warps per program (default
+    :data:`BLOCK_N`/:data:`NUM_WARPS`); ``programs_per_sm``: the target of :func:`choose_splits` when ``splits`` is
+    None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor: fewer heads' codebooks competing for its
+    L1). Returns float32 ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with
+    ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max) v_p``."""
     b, h, g, d = q.shape
     nq = kcode.shape[2]
     hb, ng, k, c = kbook.shape
