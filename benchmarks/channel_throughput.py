@@ -93,7 +93,7 @@ METHODS.update({
     "snapkv0.3+cq2-fused": ("snapkv", 0.3, {**CQ2, "kernel": "triton"}),
 })
 _CQ_FILES: dict[tuple[Any, ...], str] = {}
-coupled.NEAREST_CHUNK = 8192  # fewer, larger nearest-centroid searches when the cache is filled (fill time only)
+coupled.NEAREST_CHUNK = 4096  # fewer, larger nearest-centroid searches when the cache is filled (<= 1 GiB, fill only)
 #: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4 (tokens per block, warps, programs per multiprocessor)
 CQ_KERNEL = __import__("os").environ.get("CQ_KERNEL", "")
 
