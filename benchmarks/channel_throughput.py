@@ -27,7 +27,7 @@ Methods (each figure next to the full cache's from the same run):
 
     # CQ (GPU, one call, ~3 min):
     python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_cq --no-check --batches 1,16,64 \
-        --methods full,cq2,cq2-fused,cq1-fused,snapkv0.3+cq2-fused --max-probes 3
+        --steps 8 --max-probes 3 --methods full,cq2,cq2-fused,cq1-fused,snapkv0.3+cq2-fused
 
 ``--methods a,b,c`` picks methods (default: all). ``-fused`` methods need CUDA and triton; elsewhere they are
 skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
