@@ -94,7 +94,8 @@ METHODS.update({
 })
 _CQ_FILES: dict[tuple[Any, ...], str] = {}
 coupled.NEAREST_CHUNK = 4096  # fewer, larger nearest-centroid searches when the cache is filled (<= 1 GiB, fill only)
-#: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4 (tokens per block, warps, programs per multiprocessor)
+#: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4,1 (tokens per block, warps, programs per multiprocessor,
+#: vector gathers; see benchmarks/cq_kernel_sweep.py)
 CQ_KERNEL = __import__("os").environ.get("CQ_KERNEL", "")
 
 
@@ -122,8 +123,9 @@ def channel_of(model: Any, method: str) -> tuple[str | None, dict[str, Any] | No
     if CQ_KERNEL and channel.get("kernel") == "triton":
         from squeezekv.channel import coupled_triton
 
-        coupled_triton.BLOCK_N, coupled_triton.NUM_WARPS, coupled_triton.PROGRAMS_PER_SM = map(
-            int, CQ_KERNEL.split(","))
+        block_n, warps, per_sm, vector = (int(x) for x in CQ_KERNEL.split(","))
+        coupled_triton.BLOCK_N, coupled_triton.NUM_WARPS, coupled_triton.PROGRAMS_PER_SM = block_n, warps, per_sm
+        coupled_triton.VECTOR = bool(vector)
     return "coupled", {**channel, "calibration": _CQ_FILES[key]}
 
 

@@ -92,23 +92,26 @@ def _random_storage(gen, b, h, nq, d, g, bits, c, dtype):
     return q, pack(codes[0], width), pack(codes[1], width), kb, vb
 
 
-@pytest.mark.parametrize("bits,c,d,g,splits,block_n,dtype", [
-    (1, 8, 64, 1, 1, 32, torch.float32),  # CQ-8c8b: one byte per 8 channels
-    (2, 4, 128, 4, 3, 16, torch.float32),  # CQ-4c8b
-    (1, 8, 128, 4, None, 32, torch.float32),
-    (2, 4, 64, 1, 19, 16, torch.float32),  # more splits than the merge reads at once (nq 300 here)
-    (1, 4, 64, 2, 2, 16, torch.float32),  # 4-bit codes: two groups per byte
-    (2, 2, 64, 3, 2, 32, torch.float32),  # same, G = 3 (query heads padded to 16 rows)
-    (2, 4, 64, 4, 4, 16, torch.bfloat16),
-    (1, 8, 128, 1, 2, 16, torch.float16),
+@pytest.mark.parametrize("bits,c,d,g,splits,block_n,dtype,vector", [
+    (1, 8, 64, 1, 1, 32, torch.float32, True),  # CQ-8c8b: one byte per 8 channels
+    (1, 8, 64, 1, 1, 32, torch.float32, False),  # channel-by-channel gathers
+    (2, 4, 128, 4, 3, 16, torch.float32, True),  # CQ-4c8b
+    (2, 4, 128, 4, 3, 16, torch.float32, False),
+    (1, 8, 128, 4, None, 32, torch.float32, True),
+    (2, 4, 64, 1, 19, 16, torch.float32, True),  # more splits than the merge reads at once (nq 300 here)
+    (1, 4, 64, 2, 2, 16, torch.float32, True),  # 4-bit codes: two groups per byte
+    (1, 4, 64, 2, 2, 16, torch.float32, False),
+    (2, 2, 64, 3, 2, 32, torch.float32, True),  # same, G = 3 (query heads padded to 16 rows)
+    (2, 4, 64, 4, 4, 16, torch.bfloat16, True),
+    (1, 8, 128, 1, 2, 16, torch.float16, False),
 ])
-def test_kernel_state_equals_codebook_reference(ct, bits, c, d, g, splits, block_n, dtype):
+def test_kernel_state_equals_codebook_reference(ct, bits, c, d, g, splits, block_n, dtype, vector):
     """Random codes and codebooks (nq not a multiple of the block, several splits): the kernel's (max, sum, acc)
     equals attention over keys/values looked up in the codebooks, in float64."""
     gen = torch.Generator().manual_seed(bits * d + g * 7 + c)
     b, h, nq = 2, 2, (300 if splits == 19 else 77)
     q, kc, vc, kb, vb = _random_storage(gen, b, h, nq, d, g, bits, c, dtype)
-    m, s, acc = ct.decode_state(q, kc, vc, kb, vb, 0.125, splits=splits, block_n=block_n)
+    m, s, acc = ct.decode_state(q, kc, vc, kb, vb, 0.125, splits=splits, block_n=block_n, vector=vector)
     rm, rs, racc = _state_reference(q, kc, vc, kb, vb, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before products
     torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
@@ -277,8 +280,8 @@ def test_gpu_kernel_state_equals_codebook_reference(ct_gpu, bits, c, d, g, dtype
     dev = [t.cuda() for t in cpu]
     rm, rs, racc = _state_reference(*cpu, 0.125)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for splits in (None, 1, 7):
-        m, s, acc = (t.double().cpu() for t in ct_gpu.decode_state(*dev, 0.125, splits=splits))
+    for splits, vector in ((None, True), (1, True), (7, False), (None, False)):
+        m, s, acc = (t.double().cpu() for t in ct_gpu.decode_state(*dev, 0.125, splits=splits, vector=vector))
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
 

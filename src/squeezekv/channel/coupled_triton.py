@@ -41,6 +41,8 @@ import triton.language as tl
 #: tokens per block of a program's loop, and warps per program (defaults, not tuned on a GPU yet)
 BLOCK_N = 32
 NUM_WARPS = 4
+#: gather a centroid's channels as one contiguous load (False: one load per channel; same values, not tuned yet)
+VECTOR = True
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132  # H100/H200
@@ -81,6 +83,20 @@ def _gather(code_ptr, book_ptr, pos, nmask, offs_d, dmask, s_n, C: tl.constexpr,
 
 
 @triton.jit
+def _gather_groups(code_ptr, book_ptr, pos, nmask, s_n, NG: tl.constexpr, BLOCK_NG: tl.constexpr, C: tl.constexpr,
+                   W: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the same values as _gather, one code per (token, group) and the C channels of its centroid as one contiguous
+    # (vectorisable) load: [BLOCK_N, BLOCK_NG, C] -> [BLOCK_N, BLOCK_NG * C] in the book's dtype
+    offs_j = tl.arange(0, BLOCK_NG)
+    m2 = nmask[:, None] & (offs_j < NG)[None, :]
+    byte = tl.load(code_ptr + pos[:, None] * s_n + (offs_j * W // 8)[None, :], mask=m2, other=0)
+    code = (byte.to(tl.int32) >> ((offs_j * W) % 8)[None, :]) & (K - 1)  # [BLOCK_N, BLOCK_NG]
+    off = (offs_j * (K * C))[None, :, None] + code[:, :, None] * C + tl.arange(0, C)[None, None, :]
+    vals = tl.load(book_ptr + off, mask=m2[:, :, None], other=0.0)
+    return tl.reshape(vals, [BLOCK_N, BLOCK_NG * C])
+
+
+@triton.jit
 def _split_kernel(
     Q, KC, VC, KB, VB, MO, LO, AO,
     nq, H, split_len, scaling,
@@ -88,7 +104,7 @@ def _split_kernel(
     svc_b, svc_h, svc_n,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, W: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, VEC: tl.constexpr,
 ):
     K: tl.constexpr = 1 << W  # centroids per group
     pid_bh = tl.program_id(0)
@@ -121,14 +137,20 @@ def _split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         nmask = pos < end
-        k = _gather(kc_ptr, kb_ptr, pos, nmask, offs_d, dmask, skc_n, C, W, K).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        if VEC:
+            k = _gather_groups(kc_ptr, kb_ptr, pos, nmask, skc_n, D // C, BLOCK_D // C, C, W, K, BLOCK_N).to(q.dtype)
+        else:
+            k = _gather(kc_ptr, kb_ptr, pos, nmask, offs_d, dmask, skc_n, C, W, K).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [BLOCK_G, BLOCK_N] float32
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one position
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _gather(vc_ptr, vb_ptr, pos, nmask, offs_dv, dvmask, svc_n, C, W, K).to(q.dtype)  # [BLOCK_N, BLOCK_DV]
+        if VEC:
+            v = _gather_groups(vc_ptr, vb_ptr, pos, nmask, svc_n, DV // C, BLOCK_DV // C, C, W, K, BLOCK_N).to(q.dtype)
+        else:
+            v = _gather(vc_ptr, vb_ptr, pos, nmask, offs_dv, dvmask, svc_n, C, W, K).to(q.dtype)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -196,6 +218,7 @@ def decode_state(
     block_n: int | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
+    vector: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` CQ-quantised positions.
 
@@ -205,8 +228,10 @@ def decode_state(
     :func:`choose_splits`); ``block_n``/``num_warps``: tokens per block and warps per program (default
     :data:`BLOCK_N`/:data:`NUM_WARPS`); ``programs_per_sm``: the target of :func:`choose_splits` when ``splits`` is
     None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor: fewer heads' codebooks competing for its
-    L1). Returns float32 ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with
-    ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max) v_p``."""
+    L1); ``vector``: gather each centroid's ``c`` channels as one contiguous load (default :data:`VECTOR`; only
+    for ``c >= 2``) rather than channel by channel (same values either way). Returns float32 ``(max [B, H, G],
+    sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
+    v_p``."""
     b, h, g, d = q.shape
     nq = kcode.shape[2]
     hb, ng, k, c = kbook.shape
@@ -249,7 +274,7 @@ def decode_state(
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=triton.next_power_of_2(d),
         BLOCK_DV=triton.next_power_of_2(dv), BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
-        num_warps=num_warps,
+        VEC=(VECTOR if vector is None else vector) and c >= 2, num_warps=num_warps,
     )
     m = torch.empty((b, h, g), **f32)
     l_sum = torch.empty_like(m)
