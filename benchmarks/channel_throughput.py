@@ -94,8 +94,8 @@ METHODS.update({
 })
 _CQ_FILES: dict[tuple[Any, ...], str] = {}
 coupled.NEAREST_CHUNK = 4096  # fewer, larger nearest-centroid searches when the cache is filled (<= 1 GiB, fill only)
-#: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4,1 (tokens per block, warps, programs per multiprocessor,
-#: vector gathers; see benchmarks/cq_kernel_sweep.py)
+#: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4,1,0 (tokens per block, warps, programs per multiprocessor,
+#: vector gathers, pipelining stages or 0 for Triton's default; see benchmarks/cq_kernel_sweep.py)
 CQ_KERNEL = __import__("os").environ.get("CQ_KERNEL", "")
 
 
@@ -123,9 +123,9 @@ def channel_of(model: Any, method: str) -> tuple[str | None, dict[str, Any] | No
     if CQ_KERNEL and channel.get("kernel") == "triton":
         from squeezekv.channel import coupled_triton
 
-        block_n, warps, per_sm, vector = (int(x) for x in CQ_KERNEL.split(","))
+        block_n, warps, per_sm, vector, stages = (int(x) for x in CQ_KERNEL.split(","))
         coupled_triton.BLOCK_N, coupled_triton.NUM_WARPS, coupled_triton.PROGRAMS_PER_SM = block_n, warps, per_sm
-        coupled_triton.VECTOR = bool(vector)
+        coupled_triton.VECTOR, coupled_triton.NUM_STAGES = bool(vector), stages or None
     return "coupled", {**channel, "calibration": _CQ_FILES[key]}
 
 
@@ -198,7 +198,8 @@ def make_cache(model: Any, method: str, batch: int, context: int, device: str) -
     plan = BudgetPlan(budgets=(budget,) * layers, base=budget, allocation="uniform")
     channel_name, channel_params = channel_of(model, method)
     cache = squeezekv.make_cache(model, policy, budget, "uniform", plan=plan, channel=channel_name,
-                                 channel_params=channel_params, method_params={"window": 64} if policy == "snapkv" else None)
+                                 channel_params=channel_params,
+                                 method_params={"window": 64} if policy == "snapkv" else None)
     for layer in cache.layers:
         layer.lazy_initialization(*(torch.empty(batch, kv_heads, 0, head_dim, device=device, dtype=dtype),) * 2)
         layer.seen, layer.prefill_done, layer.compressed = context, True, keep < 1.0

@@ -1,8 +1,9 @@
 """The fused Coupled Quantization decode kernel alone (:func:`squeezekv.channel.coupled_triton.decode_state`) on random
 CQ storage of one layer of the Llama-3.1-8B shape (8 KV heads, 4 query heads each, head dim 128, bf16), for a few
-(tokens per block, warps, programs per multiprocessor, vector gathers) configurations, next to the PyTorch reference
-path of the same state (:meth:`QuantizedLayer._quantised_state`: codebook lookups one block at a time + online
-softmax) and to SDPA over a bf16 cache of the same shape (what the full cache's attention of one layer costs).
+(tokens per block, warps, programs per multiprocessor, vector gathers, pipelining stages) configurations, next to the
+PyTorch reference path of the same state (:meth:`QuantizedLayer._quantised_state`: codebook lookups one block at a
+time + online softmax) and to SDPA over a bf16 cache of the same shape (what the full cache's attention of one layer
+costs).
 
     python benchmarks/cq_kernel_sweep.py --out benchmarks/results/channel/gpu_cq            # CUDA, ~30 s
     python benchmarks/cq_kernel_sweep.py --out /tmp/cqs --device cpu --context 256 --batches 1  # check (interpreter)
@@ -31,9 +32,10 @@ import torch  # noqa: E402
 from squeezekv.bench import timed  # noqa: E402
 from squeezekv.channel.packing import pack  # noqa: E402
 
-#: (tokens per block, warps per program, programs per multiprocessor aimed at by the split count, vector gathers)
-CONFIGS = ((32, 4, 4, 1), (32, 4, 4, 0), (16, 4, 4, 1), (64, 4, 4, 1), (32, 4, 8, 1), (32, 8, 2, 1), (64, 8, 2, 1),
-           (32, 8, 1, 1), (64, 8, 1, 1), (64, 8, 1, 0))
+#: (tokens per block, warps per program, programs per multiprocessor aimed at by the split count, vector gathers,
+#: pipelining stages; 0: Triton's default)
+CONFIGS = ((32, 4, 4, 1, 0), (32, 4, 4, 0, 0), (16, 4, 4, 1, 0), (64, 4, 4, 1, 0), (32, 4, 8, 1, 0), (32, 4, 4, 1, 1),
+           (32, 4, 4, 1, 2), (32, 8, 2, 1, 0), (64, 8, 2, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 1, 1))
 
 
 def reference_state(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
@@ -114,15 +116,15 @@ def main(argv: list[str] | None = None) -> None:
             ref = reference_state(q, kc, vc, kb, vb, scaling, 8, dtype)
             row = {"batch": b, "bits": bits, "context": n, "code_bytes": 2 * kc.numel()}
             row["ms_torch"] = ms_of(lambda: reference_state(q, kc, vc, kb, vb, scaling, 8, dtype))
-            for i, (block_n, warps, per_sm, vec) in enumerate(CONFIGS):
+            for i, (block_n, warps, per_sm, vec, stages) in enumerate(CONFIGS):
                 def call() -> tuple[torch.Tensor, ...]:
                     return ct.decode_state(q, kc, vc, *books, scaling, block_n=block_n, num_warps=warps,
-                                           programs_per_sm=per_sm, vector=bool(vec))
+                                           programs_per_sm=per_sm, vector=bool(vec), num_stages=stages or None)
                 if i == 0:
                     m, s, acc = call()
                     row["max_abs_diff_vs_torch"] = (acc / s[..., None] - ref[2][..., 0, :] / ref[1]).abs().max().item()
                 ms = ms_of(call)
-                row[f"ms_fused_b{block_n}_w{warps}_p{per_sm}_v{vec}"] = ms
+                row[f"ms_fused_b{block_n}_w{warps}_p{per_sm}_v{vec}_s{stages}"] = ms
             fused = {key: v for key, v in row.items() if key.startswith("ms_fused")}
             row["best"] = min(fused, key=fused.get)
             row["ms_fused_best"] = fused[row["best"]]

@@ -43,6 +43,8 @@ BLOCK_N = 32
 NUM_WARPS = 4
 #: gather a centroid's channels as one contiguous load (False: one load per channel; same values, not tuned yet)
 VECTOR = True
+#: software-pipelining stages of the token loop (None: Triton's default)
+NUM_STAGES: int | None = None
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132  # H100/H200
@@ -219,6 +221,7 @@ def decode_state(
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
     vector: bool | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` CQ-quantised positions.
 
@@ -229,7 +232,9 @@ def decode_state(
     :data:`BLOCK_N`/:data:`NUM_WARPS`); ``programs_per_sm``: the target of :func:`choose_splits` when ``splits`` is
     None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor: fewer heads' codebooks competing for its
     L1); ``vector``: gather each centroid's ``c`` channels as one contiguous load (default :data:`VECTOR`; only
-    for ``c >= 2``) rather than channel by channel (same values either way). Returns float32 ``(max [B, H, G],
+    for ``c >= 2``) rather than channel by channel (same values either way); ``num_stages``: software-pipelining
+    stages of the token loop (default :data:`NUM_STAGES`; None: Triton's default; each stage holds a block's gathered
+    centroids in shared memory, which the L1 that caches the codebooks gives up). Returns float32 ``(max [B, H, G],
     sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
     v_p``."""
     b, h, g, d = q.shape
@@ -266,6 +271,8 @@ def decode_state(
     l_part = torch.empty_like(m_part)
     a_part = torch.empty((b * h, splits, g, dv), **f32)
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
+    num_stages = NUM_STAGES if num_stages is None else num_stages
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b * h, splits)](
         q, kcode, vcode, kbook, vbook, m_part, l_part, a_part,
         nq, h, split_len, float(scaling),
@@ -274,7 +281,7 @@ def decode_state(
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=triton.next_power_of_2(d),
         BLOCK_DV=triton.next_power_of_2(dv), BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
-        VEC=(VECTOR if vector is None else vector) and c >= 2, num_warps=num_warps,
+        VEC=(VECTOR if vector is None else vector) and c >= 2, num_warps=num_warps, **stages,
     )
     m = torch.empty((b, h, g), **f32)
     l_sum = torch.empty_like(m)
