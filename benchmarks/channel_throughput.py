@@ -18,7 +18,18 @@ Methods (each figure next to the full cache's from the same run):
 * ``kivi4-fused``: KIVI 4-bit with the fused kernel;
 * ``kivi2-fused-1launch``: ``kivi2-fused`` with the kernel's one-launch mode (``kivi_triton.ONE_LAUNCH``);
 * ``snapkv0.3``: SnapKV keeping 30% of the context (eviction alone);
-* ``snapkv0.3+kivi2``/``snapkv0.3+kivi2-fused``: the same survivors stored with KIVI 2-bit (reference path / kernel).
+* ``snapkv0.3+kivi2``/``snapkv0.3+kivi2-fused``: the same survivors stored with KIVI 2-bit (reference path / kernel);
+* ``cq2``/``cq1``: Coupled Quantization at 2 / 1 bits per channel (4 / 8 channels share one 8-bit code; no
+  full-precision residual), nothing evicted, PyTorch reference attention; ``cq2-fused``/``cq1-fused``: the same storage
+  decoded with the fused Triton kernel (:mod:`squeezekv.channel.coupled_triton`); ``snapkv0.3+cq2``/
+  ``snapkv0.3+cq2-fused``: SnapKV's 30% stored with CQ 2-bit. The codebooks are random centroids of the model's shape
+  (speed and memory do not depend on their values; they are shared by all sequences and not counted in the cache's
+  bytes), written to a temporary calibration file and loaded by the method; the cache is filled through the layer's
+  own ``flush`` (nearest-centroid codes of the random keys/values).
+
+    # CQ (GPU, one call, ~3 min):
+    python benchmarks/channel_throughput.py --out benchmarks/results/channel/gpu_cq --no-check --batches 1,16,64 \
+        --steps 8 --max-probes 3 --methods full,cq2,cq2-fused,cq1-fused,snapkv0.3+cq2-fused
 
 ``--methods a,b,c`` picks methods (default: all). ``-fused`` methods need CUDA and triton; elsewhere they are
 skipped (recorded with a ``skipped`` note). A GPU run starts with a correctness check on one layer of the model
@@ -59,7 +70,7 @@ import transformers  # noqa: E402
 
 import squeezekv  # noqa: E402
 from squeezekv.bench import build_model, free, full_cache, kv_bytes, or_oom, timed  # noqa: E402
-from squeezekv.channel import quantized  # noqa: E402
+from squeezekv.channel import coupled, quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
 KIVI2 = {"bits": 2, "group_size": 32, "residual": 128, "kernel": "torch"}
@@ -76,6 +87,54 @@ METHODS: dict[str, tuple[str | None, float, dict[str, Any] | None]] = {
     "snapkv0.3+kivi2": ("snapkv", 0.3, KIVI2),
     "snapkv0.3+kivi2-fused": ("snapkv", 0.3, KIVI2_FUSED),
 }
+
+# -- Coupled Quantization (channel "coupled"): random codebooks of the model's shape (speed and memory do not depend on
+# the centroids), set through the method's API and loaded from a file by ``prepare``; no full-precision residual
+CQ2 = {"bits": 2, "residual": 0, "kernel": "torch"}
+CQ1 = {**CQ2, "bits": 1}
+METHODS.update({
+    "cq2": ("none", 1.0, CQ2),
+    "cq1": ("none", 1.0, CQ1),
+    "cq2-fused": ("none", 1.0, {**CQ2, "kernel": "triton"}),
+    "cq1-fused": ("none", 1.0, {**CQ1, "kernel": "triton"}),
+    "snapkv0.3+cq2": ("snapkv", 0.3, CQ2),
+    "snapkv0.3+cq2-fused": ("snapkv", 0.3, {**CQ2, "kernel": "triton"}),
+})
+_CQ_FILES: dict[tuple[Any, ...], str] = {}
+coupled.NEAREST_CHUNK = 4096  # fewer, larger nearest-centroid searches when the cache is filled (<= 1 GiB, fill only)
+#: the fused CQ kernel's defaults, e.g. CQ_KERNEL=32,4,4,1,0 (tokens per block, warps, programs per multiprocessor,
+#: vector gathers, pipelining stages or 0 for Triton's default; see benchmarks/cq_kernel_sweep.py)
+CQ_KERNEL = __import__("os").environ.get("CQ_KERNEL", "")
+
+
+def channel_of(model: Any, method: str) -> tuple[str | None, dict[str, Any] | None]:
+    """Channel method name and parameters of ``method`` (CQ: with a file of random codebooks of the model's shape)."""
+    channel = METHODS[method][2]
+    if channel is None:
+        return None, None
+    if not method.split("+")[-1].startswith("cq"):
+        return "kivi", channel
+    import tempfile
+
+    from squeezekv.channel.coupled import CoupledQuant
+
+    cfg = model.config
+    h, d, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    cq = CoupledQuant(bits=channel["bits"])
+    key = (cq.bits, cq.coupled, h, d, layers)
+    if key not in _CQ_FILES:
+        k, c = 1 << (cq.bits * cq.coupled), cq.coupled
+        gen = torch.Generator().manual_seed(0)
+        cq.set_codebooks({i: tuple(torch.randn(2, h, d // c, k, c, generator=gen)) for i in range(layers)})
+        _CQ_FILES[key] = str(Path(tempfile.mkdtemp(prefix="cq_books_")) / f"cq{cq.bits}.pt")
+        cq.save(_CQ_FILES[key])
+    if CQ_KERNEL and channel.get("kernel") == "triton":
+        from squeezekv.channel import coupled_triton
+
+        block_n, warps, per_sm, vector, stages = (int(x) for x in CQ_KERNEL.split(","))
+        coupled_triton.BLOCK_N, coupled_triton.NUM_WARPS, coupled_triton.PROGRAMS_PER_SM = block_n, warps, per_sm
+        coupled_triton.VECTOR, coupled_triton.NUM_STAGES = bool(vector), stages or None
+    return "coupled", {**channel, "calibration": _CQ_FILES[key]}
 
 
 def fused_unavailable(method: str, device: str) -> str | None:
@@ -151,8 +210,10 @@ def make_cache(model: Any, method: str, batch: int, context: int, device: str) -
     n = context if keep >= 1.0 else max(1, int(round(keep * context)))
     budget = n if keep < 1.0 else cfg.max_position_embeddings
     plan = BudgetPlan(budgets=(budget,) * layers, base=budget, allocation="uniform")
-    cache = squeezekv.make_cache(model, policy, budget, "uniform", plan=plan, channel="kivi" if channel else None,
-                                 channel_params=channel, method_params={"window": 64} if policy == "snapkv" else None)
+    channel_name, channel_params = channel_of(model, method)
+    cache = squeezekv.make_cache(model, policy, budget, "uniform", plan=plan, channel=channel_name,
+                                 channel_params=channel_params,
+                                 method_params={"window": 64} if policy == "snapkv" else None)
     for layer in cache.layers:
         layer.lazy_initialization(*(torch.empty(batch, kv_heads, 0, head_dim, device=device, dtype=dtype),) * 2)
         layer.seen, layer.prefill_done, layer.compressed = context, True, keep < 1.0

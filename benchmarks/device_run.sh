@@ -92,6 +92,22 @@ if [ "${1:-}" = graph ]; then
     kvpress 1,16,64,256
     exit 0
 fi
+if [ "${1:-}" = cq ]; then
+    # issue 8, Coupled Quantization: decode tokens/s at batch 1/16/64 and max batch vs the full cache, torch path vs
+    # the fused Triton kernel (random codebooks; results saved after each measurement, so a timeout keeps them)
+    mkdir -p $OUT/cq
+    py 170 benchmarks/channel_throughput.py --out $OUT/cq --no-check --batches 1,16,64 --steps 8 --max-probes 3 \
+        --methods full,cq2,cq2-fused,cq1-fused,snapkv0.3+cq2-fused
+    exit 0
+fi
+if [ "${1:-}" = cqk ]; then
+    # the fused CQ kernel: its GPU tests, then the kernel alone (block/warps/programs-per-SM sweep) vs torch and SDPA
+    PYTHONPATH=/tmp/site:src timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_coupled_triton.py \
+        2>&1 | tail -n 15
+    mkdir -p $OUT/cqk
+    py 80 benchmarks/cq_kernel_sweep.py --out $OUT/cqk --batches 1,64
+    exit 0
+fi
 ours --out $OUT/prefill.json --only prefill --methods full,window,streamingllm,h2o,snapkv
 ours --out $OUT/decode_maxbatch.json --only maxbatch,decode --methods full,window:16 --batches 16,64,256
 ours --out $OUT/decode.json --only decode --methods streamingllm:16,h2o:16,snapkv --batches 16,64,256

@@ -10,7 +10,10 @@ calibration activations. The paper's "CQ-<c>c<w>b" configurations: ``8c8b`` = 1 
 Parameters: ``bits`` per channel (1 or 2), ``channels`` coupled per group (0 = ``8 // bits``: one 8-bit code per
 group, the paper's 8c8b / 4c8b), ``residual`` newest tokens kept in full precision (0 = none; the prompt still
 attends to itself in full precision before it is quantised), ``calibration``: a file the codebooks are saved to and
-loaded from, ``calib_tokens``/``iters``/``seed`` of the calibration.
+loaded from, ``calib_tokens``/``iters``/``seed`` of the calibration, ``kernel``: how a decoding step attends over the
+quantised tokens (``"auto"``: the fused Triton kernel of :mod:`squeezekv.channel.coupled_triton` on CUDA, else the
+PyTorch reference path, so CPU behaviour never changes; ``"torch"``: always the reference path; ``"triton"``: the
+kernel, ValueError where it cannot run; same semantics as KIVI's ``kernel``).
 
 Calibration (:func:`calibrate`): the model runs over calibration text with transformers' own cache and the cached
 keys (after rotary embedding, as squeezekv stores them) and values of every layer are clustered with k-means
@@ -28,6 +31,7 @@ the method and are not counted in a cache's bytes (:meth:`CoupledQuant.codebook_
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,12 @@ from .quantized import QuantizedLayer
 
 #: largest groups x points x centroids seeded with k-means++ (larger problems: random distinct points)
 KMEANS_PP_LIMIT = 1 << 22
+#: points per chunk of the nearest-centroid search when tokens are quantised (memory: groups x chunk x centroids floats)
+NEAREST_CHUNK = 1024
+#: values of :attr:`CoupledQuant.kernel`
+KERNELS = ("auto", "torch", "triton")
+_NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
+_KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
 #: calibration pages are shorter than this (the evaluation's linux-doc pages are at least this long)
 CALIB_MAX_CHARS = EVAL_MIN_CHARS
 
@@ -177,6 +187,21 @@ def calibrate(model: Any, input_ids: torch.Tensor, bits: int, channels: int, ite
 
 
 # -- the layer ------------------------------------------------------------------------------------------------------
+def _auto_uses_kernel(device: torch.device) -> bool:
+    """Whether kernel "auto" tries the fused kernel on ``device`` (CUDA only: CPU behaviour never changes)."""
+    return device.type == "cuda"
+
+
+def _triton_module() -> Any:
+    """:mod:`squeezekv.channel.coupled_triton`, or None when triton is not importable (imported on first use)."""
+    try:
+        from . import coupled_triton
+    except ImportError:
+        return None
+    return coupled_triton
+
+
+# --------------------------------------------------------------------------------------------------------
 class CoupledLayer(QuantizedLayer):
     """Storage: ``kcode``/``vcode`` ``[B, H, nq, (D / c) * bits * c / 8]`` uint8 (one code of ``bits * c`` bits per
     channel group, packed), codebooks ``[H, D / c, 2**(bits*c), c]`` shared with the method. A layer that stores values
@@ -189,6 +214,8 @@ class CoupledLayer(QuantizedLayer):
         self.method = method
         self.c = method.coupled
         self.width = method.bits * method.coupled  # bits per code
+        self.kernel = method.kernel
+        self._cast_books: tuple[torch.Tensor, torch.Tensor] | None = None  # codebooks in the query's dtype
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -200,6 +227,7 @@ class CoupledLayer(QuantizedLayer):
                     f"{book.shape[1] * book.shape[3]} channels) do not match the model ({h} heads x {t.shape[-1]})"
                 )
         self.kbook, self.vbook = (kb if self.stores_keys else None), vb
+        self._cast_books = None
         if self.stores_keys:  # a values-only layer has no key codes
             self.kcode = torch.empty((b, h, 0, d // self.c * self.width // 8), dtype=torch.uint8, device=self.device)
         self.vcode = torch.empty((b, h, 0, value_states.shape[-1] // self.c * self.width // 8), dtype=torch.uint8,
@@ -210,7 +238,7 @@ class CoupledLayer(QuantizedLayer):
         b, h, m, d = x.shape
         ng = d // self.c
         xg = x.float().reshape(b, h, m, ng, self.c).permute(1, 3, 0, 2, 4).reshape(h * ng, b * m, self.c)
-        idx = nearest(xg, book.reshape(h * ng, -1, self.c))  # [H * ng, B * m]
+        idx = nearest(xg, book.reshape(h * ng, -1, self.c), NEAREST_CHUNK)  # [H * ng, B * m]
         idx = idx.reshape(h, ng, b, m).permute(2, 0, 3, 1)  # [B, H, m, ng]
         return pack(idx, self.width)
 
@@ -236,6 +264,50 @@ class CoupledLayer(QuantizedLayer):
         k = self._decode(rows(self.kcode), self.kbook) if keys and self.stores_keys else None
         return k, self._decode(rows(self.vcode), self.vbook)
 
+    def _kernel_blocker(self, qg: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+        """None if the fused kernel can compute :meth:`_quantised_state` for this call, else why not
+        (:data:`_NOT_DECODING` when only the query shape or mask is the reason)."""
+        ct = _triton_module()
+        if ct is None:
+            return "triton is not importable (pip install 'squeezekv[gpu]')"
+        if not self.stores_keys:
+            return "the layer stores values only"
+        why = ct.supports(qg.device, qg.shape[-1], self.values.shape[-1], self.width, self.c, qg.dtype)
+        if why is None and (mask is not None or qg.shape[3] != 1):
+            return _NOT_DECODING
+        return why
+
+    def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the fused kernel for decoding steps (kernel "auto" only on CUDA: CPU behaviour never changes)
+        if self.kernel == "torch" or (self.kernel == "auto" and not _auto_uses_kernel(qg.device)):
+            return super()._quantised_state(qg, mask, scaling)
+        why = self._kernel_blocker(qg, mask)
+        if why is not None:
+            if self.kernel == "triton" and why is not _NOT_DECODING:
+                raise ValueError(f"coupled kernel='triton' cannot run on layer {self.layer_idx}: {why}; "
+                                 "use kernel='auto' or 'torch'")
+            return super()._quantised_state(qg, mask, scaling)
+        global _KERNEL_FAILED
+        if self.kernel == "auto" and _KERNEL_FAILED is not None:
+            return super()._quantised_state(qg, mask, scaling)
+        n = self.nq
+        try:
+            if self._cast_books is None or self._cast_books[0].dtype != qg.dtype:  # cast once, not per step
+                self._cast_books = (self.kbook.to(qg.dtype), self.vbook.to(qg.dtype))
+            m, s, acc = _triton_module().decode_state(qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n],
+                                                      *self._cast_books, scaling)  # [B, H, G], .., [B, H, G, Dv]
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good
+            if self.kernel == "triton":
+                raise
+            _KERNEL_FAILED = f"{type(e).__name__}: {e}"
+            warnings.warn(f"coupled: the fused Triton kernel failed ({_KERNEL_FAILED}); using the PyTorch reference "
+                          "path from now on", RuntimeWarning, stacklevel=2)
+            return super()._quantised_state(qg, mask, scaling)
+        return m[..., None], s[..., None], acc[:, :, :, None]
+
     def _gather_quantised(self, idx: torch.Tensor) -> None:
         for name in ("kcode", "vcode")[0 if self.stores_keys else 1:]:
             t = getattr(self, name)
@@ -257,6 +329,7 @@ class CoupledQuant(ChannelMethod):
     calib_tokens: int = 4096
     iters: int = 25
     seed: int = 0
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (1, 2):
@@ -270,6 +343,8 @@ class CoupledQuant(ChannelMethod):
                 raise ValueError(f"coupled {name}={v!r} is out of range: must be an integer >= 0")
         if isinstance(self.calib_tokens, bool) or not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"coupled calib_tokens={self.calib_tokens!r} is out of range: must be an integer >= 1")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"coupled kernel={self.kernel!r} is out of range: choose one of {KERNELS}")
         self._books: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._on_device: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -277,6 +352,12 @@ class CoupledQuant(ChannelMethod):
     def coupled(self) -> int:
         """Channels coupled per group (``channels``, or ``8 // bits`` when 0)."""
         return self.channels or 8 // self.bits
+
+    def make_layer(self, cache: Any, layer_idx: int, role: type | None = None, **role_kwargs: Any) -> CoupledLayer:
+        if self.kernel == "triton" and _triton_module() is None:
+            raise ValueError("coupled kernel='triton' needs the triton package (pip install 'squeezekv[gpu]'); "
+                             "use kernel='auto' or 'torch'")
+        return super().make_layer(cache, layer_idx, role, **role_kwargs)
 
     def describe(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
