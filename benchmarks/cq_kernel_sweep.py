@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-if "cpu" in sys.argv[sys.argv.index("--device") + 1:][:1]:  # the interpreter must be on before triton is imported
+if "--device" in sys.argv and "cpu" in sys.argv[sys.argv.index("--device") + 1:][:1]:  # interpreter before triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402

@@ -315,8 +315,9 @@ def test_gpu_kernel_state_equals_codebook_reference(ct_gpu, bits, c, d, g, dtype
     dev = [t.cuda() for t in cpu]
     rm, rs, racc = _state_reference(*cpu, 0.125)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for splits, vector in ((None, True), (1, True), (7, False), (None, False)):
-        m, s, acc = (t.double().cpu() for t in ct_gpu.decode_state(*dev, 0.125, splits=splits, vector=vector))
+    for splits, vector, stages in ((None, True, None), (1, True, 1), (7, False, None), (None, False, 1)):
+        m, s, acc = (t.double().cpu() for t in ct_gpu.decode_state(*dev, 0.125, splits=splits, vector=vector,
+                                                                    num_stages=stages))
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
 

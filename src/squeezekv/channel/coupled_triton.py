@@ -43,8 +43,14 @@ BLOCK_N = 32
 NUM_WARPS = 4
 #: gather a centroid's channels as one contiguous load (False: one load per channel; same values, not tuned yet)
 VECTOR = True
-#: software-pipelining stages of the token loop (None: Triton's default)
+#: software-pipelining stages of the token loop (None: :data:`NUM_STAGES_LARGE` for at least
+#: :data:`LARGE_ROWS` (row, KV head) pairs, else Triton's default). Measured on an H100 (8B shape, 4k tokens,
+#: benchmarks/results/channel/gpu/h100_cq_kernel_sweep.json): 1 stage took 0.58 / 0.47 ms vs 1.10 / 0.62 ms with
+#: Triton's default at batch 64 (2 / 1 bits), but 0.16 / 0.12 vs 0.09 / 0.10 ms at batch 1: pipelined stages keep
+#: gathered centroids in shared memory, which the L1 caching the codebooks gives up once many heads run at once
 NUM_STAGES: int | None = None
+NUM_STAGES_LARGE = 1
+LARGE_ROWS = 128
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
 _DEFAULT_SMS = 132  # H100/H200
@@ -233,7 +239,7 @@ def decode_state(
     None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor: fewer heads' codebooks competing for its
     L1); ``vector``: gather each centroid's ``c`` channels as one contiguous load (default :data:`VECTOR`; only
     for ``c >= 2``) rather than channel by channel (same values either way); ``num_stages``: software-pipelining
-    stages of the token loop (default :data:`NUM_STAGES`; None: Triton's default; each stage holds a block's gathered
+    stages of the token loop (default :data:`NUM_STAGES`, see there; each stage holds a block's gathered
     centroids in shared memory, which the L1 that caches the codebooks gives up). Returns float32 ``(max [B, H, G],
     sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
     v_p``."""
@@ -272,6 +278,8 @@ def decode_state(
     a_part = torch.empty((b * h, splits, g, dv), **f32)
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
     num_stages = NUM_STAGES if num_stages is None else num_stages
+    if num_stages is None and b * h >= LARGE_ROWS:
+        num_stages = NUM_STAGES_LARGE
     stages = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b * h, splits)](
         q, kcode, vcode, kbook, vbook, m_part, l_part, a_part,
