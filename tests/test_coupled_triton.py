@@ -18,6 +18,7 @@ import torch
 
 import squeezekv
 from squeezekv.channel import coupled as cq
+from squeezekv.channel import kernels
 from squeezekv.channel.packing import pack, unpack
 from squeezekv.channel.quantized import QuantizedLayer
 
@@ -226,8 +227,8 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(ct, make_model, make_ids
         raise RuntimeError("no kernel for this GPU")
 
     monkeypatch.setattr(ct, "decode_state", boom)
-    monkeypatch.setattr(cq, "_KERNEL_FAILED", None)
-    monkeypatch.setattr(cq, "_auto_uses_kernel", lambda device: True)
+    monkeypatch.setattr(kernels, "FAILED", {})
+    monkeypatch.setattr(kernels, "auto_uses_kernel", lambda device: True)
     model = make_model("llama")
     ids = make_ids(1, PROMPT + 3)
     params = {"bits": 1, "calibration": _books_file(model, tmp_path, 1, 8)}
@@ -239,7 +240,7 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(ct, make_model, make_ids
             warnings.simplefilter("always")
             logits[kernel] = _teacher_forced(model, cache, ids)
         assert len([w for w in caught if "no kernel for this GPU" in str(w.message)]) == (kernel == "auto")
-    assert cq._KERNEL_FAILED == "RuntimeError: no kernel for this GPU"
+    assert kernels.FAILED == {"coupled": "RuntimeError: no kernel for this GPU"}
     for a, b in zip(logits["auto"], logits["torch"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     cache = squeezekv.make_cache(model, "window", 4096, channel="coupled", channel_params={**params,
@@ -252,7 +253,7 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(ct, make_model, make_ids
 def test_kernel_parameter_is_validated(make_model, monkeypatch):
     with pytest.raises(ValueError, match="kernel='fast' is out of range"):
         squeezekv.registry.make_channel("coupled", kernel="fast")
-    monkeypatch.setattr(cq, "_triton_module", lambda: None)  # as on a machine without triton
+    monkeypatch.setattr(kernels, "kernel_module", lambda name: None)  # as on a machine without triton
     with pytest.raises(ValueError, match="needs the triton package"):
         squeezekv.registry.make_channel("coupled", kernel="triton").make_layer(None, 0)
 

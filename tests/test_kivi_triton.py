@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import squeezekv
-from squeezekv.channel import kivi
+from squeezekv.channel import kernels
 from squeezekv.channel.packing import pack
 from squeezekv.channel.quantized import QuantizedLayer
 
@@ -293,7 +293,7 @@ def test_auto_keeps_the_torch_path_on_cpu_and_triton_needs_a_device(kt, make_mod
 def test_kernel_parameter_is_validated(make_model, monkeypatch):
     with pytest.raises(ValueError, match="kernel='fast' is out of range"):
         squeezekv.registry.make_channel("kivi", kernel="fast")
-    monkeypatch.setattr(kivi, "_triton_module", lambda: None)  # as on a machine without triton
+    monkeypatch.setattr(kernels, "kernel_module", lambda name: None)  # as on a machine without triton
     with pytest.raises(ValueError, match="needs the triton package"):
         squeezekv.make_cache(make_model("llama"), "window", 64, channel="kivi", channel_params={"kernel": "triton"})
 
@@ -401,8 +401,8 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(kt, make_model, make_ids
 
     monkeypatch.setattr(kt, "decode_state", boom)
     monkeypatch.setattr(kt, "decode_attend", boom)
-    monkeypatch.setattr(kivi, "_KERNEL_FAILED", None)
-    monkeypatch.setattr(kivi, "_auto_uses_kernel", lambda device: True)
+    monkeypatch.setattr(kernels, "FAILED", {})
+    monkeypatch.setattr(kernels, "auto_uses_kernel", lambda device: True)
     model = make_model("llama")
     ids = make_ids(1, PROMPT + 3)
     logits = {}
@@ -413,7 +413,7 @@ def test_auto_falls_back_for_good_when_the_kernel_fails(kt, make_model, make_ids
             warnings.simplefilter("always")
             logits[kernel] = _teacher_forced(model, cache, ids)
         assert len([w for w in caught if "no kernel for this GPU" in str(w.message)]) == (kernel == "auto")
-    assert kivi._KERNEL_FAILED == "RuntimeError: no kernel for this GPU"
+    assert kernels.FAILED == {"kivi": "RuntimeError: no kernel for this GPU"}
     for a, b in zip(logits["auto"], logits["torch"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     cache = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params={**KIVI_SMALL,

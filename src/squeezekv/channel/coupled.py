@@ -31,7 +31,6 @@ the method and are not counted in a cache's bytes (:meth:`CoupledQuant.codebook_
 from __future__ import annotations
 
 import argparse
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from ..eval.data import EVAL_MIN_CHARS
 from ..registry import register_channel
 from .base import ChannelMethod
+from .kernels import FusedKernelChoice, check_kernel
 from .packing import check_width, pack, unpack
 from .quantized import QuantizedLayer
 
@@ -49,9 +49,6 @@ KMEANS_PP_LIMIT = 1 << 22
 #: points per chunk of the nearest-centroid search when tokens are quantised (memory: groups x chunk x centroids floats)
 NEAREST_CHUNK = 1024
 #: values of :attr:`CoupledQuant.kernel`
-KERNELS = ("auto", "torch", "triton")
-_NOT_DECODING = "the kernel attends one unpadded query token per row (a decoding step)"
-_KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
 #: calibration pages are shorter than this (the evaluation's linux-doc pages are at least this long)
 CALIB_MAX_CHARS = EVAL_MIN_CHARS
 
@@ -187,22 +184,7 @@ def calibrate(model: Any, input_ids: torch.Tensor, bits: int, channels: int, ite
 
 
 # -- the layer ------------------------------------------------------------------------------------------------------
-def _auto_uses_kernel(device: torch.device) -> bool:
-    """Whether kernel "auto" tries the fused kernel on ``device`` (CUDA only: CPU behaviour never changes)."""
-    return device.type == "cuda"
-
-
-def _triton_module() -> Any:
-    """:mod:`squeezekv.channel.coupled_triton`, or None when triton is not importable (imported on first use)."""
-    try:
-        from . import coupled_triton
-    except ImportError:
-        return None
-    return coupled_triton
-
-
-# --------------------------------------------------------------------------------------------------------
-class CoupledLayer(QuantizedLayer):
+class CoupledLayer(FusedKernelChoice, QuantizedLayer):
     """Storage: ``kcode``/``vcode`` ``[B, H, nq, (D / c) * bits * c / 8]`` uint8 (one code of ``bits * c`` bits per
     channel group, packed), codebooks ``[H, D / c, 2**(bits*c), c]`` shared with the method. A layer that stores values
     only (:attr:`SqueezeLayer.stores_keys` False) has ``vcode`` and no key codes."""
@@ -264,48 +246,27 @@ class CoupledLayer(QuantizedLayer):
         k = self._decode(rows(self.kcode), self.kbook) if keys and self.stores_keys else None
         return k, self._decode(rows(self.vcode), self.vbook)
 
-    def _kernel_blocker(self, qg: torch.Tensor, mask: torch.Tensor | None) -> str | None:
-        """None if the fused kernel can compute :meth:`_quantised_state` for this call, else why not
-        (:data:`_NOT_DECODING` when only the query shape or mask is the reason)."""
-        ct = _triton_module()
-        if ct is None:
-            return "triton is not importable (pip install 'squeezekv[gpu]')"
+    method_name = "coupled"
+    kernel_module_name = "coupled_triton"
+
+    def _kernel_support(self, kt: Any, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
         if not self.stores_keys:
             return "the layer stores values only"
-        why = ct.supports(qg.device, qg.shape[-1], self.values.shape[-1], self.width, self.c, qg.dtype)
-        if why is None and (mask is not None or qg.shape[3] != 1):
-            return _NOT_DECODING
-        return why
+        return kt.supports(device, d, self.values.shape[-1], self.width, self.c, dtype)
 
     def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the fused kernel for decoding steps (kernel "auto" only on CUDA: CPU behaviour never changes)
-        if self.kernel == "torch" or (self.kernel == "auto" and not _auto_uses_kernel(qg.device)):
+        if not self._use_kernel(qg, mask is None and qg.shape[3] == 1):
             return super()._quantised_state(qg, mask, scaling)
-        why = self._kernel_blocker(qg, mask)
-        if why is not None:
-            if self.kernel == "triton" and why is not _NOT_DECODING:
-                raise ValueError(f"coupled kernel='triton' cannot run on layer {self.layer_idx}: {why}; "
-                                 "use kernel='auto' or 'torch'")
-            return super()._quantised_state(qg, mask, scaling)
-        global _KERNEL_FAILED
-        if self.kernel == "auto" and _KERNEL_FAILED is not None:
-            return super()._quantised_state(qg, mask, scaling)
+        if self._cast_books is None or self._cast_books[0].dtype != qg.dtype:  # cast once, not per step
+            self._cast_books = (self.kbook.to(qg.dtype), self.vbook.to(qg.dtype))
         n = self.nq
-        try:
-            if self._cast_books is None or self._cast_books[0].dtype != qg.dtype:  # cast once, not per step
-                self._cast_books = (self.kbook.to(qg.dtype), self.vbook.to(qg.dtype))
-            m, s, acc = _triton_module().decode_state(qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n],
-                                                      *self._cast_books, scaling)  # [B, H, G], .., [B, H, G, Dv]
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good
-            if self.kernel == "triton":
-                raise
-            _KERNEL_FAILED = f"{type(e).__name__}: {e}"
-            warnings.warn(f"coupled: the fused Triton kernel failed ({_KERNEL_FAILED}); using the PyTorch reference "
-                          "path from now on", RuntimeWarning, stacklevel=2)
+        state = self._run_kernel(lambda ct: ct.decode_state(qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n],
+                                                            *self._cast_books, scaling))
+        if state is None:
             return super()._quantised_state(qg, mask, scaling)
+        m, s, acc = state  # [B, H, G], [B, H, G], [B, H, G, Dv]
         return m[..., None], s[..., None], acc[:, :, :, None]
 
     def _gather_quantised(self, idx: torch.Tensor) -> None:
@@ -343,8 +304,7 @@ class CoupledQuant(ChannelMethod):
                 raise ValueError(f"coupled {name}={v!r} is out of range: must be an integer >= 0")
         if isinstance(self.calib_tokens, bool) or not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"coupled calib_tokens={self.calib_tokens!r} is out of range: must be an integer >= 1")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"coupled kernel={self.kernel!r} is out of range: choose one of {KERNELS}")
+        check_kernel("coupled", self.kernel, "coupled_triton")
         self._books: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._on_device: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -354,9 +314,7 @@ class CoupledQuant(ChannelMethod):
         return self.channels or 8 // self.bits
 
     def make_layer(self, cache: Any, layer_idx: int, role: type | None = None, **role_kwargs: Any) -> CoupledLayer:
-        if self.kernel == "triton" and _triton_module() is None:
-            raise ValueError("coupled kernel='triton' needs the triton package (pip install 'squeezekv[gpu]'); "
-                             "use kernel='auto' or 'torch'")
+        check_kernel("coupled", self.kernel, "coupled_triton", at_creation=True)
         return super().make_layer(cache, layer_idx, role, **role_kwargs)
 
     def describe(self) -> str:

@@ -37,7 +37,6 @@ only once an eviction has touched quantised tokens (before that the group of pos
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,27 +44,9 @@ import torch
 
 from ..registry import register_channel
 from .base import ChannelMethod
+from .kernels import FusedKernelChoice, check_kernel
 from .packing import pack, unpack
 from .quantized import QuantizedLayer
-
-#: values of :attr:`KIVI.kernel`
-KERNELS = ("auto", "torch", "triton")
-_KERNEL_FAILED: str | None = None  # why the kernel failed to run once (kernel "auto" then stops trying)
-
-
-def _auto_uses_kernel(device: torch.device) -> bool:
-    """Whether kernel "auto" tries the fused kernel on ``device`` (CUDA only: CPU behaviour never changes)."""
-    return device.type == "cuda"
-
-
-def _triton_module() -> Any:
-    """:mod:`squeezekv.channel.kivi_triton`, or None when triton is not importable (imported on first use)."""
-    try:
-        from . import kivi_triton
-    except ImportError:
-        return None
-    return kivi_triton
-
 
 def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
                                                                                          torch.Tensor]:
@@ -85,7 +66,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> 
     return codes.to(torch.uint8), scale, zero
 
 
-class KIVILayer(QuantizedLayer):
+class KIVILayer(FusedKernelChoice, QuantizedLayer):
     """Storage (``nq`` quantised positions, ``ng`` key groups, ``P = D * bits / 8``): ``kcode``/``vcode``
     ``[B, H, nq, P]`` uint8; ``vscale``/``vzero`` ``[B, H, nq, D / group_size]``; ``kscale``/``kzero``
     ``[B, H, ng, D]``; ``kgid`` ``[B, H, nq]`` int16/int32 or None (group of position p = p // group_size). A layer that
@@ -99,7 +80,6 @@ class KIVILayer(QuantizedLayer):
         self.bits = method.bits
         self.group_size = method.group_size
         self.kernel = method.kernel
-        self._blockers: dict[tuple[Any, ...], str | None] = {}  # (device, dtype, D) -> why the kernel cannot run
         self._plan: dict[str, Any] = {}  # the kernel's launch arguments, reused between flushes (kivi_triton)
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -180,32 +160,11 @@ class KIVILayer(QuantizedLayer):
             k = kc * self.kscale.gather(2, gid) + self.kzero.gather(2, gid)
         return k, values
 
-    def _device_blocker(self, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
-        """Why the kernel cannot run for queries of this device, dtype and head dimension (None: it can); cached per
-        layer (the layer's bits, group size and value head dimension do not change)."""
-        key = (device, dtype, d)
-        if key not in self._blockers:
-            kt = _triton_module()
-            if kt is None:
-                why = "triton is not importable (pip install 'squeezekv[gpu]')"
-            else:
-                why = kt.supports(device, d, self.values.shape[-1], self.bits, self.group_size, dtype)
-            self._blockers[key] = why
-        return self._blockers[key]
+    method_name = "kivi"
+    kernel_module_name = "kivi_triton"
 
-    def _use_kernel(self, q: torch.Tensor, decoding: bool) -> bool:
-        """Whether this call of queries ``q`` (``[.., D]``) runs the fused kernel; raises for kernel "triton" when it
-        cannot run on this device/layout (not for a call that is only not a decoding step)."""
-        if self.kernel == "torch" or (self.kernel == "auto" and (not _auto_uses_kernel(q.device)
-                                                                 or _KERNEL_FAILED is not None)):
-            return False
-        why = self._device_blocker(q.device, q.dtype, q.shape[-1])
-        if why is not None:
-            if self.kernel == "triton":
-                raise ValueError(f"kivi kernel='triton' cannot run on layer {self.layer_idx}: {why}; "
-                                 "use kernel='auto' or 'torch'")
-            return False
-        return decoding
+    def _kernel_support(self, kt: Any, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
+        return kt.supports(device, d, self.values.shape[-1], self.bits, self.group_size, dtype)
 
     def _kernel_storage(self) -> tuple[torch.Tensor, ...]:
         """The packed storage the kernel reads: codes, scales/zeros and group ids (or None) of positions ``0..nq-1``
@@ -217,21 +176,6 @@ class KIVILayer(QuantizedLayer):
 
         return (used(self.kcode), used(self.vcode), self.kscale, self.kzero, used(self.vscale), used(self.vzero),
                 None if self.kgid is None else used(self.kgid))
-
-    def _run_kernel(self, call: Any) -> Any:
-        """``call(kivi_triton)``, or None when it failed under kernel "auto" (then the reference path for good)."""
-        global _KERNEL_FAILED
-        try:
-            return call(_triton_module())
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # e.g. the kernel does not compile for this GPU: "auto" falls back, for good
-            if self.kernel == "triton":
-                raise
-            _KERNEL_FAILED = f"{type(e).__name__}: {e}"
-            warnings.warn(f"kivi: the fused Triton kernel failed ({_KERNEL_FAILED}); using the PyTorch reference "
-                          "path from now on", RuntimeWarning, stacklevel=3)
-            return None
 
     def _quantised_state(self, qg: torch.Tensor, mask: torch.Tensor | None, scaling: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,13 +254,10 @@ class KIVI(ChannelMethod):
             raise ValueError(f"kivi group_size={self.group_size!r} is out of range: must be an integer >= 1")
         if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"kivi residual={self.residual!r} is out of range: must be an integer >= 0")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kivi kernel={self.kernel!r} is out of range: choose one of {KERNELS}")
+        check_kernel("kivi", self.kernel, "kivi_triton")
 
     def make_layer(self, cache: Any, layer_idx: int, role: type | None = None, **role_kwargs: Any) -> KIVILayer:
-        if self.kernel == "triton" and _triton_module() is None:
-            raise ValueError("kivi kernel='triton' needs the triton package (pip install 'squeezekv[gpu]'); "
-                             "use kernel='auto' or 'torch'")
+        check_kernel("kivi", self.kernel, "kivi_triton", at_creation=True)
         return super().make_layer(cache, layer_idx, role, **role_kwargs)
 
     def bytes_per_token(self, head_dim: int, kv_heads: int, dtype_bytes: int) -> float:
