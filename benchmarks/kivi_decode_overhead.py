@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
 from squeezekv.channel import kivi_triton as kt  # noqa: E402
+from squeezekv.channel import triton_common  # noqa: E402
 
 
 class _NoLaunch:
@@ -41,9 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--label", default="this checkout")
     ap.add_argument("--calls", type=int, default=500)
     args = ap.parse_args(argv)
-    for name in ("_split_kernel", "_reduce_kernel", "_finish_kernel", "_split_kernel_planes"):
+    for name in ("_split_kernel", "_finish_kernel", "_split_kernel_planes"):
         if hasattr(kt, name):
             setattr(kt, name, _NoLaunch())
+    triton_common.merge_kernel = _NoLaunch()  # the split merge, shared with CQ's kernel
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=8192)

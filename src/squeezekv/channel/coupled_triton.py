@@ -30,13 +30,15 @@ Import with ``TRITON_INTERPRET=1`` already set to run the kernels on CPU tensors
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import triton_common as _common
+from .triton_common import interpreting
+from .triton_common import sms as _sms
 
 #: tokens per block of a program's loop, and warps per program (defaults, not tuned on a GPU yet)
 BLOCK_N = 32
@@ -53,12 +55,6 @@ NUM_STAGES_LARGE = 1
 LARGE_ROWS = 128
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
-_DEFAULT_SMS = 132  # H100/H200
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def supports(device: torch.device, d: int, dv: int, width: int, channels: int,
@@ -168,51 +164,10 @@ def _split_kernel(
     tl.store(AO + row[:, None] * DV + offs_dv[None, :], acc, mask=gmask[:, None] & dvmask[None, :])
 
 
-@triton.jit
-def _merge_kernel(MO, LO, AO, M, L, A, S, G: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_DV: tl.constexpr):
-    # one program per (row, KV head, query head): merge the S partial states, BLOCK_S splits at a time
-    pid = tl.program_id(0)
-    bh = pid // G
-    g = pid % G
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows0 = bh.to(tl.int64) * S
-    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        smask = s0 + offs_s < S
-        mx = tl.maximum(mx, tl.load(MO + (rows0 + s0 + offs_s) * G + g, mask=smask, other=float("-inf")))
-    m = tl.max(mx, 0)
-    total = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        smask = s0 + offs_s < S
-        row = (rows0 + s0 + offs_s) * G + g
-        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf")) - m)
-        total += tl.load(LO + row, mask=smask, other=0.0) * w
-        part = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & (offs_dv[None, :] < DV),
-                       other=0.0)
-        acc += tl.sum(part * w[:, None], 0)
-    tl.store(M + pid, m)
-    tl.store(L + pid, tl.sum(total, 0))
-    tl.store(A + pid.to(tl.int64) * DV + offs_dv, acc, mask=offs_dv < DV)
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
-
-
 def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N, per_sm: int | None = None) -> tuple[int, int]:
-    """``(splits, tokens per split)``: about ``per_sm`` (default :data:`PROGRAMS_PER_SM`) programs
-    (``B * H * splits``) per multiprocessor, each split a whole number of blocks, none empty."""
-    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
-    blocks = max(1, math.ceil(nq / block_n))
-    want = max(1, math.ceil(per_sm * sms / max(1, bh)))
-    split_len = math.ceil(blocks / min(blocks, want)) * block_n
-    return math.ceil(nq / split_len), split_len
+    """:func:`squeezekv.channel.triton_common.choose_splits` with this kernel's defaults (:data:`BLOCK_N`,
+    :data:`PROGRAMS_PER_SM`)."""
+    return _common.choose_splits(nq, bh, sms, block_n, PROGRAMS_PER_SM if per_sm is None else per_sm)
 
 
 def decode_state(
@@ -291,9 +246,4 @@ def decode_state(
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
         VEC=(VECTOR if vector is None else vector) and c >= 2, num_warps=num_warps, **stages,
     )
-    m = torch.empty((b, h, g), **f32)
-    l_sum = torch.empty_like(m)
-    acc = torch.empty((b, h, g, dv), **f32)
-    _merge_kernel[(b * h * g,)](m_part, l_part, a_part, m, l_sum, acc, splits, G=g, DV=dv, BLOCK_S=16,
-                                BLOCK_DV=triton.next_power_of_2(dv), num_warps=4)
-    return m, l_sum, acc
+    return _common.merge_states(m_part, l_part, a_part, b, h, g, dv, splits)

@@ -55,13 +55,16 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import weakref
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from . import triton_common as _common
+from .triton_common import interpreting
+from .triton_common import sms as _sms
 
 #: tokens per block of a program's loop (interleaved / planes variant), and warps per program (not tuned on a GPU)
 BLOCK_N = 64
@@ -77,12 +80,6 @@ BLOCK_R = 16
 ONE_LAUNCH = False
 #: programs to aim for per streaming multiprocessor when choosing the number of splits
 PROGRAMS_PER_SM = 4
-_DEFAULT_SMS = 132  # H100/H200
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int,
@@ -231,37 +228,6 @@ def _split_kernel(
     if FINISH:
         _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, pid_bh,
                        n_split, b, h, G, D, DV, BLOCK_D_F, BLOCK_DV_F, BLOCK_R)
-
-
-@triton.jit
-def _reduce_kernel(MO, LO, AO, M, L, A, S, G: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_DV: tl.constexpr):
-    # S splits read BLOCK_S at a time (a fixed block: a growing split count never compiles a new variant)
-    pid = tl.program_id(0)  # one (row, KV head, query head of the group)
-    bh = pid // G
-    g = pid % G
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    base = bh.to(tl.int64) * S
-    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        smask = s0 + offs_s < S
-        m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf")))
-    m_tot = tl.max(m_max, 0)
-    l_tot = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        smask = s0 + offs_s < S
-        row = (base + s0 + offs_s) * G + g  # [BLOCK_S] rows of [B*H, S, G]
-        w = tl.exp(tl.load(MO + row, mask=smask, other=float("-inf")) - m_tot)  # 0 for the padding
-        l_tot += tl.load(LO + row, mask=smask, other=0.0) * w
-        a = tl.load(AO + row[:, None] * DV + offs_dv[None, :], mask=smask[:, None] & (offs_dv[None, :] < DV),
-                    other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
-    out = pid.to(tl.int64)
-    tl.store(M + out, m_tot)
-    tl.store(L + out, tl.sum(l_tot, 0))
-    tl.store(A + out * DV + offs_dv, acc, mask=offs_dv < DV)
 
 
 @triton.jit
@@ -439,7 +405,7 @@ def _split_kernel_planes(
 def _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, bh, g, b, h,
                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as _reduce_kernel), then attend to the
+    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as :func:`squeezekv.channel.triton_common.merge_kernel`), then attend to the
     r full-precision residual tokens (keys RK / values RV [B, H, r, D], any strides with a unit last stride) with
     the same online softmax, and store the normalised output in the output's dtype. The split states are loaded
     through L2 only (``.cg``): in the one-launch mode other programs wrote them during this kernel."""
@@ -521,27 +487,15 @@ def _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, sr
 
 
 @functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
-
-
-@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
 def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N,
                   programs_per_sm: int | None = None) -> tuple[int, int]:
-    """``(splits, tokens per split)``: enough programs (``B * H * splits``) for about ``programs_per_sm`` (default
-    :data:`PROGRAMS_PER_SM`) per multiprocessor, each split a whole number of blocks and none empty."""
-    pps = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-    blocks = max(1, math.ceil(nq / block_n))
-    want = max(1, math.ceil(pps * sms / max(1, bh)))
-    per = math.ceil(blocks / min(blocks, want))
-    split_len = per * block_n
-    return math.ceil(nq / split_len), split_len
+    """:func:`squeezekv.channel.triton_common.choose_splits` with this kernel's defaults (:data:`BLOCK_N`,
+    :data:`PROGRAMS_PER_SM`)."""
+    return _common.choose_splits(nq, bh, sms, block_n, PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm)
 
 
 def planes_apply(d: int, dv: int, bits: int, group_size: int, dot: bool = True) -> bool:
@@ -701,15 +655,7 @@ def decode_state(
     m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
                                                      group_size, scaling, splits, block_n, num_warps, variant,
                                                      programs_per_sm, plan)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    m = torch.empty((b, h, g), **f32)
-    l_sum = torch.empty_like(m)
-    acc = torch.empty((b, h, g, dv), **f32)
-    _reduce_kernel[(b * h * g,)](
-        m_part, l_part, a_part, m, l_sum, acc, splits, G=g, DV=dv,
-        BLOCK_S=16, BLOCK_DV=triton.next_power_of_2(dv), num_warps=4,
-    )
-    return m, l_sum, acc
+    return _common.merge_states(m_part, l_part, a_part, b, h, g, dv, splits)
 
 
 def decode_attend(
