@@ -6,17 +6,13 @@ fresh process when this one already imported triton without it) and are skipped 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
 import squeezekv
+from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 from squeezekv.channel import coupled as cq
 from squeezekv.channel import kernels
 from squeezekv.channel.packing import pack, unpack
@@ -25,45 +21,15 @@ from squeezekv.channel.quantized import QuantizedLayer
 PROMPT = 40
 
 
-def _interpreted() -> bool:
-    """Whether triton, as imported in this process, runs kernels in its CPU interpreter (decided at its import)."""
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(standard._sum_combine, InterpretedFunction)
-
-
 @pytest.fixture(scope="module")
 def ct():
     """``squeezekv.channel.coupled_triton`` imported with the interpreter on (dropped again afterwards)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        if not _interpreted():
-            pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process: "
-                        "test_kernel_tests_in_a_fresh_process runs these")
-        sys.modules.pop("squeezekv.channel.coupled_triton", None)
-        yield importlib.import_module("squeezekv.channel.coupled_triton")
-    finally:
-        sys.modules.pop("squeezekv.channel.coupled_triton", None)
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    yield from interpreter_module("squeezekv.channel.coupled_triton")
 
 
 def test_kernel_tests_in_a_fresh_process():
     """When this process imported triton without the interpreter, run the kernel tests in a fresh one."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if "triton" not in sys.modules or _interpreted():
-        pytest.skip("the kernel tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "not fresh_process"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def _state_reference(q, kc, vc, kb, vb, scaling):
@@ -266,16 +232,11 @@ def test_kernel_parameter_is_validated(make_model, monkeypatch):
 def test_kernel_compiles_for_sm90(dtype, g, d, c, w, block_n, vector, stages):
     """The split kernel compiles to a cubin for an H100 (sm_90) without a GPU (Triton's bundled ptxas): catches what
     the interpreter does not check (layouts, vector widths, shared memory)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+    fn = compiled_module("squeezekv.channel.coupled_triton", need_gpu=False)._split_kernel
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if _interpreted():
-        pytest.skip("triton runs in its CPU interpreter in this process")
-    sys.modules.pop("squeezekv.channel.coupled_triton", None)
-    fn = importlib.import_module("squeezekv.channel.coupled_triton")._split_kernel
     names = fn.arg_names
     consts = dict(G=g, D=d, DV=d, C=c, W=w, BLOCK_G=16, BLOCK_D=d, BLOCK_DV=d, BLOCK_N=block_n,
                   PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False, VEC=vector)
@@ -297,14 +258,7 @@ def test_kernel_compiles_for_sm90(dtype, g, d, c, w, block_n, vector, stages):
 @pytest.fixture(scope="module")
 def ct_gpu():
     """``squeezekv.channel.coupled_triton`` compiled for the GPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if _interpreted():
-        pytest.skip("triton runs in its CPU interpreter in this process")
-    sys.modules.pop("squeezekv.channel.coupled_triton", None)
-    return importlib.import_module("squeezekv.channel.coupled_triton")
+    return compiled_module("squeezekv.channel.coupled_triton")
 
 
 @pytest.mark.gpu

@@ -5,17 +5,13 @@ are skipped when triton is not installed (CI); the ``kernel`` parameter's valida
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
 import squeezekv
+from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 from squeezekv.channel import kernels
 from squeezekv.channel.packing import pack
 from squeezekv.channel.quantized import QuantizedLayer
@@ -24,45 +20,15 @@ PROMPT = 40
 KIVI_SMALL = {"bits": 2, "group_size": 8, "residual": 8}
 
 
-def _interpreted() -> bool:
-    """Whether triton, as imported in this process, runs kernels in its CPU interpreter (decided at its import)."""
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(standard._sum_combine, InterpretedFunction)
-
-
 @pytest.fixture(scope="module")
 def kt():
     """``squeezekv.channel.kivi_triton`` imported with the interpreter on (dropped again afterwards)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton (and each @triton.jit) is imported
-    try:
-        if not _interpreted():
-            pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process: "
-                        "test_kernel_tests_in_a_fresh_process runs these")
-        sys.modules.pop("squeezekv.channel.kivi_triton", None)
-        yield importlib.import_module("squeezekv.channel.kivi_triton")
-    finally:
-        sys.modules.pop("squeezekv.channel.kivi_triton", None)
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    yield from interpreter_module("squeezekv.channel.kivi_triton")
 
 
 def test_kernel_tests_in_a_fresh_process():
     """When this process imported triton without the interpreter, run the kernel tests in a fresh one."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if "triton" not in sys.modules or _interpreted():
-        pytest.skip("the kernel tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "not fresh_process"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def _state_reference(q, kc, vc, ks, kz, vs, vz, gid, bits, gs, scaling):
@@ -302,14 +268,7 @@ def test_kernel_parameter_is_validated(make_model, monkeypatch):
 @pytest.fixture(scope="module")
 def kt_gpu():
     """``squeezekv.channel.kivi_triton`` compiled for the GPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if _interpreted():
-        pytest.skip("triton runs in its CPU interpreter in this process")
-    sys.modules.pop("squeezekv.channel.kivi_triton", None)
-    return importlib.import_module("squeezekv.channel.kivi_triton")
+    return compiled_module("squeezekv.channel.kivi_triton")
 
 
 @pytest.mark.gpu
