@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import torch
-import pytest
 from transformers import DynamicCache
 
 import squeezekv

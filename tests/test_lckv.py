@@ -9,7 +9,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.cache_utils import DummyLayer
 
 from squeezekv.crosslayer.lckv import (
-    LCKVCache,
     LCKVConfig,
     LCKVForCausalLM,
     expected_nbytes,

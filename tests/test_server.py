@@ -3,7 +3,6 @@ streaming and not, reuse across turns, metrics, and bad requests answered with 4
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
