@@ -69,7 +69,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import build_model, free, full_cache, kv_bytes, or_oom, timed  # noqa: E402
+from squeezekv.bench import build_model, free, full_cache, greedy_decode, kv_bytes, or_oom, timed  # noqa: E402
 from squeezekv.channel import coupled, quantized  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -252,16 +252,7 @@ def decode(model: Any, method: str, batch: int, context: int, steps: int, warmup
     cache = make_cache(model, method, batch, context, device)
     live = kv_bytes(cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-
-    def step() -> None:
-        nonlocal ids
-        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        ids = logits[:, -1:].argmax(-1)
-
-    for _ in range(warmup):
-        step()
-    times = timed(lambda: [step() for _ in range(steps)], reps, device)
-    per_step = statistics.median(times) / steps
+    per_step, times = greedy_decode(model, cache, ids, steps, warmup, reps, device)
     res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "times": times, "kv_bytes_start": live,
            "kv_bytes_per_seq": live / batch, "kv_bytes_end": kv_bytes(cache)}

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +35,7 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import full_cache, sync, free  # noqa: E402
+from squeezekv.bench import free, full_cache, greedy_decode  # noqa: E402
 from squeezekv.channel.eigen import FORMAT  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -103,22 +101,7 @@ def decode(model: Any, method: str, batch: int, context: int, calibration: Path,
     cache = make_cache(model, method, batch, context, calibration, device)
     live = kv_bytes(cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-
-    def step() -> None:
-        nonlocal ids
-        ids = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-
-    for _ in range(cfg["warmup"]):
-        step()
-    times = []
-    for _ in range(cfg["reps"]):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(cfg["decode_steps"]):
-            step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    per_step = statistics.median(times) / cfg["decode_steps"]
+    per_step, times = greedy_decode(model, cache, ids, cfg["decode_steps"], cfg["warmup"], cfg["reps"], device)
     res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "times": times, "kv_bytes": live,
            "kv_bytes_per_token": live / (batch * context)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import transformers
 from transformers import DynamicCache
 
 import squeezekv
-from squeezekv.bench import sync, free, is_oom, build_model
+from squeezekv.bench import build_model, free, greedy_decode, is_oom, sync
 from squeezekv.crosslayer.minicache import MiniCacheLayer
 
 #: name -> (squeezekv method or None for DynamicCache, budget fraction, minicache parameters or None);
@@ -79,23 +78,7 @@ def measure(model: Any, name: str, batch: int, args: argparse.Namespace) -> dict
     if pairs:
         total = sum(p.merged_length for p in pairs) * batch * model.config.num_key_value_heads
         retained = sum(p.keys.retained_count() + p.values.retained_count() for p in pairs) / (2 * total)
-    nxt = logits[:, -1:].argmax(-1)
-
-    def step() -> None:
-        nonlocal nxt
-        nxt = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.reps):
-        sync(dev)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(dev)
-        times.append(time.perf_counter() - t)
-    per_step = statistics.median(times) / args.steps
+    per_step, times = greedy_decode(model, cache, logits[:, -1:].argmax(-1), args.steps, args.warmup, args.reps, dev)
     res = {"setting": name, "batch": batch, "context": args.context, "prefill_s": prefill_s,
            "kv_bytes_after_prefill": held, "kv_bytes_end": kv_bytes(cache), "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "times": times, "merged_pairs": len(pairs),

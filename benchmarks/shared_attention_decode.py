@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import squeezekv  # noqa: E402
-from squeezekv.bench import build_model, full_cache, is_oom, kv_bytes, timed  # noqa: E402
+from squeezekv.bench import build_model, full_cache, greedy_decode, is_oom, kv_bytes  # noqa: E402
 from squeezekv.crosslayer.shared_attention import SharedLayer  # noqa: E402
 from squeezekv.plan import BudgetPlan  # noqa: E402
 
@@ -102,16 +101,7 @@ def decode(model: Any, spec: str, batch: int, context: int, steps: int, warmup: 
     cache = make_cache(model, spec, batch, context, device)
     live = kv_bytes(cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-
-    def step() -> None:
-        nonlocal ids
-        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        ids = logits[:, -1:].argmax(-1)
-
-    for _ in range(warmup):
-        step()
-    times = timed(lambda: [step() for _ in range(steps)], reps, device)
-    per_step = statistics.median(times) / steps
+    per_step, times = greedy_decode(model, cache, ids, steps, warmup, reps, device)
     res = {"config": spec, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
            "times_s": times}

@@ -135,6 +135,27 @@ def timed(fn: Callable[[], Any], reps: int, device: str = "cuda") -> list[float]
     return out
 
 
+def greedy_decode(model: Any, cache: Any, first: torch.Tensor, steps: int, warmup: int, reps: int,
+                  device: str = "cuda", step: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[float, list[float]]:
+    """Greedy decoding from ``first`` ``[B, 1]`` on ``cache``: ``warmup`` steps, then ``reps`` timed runs of
+    ``steps`` steps (:func:`timed`). ``step(ids) -> next ids`` replaces the model call (e.g. a CUDA graph).
+    Returns (median seconds per step, seconds of each run)."""
+    if step is None:
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    ids = first
+
+    def one() -> None:
+        nonlocal ids
+        ids = step(ids)
+
+    for _ in range(warmup):
+        one()
+    times = timed(lambda: [one() for _ in range(steps)], reps, device)
+    return statistics.median(times) / steps, times
+
+
 @torch.no_grad()
 def prefill(model: Any, method: str, context: int, budget: float, reps: int, chunk: int = 0) -> dict[str, Any]:
     """Prefill of one ``context``-token prompt (in chunks of ``chunk`` tokens, compressing after each, if > 0)."""
@@ -177,24 +198,14 @@ def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int
 
         graph = GraphDecoder(model, cache, chunk=int(method.split(":")[1]))
 
-    def step() -> None:
-        nonlocal ids
-        if graph is not None:
-            ids = graph.step(ids).argmax(-1, keepdim=True)
-            return
-        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        ids = logits[:, -1:].argmax(-1)
-
-    for _ in range(warmup):
-        step()
-    times = timed(lambda: [step() for _ in range(steps)], reps)
-    per_step = statistics.median(times) / steps
+    per_step, _ = greedy_decode(model, cache, ids, steps, warmup, reps,
+                                step=None if graph is None else lambda x: graph.step(x).argmax(-1, keepdim=True))
     wbytes = weight_bytes(model)
     res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
            "roofline_fraction": (wbytes + live) / hbm_bandwidth() / per_step,
            "peak_allocated": torch.cuda.max_memory_allocated()}
-    del cache, graph
+    cache = graph = None  # released before free()
     free()
     return res
 
