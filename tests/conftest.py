@@ -178,3 +178,33 @@ def _no_grad_and_seed():
     with torch.no_grad():
         yield
 
+
+
+WORDS = ("the cat sat on a mat and we saw many quiet ships under bright stars while old friends "
+         "wrote long letters about rivers hills towns roads music bread").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level tokenizer over ``WORDS`` (capitalised too) and ``.?:,`` — for commands that take text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS + [w.capitalize() for w in WORDS] + list(".?:,"):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def word_text():
+    """``word_text(seed, sentences)``: deterministic sentences of ``WORDS`` (every token known to tiny_tokenizer)."""
+    import random
+
+    def make(seed: int, n: int) -> str:
+        rng = random.Random(seed)
+        return " ".join(" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "." for _ in range(n))
+
+    return make

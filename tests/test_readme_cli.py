@@ -31,6 +31,17 @@ def test_ci_runs_the_readme_test_command():
     assert "torch==2.13.0" in ci
 
 
+def test_ci_runs_the_readme_main_job_with_progress_bars_and_through_a_terminal():
+    """README command 1's main job, exactly as written (no --no-progress), piped and through a pseudo-terminal."""
+    readme_cmd = (ROOT / "README.md").read_text().splitlines()
+    main_job = next(line for line in readme_cmd[:10] if "squeezekv run" in line).rsplit("&&", 1)[-1].strip()
+    assert main_job == "squeezekv run"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert any(line.startswith("squeezekv run |") for line in ci)
+    assert 'script -qec "squeezekv run" /dev/null' in ci
+    assert "set -euo pipefail" in ci
+
+
 def test_cli_choices_come_from_the_registry():
     parser = build_parser()
     run = parser._subparsers._group_actions[0].choices["run"]

@@ -31,7 +31,7 @@ def test_squeezekv_run_on_the_default_model(default_model, capsys):
                "--method", "streamingllm", "--budget", "0.3", "--allocation", "squeeze"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    full, comp = report["results"]["full"], report["results"]["compressed"]
+    full, (comp,) = report["full"], report["compressed"]
     plan = comp["plan"]
     # bytes are measured from the tensors: 30 layers x 3 KV heads x 64 dims x 2 (K, V) x 4 bytes per token
     assert full["kv_bytes_after_prefill"] == 30 * 3 * 64 * 2 * 4 * report["prompt_tokens"]
@@ -42,3 +42,12 @@ def test_squeezekv_run_on_the_default_model(default_model, capsys):
     assert len(plan["details"]["importance"]) == 30
     assert full["found_needle"] is True  # the full cache finds the fact in a short haystack
     assert full["reference_loglik"] > comp["reference_loglik"] - 50  # finite, comparable numbers
+
+
+def test_squeezekv_run_default_table(default_model, capsys):
+    """The main job's default: the full cache and three budgets of the default method in one table."""
+    rc = main(["run", "--no-progress", "--context-tokens", "300", "--max-new-tokens", "12"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for row in ("full cache", "snapkv 0.5", "snapkv 0.3", "snapkv 0.2", "per-layer plan of snapkv 0.2"):
+        assert row in out

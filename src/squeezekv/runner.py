@@ -8,6 +8,7 @@ token after the compressed prompt).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,8 @@ NEEDLES: tuple[Needle, ...] = (
 class RunConfig:
     model: str | None = None
     method: str = "snapkv"
-    budget: float | int | str = 0.2
+    budget: float | int | str | None = None  # one budget (a single compressed cell) instead of ``budgets``
+    budgets: tuple[float | int | str, ...] = (0.5, 0.3, 0.2)
     allocation: str = "squeeze"
     prompt_file: str | None = None
     max_new_tokens: int = 24
@@ -60,8 +62,15 @@ class RunConfig:
     crosslayer: str | None = None
     crosslayer_params: dict[str, Any] = field(default_factory=dict)
 
+    def cell_budgets(self) -> tuple[float | int | str, ...]:
+        """The budgets of the compressed cells: ``budget`` alone when given, else the ``budgets`` sweep."""
+        return (self.budget,) if self.budget is not None else tuple(self.budgets)
+
     def validate(self) -> None:
-        Budget.parse(self.budget)
+        if not self.cell_budgets():
+            raise ValueError("budgets=() is empty: give at least one budget")
+        for b in self.cell_budgets():
+            Budget.parse(b)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is out of range: must be an integer >= 1")
         if not 0.0 <= self.depth <= 1.0:
@@ -138,8 +147,13 @@ class _LayerProgress:
         layers = decoder_layers(self.model)
         self.bar = tqdm(total=len(layers), desc=self.desc, unit="layer", leave=False)
         for layer in layers:
-            self.handles.append(layer.register_forward_hook(lambda *a: self.bar.update(1)))
+            self.handles.append(layer.register_forward_hook(self._advance))
         return self
+
+    def _advance(self, *_: Any) -> None:
+        # a forward hook that returns anything but None replaces the layer's output: tqdm's update() returns True
+        # whenever it redraws, so its result must not be returned
+        self.bar.update(1)
 
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
@@ -148,21 +162,33 @@ class _LayerProgress:
             self.bar.close()
 
 
-@torch.no_grad()
-def greedy(
-    model: Any, prompt: list[int], make_cache: Callable[[], Any], max_new_tokens: int, eos: set[int], device: str,
-    nbytes: Callable[[Any], int], progress: bool = False, desc: str = "prefill",
-) -> dict[str, Any]:
-    """Prefill ``prompt`` into a fresh cache, then decode greedily; bytes and timings of both phases."""
-    cache = make_cache()
-    ids = torch.tensor([prompt], device=device)
-    _sync(device)
-    t0 = time.perf_counter()
+def _prefill(model: Any, prompt: list[int], cache: Any, device: str, progress: bool, desc: str) -> torch.Tensor:
+    """Run the prompt through ``model`` into ``cache``; the last position's logits ``[1, vocab]``."""
+    ids = torch.tensor([prompt], device=device)  # [1, prompt]
     with _LayerProgress(model, desc, progress):
-        logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+        return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+
+
+@torch.no_grad()
+def measure(
+    model: Any, prompt: list[int], reference: list[int], cache: Any, nbytes: Callable[[Any], int],
+    max_new_tokens: int, eos: set[int], device: str, progress: bool, desc: str,
+) -> dict[str, Any]:
+    """One column of the table: prefill once, then (on a copy of the prefilled cache) the reference continuation's
+    log-likelihood, teacher-forced one token per step, and (on the cache itself) greedy decoding."""
+    t0 = time.perf_counter()
+    logits = _prefill(model, prompt, cache, device, progress, desc)  # [1, vocab]
     _sync(device)
     prefill_s = time.perf_counter() - t0
     bytes_prefill = nbytes(cache)
+    scored, step = copy.deepcopy(cache), logits
+    loglik = 0.0
+    for i, tok in enumerate(reference):
+        loglik += float(torch.log_softmax(step.float(), dim=-1)[0, tok])
+        if i + 1 < len(reference):
+            step = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True,
+                         **cache_kwargs(model, scored)).logits[:, -1]
+    del scored
     out: list[int] = []
     t1 = time.perf_counter()
     for _ in range(max_new_tokens):
@@ -182,28 +208,16 @@ def greedy(
         "decode_tokens_per_s": len(out) / decode_s if decode_s > 0 else float("nan"),
         "kv_bytes_after_prefill": bytes_prefill,
         "kv_bytes_end": nbytes(cache),
-        "cache": cache,
+        "reference_loglik": loglik,
+        "reference_loglik_per_token": loglik / len(reference),
     }
 
 
-@torch.no_grad()
-def continuation_loglik(
-    model: Any, prompt: list[int], continuation: list[int], cache: Any, device: str
-) -> float:
-    """Sum of log p(continuation | prompt) with ``cache`` (teacher-forced one token per step, as decoding runs)."""
-    ids = torch.tensor([prompt], device=device)
-    logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
-    total = 0.0
-    for tok in continuation:
-        total += float(torch.log_softmax(logits.float(), dim=-1)[0, tok])
-        logits = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True,
-                       **cache_kwargs(model, cache)).logits[:, -1]
-    return total
-
-
 def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Full cache vs compressed cache on one prompt; returns a JSON-serialisable report.
+    """The full cache and one compressed cache per budget of ``cfg`` on one prompt; a JSON-serialisable report.
 
+    ``report["full"]`` is the full cache's column, ``report["compressed"]`` one column per budget (with its plan,
+    per-layer bytes and tokens, and a ``summary`` relative to the full cache).
     ``loaded``: an already loaded ``(model, tokenizer)`` to reuse (``cfg.model``/``device``/``dtype`` are then
     ignored for loading)."""
     cfg.validate()
@@ -255,90 +269,114 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
         )
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
-    def compressed() -> Any:
-        return make_cache(model, cfg.method, cfg.budget, cfg.allocation,
+    def compressed(budget: float | int | str) -> Any:
+        return make_cache(model, cfg.method, budget, cfg.allocation,
                           method_params=cfg.method_params, allocation_params=cfg.allocation_params,
                           channel=cfg.channel, channel_params=cfg.channel_params,
                           crosslayer=cfg.crosslayer, crosslayer_params=cfg.crosslayer_params)
 
-    setups = {
-        "full": (lambda: DynamicCache(config=model.config), dynamic_cache_nbytes),
-        "compressed": (compressed, lambda c: c.nbytes()),
-    }
-    report: dict[str, Any] = {
+    def column(cache: Any, nbytes: Callable[[Any], int], desc: str) -> dict[str, Any]:
+        res = measure(model, prompt, reference, cache, nbytes, cfg.max_new_tokens, eos, device, progress, desc)
+        res["answer"] = tokenizer.decode(res.pop("tokens"), skip_special_tokens=True).strip()
+        res["found_needle"] = None if key is None else key.lower() in res["answer"].lower()
+        return res
+
+    full = column(DynamicCache(config=model.config), dynamic_cache_nbytes, "prefill (full cache)")
+    cells = []
+    for budget in cfg.cell_budgets():
+        cache = compressed(budget)
+        res = {"budget": budget, **column(cache, lambda c: c.nbytes(), f"prefill ({cfg.method} {budget})")}
+        res["plan"] = cache.plan.as_dict()
+        res["layer_bytes"] = cache.layer_nbytes()
+        res["layer_tokens"] = cache.physical_lengths()
+        res["kv_only_bytes_end"] = cache.kv_nbytes()
+        res["summary"] = {
+            "memory_saved_after_prefill": 1 - res["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"],
+            "memory_ratio_after_prefill": res["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"],
+            "same_answer": res["answer"] == full["answer"],
+            "loglik_delta_per_token": res["reference_loglik_per_token"] - full["reference_loglik_per_token"],
+            "decode_speed_ratio": res["decode_tokens_per_s"] / full["decode_tokens_per_s"],
+        }
+        cells.append(res)
+    return {
         "config": {**asdict(cfg), "device": device, "dtype": str(next(model.parameters()).dtype)},
         "model": {"path": str(getattr(model, "name_or_path", "")), "type": model.config.model_type,
                   "layers": model.config.num_hidden_layers, "load_s": load_s},
         "prompt_tokens": len(prompt),
         "reference": tokenizer.decode(reference),
         "needle": None if key is None else asdict(needle),
-        "results": {},
+        "full": full,
+        "compressed": cells,
     }
-    for name, (factory, nbytes) in setups.items():
-        res = greedy(model, prompt, factory, cfg.max_new_tokens, eos, device, nbytes, progress, f"prefill ({name})")
-        cache = res.pop("cache")
-        res["answer"] = tokenizer.decode(res.pop("tokens"), skip_special_tokens=True).strip()
-        res["found_needle"] = None if key is None else key.lower() in res["answer"].lower()
-        ll = continuation_loglik(model, prompt, reference, factory(), device)
-        res["reference_loglik"] = ll
-        res["reference_loglik_per_token"] = ll / len(reference)
-        if name == "compressed":
-            res["plan"] = cache.plan.as_dict()
-            res["layer_bytes"] = cache.layer_nbytes()
-            res["layer_tokens"] = cache.physical_lengths()
-            res["kv_only_bytes_end"] = cache.kv_nbytes()
-        report["results"][name] = res
-    full, comp = report["results"]["full"], report["results"]["compressed"]
-    report["summary"] = {
-        "memory_saved_after_prefill": 1 - comp["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"],
-        "memory_ratio_after_prefill": comp["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"],
-        "same_answer": comp["answer"] == full["answer"],
-        "loglik_delta_per_token": comp["reference_loglik_per_token"] - full["reference_loglik_per_token"],
-        "decode_speed_ratio": comp["decode_tokens_per_s"] / full["decode_tokens_per_s"],
-    }
-    return report
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt(header), *(fmt(r) for r in rows)]
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The small table ``squeezekv run`` prints."""
-    cfg, full, comp = report["config"], report["results"]["full"], report["results"]["compressed"]
-    plan = comp["plan"]
-    rows = [
-        ("KV bytes after prefill", _mib(full["kv_bytes_after_prefill"]), _mib(comp["kv_bytes_after_prefill"])),
-        ("KV bytes at end", _mib(full["kv_bytes_end"]), _mib(comp["kv_bytes_end"])),
-        ("prefill tokens/s", f"{full['prefill_tokens_per_s']:.0f}", f"{comp['prefill_tokens_per_s']:.0f}"),
-        ("decode tokens/s", f"{full['decode_tokens_per_s']:.1f}", f"{comp['decode_tokens_per_s']:.1f}"),
-        ("found needle", str(full["found_needle"]), str(comp["found_needle"])),
-        ("reference log-lik (sum)", f"{full['reference_loglik']:.3f}", f"{comp['reference_loglik']:.3f}"),
-        ("reference log-lik / token", f"{full['reference_loglik_per_token']:.3f}",
-         f"{comp['reference_loglik_per_token']:.3f}"),
-    ]
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(max(len(r[1]) for r in rows), len("full cache"))
+    """The table ``squeezekv run`` prints: one row for the full cache and one per compressed budget."""
+    cfg, full, cells = report["config"], report["full"], report["compressed"]
+    extras = []
+    if cfg.get("channel"):
+        extras.append(f"channel {cfg['channel']}{_params_text(cfg.get('channel_params'))}")
+    if cfg.get("crosslayer"):
+        extras.append(f"cross-layer {cfg['crosslayer']}{_params_text(cfg.get('crosslayer_params'))}")
+    needle = report["needle"]
+    prompt = (f"prompt {report['prompt_tokens']} tokens" + (
+        f" with a hidden fact at {100 * cfg['depth']:.0f}% depth (key {needle['key']!r})" if needle else ""))
     lines = [
         f"model {report['model']['type']} ({report['model']['layers']} layers) on {cfg['device']}, {cfg['dtype']}; "
-        f"prompt {report['prompt_tokens']} tokens",
-        f"method {cfg['method']}, allocation {cfg['allocation']}, budget {plan['details'].get('budget')} "
-        f"-> {plan['base']} tokens/layer, total {plan['total']}",
+        f"{prompt}",
+        f"method {cfg['method']}{_params_text(cfg.get('method_params'))}, allocation {cfg['allocation']}"
+        f"{_params_text(cfg.get('allocation_params'))}" + "".join(f", {e}" for e in extras),
         "",
-        f"{'':<{w0}}  {'full cache':>{w1}}  compressed",
     ]
-    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
-    s = report["summary"]
+    has_needle = needle is not None
+    header = ["cache", "tokens/layer", "KV after prefill", "of full", "ref log-lik/token", "decode tok/s"]
+    if has_needle:
+        header.insert(4, "found fact")
+
+    def row(name: str, res: dict[str, Any], tokens: str, share: str) -> list[str]:
+        r = [name, tokens, _mib(res["kv_bytes_after_prefill"]), share, f"{res['reference_loglik_per_token']:.3f}",
+             f"{res['decode_tokens_per_s']:.1f}"]
+        if has_needle:
+            r.insert(4, "yes" if res["found_needle"] else "no")
+        return r
+
+    rows = [row("full cache", full, str(report["prompt_tokens"]), "100%")]
+    for c in cells:
+        rows.append(row(f"{cfg['method']} {c['budget']}", c, str(c["plan"]["base"]),
+                        f"{100 * c['summary']['memory_ratio_after_prefill']:.1f}%"))
+    lines += _table(header, rows)
+    lines += ["", "answers:", f"  full cache: {full['answer']!r}"]
+    lines += [f"  {cfg['method']} {c['budget']}: {c['answer']!r}" for c in cells]
+    shown = cells[-1]
+    plan = shown["plan"]
     lines += [
         "",
-        f"memory saved: {100 * s['memory_saved_after_prefill']:.1f}% of KV bytes after prefill "
-        f"(compressed holds {100 * s['memory_ratio_after_prefill']:.1f}% of the full cache, bookkeeping included)",
-        f"quality kept: same answer as full cache: {s['same_answer']}; reference log-lik per token "
-        f"{s['loglik_delta_per_token']:+.3f} vs full",
-        f"answer (full):       {full['answer']!r}",
-        f"answer (compressed): {comp['answer']!r}",
-        f"per-layer budget plan: {plan['budgets']}",
+        f"per-layer plan of {cfg['method']} {shown['budget']} ({plan['allocation']}): total {plan['total']} tokens, "
+        f"{plan['base']} per layer on average:",
+        f"  {plan['budgets']}",
     ]
     if plan["allocation"] == "squeeze" and "shrunk_layers" in plan["details"]:
-        lines.append(f"squeeze: layers shrunk to p x base: {plan['details']['shrunk_layers']}")
+        lines.append(f"  squeeze: layers shrunk to p x base: {plan['details']['shrunk_layers']}")
+    lines += [
+        "",
+        "KV bytes: read from the allocated tensors (bookkeeping included); 'of full': their share of the full "
+        "cache's bytes;",
+        "ref log-lik/token: log-likelihood per token of a reference continuation (higher is better); decode tok/s: "
+        "on this machine.",
+    ]
     return "\n".join(lines)
+
+
+def _params_text(params: dict[str, Any] | None) -> str:
+    return "" if not params else " (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
