@@ -72,7 +72,9 @@ def make_cache(
     """
     from .attention import attach, original_attn_implementation
     from .cache import SqueezeCache
+    from .models import arch_spec
 
+    arch_spec(model.config)  # an unsupported model fails here, before a method calibrates or loads anything
     backend = attn_backend
     if backend is None:
         backend = "eager" if original_attn_implementation(model) == "eager" else "sdpa"

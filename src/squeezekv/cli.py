@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context-tokens", type=int, default=1200, help="haystack length of the needle prompt")
     run.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack, 0 = start, 1 = end")
     run.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate")
+    run.add_argument("--prefill-chunk", type=int, default=None,
+                     help="the compressed cache prefills the prompt in chunks of this many tokens, compressing after "
+                     "each (squeezekv.chunked_prefill); the full cache always prefills in one pass")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -234,9 +237,24 @@ def _scoped_params(items: Sequence[str] | None, kind: str) -> dict[str, dict[str
     return out
 
 
+def _require(command: str, extra: str, modules: dict[str, str]) -> None:
+    """Raise ``ValueError`` naming the extra to install when one of ``modules`` (import name -> what it is for) is
+    not installed; checked before any work (imports nothing)."""
+    from importlib.util import find_spec
+
+    missing = [f"{name} ({why})" for name, why in modules.items() if find_spec(name) is None]
+    if missing:
+        raise ValueError(f"squeezekv {command} needs {', '.join(missing)}, not installed here: "
+                         f"pip install -e '.[{extra}]'")
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    needs = {"matplotlib": "the report's plots"}
+    if not args.no_progress and not args.report_only:
+        needs["tqdm"] = "progress bars; or pass --no-progress"
+    _require("eval", "eval", needs)
     from .eval import GridConfig, TaskOptions, evaluate, write_report
 
     if args.report_only:
@@ -349,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channel_params=_params(args.channel_param),
             crosslayer=_or_none(args.crosslayer),
             crosslayer_params=_params(args.crosslayer_param),
+            prefill_chunk=args.prefill_chunk,
         )
         report = run(cfg, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError) as err:

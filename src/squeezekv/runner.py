@@ -59,6 +59,7 @@ class RunConfig:
     channel_params: dict[str, Any] = field(default_factory=dict)
     crosslayer: str | None = None
     crosslayer_params: dict[str, Any] = field(default_factory=dict)
+    prefill_chunk: int | None = None  # compressed run: prefill in chunks of this many tokens (chunked_prefill)
 
     def validate(self) -> None:
         Budget.parse(self.budget)
@@ -70,10 +71,33 @@ class RunConfig:
             raise ValueError(f"context_tokens={self.context_tokens!r} is out of range: must be >= 64")
         if not 0 <= self.needle < len(NEEDLES):
             raise ValueError(f"needle={self.needle!r} is out of range: 0..{len(NEEDLES) - 1}")
-        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
-            raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
+        if self.prompt_file is not None:
+            read_prompt_file(self.prompt_file)
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
+                                               or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={self.prefill_chunk!r} is out of range: must be an integer >= 1 "
+                             "(or None: one-pass prefill)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
+
+
+def read_prompt_file(path: str | Path) -> str:
+    """The text of a ``--prompt-file``; ``ValueError`` naming the problem for a folder, a missing or a binary file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompt file {str(path)!r} is a folder, not a text file")
+    if not p.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"prompt file {str(path)!r} looks binary (a NUL byte at offset {data.index(0)}): give a "
+                         "text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                         f"{err.start} is not valid UTF-8): give a text file") from None
+    return text
 
 
 def haystack(tokenizer: Any, n_tokens: int, essays: list[tuple[str, str]]) -> str:
@@ -151,15 +175,16 @@ class _LayerProgress:
 @torch.no_grad()
 def greedy(
     model: Any, prompt: list[int], make_cache: Callable[[], Any], max_new_tokens: int, eos: set[int], device: str,
-    nbytes: Callable[[Any], int], progress: bool = False, desc: str = "prefill",
+    nbytes: Callable[[Any], int], progress: bool = False, desc: str = "prefill", prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
-    """Prefill ``prompt`` into a fresh cache, then decode greedily; bytes and timings of both phases."""
+    """Prefill ``prompt`` into a fresh cache (in chunks of ``prefill_chunk`` tokens when given, compressing after
+    each: :func:`squeezekv.chunked_prefill`), then decode greedily; bytes and timings of both phases."""
     cache = make_cache()
     ids = torch.tensor([prompt], device=device)
     _sync(device)
     t0 = time.perf_counter()
     with _LayerProgress(model, desc, progress):
-        logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+        logits = _prefill(model, ids, cache, prefill_chunk)  # [1, vocab]
     _sync(device)
     prefill_s = time.perf_counter() - t0
     bytes_prefill = nbytes(cache)
@@ -186,13 +211,23 @@ def greedy(
     }
 
 
+def _prefill(model: Any, ids: torch.Tensor, cache: Any, prefill_chunk: int | None) -> torch.Tensor:
+    """Logits of the last prompt position ``[B, vocab]`` after prefilling ``ids`` ``[B, T]`` into ``cache``."""
+    if prefill_chunk is not None:
+        from .prefill import chunked_prefill
+
+        return chunked_prefill(model, ids, cache, prefill_chunk)
+    return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+
+
 @torch.no_grad()
 def continuation_loglik(
-    model: Any, prompt: list[int], continuation: list[int], cache: Any, device: str
+    model: Any, prompt: list[int], continuation: list[int], cache: Any, device: str, prefill_chunk: int | None = None
 ) -> float:
-    """Sum of log p(continuation | prompt) with ``cache`` (teacher-forced one token per step, as decoding runs)."""
+    """Sum of log p(continuation | prompt) with ``cache`` (teacher-forced one token per step, as decoding runs;
+    the prompt prefilled as :func:`greedy` does)."""
     ids = torch.tensor([prompt], device=device)
-    logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+    logits = _prefill(model, ids, cache, prefill_chunk)  # [1, vocab]
     total = 0.0
     for tok in continuation:
         total += float(torch.log_softmax(logits.float(), dim=-1)[0, tok])
@@ -236,7 +271,7 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
 
     needle = NEEDLES[cfg.needle]
     if cfg.prompt_file:
-        text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        text = read_prompt_file(cfg.prompt_file)
         ids = tokenizer(text)["input_ids"]
         if len(ids) < 48:
             raise ValueError(f"prompt file has {len(ids)} tokens; give at least 48 (the last 16 are the reference)")
@@ -275,11 +310,13 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
         "results": {},
     }
     for name, (factory, nbytes) in setups.items():
-        res = greedy(model, prompt, factory, cfg.max_new_tokens, eos, device, nbytes, progress, f"prefill ({name})")
+        chunk = cfg.prefill_chunk if name == "compressed" else None  # the full cache prefills in one pass
+        res = greedy(model, prompt, factory, cfg.max_new_tokens, eos, device, nbytes, progress, f"prefill ({name})",
+                     prefill_chunk=chunk)
         cache = res.pop("cache")
         res["answer"] = tokenizer.decode(res.pop("tokens"), skip_special_tokens=True).strip()
         res["found_needle"] = None if key is None else key.lower() in res["answer"].lower()
-        ll = continuation_loglik(model, prompt, reference, factory(), device)
+        ll = continuation_loglik(model, prompt, reference, factory(), device, chunk)
         res["reference_loglik"] = ll
         res["reference_loglik_per_token"] = ll / len(reference)
         if name == "compressed":
@@ -303,6 +340,21 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def settings_line(cfg: dict[str, Any]) -> str:
+    """The run header's line of channel, cross-layer and prefill settings (``cfg``: the report's config)."""
+
+    def one(kind: str, name: str | None, params: dict[str, Any]) -> str:
+        if name is None:
+            return f"{kind} none"
+        args = ", ".join(f"{k}={v}" for k, v in params.items())
+        return f"{kind} {name}" + (f"({args})" if args else "")
+
+    prefill = cfg.get("prefill_chunk")
+    return "; ".join([one("channel", cfg.get("channel"), cfg.get("channel_params") or {}),
+                      one("cross-layer", cfg.get("crosslayer"), cfg.get("crosslayer_params") or {}),
+                      f"prefill in chunks of {prefill} tokens" if prefill else "one-pass prefill"])
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The small table ``squeezekv run`` prints."""
     cfg, full, comp = report["config"], report["results"]["full"], report["results"]["compressed"]
@@ -324,6 +376,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"prompt {report['prompt_tokens']} tokens",
         f"method {cfg['method']}, allocation {cfg['allocation']}, budget {plan['details'].get('budget')} "
         f"-> {plan['base']} tokens/layer, total {plan['total']}",
+        settings_line(cfg),
         "",
         f"{'':<{w0}}  {'full cache':>{w1}}  compressed",
     ]

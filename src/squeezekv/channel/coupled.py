@@ -180,6 +180,9 @@ def learn_codebooks(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], bits: int,
 def calibrate(model: Any, input_ids: torch.Tensor, bits: int, channels: int, iters: int = 25,
               seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Codebooks of every layer of ``model`` from its keys/values over ``input_ids`` ``[N, L]``."""
+    from ..models import arch_spec
+
+    arch_spec(model.config)  # an unsupported model: the architecture error, before any calibration work
     return learn_codebooks(collect_kv(model, input_ids), bits, channels, iters, seed)
 
 

@@ -117,7 +117,9 @@ def calibrate(model: Any, sequences: list[list[int]], progress: Callable[[int], 
     """Run ``model`` over ``sequences`` (one at a time, no cache) and return the calibration state (what
     :func:`save` writes and :class:`~squeezekv.channel.eigen.EigenAttention` loads)."""
     from ..attention import squeezekv_mask
+    from ..models import arch_spec
 
+    arch_spec(model.config)  # an unsupported model: the architecture error, before any calibration work
     rec = _Recorder(model)
     AttentionInterface.register(CALIB_ATTN, rec.attention)
     AttentionMaskInterface.register(CALIB_ATTN, squeezekv_mask)
