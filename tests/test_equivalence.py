@@ -217,8 +217,8 @@ def test_none_policy_keeps_every_token_and_holds_full_bytes(make_model, make_ids
     model = make_model("llama")
     ids = make_ids(1, PROMPT)
     full = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=full, use_cache=True)
+    model(input_ids=ids, cache=full, use_cache=True)
     cache = squeezekv.make_cache(model, "none", budget=2)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, cache=cache, use_cache=True)
     assert cache.physical_lengths() == [PROMPT] * model.config.num_hidden_layers
     assert cache.kv_nbytes() == squeezekv.dynamic_cache_nbytes(full)

@@ -240,3 +240,26 @@ def test_chunked_prefill_keeps_the_sources_tokens(method, make_model, make_ids):
     for i in (2, 3):
         assert cache.layers[i].physical_length == 10
         assert torch.equal(cache.layers[i].token_idx, cache.layers[1].token_idx)
+
+
+@pytest.mark.parametrize("spans", [(), []])
+def test_spans_sharing_no_layer_are_refused(spans, make_model):
+    # they used to be accepted and change nothing (`--crosslayer shared_attention` without spans was a silent no-op)
+    with pytest.raises(ValueError, match="share no layer.*squeezekv analyze-layers"):
+        SharedAttention(spans=spans)
+    with pytest.raises(ValueError, match="share no layer"):
+        _cache(make_model("llama"), spans)
+
+
+def test_cli_shared_attention_without_spans_is_refused(capsys):
+    from squeezekv.cli import main
+
+    assert main(["run", "--crosslayer", "shared_attention", "--no-progress"]) == 2
+    assert "share no layer" in capsys.readouterr().err
+
+
+def test_analysis_json_without_proposed_spans_is_refused(tmp_path):
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps({"spans": [], "spans_by_count": {}}))
+    with pytest.raises(ValueError, match="lower --threshold"):
+        SharedAttention(spans=str(path))

@@ -2,22 +2,46 @@
 
 One line::
 
-    out = model.generate(**inputs, past_key_values=squeezekv.make_cache(model, method="snapkv", budget=0.2,
-                                                                         allocation="squeeze"))
+    out = model.generate(**inputs, cache=squeezekv.make_cache(model, method="snapkv", budget=0.2, allocation="squeeze"))
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .attention import attach, detach, original_attn_implementation
-from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
-from .inputs import left_pad
-from .plan import Budget, BudgetPlan
-from .prefill import chunked_prefill
-from .registry import ALLOCATIONS, POLICIES, allocation_names, describe, policy_names
+from .registry import allocation_names, describe, policy_names
+
+if TYPE_CHECKING:
+    from .attention import attach, detach
+    from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
+    from .inputs import left_pad
+    from .plan import Budget, BudgetPlan
+    from .prefill import chunked_prefill
+    from .registry import ALLOCATIONS, POLICIES
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that ``import squeezekv`` (and the command line's help) imports neither torch
+# nor transformers: name -> the submodule defining it.
+_LAZY = {
+    "attach": "attention", "detach": "attention", "SqueezeCache": "cache", "SqueezeLayer": "cache",
+    "dynamic_cache_nbytes": "cache", "left_pad": "inputs", "Budget": "plan", "BudgetPlan": "plan",
+    "chunked_prefill": "prefill",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("POLICIES", "ALLOCATIONS"):  # the class tables fill as the method modules are imported
+        from . import registry
+
+        registry._load()
+        return getattr(registry, name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_cache(
@@ -46,6 +70,11 @@ def make_cache(
     ``crosslayer`` (+ ``_params``): a channel method (fewer bits or channels per token) and a training-free
     cross-layer method, composed with the eviction policy (:func:`squeezekv.describe` lists them).
     """
+    from .attention import attach, original_attn_implementation
+    from .cache import SqueezeCache
+    from .models import arch_spec
+
+    arch_spec(model.config)  # an unsupported model fails here, before a method calibrates or loads anything
     backend = attn_backend
     if backend is None:
         backend = "eager" if original_attn_implementation(model) == "eager" else "sdpa"

@@ -138,6 +138,12 @@ def resolve_model(name: str | None) -> str:
             f"model {name!r} is not a local folder; squeezekv runs offline: give a folder with a transformers "
             f"checkpoint, or 'default' for {DEFAULT_MODEL_NAME}"
         )
+    if not Path(name).is_dir():
+        raise ValueError(f"model {name!r} is a file, not a checkpoint folder: give the folder that holds its "
+                         f"config.json (or 'default' for {DEFAULT_MODEL_NAME})")
+    if not (Path(name) / "config.json").is_file():
+        raise ValueError(f"there is no model in {name!r}: the folder has no config.json; give a folder saved by "
+                         f"save_pretrained (config.json, weights, tokenizer), or 'default' for {DEFAULT_MODEL_NAME}")
     return name
 
 

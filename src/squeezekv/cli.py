@@ -7,9 +7,10 @@ server, :mod:`squeezekv.serve.cli`), ``squeezekv train-lckv`` (:mod:`squeezekv.c
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .registry import allocation_names, channel_names, crosslayer_names, markdown_table, policy_names
 
@@ -54,13 +55,51 @@ def _or_none(name: str) -> str | None:
     return None if name in ("", "none") else name
 
 
+class _LazyParser(argparse.ArgumentParser):
+    """A sub-command's parser whose arguments are added on first use (parsing it, or its help): the commands
+    whose arguments live in modules that import torch (bench, serve, train-lckv, calibrate-*, analyze-layers) cost
+    nothing until chosen, so ``squeezekv --help``, ``methods``, ``run --help`` and argument errors stay fast."""
+
+    def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _ensure(self) -> None:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._ensure()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._ensure()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._ensure()
+        return super().format_usage()
+
+
+def _adds(module: str, function: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A ``populate`` for :class:`_LazyParser`: ``squeezekv.<module>.<function>(parser)``, imported when called."""
+
+    def populate(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(f"{__package__}.{module}"), function)(parser)
+
+    return populate
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``squeezekv`` argument parser (imports neither torch nor transformers)."""
     parser = argparse.ArgumentParser(
         prog="squeezekv",
         description="KV-cache compression for Hugging Face transformers models: evict tokens per layer "
         "(sequence), split the budget across layers (SqueezeAttention), measure what it costs.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyParser)
     run = sub.add_parser(
         "run",
         help="compress a real long prompt on the default model; the full cache and a few budgets in one table",
@@ -92,38 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context-tokens", type=int, default=1200, help="haystack length of the needle prompt")
     run.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack, 0 = start, 1 = end")
     run.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate")
+    run.add_argument("--prefill-chunk", type=int, default=None,
+                     help="the compressed cache prefills the prompt in chunks of this many tokens, compressing after "
+                     "each (squeezekv.chunked_prefill); the full cache always prefills in one pass")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     run.add_argument("--json", action="store_true", help="print the machine-readable report instead of the table")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("methods", help="list the registered eviction policies and layer allocations")
-    bench = sub.add_parser(
+    sub.add_parser(
         "bench",
         help="GPU benchmark: prefill/decode throughput, peak memory and max batch vs the full cache",
         description="Measures, on a CUDA GPU and a randomly initialised model of a real size (weights do not matter "
         "for speed), prefill time and peak memory, decode tokens/s at several batch sizes and the largest batch "
         "that fits, for the full cache and each method; writes a JSON report with the config. Same code as "
         "benchmarks/throughput.py.",
+        populate=_adds("bench", "add_arguments"),
     )
-    from .bench import add_arguments
-
-    add_arguments(bench)
-    from .serve.cli import add_parser as add_serve_parser
-
-    add_serve_parser(sub)
-    from .crosslayer.lckv.cli import add_parser as add_train_lckv_parser
-
-    add_train_lckv_parser(sub)
-    from .channel.coupled import add_parser as add_calibrate_cq_parser
-    from .channel.eigen_calibrate import add_parser as add_calibrate_eigen_parser
-
-    add_calibrate_eigen_parser(sub)
-    add_calibrate_cq_parser(sub)
+    sub.add_parser("serve", help="OpenAI-compatible server reusing multi-turn KV across GPU/CPU/disk tiers",
+                   populate=_adds("serve.cli", "add_arguments"))
+    sub.add_parser("train-lckv",
+                   help="train a Layer-Condensed KV cache model (LCKV) or a standard baseline on offline text",
+                   populate=_adds("crosslayer.lckv.cli", "add_arguments"))
+    sub.add_parser("calibrate-eigen",
+                   help="Eigen Attention calibration: PCA bases of keys/values on calibration text, saved to a file",
+                   populate=_adds("channel.eigen_calibrate", "add_arguments"))
+    sub.add_parser("calibrate-cq", help="Coupled Quantization calibration: k-means codebooks of keys/values on "
+                   "calibration text, saved to a file", populate=_adds("channel.coupled", "add_arguments"))
     _add_eval_parser(sub)
-    from .crosslayer.analyze import add_parser as add_analyze_parser
-
-    add_analyze_parser(sub)
+    sub.add_parser("analyze-layers",
+                   help="measure how similar the layers' attention weights are and propose Shared Attention spans",
+                   populate=_adds("crosslayer.analyze", "add_arguments"))
     return parser
 
 
@@ -202,9 +241,24 @@ def _scoped_params(items: Sequence[str] | None, kind: str) -> dict[str, dict[str
     return out
 
 
+def _require(command: str, extra: str, modules: dict[str, str]) -> None:
+    """Raise ``ValueError`` naming the extra to install when one of ``modules`` (import name -> what it is for) is
+    not installed; checked before any work (imports nothing)."""
+    from importlib.util import find_spec
+
+    missing = [f"{name} ({why})" for name, why in modules.items() if find_spec(name) is None]
+    if missing:
+        raise ValueError(f"squeezekv {command} needs {', '.join(missing)}, not installed here: "
+                         f"pip install -e '.[{extra}]'")
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    needs = {"matplotlib": "the report's plots"}
+    if not args.no_progress and not args.report_only:
+        needs["tqdm"] = "progress bars; or pass --no-progress"
+    _require("eval", "eval", needs)
     from .eval import GridConfig, TaskOptions, evaluate, write_report
 
     if args.report_only:
@@ -318,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channel_params=_params(args.channel_param),
             crosslayer=_or_none(args.crosslayer),
             crosslayer_params=_params(args.crosslayer_param),
+            prefill_chunk=args.prefill_chunk,
         )
         report = run(cfg, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError) as err:

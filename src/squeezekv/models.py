@@ -28,6 +28,14 @@ def arch_spec(config: Any) -> ArchSpec:
     """Spec of the model's architecture; a clear error naming the supported ones otherwise."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text_config, "model_type", None)
+    outer = getattr(config, "model_type", None)
+    if text_config is not config and outer != model_type:
+        # a multimodal wrapper (e.g. Gemma3ForConditionalGeneration): its decoder is not at model.model.layers
+        raise ValueError(
+            f"model type {outer!r} is a multimodal model around a {model_type!r} text model, which squeezekv does not "
+            f"support as a whole: load the text model on its own (e.g. Gemma3ForCausalLM or AutoModelForCausalLM "
+            f"for gemma3); supported model types: {', '.join(SUPPORTED)}"
+        )
     if model_type not in SUPPORTED:
         raise ValueError(
             f"model type {model_type!r} is not supported by squeezekv; supported: {', '.join(SUPPORTED)}"

@@ -1,13 +1,33 @@
 """The one registry of methods. The CLI choices, the README table, the tests' parametrisation and the benchmark grid
-all read :data:`POLICIES` and :data:`ALLOCATIONS`; a method registers itself once with a decorator."""
+all read :data:`POLICIES` and :data:`ALLOCATIONS`; a method registers itself once with a decorator.
+
+Listing the methods (:func:`policy_names`, :func:`describe`, :func:`markdown_table`, what ``squeezekv --help`` and
+``squeezekv methods`` print) imports no method module, hence neither torch nor transformers: the registry reads each
+module of :data:`METHOD_MODULES` as source text (its ``@register_*("name")`` classes, their ``paper``/``summary``
+strings and literal field defaults). When a module is imported, its decorator checks that the class says the same.
+Building a method (:func:`make_policy` and the others) imports the modules."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib
 from abc import ABC
+from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
 T = TypeVar("T")
+
+#: The modules (relative to the ``squeezekv`` package) that register the built-in methods, in the README table's
+#: order within each kind. A module that registers a method must be listed here.
+METHOD_MODULES: tuple[str, ...] = (
+    "policies.window", "policies.streamingllm", "policies.h2o", "policies.snapkv", "policies.none",
+    "allocation.uniform", "allocation.pyramid", "allocation.squeeze",
+    "crosslayer.minicache", "crosslayer.shared_attention",
+    "channel.coupled", "channel.kivi", "channel.eigen",
+)
+
 
 class Method(ABC):
     """What every registered method class shares: its registry ``name`` (set by the decorator), ``paper`` and
@@ -31,16 +51,19 @@ ALLOCATIONS: dict[str, type] = {}
 CHANNELS: dict[str, type] = {}
 #: name -> training-free cross-layer method class (layers reuse another layer's attention or KV)
 CROSSLAYER: dict[str, type] = {}
+_TABLES = {"policy": POLICIES, "allocation": ALLOCATIONS, "channel": CHANNELS, "crosslayer": CROSSLAYER}
 
 
-def _register(table: dict[str, type], kind: str) -> Callable[[str], Callable[[type[T]], type[T]]]:
+def _register(key: str, kind: str) -> Callable[[str], Callable[[type[T]], type[T]]]:
     def decorator_factory(name: str) -> Callable[[type[T]], type[T]]:
         def decorator(cls: type[T]) -> type[T]:
+            table = _TABLES[key]
             if name in table:
                 raise ValueError(f"{kind} {name!r} is registered twice ({table[name].__name__} and {cls.__name__})")
             for attr in ("paper", "summary"):
                 if not getattr(cls, attr, None):
                     raise TypeError(f"{kind} {cls.__name__} must define a class attribute {attr!r}")
+            _check_static(key, kind, name, cls)
             cls.name = name  # type: ignore[attr-defined]
             table[name] = cls
             return cls
@@ -50,15 +73,100 @@ def _register(table: dict[str, type], kind: str) -> Callable[[str], Callable[[ty
     return decorator_factory
 
 
-register_policy = _register(POLICIES, "policy")
-register_allocation = _register(ALLOCATIONS, "allocation")
-register_channel = _register(CHANNELS, "channel method")
-register_crosslayer = _register(CROSSLAYER, "cross-layer method")
+register_policy = _register("policy", "policy")
+register_allocation = _register("allocation", "allocation")
+register_channel = _register("channel", "channel method")
+register_crosslayer = _register("crosslayer", "cross-layer method")
 
 
 def _load() -> None:
-    # Importing the packages runs the decorators.
-    from . import allocation, channel, crosslayer, policies  # noqa: F401
+    # Importing the modules runs the decorators (and imports torch).
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
+_DECORATORS = {"register_policy": "policy", "register_allocation": "allocation", "register_channel": "channel",
+               "register_crosslayer": "crosslayer"}
+
+
+def _literal(node: ast.expr, where: str) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise TypeError(f"{where} must be a literal (the registry lists methods from their source text)") from None
+
+
+def _static_class(cls_node: ast.ClassDef, module: str) -> tuple[str, str, dict[str, Any]] | None:
+    """``(registry name, kind, row)`` of a ``@register_*("name")`` class read from source, or None."""
+    reg = None
+    is_dataclass = False
+    for dec in cls_node.decorator_list:
+        if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Name) and dec.func.id in _DECORATORS:
+            reg = (_literal(dec.args[0], f"{module}.{cls_node.name}'s registry name"), _DECORATORS[dec.func.id])
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        is_dataclass |= isinstance(target, ast.Name) and target.id == "dataclass"
+    if reg is None:
+        return None
+    row: dict[str, Any] = {"summary": "", "paper": "", "params": {}}
+    for stmt in cls_node.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            target, value, annotation = stmt.targets[0].id, stmt.value, None
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            target, value, annotation = stmt.target.id, stmt.value, stmt.annotation
+        else:
+            continue
+        where = f"{module}.{cls_node.name}.{target}"
+        if target in ("paper", "summary"):
+            row[target] = _literal(value, where)
+            continue
+        if annotation is None or not is_dataclass or value is None:
+            continue  # not a dataclass field, or a field without a default
+        if "ClassVar" in ast.unparse(annotation):
+            continue
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field":
+            default = next((k.value for k in value.keywords if k.arg == "default"), None)
+            if default is not None:
+                row["params"][target] = _literal(default, where)
+            continue
+        row["params"][target] = _literal(value, where)
+    return reg[0], reg[1], row
+
+
+@functools.lru_cache(maxsize=None)
+def _static() -> dict[str, dict[str, dict[str, Any]]]:
+    """kind -> name -> ``{"summary", "paper", "params", "module"}`` of the built-in methods, read from source."""
+    out: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in _DECORATORS.values()}
+    root = Path(__file__).parent
+    for module in METHOD_MODULES:
+        tree = ast.parse(root.joinpath(*module.split(".")).with_suffix(".py").read_text(encoding="utf-8"))
+        for node in tree.body:
+            found = _static_class(node, module) if isinstance(node, ast.ClassDef) else None
+            if found is not None:
+                name, kind, row = found
+                out[kind][name] = {**row, "module": f"{__package__}.{module}"}
+    return out
+
+
+def _check_static(key: str, kind: str, name: str, cls: type) -> None:
+    """A class registered by a module of :data:`METHOD_MODULES` must match what the registry read from its source."""
+    module = cls.__module__
+    if module.removeprefix(f"{__package__}.") not in METHOD_MODULES:
+        return  # a method registered from elsewhere (a plugin, a test): listed once its module is imported
+    row = _static()[key].get(name)
+    if row is None or row["module"] != module:
+        raise TypeError(f"{kind} {name!r} ({cls.__name__}) must be registered with a literal "
+                        f"@register_*({name!r}) decorator at the top level of {module}")
+    seen = {"summary": cls.summary, "paper": cls.paper, "params": _params(cls)}  # type: ignore[attr-defined]
+    for key, value in seen.items():
+        if row[key] != value:
+            raise TypeError(f"{kind} {name!r}: the registry read {key}={row[key]!r} from {module}'s source, "
+                            f"but the class has {value!r}; give it as a literal in the class body")
+
+
+def _names(key: str) -> list[str]:
+    """Built-in names in :data:`METHOD_MODULES` order, then any registered from elsewhere."""
+    static = list(_static()[key])
+    return static + [n for n in _TABLES[key] if n not in static]
 
 
 def _lookup(table: dict[str, type], kind: str, name: str) -> type:
@@ -114,38 +222,43 @@ def _construct(cls: type, kind: str, name: str, params: dict[str, Any]) -> Any:
 
 
 def policy_names() -> list[str]:
-    _load()
-    return list(POLICIES)
+    """The eviction policies' names (imports no method module)."""
+    return _names("policy")
 
 
 def allocation_names() -> list[str]:
-    _load()
-    return list(ALLOCATIONS)
+    """The layer allocations' names (imports no method module)."""
+    return _names("allocation")
 
 
 def channel_names() -> list[str]:
-    _load()
-    return list(CHANNELS)
+    """The channel methods' names (imports no method module)."""
+    return _names("channel")
 
 
 def crosslayer_names() -> list[str]:
-    _load()
-    return list(CROSSLAYER)
+    """The cross-layer methods' names (imports no method module)."""
+    return _names("crosslayer")
 
 
 def describe() -> list[dict[str, Any]]:
-    """One row per registered method: kind, name, summary, paper and default parameters."""
-    _load()
+    """One row per registered method: kind, name, summary, paper and default parameters (imports no method
+    module: built-in methods are read from source, others from their already registered classes)."""
     rows = []
     tables = (
-        ("eviction policy", POLICIES), ("layer allocation", ALLOCATIONS), ("cross-layer", CROSSLAYER),
-        ("channel", CHANNELS),
+        ("eviction policy", "policy"), ("layer allocation", "allocation"), ("cross-layer", "crosslayer"),
+        ("channel", "channel"),
     )
-    for kind, table in tables:
-        for name, cls in table.items():
-            rows.append(
-                {"kind": kind, "name": name, "summary": cls.summary, "paper": cls.paper, "params": _params(cls)}
-            )
+    for kind, key in tables:
+        static, table = _static()[key], _TABLES[key]
+        for name in _names(key):
+            if name in static:
+                row = static[name]
+                summary, paper, params = row["summary"], row["paper"], dict(row["params"])
+            else:
+                cls = table[name]
+                summary, paper, params = cls.summary, cls.paper, _params(cls)
+            rows.append({"kind": kind, "name": name, "summary": summary, "paper": paper, "params": params})
     return rows
 
 

@@ -61,6 +61,7 @@ class RunConfig:
     channel_params: dict[str, Any] = field(default_factory=dict)
     crosslayer: str | None = None
     crosslayer_params: dict[str, Any] = field(default_factory=dict)
+    prefill_chunk: int | None = None  # compressed run: prefill in chunks of this many tokens (chunked_prefill)
 
     def cell_budgets(self) -> tuple[float | int | str, ...]:
         """The budgets of the compressed cells: ``budget`` alone when given, else the ``budgets`` sweep."""
@@ -79,10 +80,33 @@ class RunConfig:
             raise ValueError(f"context_tokens={self.context_tokens!r} is out of range: must be >= 64")
         if not 0 <= self.needle < len(NEEDLES):
             raise ValueError(f"needle={self.needle!r} is out of range: 0..{len(NEEDLES) - 1}")
-        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
-            raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
+        if self.prompt_file is not None:
+            read_prompt_file(self.prompt_file)
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
+                                               or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={self.prefill_chunk!r} is out of range: must be an integer >= 1 "
+                             "(or None: one-pass prefill)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
+
+
+def read_prompt_file(path: str | Path) -> str:
+    """The text of a ``--prompt-file``; ``ValueError`` naming the problem for a folder, a missing or a binary file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompt file {str(path)!r} is a folder, not a text file")
+    if not p.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"prompt file {str(path)!r} looks binary (a NUL byte at offset {data.index(0)}): give a "
+                         "text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                         f"{err.start} is not valid UTF-8): give a text file") from None
+    return text
 
 
 def haystack(tokenizer: Any, n_tokens: int, essays: list[tuple[str, str]]) -> str:
@@ -162,22 +186,29 @@ class _LayerProgress:
             self.bar.close()
 
 
-def _prefill(model: Any, prompt: list[int], cache: Any, device: str, progress: bool, desc: str) -> torch.Tensor:
-    """Run the prompt through ``model`` into ``cache``; the last position's logits ``[1, vocab]``."""
+def _prefill(
+    model: Any, prompt: list[int], cache: Any, device: str, progress: bool, desc: str, prefill_chunk: int | None,
+) -> torch.Tensor:
+    """Run the prompt through ``model`` into ``cache`` (in chunks of ``prefill_chunk`` tokens when given,
+    compressing after each: :func:`squeezekv.chunked_prefill`); the last position's logits ``[1, vocab]``."""
     ids = torch.tensor([prompt], device=device)  # [1, prompt]
     with _LayerProgress(model, desc, progress):
+        if prefill_chunk is not None:
+            from .prefill import chunked_prefill
+
+            return chunked_prefill(model, ids, cache, prefill_chunk)
         return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
 
 
 @torch.no_grad()
 def measure(
     model: Any, prompt: list[int], reference: list[int], cache: Any, nbytes: Callable[[Any], int],
-    max_new_tokens: int, eos: set[int], device: str, progress: bool, desc: str,
+    max_new_tokens: int, eos: set[int], device: str, progress: bool, desc: str, prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     """One column of the table: prefill once, then (on a copy of the prefilled cache) the reference continuation's
     log-likelihood, teacher-forced one token per step, and (on the cache itself) greedy decoding."""
     t0 = time.perf_counter()
-    logits = _prefill(model, prompt, cache, device, progress, desc)  # [1, vocab]
+    logits = _prefill(model, prompt, cache, device, progress, desc, prefill_chunk)  # [1, vocab]
     _sync(device)
     prefill_s = time.perf_counter() - t0
     bytes_prefill = nbytes(cache)
@@ -250,7 +281,7 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
 
     needle = NEEDLES[cfg.needle]
     if cfg.prompt_file:
-        text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        text = read_prompt_file(cfg.prompt_file)
         ids = tokenizer(text)["input_ids"]
         if len(ids) < 48:
             raise ValueError(f"prompt file has {len(ids)} tokens; give at least 48 (the last 16 are the reference)")
@@ -275,17 +306,20 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
                           channel=cfg.channel, channel_params=cfg.channel_params,
                           crosslayer=cfg.crosslayer, crosslayer_params=cfg.crosslayer_params)
 
-    def column(cache: Any, nbytes: Callable[[Any], int], desc: str) -> dict[str, Any]:
-        res = measure(model, prompt, reference, cache, nbytes, cfg.max_new_tokens, eos, device, progress, desc)
+    def column(cache: Any, nbytes: Callable[[Any], int], desc: str, chunk: int | None) -> dict[str, Any]:
+        res = measure(model, prompt, reference, cache, nbytes, cfg.max_new_tokens, eos, device, progress, desc,
+                      chunk)
         res["answer"] = tokenizer.decode(res.pop("tokens"), skip_special_tokens=True).strip()
         res["found_needle"] = None if key is None else key.lower() in res["answer"].lower()
         return res
 
-    full = column(DynamicCache(config=model.config), dynamic_cache_nbytes, "prefill (full cache)")
+    full = column(DynamicCache(config=model.config), dynamic_cache_nbytes, "prefill (full cache)",
+                  None)  # the full cache prefills in one pass
     cells = []
     for budget in cfg.cell_budgets():
         cache = compressed(budget)
-        res = {"budget": budget, **column(cache, lambda c: c.nbytes(), f"prefill ({cfg.method} {budget})")}
+        res = {"budget": budget, **column(cache, lambda c: c.nbytes(), f"prefill ({cfg.method} {budget})",
+                                         cfg.prefill_chunk)}
         res["plan"] = cache.plan.as_dict()
         res["layer_bytes"] = cache.layer_nbytes()
         res["layer_tokens"] = cache.physical_lengths()
@@ -321,14 +355,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), *(fmt(r) for r in rows)]
 
 
+def settings_line(cfg: dict[str, Any]) -> str:
+    """The run header's line of channel, cross-layer and prefill settings (``cfg``: the report's config)."""
+
+    def one(kind: str, name: str | None, params: dict[str, Any]) -> str:
+        return f"{kind} none" if name is None else f"{kind} {name}{_params_text(params)}"
+
+    prefill = cfg.get("prefill_chunk")
+    return "; ".join([one("channel", cfg.get("channel"), cfg.get("channel_params") or {}),
+                      one("cross-layer", cfg.get("crosslayer"), cfg.get("crosslayer_params") or {}),
+                      f"prefill in chunks of {prefill} tokens" if prefill else "one-pass prefill"])
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The table ``squeezekv run`` prints: one row for the full cache and one per compressed budget."""
     cfg, full, cells = report["config"], report["full"], report["compressed"]
-    extras = []
-    if cfg.get("channel"):
-        extras.append(f"channel {cfg['channel']}{_params_text(cfg.get('channel_params'))}")
-    if cfg.get("crosslayer"):
-        extras.append(f"cross-layer {cfg['crosslayer']}{_params_text(cfg.get('crosslayer_params'))}")
     needle = report["needle"]
     prompt = (f"prompt {report['prompt_tokens']} tokens" + (
         f" with a hidden fact at {100 * cfg['depth']:.0f}% depth (key {needle['key']!r})" if needle else ""))
@@ -336,7 +377,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"model {report['model']['type']} ({report['model']['layers']} layers) on {cfg['device']}, {cfg['dtype']}; "
         f"{prompt}",
         f"method {cfg['method']}{_params_text(cfg.get('method_params'))}, allocation {cfg['allocation']}"
-        f"{_params_text(cfg.get('allocation_params'))}" + "".join(f", {e}" for e in extras),
+        f"{_params_text(cfg.get('allocation_params'))}",
+        settings_line(cfg),
         "",
     ]
     has_needle = needle is not None

@@ -180,6 +180,9 @@ def learn_codebooks(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], bits: int,
 def calibrate(model: Any, input_ids: torch.Tensor, bits: int, channels: int, iters: int = 25,
               seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Codebooks of every layer of ``model`` from its keys/values over ``input_ids`` ``[N, L]``."""
+    from ..models import arch_spec
+
+    arch_spec(model.config)  # an unsupported model: the architecture error, before any calibration work
     return learn_codebooks(collect_kv(model, input_ids), bits, channels, iters, seed)
 
 
@@ -398,18 +401,16 @@ class CoupledQuant(ChannelMethod):
         return kv_heads * 2 * head_dim * self.bits / 8
 
 
-def add_parser(sub: Any) -> None:
-    """``squeezekv calibrate-cq``."""
-    p = sub.add_parser(
-        "calibrate-cq",
-        help="Coupled Quantization calibration: k-means codebooks of keys/values on calibration text, saved to a file",
-        description="Runs the model (float32) over calibration text (Linux kernel documentation pages of 2,000 to "
+def add_arguments(p: Any) -> None:
+    """The ``squeezekv calibrate-cq`` arguments, added to its (sub-command) parser ``p``."""
+    p.description = (
+        "Runs the model (float32) over calibration text (Linux kernel documentation pages of 2,000 to "
         "19,999 characters, which the evaluation never reads; $SQUEEZEKV_LINUX_DOC points elsewhere), collects every "
         "layer's cached keys (after RoPE) and values, learns one codebook per (layer, KV head, channel group, K/V) "
         "by k-means and saves them to OUT. Use it with make_cache(..., channel='coupled', "
-        "channel_params={'bits': B, 'calibration': OUT}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "channel_params={'bits': B, 'calibration': OUT})."
     )
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--out", required=True, help="codebook file to write")
     p.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--bits", type=int, default=1, help="bits per channel (1 or 2)")

@@ -117,7 +117,9 @@ def calibrate(model: Any, sequences: list[list[int]], progress: Callable[[int], 
     """Run ``model`` over ``sequences`` (one at a time, no cache) and return the calibration state (what
     :func:`save` writes and :class:`~squeezekv.channel.eigen.EigenAttention` loads)."""
     from ..attention import squeezekv_mask
+    from ..models import arch_spec
 
+    arch_spec(model.config)  # an unsupported model: the architecture error, before any calibration work
     rec = _Recorder(model)
     AttentionInterface.register(CALIB_ATTN, rec.attention)
     AttentionMaskInterface.register(CALIB_ATTN, squeezekv_mask)
@@ -163,18 +165,17 @@ def rank_report(state: dict[str, Any], threshold: float) -> dict[str, Any]:
     return rep
 
 
-def add_parser(sub: Any) -> None:
+def add_arguments(p: Any) -> None:
+    """The ``squeezekv calibrate-eigen`` arguments, added to its (sub-command) parser ``p``."""
     import argparse
 
-    p = sub.add_parser(
-        "calibrate-eigen",
-        help="Eigen Attention calibration: PCA bases of keys/values on calibration text, saved to a file",
-        description="Runs the model on calibration text (Linux kernel documentation pages that the evaluation never "
+    p.description = (
+        "Runs the model on calibration text (Linux kernel documentation pages that the evaluation never "
         "reads, or --text-file), accumulates per layer and KV head the Gram matrices of keys (before and after "
         "RoPE, with queries) and values, and saves their eigenbases to OUT (torch format). Use it with "
-        "make_cache(..., channel='eigen', channel_params={'calibration': OUT, 'threshold': T}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "make_cache(..., channel='eigen', channel_params={'calibration': OUT, 'threshold': T})."
     )
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="calibration file to write")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens")

@@ -219,21 +219,20 @@ def run(args: Any) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
+def add_arguments(p: Any) -> None:
+    """The ``squeezekv analyze-layers`` arguments, added to its (sub-command) parser ``p``."""
     import argparse
 
-    p = sub.add_parser(
-        "analyze-layers",
-        help="measure how similar the layers' attention weights are and propose Shared Attention spans",
-        description="Runs the model with eager attention on calibration text (default: the GPL v3 text in "
+    p.description = (
+        "Runs the model with eager attention on calibration text (default: the GPL v3 text in "
         "/usr/share/common-licenses, which no eval task uses) and measures, for every pair of layers, the cosine "
         "similarity of their post-softmax attention maps (per head, averaged; the measure of Shared Attention, "
         "arXiv 2407.12866) and the Jensen-Shannon divergence of their attention distributions. Writes "
         "OUT/layer_similarity.json (matrices, proposed spans, spans for a given number of shared layers) and a "
         "heat map OUT/layer_similarity.png. A span [first, last] is proposed where every layer's similarity to "
-        "'first' is >= --threshold; pass the JSON to the shared_attention method (spans=FILE).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "'first' is >= --threshold; pass the JSON to the shared_attention method (spans=FILE)."
     )
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="minimum similarity of a span's layers to its first layer, in (0, 1]")

@@ -100,6 +100,13 @@ class SharedAttention(CrossLayerMethod):
     def __post_init__(self) -> None:
         self._spans = load_spans(self.spans, self.shared_layers)
         self._source_of = {i: a for a, b in self._spans for i in range(a + 1, b + 1)}
+        if not self._spans:  # no span: the method would silently change nothing
+            raise ValueError(
+                f"shared_attention spans={self.spans!r} share no layer: give spans=[[first, last], ...], "
+                "or spans=FILE from `squeezekv analyze-layers --model MODEL --out DIR` "
+                "(spans=DIR/layer_similarity.json, plus shared_layers=N to pick its proposal for N shared layers, or "
+                "a lower --threshold if it proposed none)"
+            )
         self._last_of = {a: b for a, b in self._spans if b > a}  # source -> last layer of its span
 
     @property

@@ -11,14 +11,15 @@ from ..registry import allocation_names, policy_names
 from ..store import DiskTier, KVStore, MemoryTier, Tier, namespace, parse_bytes
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "serve", help="OpenAI-compatible server reusing multi-turn KV across GPU/CPU/disk tiers",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. Each finished "
+def add_arguments(p: Any) -> None:
+    """The ``squeezekv serve`` arguments, added to its (sub-command) parser ``p``."""
+    p.description = (
+        "Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. Each finished "
         "request's KV is saved (asynchronously) into a hierarchy of tiers, keyed by a hash chain over its tokens, and "
         "reused by any later prompt that shares the prefix (CachedAttention, arXiv 2403.19708). Needs the 'serve' "
-        "extra: pip install -e '.[serve]'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "extra: pip install -e '.[serve]'."
+    )
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder's name)")
     p.add_argument("--method", default=None, choices=policy_names(),
@@ -40,7 +41,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="prompts longer than the context: reject, or drop the oldest tokens and re-rotate stored keys")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    return p
 
 
 def build_tiers(gpu: str, cpu: str, disk: str | None, device: str) -> list[Tier]:
@@ -94,4 +94,4 @@ def run(args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
-__all__ = ["add_parser", "build_tiers", "run"]
+__all__ = ["add_arguments", "build_tiers", "run"]

@@ -19,16 +19,15 @@ def _flag_type(tp: Any) -> Any:
     return {int: int, float: float, str: str}.get(base, str)
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    parser = sub.add_parser(
-        "train-lckv",
-        help="train a Layer-Condensed KV cache model (LCKV) or a standard baseline on offline text",
-        description="Tokenises the text sources into shards (once), then trains with the paper's parallel "
+def add_arguments(parser: Any) -> None:
+    """The ``squeezekv train-lckv`` arguments, added to its (sub-command) parser ``parser``."""
+    parser.description = (
+        "Tokenises the text sources into shards (once), then trains with the paper's parallel "
         "procedure (m iterations without gradient, b with gradient), with checkpoints, resumption from "
         "OUT_DIR/checkpoint, a progress bar with tokens/s and loss, and held-out perplexity at the end. "
-        "bf16 autocast on CUDA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "bf16 autocast on CUDA."
     )
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--config", default=None, help="JSON file of training options (the flags' names)")
     parser.add_argument("--prepare-only", action="store_true", help="only tokenise the sources into shards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,7 +40,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
             continue
         parser.add_argument(flag, dest=f.name, type=_flag_type(hints[f.name]), default=None,
                             help=f"(default: {f.default if f.default is not dataclasses.MISSING else 'see code'})")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -70,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="squeezekv")
-    add_parser(parser.add_subparsers(dest="command"))
-    sys.exit(run(parser.parse_args(["train-lckv", *sys.argv[1:]])))
+    parser = argparse.ArgumentParser(prog="squeezekv train-lckv")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
