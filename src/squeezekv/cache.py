@@ -517,14 +517,17 @@ class SqueezeCache(Cache):
                     f"same tokens ({self.crosslayer.describe()} ties them): give them one budget"
                 )
 
-    def _with_fitted(self, plan: BudgetPlan) -> BudgetPlan:
+    def _with_fitted(self, plan: BudgetPlan, prompt_length: int | None = None) -> BudgetPlan:
         """``plan`` with ``details["policy_fitted"]``: the policy parameters each layer's budget shrinks, as
-        ``{"window 64 -> 10": [layers]}`` (absent when the policy runs as configured everywhere)."""
+        ``{"window 64 -> 10": [layers]}``, for the layers that can evict at that budget (absent when the policy runs
+        as configured everywhere)."""
         fitted: dict[str, list[int]] = {}
         for i, b in enumerate(plan.budgets):
             window = getattr(self.layers[i], "sliding_window", None)
             if b is None or (window and b >= window - 1):
                 continue  # not managed, or a sliding layer that keeps every token a later query can see
+            if prompt_length is not None and b >= prompt_length and not self.evicts_while_decoding:
+                continue  # the budget covers the prompt and nothing is evicted while decoding
             for name, (configured, used) in self.policy.fitted(b).items():
                 fitted.setdefault(f"{name} {configured} -> {used}", []).append(i)
         if not fitted:
@@ -600,7 +603,7 @@ class SqueezeCache(Cache):
         check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
         if self.keeps_everything:
             plan = replace(plan, details={**plan.details, "decoding": "no eviction (budget 1.0 keeps every token)"})
-        plan = self._with_fitted(plan)
+        plan = self._with_fitted(plan, prompt_length)
         self.plan = plan
         return plan
 
