@@ -169,8 +169,6 @@ def test_large_budget_holds_about_the_full_cache(method, budget, make_model, mak
     ids = make_ids(1, prompt)
     cache = squeezekv.make_cache(model, method, budget)
     model(ids, cache=cache)
-    # a budget above the model's context is capped at it, and the plan says so
-    assert cache.plan.budgets == (256,) * LAYERS and cache.plan.details["capped_at_context"] == 256
     ref = model(ids, use_cache=True).past_key_values  # the full DynamicCache
     full = squeezekv.dynamic_cache_nbytes(ref)
     scores = squeezekv.POLICIES[method].uses_scores
@@ -185,6 +183,8 @@ def test_large_budget_holds_about_the_full_cache(method, budget, make_model, mak
     assert cache.physical_lengths() == [held] * LAYERS
     assert cache.nbytes() == LAYERS * HKV * slots * _per_token_bytes(scores)
     assert slots <= held + max(1, held // 8)  # 30 tokens: 33 slots (was 4097 / 100001 before the fix)
+    # a budget above the model's context is capped at it, and the plan says so
+    assert cache.plan.budgets == (256,) * LAYERS and cache.plan.details["capped_at_context"] == 256
 
 
 def test_kivi_residual_holds_about_the_tokens_that_exist(make_model, make_ids):
@@ -214,17 +214,17 @@ def test_sliding_layers_hold_no_more_than_transformers_cache(arch, method, make_
     ids = make_ids(1, 24)
     ref = DynamicCache(config=model.config)
     cache = squeezekv.make_cache(model, method, 100, method_params={"window": 8} if method == "snapkv" else None)
-    assert all(cache.layers[i].sliding_window == window for i in cache.managed)
     ref_logits = _prefill_and_decode(model, ids, ref, steps=NEW)
     logits = _prefill_and_decode(model, ids, cache, steps=NEW)
-    assert cache.plan.budgets == (window - 1,) * LAYERS
-    assert cache.plan.details["capped_at_sliding_window"] == {"tokens": window - 1, "layers": list(range(LAYERS))}
     # the same keys and values as transformers' own sliding cache (window - 1 per layer), plus squeezekv's bookkeeping
     assert cache.kv_nbytes() == squeezekv.dynamic_cache_nbytes(ref)
     scores = squeezekv.POLICIES[method].uses_scores
     assert cache.nbytes() == squeezekv.dynamic_cache_nbytes(ref) + LAYERS * HKV * (window - 1) * (4 + 4 * scores)
     # everything a query can see is kept: the full cache's logits
     torch.testing.assert_close(torch.stack(logits), torch.stack(ref_logits), atol=1e-5, rtol=0)
+    assert cache.plan.budgets == (window - 1,) * LAYERS
+    assert cache.plan.details["capped_at_sliding_window"] == {"tokens": window - 1, "layers": list(range(LAYERS))}
+    assert all(cache.layers[i].sliding_window == window for i in cache.managed)
 
 
 @pytest.mark.parametrize("method", ["h2o", "snapkv"])

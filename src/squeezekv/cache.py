@@ -536,9 +536,9 @@ class SqueezeCache(Cache):
 
     @property
     def keeps_everything(self) -> bool:
-        """The budget is the fraction 1.0 (and no fixed plan was given): nothing is evicted, prompt or decoded
-        tokens, except the tokens that left a sliding window."""
-        return self._given_plan is None and self.budget.is_fraction and self.budget.value >= 1.0
+        """The budget is the fraction 1.0: nothing is evicted while decoding (and a derived plan covers the prompt), except
+        the tokens that left a sliding window. A restored snapshot (fixed plan, same budget) keeps the rule."""
+        return self.budget.is_fraction and self.budget.value >= 1.0
 
     @property
     def evicts_while_decoding(self) -> bool:
