@@ -24,14 +24,22 @@ def _compare(model, ids, mask, method, allocation, run_greedy, same_generation, 
     assert model.config._attn_implementation == "squeezekv"
     out = run_greedy(model, ids, mask, cache=cache, new_tokens=NEW)
     same_generation(ref, out)
-    # nothing was evicted: every managed layer holds the whole sequence but the last generated token
-    assert cache.plan is not None and min(b for b in cache.plan.budgets if b is not None) > PROMPT + NEW
+    # nothing a query can see was evicted: every managed layer holds the whole sequence but the last generated token,
+    # a sliding-window layer (budget capped at window - 1) the window - 1 newest of them
+    assert cache.plan is not None
+    seen = PROMPT + NEW - 1
     for i in cache.managed:
         layer = cache.layers[i]
-        assert layer.seen == PROMPT + NEW - 1
-        assert layer.physical_length == PROMPT + NEW - 1
-        expected = torch.arange(PROMPT + NEW - 1, dtype=torch.int32).expand_as(layer.token_idx)
-        assert torch.equal(layer.token_idx, expected)
+        window = layer.sliding_window
+        assert layer.seen == seen
+        if window and method != "none":
+            assert cache.plan[i] == window - 1
+            expected = torch.arange(seen - window + 1, seen, dtype=torch.int32)
+        else:
+            assert cache.plan[i] > PROMPT + NEW
+            expected = torch.arange(seen, dtype=torch.int32)
+        assert layer.physical_length == expected.numel()
+        assert torch.equal(layer.token_idx, expected.expand_as(layer.token_idx))
     return cache
 
 
@@ -85,7 +93,10 @@ def test_gemma3_sliding_layers_are_left_to_transformers(make_model, make_ids, ru
     types = model.config.layer_types
     assert cache.managed == tuple(i for i, t in enumerate(types) if t == "full_attention")
     run_greedy(model, make_ids(1, PROMPT), cache=cache, new_tokens=NEW)
-    assert cache.plan.budgets == tuple(BIG if t == "full_attention" else None for t in types)
+    # a budget above the model's context is capped at it (recorded in the plan)
+    context = model.config.max_position_embeddings
+    assert cache.plan.budgets == tuple(context if t == "full_attention" else None for t in types)
+    assert cache.plan.details["capped_at_context"] == context
     window = model.config.sliding_window
     assert cache.physical_lengths() == [window - 1 if t == "sliding_attention" else PROMPT + NEW - 1 for t in types]
 

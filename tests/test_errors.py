@@ -100,34 +100,6 @@ def test_unsupported_model_type():
     assert model.config._attn_implementation != "squeezekv"  # the model was left alone
 
 
-def test_plan_budget_below_snapkv_window(make_model):
-    model = make_model("llama")
-    plan = BudgetPlan(budgets=(16, 16, 7, 16), base=16, allocation="custom")
-    with pytest.raises(ValueError, match=r"layer 2 gets a budget of 7 tokens, below the 8"):
-        squeezekv.make_cache(model, "snapkv", 16, plan=plan, method_params={"window": 8})
-
-
-def test_derived_budget_below_snapkv_window(make_model, make_ids):
-    model = make_model("llama")
-    cache = squeezekv.make_cache(model, "snapkv", 4, method_params={"window": 8})
-    with pytest.raises(ValueError, match=r"budget of 4 tokens, below the 8"):
-        model(make_ids(1, 24), cache=cache)
-
-
-def test_derived_budget_below_snapkv_window_default_window(make_model, make_ids):
-    model = make_model("llama")
-    cache = squeezekv.make_cache(model, "snapkv", 0.5)  # window 64 by default, 0.5 * 24 = 12 tokens
-    with pytest.raises(ValueError, match=r"below the 64"):
-        model(make_ids(1, 24), cache=cache)
-
-
-def test_pyramid_smallest_layer_below_streamingllm_minimum(make_model, make_ids):
-    model = make_model("llama")
-    cache = squeezekv.make_cache(model, "streamingllm", 12, "pyramid")
-    with pytest.raises(ValueError, match=r"layer 3 gets a budget of \d tokens, below the 5"):
-        model(make_ids(1, 24), cache=cache)
-
-
 def test_plan_with_wrong_number_of_layers(make_model):
     plan = BudgetPlan(budgets=(16, 16), base=16, allocation="custom")
     with pytest.raises(ValueError, match="plan has 2 layers but the model has 4"):

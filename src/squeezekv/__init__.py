@@ -62,8 +62,8 @@ def make_cache(
 ) -> SqueezeCache:
     """A fresh compressed cache for one ``generate``/forward pass of ``model`` (attaches squeezekv to the model).
 
-    ``method``: eviction policy (:func:`policy_names`); ``budget``: fraction of the prompt in (0, 1] or tokens >= 1
-    per layer on average; ``allocation``: how the total is split across layers (:func:`allocation_names`);
+    ``method``: eviction policy (:func:`policy_names`); ``budget``: fraction of the prompt in (0, 1] (1.0: evict
+    nothing) or tokens >= 1 per layer on average (capped at the model's context); ``allocation``: how the total is split across layers (:func:`allocation_names`);
     ``method_params``/``allocation_params``: the method's parameters; ``plan``: a fixed :class:`BudgetPlan` instead of
     one derived from the prompt; ``evict_every``: decoding steps between evictions for policies that keep evicting;
     ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before); ``channel``/

@@ -9,7 +9,7 @@ squeezekv's attention function (:mod:`squeezekv.attention`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -55,6 +55,9 @@ class SqueezeLayer(CacheLayerMixin):
         self.prefill_done = False
         self._buffers: dict[str, torch.Tensor] = {}  # pre-allocated storage behind keys/values/token_idx/scores
         self.static: StaticState | None = None  # set while a GraphDecoder drives this layer
+        #: the layer's sliding window (a query at position p sees the tokens p - window < i <= p), None for full
+        #: attention; set by the cache from the model's config
+        self.sliding_window: int | None = None
 
     # -- transformers' layer protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -97,13 +100,38 @@ class SqueezeLayer(CacheLayerMixin):
 
     def _reserve(self, q: int) -> int:
         """Free slots to pre-allocate beyond the ``q`` new tokens: while decoding, room for the tokens that arrive
-        before the next eviction (policies that keep evicting) or a growth chunk (SnapKV); none for a prompt."""
+        before the next eviction (a layer that evicts while decoding) or a growth step (one that only grows), within
+        :meth:`_cap_reserve`; none for a prompt."""
         if not self.prefill_done or q != 1:
             return 0
-        budget = self.cache.plan[self.layer_idx] if self.cache.plan is not None else None
-        if self.policy.keeps_evicting and budget is not None:
-            return max(0, budget + self.cache.evict_every - self.physical_length - q)
-        return self.cache.growth_chunk - 1
+        budget = self.decode_budget()
+        if budget is None:
+            return self._cap_reserve(self.cache.growth_chunk - 1, self.physical_length + q, q)
+        want = budget + self.cache.evict_every - self.physical_length - q
+        return self._cap_reserve(want, self.physical_length + q, q, slack=self.cache.evict_every)
+
+    def _cap_reserve(self, want: int, held: int, q: int, slack: int = 0) -> int:
+        """At most ``want`` free slots for a buffer that will hold ``held`` tokens after this step: no more than
+        ``slack`` (the tokens that arrive before the next eviction) or an eighth of ``held`` (at most
+        ``growth_chunk - 1``), whichever is larger, and never room for tokens past the model's context. A layer
+        growing towards a large budget thus holds at most 1/8 more slots than tokens."""
+        grow = max(slack, min(self.cache.growth_chunk - 1, held // 8))
+        left = self.cache.max_context - self.seen - q  # tokens that can still arrive after these q
+        return max(0, min(want, grow, left))
+
+    def decode_budget(self) -> int | None:
+        """The budget this layer evicts down to while decoding (every ``evict_every`` steps), or None: it only
+        grows. A sliding-window layer always drops the tokens that left its window (``window - 1`` stay visible),
+        even when its policy keeps every decoded token (SnapKV) or the budget keeps everything (1.0)."""
+        plan = self.cache.plan
+        budget = None if plan is None else plan[self.layer_idx]
+        if budget is None or not self.policy.evicts:
+            return None
+        if self.cache.evicts_while_decoding:
+            return budget  # already capped at the window on a sliding layer
+        if self.sliding_window:
+            return max(1, self.sliding_window - 1)
+        return None
 
     def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
         """Store the new tokens' keys (unless the layer stores values only) and values."""
@@ -293,7 +321,9 @@ class SqueezeLayer(CacheLayerMixin):
         if not decoding:
             self.prefill_done = True
             self.compress(budget)
-        elif self.policy.keeps_evicting and self.physical_length >= budget + self.cache.evict_every:
+            return
+        budget = self.decode_budget()
+        if budget is not None and self.physical_length >= budget + self.cache.evict_every:
             self.compress(budget)
 
 
@@ -304,7 +334,7 @@ class SqueezeLayer(CacheLayerMixin):
         token's logical index, both device tensors the driver advances)."""
         budget = self.cache.plan[self.layer_idx]
         n = self.physical_length
-        capacity = max(budget, n) + chunk
+        capacity = min(max(budget, n), self.cache.max_context) + chunk  # never room for more than the context
         b, h, _, d = self.keys.shape
         bufs = {  # zeros, not empty: a masked slot gets weight 0, and 0 * NaN from garbage memory would be NaN
             "keys": self.keys.new_zeros((b, h, capacity, d)),
@@ -386,7 +416,9 @@ class SqueezeCache(Cache):
     Build it with :func:`squeezekv.make_cache`, which also attaches squeezekv's attention function and hooks to the
     model. Layers of type ``full_attention`` are managed; in hybrid models (Gemma 3) the sliding-window layers are left
     to transformers' own bounded ``DynamicSlidingWindowLayer``; in models whose every layer has the same sliding window
-    (Mistral) every layer is managed and the window is applied in the mask.
+    (Mistral) every layer is managed, the window is applied in the mask, each layer's budget is capped at the
+    ``window - 1`` tokens a later query can still see, and tokens that left the window are never kept over ones inside
+    it.
     """
 
     def __init__(
@@ -435,7 +467,9 @@ class SqueezeCache(Cache):
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
             if i in self.managed:
-                layers.append(self.make_layer(i))
+                layer = self.make_layer(i)
+                layer.sliding_window = window if kind == "sliding_attention" and window else None
+                layers.append(layer)
             elif kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
@@ -444,9 +478,10 @@ class SqueezeCache(Cache):
         self.layer_types = tuple(layer_types)
         if self.crosslayer is not None:
             self.crosslayer.bind(self)
-        self._given_plan = plan
         if plan is not None:
             self._check_plan(plan)
+            plan = self._with_fitted(plan)
+        self._given_plan = plan
         self.plan: BudgetPlan | None = plan
         self.importance: dict[int, float] = {}
         self.pending_hidden: dict[int, torch.Tensor] = {}
@@ -473,6 +508,7 @@ class SqueezeCache(Cache):
         for i in range(len(self.layers)):
             if (plan[i] is None) != (i not in self.managed):
                 raise ValueError(f"plan layer {i}: budget {plan[i]!r} does not match whether the layer is managed")
+        # every policy shipped here fits any budget >= 1 (fitted); a registered policy may declare a larger minimum
         check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
         for group in self.tied_layers():
             if len({plan[i] for i in group}) > 1:
@@ -480,6 +516,34 @@ class SqueezeCache(Cache):
                     f"plan gives layers {list(group)} the budgets {[plan[i] for i in group]}, but they must keep the "
                     f"same tokens ({self.crosslayer.describe()} ties them): give them one budget"
                 )
+
+    def _with_fitted(self, plan: BudgetPlan, prompt_length: int | None = None) -> BudgetPlan:
+        """``plan`` with ``details["policy_fitted"]``: the policy parameters each layer's budget shrinks, as
+        ``{"window 64 -> 10": [layers]}``, for the layers that can evict at that budget (absent when the policy runs
+        as configured everywhere)."""
+        fitted: dict[str, list[int]] = {}
+        for i, b in enumerate(plan.budgets):
+            window = getattr(self.layers[i], "sliding_window", None)
+            if b is None or (window and b >= window - 1):
+                continue  # not managed, or a sliding layer that keeps every token a later query can see
+            if prompt_length is not None and b >= prompt_length and not self.evicts_while_decoding:
+                continue  # the budget covers the prompt and nothing is evicted while decoding
+            for name, (configured, used) in self.policy.fitted(b).items():
+                fitted.setdefault(f"{name} {configured} -> {used}", []).append(i)
+        if not fitted:
+            return plan
+        return replace(plan, details={**plan.details, "policy_fitted": fitted})
+
+    @property
+    def keeps_everything(self) -> bool:
+        """The budget is the fraction 1.0: nothing is evicted while decoding (and a derived plan covers the prompt), except
+        the tokens that left a sliding window. A restored snapshot (fixed plan, same budget) keeps the rule."""
+        return self.budget.is_fraction and self.budget.value >= 1.0
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """Layers evict down to their budget again while decoding (window, streamingllm, h2o; not at budget 1.0)."""
+        return self.policy.keeps_evicting and not self.keeps_everything
 
     def tied_layers(self) -> list[tuple[int, ...]]:
         """Groups of layers that must keep exactly the same tokens (one budget per group), from the cross-layer
@@ -512,9 +576,20 @@ class SqueezeCache(Cache):
             budgets, moved = cap_budgets(budgets, prompt_length)
             if moved:
                 details = {**details, "capped_at_prompt_length": prompt_length, "tokens_redistributed": moved}
+        elif max(budgets) > self.max_context:
+            # no layer can ever hold more tokens than the model's context
+            budgets, moved = cap_budgets(budgets, self.max_context)
+            details = {**details, "capped_at_context": self.max_context, "tokens_redistributed": moved}
         full: list[int | None] = [None] * len(self.layers)
         for i, b in zip(self.managed, budgets):
             full[i] = int(b)
+        capped = [i for i in self.managed if self.layers[i].sliding_window and full[i] >= self.layers[i].sliding_window]
+        if capped and self.policy.evicts:  # ('none' keeps every token whatever the budget)
+            # a sliding layer's later queries see only the window - 1 tokens before them
+            cap = max(1, self.layers[capped[0]].sliding_window - 1)
+            for i in capped:
+                full[i] = cap
+            details = {**details, "capped_at_sliding_window": {"tokens": cap, "layers": capped}}
         groups = self.tied_layers()
         if groups:
             full = tie_budgets(full, groups)
@@ -526,6 +601,9 @@ class SqueezeCache(Cache):
             details={"budget": str(self.budget), "prompt_length": prompt_length, **details},
         )
         check_layer_budgets(plan.budgets, self.policy.min_budget(), f"policy {self.policy.name!r}")
+        if self.keeps_everything:
+            plan = replace(plan, details={**plan.details, "decoding": "no eviction (budget 1.0 keeps every token)"})
+        plan = self._with_fitted(plan, prompt_length)
         self.plan = plan
         return plan
 

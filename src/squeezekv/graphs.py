@@ -40,8 +40,9 @@ class GraphDecoder:
             raise ValueError("prefill the prompt into the cache before decoding with GraphDecoder")
         if any(layer.valid is not None for layer in layers):
             raise ValueError("GraphDecoder supports batches without padding")
-        if not cache.policy.keeps_evicting:
-            raise ValueError(f"GraphDecoder needs a policy that keeps evicting; {cache.policy.name!r} does not")
+        if not cache.evicts_while_decoding:
+            raise ValueError(f"GraphDecoder needs a cache that keeps evicting while decoding; policy "
+                             f"{cache.policy.name!r} at budget {cache.budget} does not")
         self.model, self.cache, self.chunk = model, cache, chunk
         device = layers[0].keys.device
         self.use_graph = (device.type == "cuda") if use_graph is None else use_graph

@@ -12,7 +12,8 @@ class Budget:
     """A per-layer KV budget as the user gives it: a fraction of the prompt or an absolute token count.
 
     ``Budget.parse(0.2)`` keeps 20% of the prompt's tokens per layer on average; ``Budget.parse(256)`` keeps 256.
-    Floats in (0, 1] are fractions, integers >= 1 are token counts.
+    Floats in (0, 1] are fractions, integers >= 1 are token counts. The fraction ``1.0`` keeps every token (the cache
+    evicts nothing, prompt or decoded); ``1`` is one token.
     """
 
     value: float

@@ -125,10 +125,12 @@ class QuantizedLayer(SqueezeLayer):
         self.nq = 0
 
     def _reserve(self, q: int) -> int:
-        # the residual never holds more than residual + flush_block - 1 tokens after a step
+        # the residual never holds more than residual + flush_block - 1 tokens after a step, and grows as a plain
+        # layer does (SqueezeLayer._cap_reserve: never room for many more tokens than exist)
         if not self.prefill_done or q != 1:
             return 0
-        return max(0, self.residual + self.flush_block - 1 - self.residual_length - q)
+        want = self.residual + self.flush_block - 1 - self.residual_length - q
+        return self._cap_reserve(want, self.residual_length + q, q)
 
     def enter_static(self, chunk: int, step_t: torch.Tensor, seen_t: torch.Tensor) -> None:
         raise ValueError(f"static (CUDA-graph) decoding is not supported with the channel method "
@@ -142,7 +144,8 @@ class QuantizedLayer(SqueezeLayer):
         m = (r - self.residual) // self.flush_block * self.flush_block
         if m <= 0:
             return
-        reserve = QUANT_RESERVE if m == self.flush_block else 0
+        # never room for more tokens than the model's context
+        reserve = min(QUANT_RESERVE, max(0, self.cache.max_context - self.seen)) if m == self.flush_block else 0
         self._encode(self.keys[:, :, :m] if self.stores_keys else None, self.values[:, :, :m], reserve)
         self.nq += m
         # clone: the residual's old buffer (holding the quantised tokens in full precision) is released

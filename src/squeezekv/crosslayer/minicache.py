@@ -234,8 +234,9 @@ class MiniCachePair:
         budget = self.budget(cache)
         if not decoding:
             self.compress(budget)
-        elif first.policy.keeps_evicting and first.physical_length >= budget + cache.evict_every:
-            self.compress(budget)
+        elif (decode_budget := first.decode_budget()) is not None and \
+                first.physical_length >= decode_budget + cache.evict_every:
+            self.compress(decode_budget)
         elif first.tail_length >= self.method.merge_every:
             self.merge_tail()
 

@@ -30,8 +30,14 @@ class EvictionPolicy(Method):
     uses_scores: ClassVar[bool] = False
 
     def min_budget(self) -> int:
-        """The smallest per-layer budget this policy can work with."""
+        """The smallest per-layer budget this policy can work with: 1 for every policy shipped here (a window or
+        sink count larger than the budget shrinks to fit, see :meth:`fitted`)."""
         return 1
+
+    def fitted(self, budget: int) -> dict[str, tuple[int, int]]:
+        """The parameters this policy shrinks to fit ``budget`` tokens, as ``{name: (configured, used)}``; empty when
+        it runs at ``budget`` as configured. :meth:`priority` applies them; the plan records them."""
+        return {}
 
     @abstractmethod
     def priority(self, layer: "SqueezeLayer", budget: int) -> torch.Tensor:
@@ -63,6 +69,10 @@ class EvictionPolicy(Method):
         if valid is not None:
             # padding never wins over a real token
             prio = prio.masked_fill(~valid, float("-inf"))
+        window = getattr(layer, "sliding_window", None)  # views of other caches' layers (LCKV) have none
+        if window:
+            # no later query can see a token that left the sliding window: it never wins over one inside it
+            prio = prio.masked_fill(layer.token_idx <= layer.seen - window, float("-inf"))
         idx = prio.topk(k, dim=-1, sorted=False).indices
         return idx.sort(dim=-1).values
 

@@ -4,7 +4,8 @@ Paper: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inferenc
 NeurIPS 2023, arXiv 2306.14048. The score of a cached token is the sum of the attention weights it received from every
 query so far (the prompt's queries at prefill, then each decoded query), per KV head; with grouped-query attention the
 weights of the query heads of a group are summed. Eviction keeps ``recent_ratio * budget`` most recent tokens and fills
-the rest with the highest-scoring ones (the paper's 50/50 split of heavy hitters and recent tokens).
+the rest with the highest-scoring ones (the paper's 50/50 split of heavy hitters and recent tokens); the recent part
+is rounded to the nearest integer, so a budget of 1 keeps the heaviest hitter.
 
 The scores are computed inside squeezekv's attention function from the queries it already has (no
 ``output_attentions`` and no model-wide eager attention): see :meth:`H2OPolicy.observe_weights`.
@@ -31,9 +32,6 @@ class H2OPolicy(EvictionPolicy):
     def __post_init__(self) -> None:
         if not (0.0 <= float(self.recent_ratio) < 1.0):
             raise ValueError(f"h2o recent_ratio={self.recent_ratio!r} is out of range: must be in [0, 1)")
-
-    def min_budget(self) -> int:
-        return 2
 
     def recent(self, budget: int) -> int:
         return int(round(self.recent_ratio * budget))

@@ -6,6 +6,10 @@ Parameters follow the official code (FasterDecoding/SnapKV, ``snapkv_utils.py``)
 over those queries, averaged over the query heads of each KV group (GQA-aware), smoothed by 1-D average pooling; keep
 the top ``budget - window`` prefix positions per KV head plus the whole observation window. Compression happens once,
 after the prompt; decoded tokens are appended (the paper compresses the prompt only).
+
+A budget below ``window`` keeps the newest ``max(1, budget // 2)`` tokens outright and fills the rest with the
+top-voted older ones (all ``window`` queries still vote; the positions of the observation window that are not kept
+outright compete by their raw votes). The plan records the shrunk window (:meth:`EvictionPolicy.fitted`).
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ class SnapKVPolicy(EvictionPolicy):
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"snapkv kernel_size={self.kernel_size!r} is out of range: must be an odd integer >= 1")
 
-    def min_budget(self) -> int:
-        return self.window
+    def window_at(self, budget: int) -> int:
+        """Newest positions kept outright at ``budget``: the observation window, or half the budget below it."""
+        return self.window if budget >= self.window else max(1, budget // 2)
+
+    def fitted(self, budget: int) -> dict[str, tuple[int, int]]:
+        used = self.window_at(budget)
+        return {} if used == self.window else {"window": (self.window, used)}
 
     def observe_queries(self, layer, query: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> None:
         # query: [B, Hkv, G, q, D]; only a prompt (or prompt chunk) longer than one token votes
@@ -66,8 +75,10 @@ class SnapKVPolicy(EvictionPolicy):
                 stride=1,
                 padding=self.kernel_size // 2,
             ).reshape(b, h, prefix)
+        # the observation window's own votes: they rank its positions when a small budget shrinks the kept window
+        pooled[..., prefix:] = votes[..., prefix:]
         layer.scores.copy_(pooled)
 
     def priority(self, layer, budget: int) -> torch.Tensor:
-        in_window = rank_from_end(layer.valid, layer.scores) < self.window
+        in_window = rank_from_end(layer.valid, layer.scores) < self.window_at(budget)
         return layer.scores.masked_fill(in_window, KEEP)

@@ -1,7 +1,8 @@
 """StreamingLLM: ``sinks`` attention-sink tokens (the first real tokens) plus a window of the most recent tokens.
 
 Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024, arXiv 2309.17453.
-Parameters: ``sinks`` = 4 (the paper's default); the recent window is ``budget - sinks``.
+Parameters: ``sinks`` = 4 (the paper's default); the recent window is ``budget - sinks``. A budget of ``sinks`` tokens
+or fewer keeps ``budget - 1`` sinks and the newest token (recorded in the plan, see :meth:`EvictionPolicy.fitted`).
 With left padding the sinks are the first *real* tokens of each row, never padding.
 """
 
@@ -26,10 +27,15 @@ class StreamingLLMPolicy(EvictionPolicy):
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"streamingllm sinks={self.sinks!r} is out of range: must be an integer >= 0")
 
-    def min_budget(self) -> int:
-        return self.sinks + 1  # at least one recent token besides the sinks
+    def sinks_at(self, budget: int) -> int:
+        """Sinks kept at ``budget``: at least one recent token besides them."""
+        return min(self.sinks, budget - 1)
+
+    def fitted(self, budget: int) -> dict[str, tuple[int, int]]:
+        used = self.sinks_at(budget)
+        return {} if used == self.sinks else {"sinks": (self.sinks, used)}
 
     def priority(self, layer, budget: int) -> torch.Tensor:
         recency = layer.token_idx.float()
-        is_sink = rank_from_start(layer.valid, recency) < self.sinks
+        is_sink = rank_from_start(layer.valid, recency) < self.sinks_at(budget)
         return recency.masked_fill(is_sink, KEEP)
