@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .attention import attach, detach, original_attn_implementation
-from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
+from .cache import SqueezeCache, SqueezeLayer, allocated_nbytes, dynamic_cache_nbytes
 from .inputs import left_pad
 from .plan import Budget, BudgetPlan
 from .prefill import chunked_prefill
@@ -85,6 +85,7 @@ __all__ = [
     "policy_names",
     "allocation_names",
     "describe",
+    "allocated_nbytes",
     "dynamic_cache_nbytes",
     "left_pad",
 ]
