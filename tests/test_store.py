@@ -493,3 +493,17 @@ def test_restored_kivi_cache_holds_the_quantised_tokens(tmp_path, make_model, ma
     assert restored.nbytes() <= live.nbytes()  # no reserved slots in the restored copy
     for tok in ids[40:]:
         assert torch.equal(_forward(model, [tok], restored), _forward(model, [tok], live))
+
+
+def test_kivi_cache_with_evicted_quantised_tokens_round_trips(make_model, make_ids):
+    """H2O evicting quantised tokens while decoding gives KIVI per-token key group ids (kgid): saved and restored too."""
+    model = make_model("llama", layers=2)
+    ids = make_ids(1, 56, seed=3)[0].tolist()
+    live = squeezekv.make_cache(model, "h2o", 24, channel="kivi", channel_params=KIVI_QUANT)
+    _forward(model, ids[:40], live)
+    for tok in ids[40:50]:
+        _forward(model, [tok], live)
+    assert all(layer.kgid is not None and layer.nq > 0 for layer in live.layers)
+    restored = restore(from_bytes(to_bytes(capture(live, ids[:50]))), model)
+    for tok in ids[50:]:
+        assert torch.equal(_forward(model, [tok], restored), _forward(model, [tok], live))
