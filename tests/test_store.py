@@ -496,7 +496,7 @@ def test_restored_kivi_cache_holds_the_quantised_tokens(tmp_path, make_model, ma
 
 
 def test_kivi_cache_with_evicted_quantised_tokens_round_trips(make_model, make_ids):
-    """H2O evicting quantised tokens while decoding gives KIVI per-token key group ids (kgid): saved and restored too."""
+    """H2O evicting quantised tokens while decoding gives KIVI per-token key group ids (kgid): saved and restored."""
     model = make_model("llama", layers=2)
     ids = make_ids(1, 56, seed=3)[0].tolist()
     live = squeezekv.make_cache(model, "h2o", 24, channel="kivi", channel_params=KIVI_QUANT)

@@ -3,9 +3,10 @@ serialise it to bytes, crop it to a prefix, and shift it to earlier positions af
 
 Compressed caches are captured as they are (only the tokens each layer kept, plus their logical indices, scores and
 budget plan; a KIVI layer's packed codes, scales/zeros, group ids and full-precision residual; :func:`capture` raises
-``TypeError`` naming any other layer type, which it could not restore exactly), so a compressed conversation costs its compressed size in every tier, and the restored cache continues
-exactly as the original object would have (CachedAttention, Gao et al., USENIX ATC 2024, arXiv 2403.19708, stores the
-full KV; storing the compressed one is squeezekv's addition).
+``TypeError`` naming any other layer type, which it could not restore exactly), so a compressed conversation costs
+its compressed size in every tier, and the restored cache continues exactly as the original object would have
+(CachedAttention, Gao et al., USENIX ATC 2024, arXiv 2403.19708, stores the full KV; storing the compressed one is
+squeezekv's addition).
 
 Truncation follows the paper's section on context-window overflow: when the oldest ``drop`` tokens are cut, the kept
 keys, cached after RoPE at positions ``p``, are re-rotated to ``p - drop`` (RoPE is a rotation, so
