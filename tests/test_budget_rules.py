@@ -216,10 +216,12 @@ def test_sliding_layers_hold_no_more_than_transformers_cache(arch, method, make_
     cache = squeezekv.make_cache(model, method, 100, method_params={"window": 8} if method == "snapkv" else None)
     ref_logits = _prefill_and_decode(model, ids, ref, steps=NEW)
     logits = _prefill_and_decode(model, ids, cache, steps=NEW)
-    # the same keys and values as transformers' own sliding cache (window - 1 per layer), plus squeezekv's bookkeeping
-    assert cache.kv_nbytes() == squeezekv.dynamic_cache_nbytes(ref)
+    # the tokens transformers' own sliding cache lets a query see (window - 1 per layer), plus squeezekv's bookkeeping;
+    # never more than what transformers' cache allocates (both counted as allocated storage)
+    kv = LAYERS * HKV * (window - 1) * 2 * HEAD_DIM * 4
+    assert cache.kv_nbytes() == kv <= squeezekv.dynamic_cache_nbytes(ref)
     scores = squeezekv.POLICIES[method].uses_scores
-    assert cache.nbytes() == squeezekv.dynamic_cache_nbytes(ref) + LAYERS * HKV * (window - 1) * (4 + 4 * scores)
+    assert cache.nbytes() == kv + LAYERS * HKV * (window - 1) * (4 + 4 * scores)
     # everything a query can see is kept: the full cache's logits
     torch.testing.assert_close(torch.stack(logits), torch.stack(ref_logits), atol=1e-5, rtol=0)
     assert cache.plan.budgets == (window - 1,) * LAYERS

@@ -283,3 +283,48 @@ def test_decode_appends_in_place_into_preallocated_slots(method, make_model, mak
         assert ptrs[0] == ptrs[1] == ptrs[2] and ptrs[3] != ptrs[2]
         assert layer.physical_length == budget + 2 and slots == budget + every
     assert cache.nbytes() == sum(cache.layer_nbytes())
+
+
+def _kv_storage_bytes(tokens_per_layer, batch=1, elsize=4):
+    """The formula: tokens in each layer's storage x KV heads x head dim x dtype bytes x 2 (keys and values)."""
+    return sum(batch * n * HKV * HEAD_DIM * elsize * 2 for n in tokens_per_layer)
+
+
+def test_hybrid_model_full_and_compressed_bytes_are_counted_alike(make_model, make_ids):
+    """Gemma 3 (sliding and full layers): transformers' sliding layer keeps a ``window - 1`` view of the prompt's
+    tensor, so the full cache is counted by the storage it keeps alive, as the compressed cache is; at budget 1.0 the
+    two differ by squeezekv's bookkeeping only, and a smaller budget saves memory (issue 18, item 6: -0.96)."""
+    model = make_model("gemma3_text")
+    window = model.config.sliding_window
+    sliding = [t == "sliding_attention" for t in model.config.layer_types]
+    ids = make_ids(1, PROMPT)
+    full = DynamicCache(config=model.config)
+    model(ids, cache=full)
+    assert [l.keys.shape[-2] for l in full.layers] == [window - 1 if s else PROMPT for s in sliding]
+    full_bytes = squeezekv.dynamic_cache_nbytes(full)
+    assert full_bytes == _kv_storage_bytes([PROMPT] * LAYERS)  # the prompt's tensors, sliding layers included
+    model(make_ids(1, 1, seed=7), cache=full)  # a decode step: the sliding layer's storage is the window's now
+    assert squeezekv.dynamic_cache_nbytes(full) == _kv_storage_bytes([window if s else PROMPT + 1 for s in sliding])
+
+    managed = sum(not s for s in sliding)
+    lossless = squeezekv.make_cache(model, "snapkv", 1.0, "uniform", method_params={"window": 4})
+    model(ids, cache=lossless)
+    assert lossless.kv_nbytes() == full_bytes
+    bookkeeping = managed * HKV * PROMPT * (4 + 4)  # int32 token index and float32 score per held token
+    assert lossless.nbytes() == full_bytes + bookkeeping
+    saved = 1 - lossless.nbytes() / full_bytes
+    assert saved == pytest.approx(-bookkeeping / full_bytes)
+
+    small = squeezekv.make_cache(model, "snapkv", 12, "uniform", method_params={"window": 4})
+    model(ids, cache=small)
+    assert small.nbytes() == 2 * _kv_storage_bytes([PROMPT]) + managed * _expected_layer_bytes(1, 12, True)
+    assert small.nbytes() < full_bytes  # fewer tokens held: memory is saved, never a negative saving
+
+
+def test_allocated_nbytes_counts_each_storage_once():
+    buf = torch.zeros(2, 3, 10, 4)
+    assert squeezekv.allocated_nbytes([buf[:, :, :3], buf[:, :, 5:], None, buf]) == buf.numel() * 4
+    seen: set = set()
+    assert squeezekv.allocated_nbytes([buf], seen) == buf.numel() * 4
+    assert squeezekv.allocated_nbytes([buf[:, :1]], seen) == 0  # counted already
+    assert squeezekv.allocated_nbytes([torch.empty(2, 3, 0, 4)]) == 0

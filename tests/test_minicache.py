@@ -330,3 +330,30 @@ def test_default_model_bytes_and_exactness():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(model(nxt, cache=cache).logits[:, -1], model(torch.cat([ids, nxt], 1)).logits[:, -1],
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("start_layer", [0, None])
+@pytest.mark.parametrize("allocation", ["uniform", "pyramid", "squeeze"])
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "window"])
+def test_every_layer_holds_the_tokens_its_plan_says(method, allocation, start_layer, make_model, make_ids):
+    """Both layers of a pair hold the same tokens, so the plan gives a pair one budget (issue 18, item 8: under a
+    non-uniform allocation the plan said 200 tokens and the layers held 232): per layer and in total, what is held is
+    what the plan says, after the prompt and while decoding."""
+    model = make_model("llama", layers=4)
+    params = {"snapkv": {"window": 4}}.get(method, {})
+    alloc_params = {"pyramid": {"beta": 2.0}, "squeeze": {"p": 0.5}}.get(allocation)
+    cache = _minicache(model, method, 12, allocation, method_params=params, allocation_params=alloc_params,
+                       start_layer=start_layer, gamma=0.5, merge_every=3)
+    model(make_ids(1, PROMPT), cache=cache)
+    plan = cache.plan
+    pairs = [p.layer_ids for p in _pairs(cache)]
+    assert pairs and plan.details["tied_layers"] == [list(p) for p in pairs]
+    for a, b in pairs:
+        assert plan[a] == plan[b]
+    assert all(b <= PROMPT for b in plan.budgets)
+    assert cache.physical_lengths() == list(plan.budgets)
+    assert sum(cache.physical_lengths()) == plan.total
+    for step in range(4):
+        model(make_ids(1, 1, seed=60 + step), cache=cache)
+    grown = 4 if method == "snapkv" else 0  # SnapKV evicts once, after the prompt; the others keep evicting
+    assert cache.physical_lengths() == [b + grown for b in plan.budgets]

@@ -4,6 +4,8 @@ accounting on a fake clock; a corrupt disk entry is detected and recomputed."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import pytest
 from transformers import DynamicCache
@@ -392,3 +394,116 @@ def test_compressed_entries_fit_more_conversations_per_tier(tmp_path, make_model
         held[name] = store.usage()["gpu"]["entries"]
         assert store.usage()["gpu"]["used"] <= capacity
     assert held == {"full": 2, "compressed": 6}
+
+
+# -- every layer type: an exact round trip, or a refusal by name ----------------------------------------------------
+KIVI_QUANT = {"bits": 2, "group_size": 8, "residual": 8, "kernel": "torch"}
+
+
+def _coupled_params(model, tmp_path):
+    from squeezekv.channel import coupled as cq
+
+    path = tmp_path / "cq.pt"
+    ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(99))
+    m = cq.CoupledQuant(bits=1, channels=4)
+    m.set_codebooks(cq.calibrate(model, ids, 1, 4, iters=5))
+    m.save(path)
+    return {"bits": 1, "channels": 4, "calibration": str(path)}
+
+
+def _eigen_params(model, tmp_path):
+    from squeezekv.channel.eigen_calibrate import calibrate, save
+
+    g = torch.Generator().manual_seed(99)
+    seqs = [torch.randint(3, model.config.vocab_size, (48,), generator=g).tolist() for _ in range(4)]
+    save(calibrate(model, seqs), tmp_path / "eigen.pt")
+    return {"calibration": str(tmp_path / "eigen.pt")}
+
+
+#: layer type -> (make_cache keyword arguments given the model and tmp_path; whether the store saves it exactly)
+LAYER_TYPES = {
+    "SqueezeLayer": (lambda m, p: dict(method="h2o", budget=20), True),
+    "KIVILayer": (lambda m, p: dict(method="h2o", budget=30, channel="kivi", channel_params=KIVI_QUANT), True),
+    "CoupledLayer": (lambda m, p: dict(method="window", budget=4096, channel="coupled",
+                                       channel_params=_coupled_params(m, p)), False),
+    "EigenLayer": (lambda m, p: dict(method="window", budget=4096, channel="eigen",
+                                     channel_params=_eigen_params(m, p)), False),
+    "MiniCacheLayer": (lambda m, p: dict(method="window", budget=4096, crosslayer="minicache",
+                                         crosslayer_params={"start_layer": 0}), False),
+    "SourceLayer": (lambda m, p: dict(method="h2o", budget=4096, crosslayer="shared_attention",
+                                      crosslayer_params={"spans": [[0, 1]]}), False),
+    "SourceLayer[KIVILayer]": (lambda m, p: dict(method="h2o", budget=4096, channel="kivi", channel_params=KIVI_QUANT,
+                                                 crosslayer="shared_attention",
+                                                 crosslayer_params={"spans": [[0, 1]]}), False),
+}
+
+
+@pytest.mark.parametrize("layer_type", list(LAYER_TYPES))
+def test_capture_round_trips_every_layer_type_exactly_or_refuses_it_by_name(layer_type, tmp_path, make_model,
+                                                                             make_ids):
+    """Issue 18, item 7: a KIVI cache lost its quantised tokens in the store (logits off by 0.2, no error). Every
+    layer type either comes back from every tier with the same next-step logits bit for bit, or capture refuses it."""
+    model = make_model("llama", layers=2)
+    kwargs, saved = LAYER_TYPES[layer_type]
+    kw = kwargs(model, tmp_path)
+    ids = make_ids(1, 48, seed=5)[0].tolist()
+    turn1, turn2 = ids[:40], ids[40:]
+
+    def live_cache():
+        cache = squeezekv.make_cache(model, **kw)
+        _forward(model, turn1, cache)
+        return cache
+
+    live = live_cache()
+    assert type(live.layers[0]).__name__ == layer_type
+    if not saved:
+        with pytest.raises(TypeError, match=rf"store.capture cannot save layer type {re.escape(layer_type)} "):
+            capture(live, turn1)
+        return
+    if layer_type == "KIVILayer":
+        assert all(layer.nq > 0 for layer in live.layers)  # the prompt is really quantised
+    for tier in ("gpu", "cpu", "disk"):
+        live = live_cache()
+        store = _store_in(tier, tmp_path / tier)
+        store.put(capture(live, turn1))
+        assert store.usage()[tier]["entries"] == 1
+        snap = store.get(ids)
+        assert snap is not None and store.stats[f"hit_{tier}"] == 1
+        restored = restore(snap, model)
+        assert [type(l).__name__ for l in restored.layers] == [layer_type] * 2
+        for tok in turn2:  # one token at a time: decoding steps (KIVI flushes a group on the way)
+            assert torch.equal(_forward(model, [tok], restored), _forward(model, [tok], live)), tier
+        assert restored.physical_lengths() == live.physical_lengths()
+
+
+def test_restored_kivi_cache_holds_the_quantised_tokens(tmp_path, make_model, make_ids):
+    """The prompt (40 tokens) is longer than KIVI's residual (8): 32 tokens per head are quantised and come back as
+    the same packed codes, scales/zeros and residual; nothing is evicted, so the logits are the full snapshot's."""
+    model = make_model("llama", layers=2)
+    ids = make_ids(1, 44, seed=6)[0].tolist()
+    live = squeezekv.make_cache(model, "window", 4096, channel="kivi", channel_params=KIVI_QUANT)
+    _forward(model, ids[:40], live)
+    snap = from_bytes(to_bytes(capture(live, ids[:40])))
+    restored = restore(snap, model)
+    for a, b in zip(live.layers, restored.layers):
+        assert a.nq == b.nq == 32 and b.residual_length == 8
+        for name in ("keys", "values", "token_idx", "kcode", "vcode", "kscale", "kzero", "vscale", "vzero"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert b.kgid is None and a.kgid is None
+    assert restored.nbytes() <= live.nbytes()  # no reserved slots in the restored copy
+    for tok in ids[40:]:
+        assert torch.equal(_forward(model, [tok], restored), _forward(model, [tok], live))
+
+
+def test_kivi_cache_with_evicted_quantised_tokens_round_trips(make_model, make_ids):
+    """H2O evicting quantised tokens while decoding gives KIVI per-token key group ids (kgid): saved and restored."""
+    model = make_model("llama", layers=2)
+    ids = make_ids(1, 56, seed=3)[0].tolist()
+    live = squeezekv.make_cache(model, "h2o", 24, channel="kivi", channel_params=KIVI_QUANT)
+    _forward(model, ids[:40], live)
+    for tok in ids[40:50]:
+        _forward(model, [tok], live)
+    assert all(layer.kgid is not None and layer.nq > 0 for layer in live.layers)
+    restored = restore(from_bytes(to_bytes(capture(live, ids[:50]))), model)
+    for tok in ids[50:]:
+        assert torch.equal(_forward(model, [tok], restored), _forward(model, [tok], live))

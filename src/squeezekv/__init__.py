@@ -14,7 +14,7 @@ from .registry import allocation_names, describe, policy_names
 
 if TYPE_CHECKING:
     from .attention import attach, detach
-    from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
+    from .cache import SqueezeCache, SqueezeLayer, allocated_nbytes, dynamic_cache_nbytes
     from .inputs import left_pad
     from .plan import Budget, BudgetPlan
     from .prefill import chunked_prefill
@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 # nor transformers: name -> the submodule defining it.
 _LAZY = {
     "attach": "attention", "detach": "attention", "SqueezeCache": "cache", "SqueezeLayer": "cache",
-    "dynamic_cache_nbytes": "cache", "left_pad": "inputs", "Budget": "plan", "BudgetPlan": "plan",
+    "dynamic_cache_nbytes": "cache", "allocated_nbytes": "cache", "left_pad": "inputs", "Budget": "plan",
+    "BudgetPlan": "plan",
     "chunked_prefill": "prefill",
 }
 
@@ -114,6 +115,7 @@ __all__ = [
     "policy_names",
     "allocation_names",
     "describe",
+    "allocated_nbytes",
     "dynamic_cache_nbytes",
     "left_pad",
 ]

@@ -10,7 +10,7 @@ squeezekv's attention function (:mod:`squeezekv.attention`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
@@ -22,6 +22,25 @@ from .registry import make_allocation, make_channel, make_crosslayer, make_polic
 def _allocated(t: torch.Tensor | None) -> int:
     """Bytes of the storage behind ``t`` (a view of a pre-allocated buffer counts the whole buffer)."""
     return 0 if t is None else t.untyped_storage().nbytes()
+
+
+def allocated_nbytes(tensors: Iterable[Any], seen: set[tuple[str, int]] | None = None) -> int:
+    """Bytes of the storages behind ``tensors`` (anything not a tensor is skipped), each storage counted once: a view
+    counts the whole buffer it lives in (transformers' sliding layer keeps a ``window - 1`` view of the prompt's
+    tensor), and two views of one buffer count it once. ``seen``: storages already counted (shared across calls to
+    count a whole cache)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        key = (str(storage.device), storage.data_ptr())
+        if storage.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -207,10 +226,10 @@ class SqueezeLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes allocated for this layer: keys, values and bookkeeping (token indices, scores, padding), with any
         pre-allocated free slots."""
-        return sum(_allocated(t) for t in (self.keys, self.values, self.token_idx, self.scores, self.valid))
+        return allocated_nbytes((self.keys, self.values, self.token_idx, self.scores, self.valid))
 
     def kv_nbytes(self) -> int:
-        return sum(_allocated(t) for t in (self.keys, self.values))
+        return allocated_nbytes((self.keys, self.values))
 
     def set_padding(self, pad2d: torch.Tensor | None) -> None:
         """Derive ``valid`` from the model's 2-D padding mask ``[B, tokens seen]`` (True = real token)."""
@@ -632,7 +651,7 @@ class SqueezeCache(Cache):
             if isinstance(layer, SqueezeLayer):
                 out.append(layer.nbytes())
             else:
-                out.append(sum(_allocated(t) for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)))
+                out.append(allocated_nbytes((getattr(layer, "keys", None), getattr(layer, "values", None))))
         return out
 
     def nbytes(self) -> int:
@@ -645,7 +664,7 @@ class SqueezeCache(Cache):
             if isinstance(layer, SqueezeLayer):
                 total += layer.kv_nbytes()  # a layer that stores K/V differently knows its own bytes
             else:
-                total += sum(_allocated(t) for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+                total += allocated_nbytes((getattr(layer, "keys", None), getattr(layer, "values", None)))
         return total
 
     def physical_lengths(self) -> list[int]:
@@ -680,13 +699,13 @@ class SqueezeCache(Cache):
 
 
 def dynamic_cache_nbytes(cache: Cache) -> int:
-    """Bytes held by the keys and values of any transformers cache (e.g. the full ``DynamicCache``)."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes allocated for the keys and values of any transformers cache (e.g. the full ``DynamicCache``), counted as
+    :meth:`SqueezeCache.nbytes` counts them: the storage behind each tensor, once per storage
+    (:func:`allocated_nbytes`). Right after a prefill, a sliding-window layer's ``window - 1`` view still holds the
+    whole prompt's tensor alive, and that is what is counted."""
+    seen: set[tuple[str, int]] = set()
+    return sum(allocated_nbytes((getattr(layer, "keys", None), getattr(layer, "values", None)), seen)
+               for layer in cache.layers)
 
 
-__all__ = ["SqueezeCache", "SqueezeLayer", "dynamic_cache_nbytes", "DynamicLayer"]
+__all__ = ["SqueezeCache", "SqueezeLayer", "allocated_nbytes", "dynamic_cache_nbytes", "DynamicLayer"]

@@ -30,7 +30,10 @@ Choices of this implementation (the paper leaves them open or they follow from s
   ``merge_every`` tokens. A multi-token forward after the prompt (e.g. a continuation scored in one pass) is merged
   at its end like a prompt chunk.
 * eviction: both layers of a pair always hold the same tokens. The pair's first layer chooses (its policy scores,
-  its budget from the plan) and the second layer never evicts by itself: it is handed the same indices.
+  its budget from the plan) and the second layer never evicts by itself: it is handed the same indices. The plan
+  gives both layers of a pair one budget (:meth:`MiniCache.tied_layers`: the mean of the allocation's two budgets,
+  recorded as ``tied_layers`` in ``plan.details``; a given plan that does not is refused), so what each layer holds
+  is what the plan says.
 * attention: each step, a merged layer rebuilds its keys/values (direction * magnitude, retained tokens put back in
   place) followed by its tail, and attends over them: one transient full-size K/V tensor per layer per step (freed
   after the layer's attention), O(n * head_dim) extra work per layer per step.
@@ -452,6 +455,12 @@ class MiniCache(CrossLayerMethod):
         layer = MiniCacheLayer(cache, layer_idx, pair, which)
         pair.layers.append(layer)
         return layer
+
+    def tied_layers(self) -> list[tuple[int, ...]]:
+        """The merged pairs: both layers of a pair hold the same tokens (the first layer selects for both), so the
+        budget plan gives each pair one budget (the mean of what the allocation gave its two layers) and what every
+        layer holds is what the plan says."""
+        return sorted({pair.layer_ids for pair, _ in self._pairs.values()})
 
     def describe(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.init)

@@ -2,9 +2,11 @@
 serialise it to bytes, crop it to a prefix, and shift it to earlier positions after truncation.
 
 Compressed caches are captured as they are (only the tokens each layer kept, plus their logical indices, scores and
-budget plan), so a compressed conversation costs its compressed size in every tier, and the restored cache continues
-exactly as the original object would have (CachedAttention, Gao et al., USENIX ATC 2024, arXiv 2403.19708, stores the
-full KV; storing the compressed one is squeezekv's addition).
+budget plan; a KIVI layer's packed codes, scales/zeros, group ids and full-precision residual; :func:`capture` raises
+``TypeError`` naming any other layer type, which it could not restore exactly), so a compressed conversation costs
+its compressed size in every tier, and the restored cache continues exactly as the original object would have
+(CachedAttention, Gao et al., USENIX ATC 2024, arXiv 2403.19708, stores the full KV; storing the compressed one is
+squeezekv's addition).
 
 Truncation follows the paper's section on context-window overflow: when the oldest ``drop`` tokens are cut, the kept
 keys, cached after RoPE at positions ``p``, are re-rotated to ``p - drop`` (RoPE is a rotation, so
@@ -28,6 +30,36 @@ from ..plan import BudgetPlan
 #: tensors a :class:`~squeezekv.SqueezeLayer` carries between forward passes (``valid`` is rebuilt from the mask)
 _SQUEEZE_TENSORS = ("keys", "values", "token_idx", "scores")
 _SQUEEZE_META = ("seen", "compressed", "prefill_done")
+#: why the layer classes the store does not save cannot be restored from keys, values and bookkeeping alone
+_REFUSED = {
+    "CoupledLayer": "its codes index codebooks calibrated for the model, which the snapshot does not hold",
+    "EigenLayer": "its keys/values live in a calibrated low-rank basis, which the snapshot does not hold",
+    "MiniCacheLayer": "its merged keys/values live in the pair's shared storage (MergedStates), not in the layer",
+    "SourceLayer": "a shared-attention source hands its attention weights to the layers of its span",
+    "SharedLayer": "a shared-attention layer holds values only and reuses its source's attention weights",
+}
+
+
+def _layer_fields(layer: SqueezeLayer, i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The tensors and counters that restore layer ``i`` exactly: a plain :class:`~squeezekv.SqueezeLayer`'s, and for
+    a KIVI layer also its packed codes, scales/zeros, key group ids and quantised count (``nq``). Any other layer
+    class raises ``TypeError`` naming it."""
+    from ..channel.kivi import KIVILayer
+
+    cls = type(layer)
+    if cls is SqueezeLayer:
+        return _SQUEEZE_TENSORS, _SQUEEZE_META
+    if cls is KIVILayer:
+        return (_SQUEEZE_TENSORS + KIVILayer.token_fields + KIVILayer.table_fields,
+                _SQUEEZE_META + ("nq",))
+    name = cls.__name__
+    reason = next((why for base in cls.__mro__ for key, why in _REFUSED.items() if base.__name__ == key),
+                  "the store only knows how to save the layers it names")
+    raise TypeError(
+        f"store.capture cannot save layer type {name} (layer {i}): {reason}; the layer types saved exactly are "
+        "SqueezeLayer (any eviction policy and allocation, no channel or cross-layer method) and KIVILayer "
+        "(channel 'kivi' without a cross-layer method), plus transformers' DynamicLayer/DynamicSlidingWindowLayer"
+    )
 
 
 @dataclass
@@ -84,7 +116,11 @@ class KVSnapshot:
 
 def capture(cache: Cache, tokens: Sequence[int]) -> KVSnapshot:
     """Snapshot of a batch-1 cache that was fed exactly ``tokens``. Keys/values are shared, not copied (caches
-    replace those tensors, never write into them); scores, which policies update in place, are copied."""
+    replace those tensors, never write into them); scores, which policies update in place, are copied.
+
+    Saved exactly: transformers' ``DynamicLayer``/``DynamicSlidingWindowLayer``, plain
+    :class:`~squeezekv.SqueezeLayer` and KIVI's layer (its quantised tokens too). A layer of any other type (the other
+    channel and cross-layer methods) raises ``TypeError`` naming it: nothing is saved that would restore differently."""
     layers: list[LayerState] = []
     for i, layer in enumerate(cache.layers):
         if not getattr(layer, "is_initialized", False):
@@ -92,12 +128,14 @@ def capture(cache: Cache, tokens: Sequence[int]) -> KVSnapshot:
         if layer.keys.shape[0] != 1:
             raise ValueError(f"only batch-1 caches are stored; layer {i} has batch {layer.keys.shape[0]}")
         if isinstance(layer, SqueezeLayer):
+            names, meta = _layer_fields(layer, i)
             if layer.seen != len(tokens):
                 raise ValueError(f"layer {i} has seen {layer.seen} tokens but {len(tokens)} tokens were given")
-            tensors = {k: getattr(layer, k) for k in _SQUEEZE_TENSORS if getattr(layer, k) is not None}
+            tensors = {k: getattr(layer, k) for k in names if getattr(layer, k) is not None}
             if "scores" in tensors:  # H2O/SnapKV update scores in place: the snapshot needs its own copy
                 tensors["scores"] = tensors["scores"].clone()
-            layers.append(LayerState("squeeze", tensors, {k: getattr(layer, k) for k in _SQUEEZE_META}))
+            layers.append(LayerState("squeeze", tensors, {"layer_type": type(layer).__name__,
+                                                          **{k: getattr(layer, k) for k in meta}}))
         elif isinstance(layer, DynamicSlidingWindowLayer):
             layers.append(LayerState("sliding", {"keys": layer.keys, "values": layer.values},
                                      {"cumulative_length": layer.cumulative_length,
@@ -121,6 +159,9 @@ def capture(cache: Cache, tokens: Sequence[int]) -> KVSnapshot:
             "evict_every": cache.evict_every,
             "attn_backend": cache.attn_backend,
             "plan": cache.plan.as_dict(),
+            # every managed layer passed _layer_fields: a channel method here is KIVI, whose parameters rebuild it
+            "channel": None if cache.channel is None else cache.channel.name,
+            "channel_params": {} if cache.channel is None else dict(vars(cache.channel)),
         }
         return KVSnapshot(tuple(int(t) for t in tokens), "squeeze", layers, config)
     return KVSnapshot(tuple(int(t) for t in tokens), "dynamic", layers, {})
@@ -141,7 +182,7 @@ def restore(snapshot: KVSnapshot, model: Any, device: torch.device | str | None 
         cache: Cache = SqueezeCache(
             model.config, c["method"], budget, c["allocation"], method_params=c["method_params"],
             allocation_params=c["allocation_params"], plan=_plan(c["plan"]), evict_every=c["evict_every"],
-            attn_backend=c["attn_backend"],
+            attn_backend=c["attn_backend"], channel=c.get("channel"), channel_params=c.get("channel_params"),
         )
         attach(model)
     elif snapshot.cache_kind == "dynamic":
@@ -151,15 +192,20 @@ def restore(snapshot: KVSnapshot, model: Any, device: torch.device | str | None 
     if len(cache.layers) != len(snapshot.layers):
         raise ValueError(f"snapshot has {len(snapshot.layers)} layers but the model's cache has {len(cache.layers)}")
     for i, (layer, state) in enumerate(zip(cache.layers, snapshot.layers)):
-        expected = {SqueezeLayer: "squeeze", DynamicSlidingWindowLayer: "sliding", DynamicLayer: "dynamic"}.get(
-            type(layer))
+        expected = {DynamicSlidingWindowLayer: "sliding", DynamicLayer: "dynamic"}.get(
+            type(layer), "squeeze" if isinstance(layer, SqueezeLayer) else None)
         if expected != state.kind:
             raise ValueError(f"layer {i}: snapshot holds a {state.kind!r} layer, the model's cache a {expected!r} one")
+        saved_type = state.meta.get("layer_type", "SqueezeLayer")
+        if expected == "squeeze" and type(layer).__name__ != saved_type:
+            raise ValueError(f"layer {i}: snapshot holds a {saved_type}, the rebuilt cache a {type(layer).__name__}")
         for name, t in state.tensors.items():
             setattr(layer, name, t.to(device, copy=clone) if clone or t.device != device else t)
         for name, v in state.meta.items():
-            if name != "sliding_window":
+            if name not in ("sliding_window", "layer_type"):
                 setattr(layer, name, v)
+        if isinstance(layer, SqueezeLayer):
+            layer.dtype = layer.values.dtype  # what a quantised layer dequantises to (set by lazy_initialization)
         layer.device = device
         layer.is_initialized = True
         if isinstance(layer, DynamicSlidingWindowLayer):
