@@ -336,14 +336,19 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (), cache_scope: str
         return max_tokens, stop
 
     async def _next(request: Request, req: GenRequest, events: "asyncio.Queue[dict[str, Any]]") -> dict[str, Any]:
-        """The next engine event; cancels the generation (and raises _ClientGone) once the client is gone."""
+        """The next engine event; cancels the generation (and raises _ClientGone) once the client is gone (checked
+        at least every DISCONNECT_POLL_S, however fast the events come)."""
         while True:
+            now = time.monotonic()
+            if now - req.checked_at >= DISCONNECT_POLL_S:
+                req.checked_at = now
+                if await request.is_disconnected():
+                    req.cancelled.set()
+                    raise _ClientGone
             try:
                 return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    req.cancelled.set()
-                    raise _ClientGone from None
+                continue
 
     def _raise_event_error(ev: dict[str, Any]) -> None:
         status = int(ev.get("status") or 500)

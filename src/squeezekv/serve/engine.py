@@ -120,6 +120,7 @@ class GenRequest:
     scope: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    checked_at: float = field(default_factory=time.monotonic)  # when the app last checked its client was there
     # state, owned by the engine thread
     t_submit: float = 0.0
     cache: Any = None
