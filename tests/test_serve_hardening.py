@@ -32,7 +32,7 @@ from squeezekv.store import LOCK_NAME, DiskTier, FolderInUse, KVStore, MemoryTie
 class Server:
     """The server as ``squeezekv serve`` runs it (:func:`uvicorn_config`), on a free port, in a thread."""
 
-    def __init__(self, engine: Engine, **app_kw):
+    def __init__(self, engine: Engine, uvicorn_kw: dict | None = None, **app_kw):
         self.engine = engine
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -40,7 +40,8 @@ class Server:
         from squeezekv.serve.cli import _server_class
 
         self.server = _server_class()(uvicorn_config(create_app(engine, **app_kw), "127.0.0.1", port,
-                                                     shutdown_timeout=5, log_level="warning"))
+                                                     **{"shutdown_timeout": 5, "log_level": "warning",
+                                                        **(uvicorn_kw or {})}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -433,3 +434,24 @@ def test_an_abandoned_non_streaming_request_stops_generating(tmp_path):
             time.sleep(0.05)
         assert srv.metric("squeezekv_cancelled_requests_total") == 1
         assert srv.metric("squeezekv_generated_tokens_total") < 1500  # stopped soon after the client left
+
+
+# -- 13. connection limits, header deadline and size ----------------------------------------------------------------
+def test_idle_and_half_open_connections_cannot_hold_every_slot(char_model):
+    engine = _engine(char_model, CharTokenizer(), _memory())
+    with Server(engine, uvicorn_kw=dict(max_connections=4, header_timeout=1)) as srv:
+        host, port = srv.url.rsplit("/", 1)[1].split(":")
+        socks = [socket.create_connection((host, int(port))) for _ in range(4)]
+        socks[0].sendall(b"GET /hea")  # half a request line, then silence
+        time.sleep(0.3)
+        assert httpx.get(srv.url + "/health").status_code == 503  # every slot held: refused, not queued forever
+        time.sleep(1.5)
+        for s in socks:  # past the header deadline: closed by the server
+            s.settimeout(2)
+            assert s.recv(100) == b""
+            s.close()
+        assert httpx.get(srv.url + "/health").status_code == 200
+        with socket.create_connection((host, int(port))) as s:  # a 1 MiB header: a 400 answer, not a reset
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+            s.settimeout(5)
+            assert s.recv(100).startswith(b"HTTP/1.1 400")

@@ -402,3 +402,40 @@ def test_compressed_entries_fit_more_conversations_per_tier(tmp_path, make_model
         held[name] = store.usage()["gpu"]["entries"]
         assert store.usage()["gpu"]["used"] <= capacity
     assert held == {"full": 2, "compressed": 6}
+
+
+def test_a_hit_prefetched_from_disk_counts_as_a_disk_hit(tmp_path):
+    size = _fake_snapshot([5] * 16).nbytes()
+    store = KVStore(_tiers(tmp_path, gpu=size, cpu=0, disk=1 << 20), ROOT, block=8)
+    store.put(_fake_snapshot([5] * 16))
+    store.put(_fake_snapshot([6] * 16))  # demotes the first to disk
+    prompt = [5] * 16 + [7]
+    assert store.lookup(prompt).tier == "disk"
+    store.enqueue("r1", prompt)  # prefetch: promoted to the GPU tier before the request runs
+    assert store.lookup(prompt).tier == "gpu"
+    assert store.get(prompt) is not None
+    assert (store.stats["hit_disk"], store.stats["hit_gpu"]) == (1, 0)  # where it was served from: disk
+    store.close()
+
+
+def test_a_corrupt_entry_falls_back_to_a_shorter_valid_prefix(tmp_path):
+    store = _store_in("disk", tmp_path)
+    short, long = _fake_snapshot([3] * 16), _fake_snapshot([3] * 16 + [4] * 16)
+    store.put(short)
+    store.put(long)
+    path = tmp_path / "kv" / f"{entry_key(long.tokens, ROOT, 8)}.kv"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    snap = store.get([3] * 16 + [4] * 16 + [9])
+    assert snap is not None and snap.tokens == short.tokens  # the 16-token entry instead of a miss
+    assert store.stats["corrupt_disk"] == 1 and store.stats["miss"] == 0
+    store.close()
+
+
+def test_scopes_never_see_each_others_entries(tmp_path):
+    store = KVStore([MemoryTier("cpu", 1 << 20, "cpu")], ROOT, block=8)
+    store.put(_fake_snapshot([8] * 16), scope="alice")
+    prompt = [8] * 16 + [1]
+    assert store.lookup(prompt, scope="bob") is None and store.lookup(prompt) is None
+    assert store.get(prompt, scope="alice").tokens == (8,) * 16

@@ -53,6 +53,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=512,
                    help="concurrent connections and requests at most (more: HTTP 503)")
     p.add_argument("--keep-alive-timeout", type=int, default=5, help="seconds an idle connection is kept")
+    p.add_argument("--header-timeout", type=int, default=10,
+                   help="seconds a connection may take to send a request's headers (slow or half-open clients are "
+                        "closed, so they cannot hold every connection slot)")
     p.add_argument("--shutdown-timeout", type=int, default=10,
                    help="seconds SIGTERM waits for running requests before cancelling them (a second signal: now)")
     p.add_argument("--host", default="127.0.0.1")
@@ -108,18 +111,50 @@ def _server_class() -> type:
     return Server
 
 
+def _protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request's headers: from the connection's start
+    and after each response, a connection that has not sent complete headers within ``header_timeout`` seconds is
+    closed (uvicorn's keep-alive timer starts only after a first response, and any byte resets it)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self) -> None:
+            waiting_since = self.cycle  # a new request replaces the cycle
+            self._header_deadline = self.loop.call_later(header_timeout, self._header_deadline_passed, waiting_since)
+
+        def _header_deadline_passed(self, waiting_since: Any) -> None:
+            if self.cycle is waiting_since and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_deadline.cancel()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
 def uvicorn_config(app: Any, host: str, port: int, *, max_connections: int = 512, keep_alive_timeout: int = 5,
-                   shutdown_timeout: int = 10, log_level: str = "info") -> Any:
-    """uvicorn's settings for the server: bounded connections, idle and shutdown timeouts, header size."""
+                   header_timeout: int = 10, shutdown_timeout: int = 10, log_level: str = "info") -> Any:
+    """uvicorn's settings for the server: bounded connections (more: 503), idle, header and shutdown timeouts,
+    headers of at most 64 KiB (more: 400)."""
     import uvicorn
 
     for name, v in (("max_connections", max_connections), ("keep_alive_timeout", keep_alive_timeout),
-                    ("shutdown_timeout", shutdown_timeout)):
-        if not isinstance(v, int) or v < 1:
+                    ("header_timeout", header_timeout), ("shutdown_timeout", shutdown_timeout)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"--{name.replace('_', '-')}={v!r} is out of range: must be an integer >= 1")
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,
                           timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=shutdown_timeout,
-                          h11_max_incomplete_event_size=64 << 10)
+                          h11_max_incomplete_event_size=64 << 10, http=_protocol(header_timeout))
 
 
 def serve_forever(config: Any) -> None:
@@ -176,7 +211,8 @@ def run(args: argparse.Namespace, params: Any) -> int:
           file=sys.stderr)
     serve_forever(uvicorn_config(create_app(engine, api_keys=keys, cache_scope=args.cache_scope), args.host,
                                  args.port, max_connections=args.max_connections,
-                                 keep_alive_timeout=args.keep_alive_timeout, shutdown_timeout=args.shutdown_timeout))
+                                 keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
+                                 shutdown_timeout=args.shutdown_timeout))
     return 0
 
 
