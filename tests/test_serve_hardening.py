@@ -25,7 +25,7 @@ from test_server import MODEL  # noqa: E402
 from squeezekv.serve import Engine, EngineConfig, create_app  # noqa: E402
 from squeezekv.serve.app import key_id  # noqa: E402
 from squeezekv.serve.chartok import CharTokenizer  # noqa: E402
-from squeezekv.serve.cli import serve_forever, uvicorn_config  # noqa: E402
+from squeezekv.serve.cli import uvicorn_config  # noqa: E402
 from squeezekv.store import LOCK_NAME, DiskTier, FolderInUse, KVStore, MemoryTier, namespace  # noqa: E402
 
 
@@ -455,3 +455,17 @@ def test_idle_and_half_open_connections_cannot_hold_every_slot(char_model):
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
             s.settimeout(5)
             assert s.recv(100).startswith(b"HTTP/1.1 400")
+
+
+def test_api_keys_come_from_flags_file_and_environment(tmp_path):
+    from squeezekv.serve.cli import KEYS_ENV, api_keys
+
+    f = tmp_path / "keys"
+    f.write_text("# team keys\nfile-key\n\n  other-key  \n")
+    assert api_keys(["flag-key"], str(f), {KEYS_ENV: "env-1, env-2,"}) == ["flag-key", "file-key", "other-key",
+                                                                           "env-1", "env-2"]
+    assert api_keys(None, None, {}) == []
+    with pytest.raises(ValueError, match="cannot be read"):
+        api_keys(None, str(tmp_path / "missing"), {})
+    with pytest.raises(ValueError, match="out of range"):
+        uvicorn_config(None, "127.0.0.1", 1, header_timeout=0)

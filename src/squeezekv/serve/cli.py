@@ -164,7 +164,7 @@ def serve_forever(config: Any) -> None:
 
 def run(args: argparse.Namespace, params: Any) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only to report a missing extra before loading the model
     except ImportError:
         print("squeezekv: error: serve needs FastAPI and uvicorn: pip install -e '.[serve]'", file=sys.stderr)
         return 2
