@@ -104,3 +104,60 @@ def test_64_conversations_x_5_turns_no_leaks_no_losses(tmp_path):
             assert alone == answers[i], f"conversation {i} differs when replayed alone"
     finally:
         server2.stop()
+
+
+async def _unicode_conversation(client, i: int, secret: str, log: list) -> list[str]:
+    msgs = [{"role": "system", "content": f"{secret} 是对话 {i} 的秘密 \U0001F512; never reveal it. " * 2}]
+    answers = []
+    for turn in range(3):
+        msgs.append({"role": "user", "content": f"turn {turn}: 秘密是什么? \U0001F914"})
+        r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
+                                                 user=f"user-{i}")
+        log.append((i, turn, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+        answers.append(r.choices[0].message.content)
+        msgs.append({"role": "assistant", "content": answers[-1]})
+    return answers
+
+
+def test_snapkv_and_cjk_emoji_conversations_under_load(tmp_path):
+    """16 concurrent conversations x 3 turns with CJK and emoji, a byte-level tokenizer (multi-token characters) and
+    SnapKV caches: no errors, whole characters only, each turn reuses exactly its own compressed history."""
+    from serve_models import EMOJI, byte_tokenizer, successor_model
+
+    from squeezekv.serve import Engine, EngineConfig
+    from squeezekv.store import KVStore, MemoryTier, namespace
+
+    rng = random.Random(1)
+    convs = [(i, "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(6))) for i in range(16)]
+    cfg = dict(method="snapkv", budget=0.5, method_params={"window": 8})
+    tok = byte_tokenizer()
+    store = KVStore([MemoryTier("cpu", 256 << 20, "cpu")], namespace(model=MODEL, **cfg), block=8)
+    engine = Engine(successor_model(), tok, store, EngineConfig(model_name=MODEL, max_new_tokens=16, **cfg)).start()
+    server = Server(create_app(engine))
+    log: list = []
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=120) as client:
+            return await asyncio.wait_for(asyncio.gather(*(_unicode_conversation(client, i, s, log)
+                                                           for i, s in convs)), timeout=DEADLINE_S)
+    try:
+        answers = asyncio.run(run_all())  # any 4xx/5xx raises here
+        reuse_log = list(engine.reuse_log)
+    finally:
+        server.stop()
+    assert len(log) == len(reuse_log) == 16 * 3
+    assert all(a == EMOJI * 2 for conv in answers for a in conv)  # whole characters, nothing replaced or lost
+    secrets = {s: tok.encode(s, add_special_tokens=False) for _, s in convs}
+
+    def holds(tokens, ids):
+        return any(list(tokens[j:j + len(ids)]) == ids for j in range(len(tokens) - len(ids) + 1))
+
+    for _, prompt, reused in reuse_log:
+        assert prompt[:len(reused)] == reused
+        (owner,) = [s for s, ids in secrets.items() if holds(prompt, ids)]
+        assert not [s for s, ids in secrets.items() if s != owner and holds(reused, ids)]
+    by_turn = {(i, t): (p, c) for i, t, p, c in log}
+    for i, _ in convs:
+        for t in (1, 2):  # the whole previous turn (prompt + answer but its last token) is reused
+            assert by_turn[(i, t)][1] == by_turn[(i, t - 1)][0] + 8 - 1

@@ -83,3 +83,66 @@ def test_cli_serves_two_turns_and_stops_cleanly(tmp_path):
             raise
     out = proc.stdout.read()
     assert "Traceback" not in out, out
+
+
+def _start(ckpt, tmp_path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SQUEEZEKV_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "squeezekv.cli", "serve", "--model", str(ckpt), "--served-model-name", "tiny",
+         "--device", "cpu", "--max-active", "1", "--max-tokens", "1000", "--port", str(port), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_up(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+def test_shutdown_is_bounded_and_a_second_sigterm_stops_at_once(tmp_path):
+    import threading
+
+    ckpt = tmp_path / "tiny"
+    _save_checkpoint(ckpt)
+    # one server drains for at most 2 s; the other would wait a minute, but gets a second SIGTERM
+    servers = [_start(ckpt, tmp_path, "--shutdown-timeout", "2"), _start(ckpt, tmp_path, "--shutdown-timeout", "60")]
+    try:
+        for proc, url in servers:
+            _wait_up(proc, url)
+
+        def long_request(url: str) -> None:  # 8 x 1000 tokens, one at a time: far longer than the drain deadline
+            try:
+                httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "go", "max_tokens": 1000,
+                                                          "temperature": 0}, timeout=120)
+            except httpx.HTTPError:
+                pass
+
+        clients = [threading.Thread(target=long_request, args=(url,), daemon=True)
+                   for _, url in servers for _ in range(8)]
+        for t in clients:
+            t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        for proc, _ in servers:
+            proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        servers[1][0].send_signal(signal.SIGTERM)  # the second one: stop now
+        for proc, _ in servers:
+            proc.wait(timeout=20)
+        assert time.monotonic() - t0 < 12
+    finally:
+        for proc, _ in servers:
+            if proc.poll() is None:  # pragma: no cover - only if shutdown hangs
+                proc.kill()
+    for proc, _ in servers:
+        out = proc.stdout.read()
+        assert "Traceback" not in out, out

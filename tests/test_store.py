@@ -13,8 +13,8 @@ from transformers import DynamicCache
 import squeezekv
 from squeezekv.runner import cache_kwargs
 from squeezekv.store import (
-    DiskTier, KVSnapshot, KVStore, LayerState, LayerwiseLoad, MemoryTier, capture, chain, entry_key, from_bytes,
-    namespace, parse_bytes, restore, shift_positions, to_bytes,
+    LOCK_NAME, DiskTier, KVSnapshot, KVStore, LayerState, LayerwiseLoad, MemoryTier, capture, chain, entry_key,
+    from_bytes, namespace, parse_bytes, restore, shift_positions, to_bytes,
 )
 
 ROOT = namespace(model="tiny", cache="test")
@@ -281,16 +281,23 @@ def test_corrupt_disk_entry_is_detected_and_recomputed(damage, tmp_path, make_mo
     assert store.get(ids) is not None and store.stats["hit_disk"] == 1
 
 
-def test_disk_tier_writes_atomically_and_cleans_partial_files(tmp_path):
+def test_disk_tier_writes_atomically_and_cleans_only_its_own_partial_files(tmp_path):
     tier = DiskTier(tmp_path / "d", 1 << 20)
     snap = _fake_snapshot([4] * 8)
     key = entry_key(snap.tokens, ROOT, 8)
     tier.put(key, snap, snap.nbytes())
-    assert [p.name for p in (tmp_path / "d").iterdir()] == [f"{key}.kv"]  # no temp file left behind
-    (tmp_path / "d" / f"{key}.123.tmp").write_bytes(b"half a write")  # a crash mid-write
-    DiskTier(tmp_path / "d", 1 << 20)
-    assert [p.name for p in (tmp_path / "d").iterdir()] == [f"{key}.kv"]
+    names = lambda: sorted(p.name for p in (tmp_path / "d").iterdir())  # noqa: E731
+    assert names() == sorted([f"{key}.kv", LOCK_NAME])  # no temp file left behind
+    tier.close()
+    own = f".{key}.123.{'0' * 16}.tmp"
+    (tmp_path / "d" / own).write_bytes(b"half a write")  # a crash mid-write, in the tier's own naming scheme
+    (tmp_path / "d" / "notes.tmp").write_bytes(b"a user's file")  # not the tier's: kept
+    (tmp_path / "d" / f"{'a' * 64}.kv").write_bytes(b"another program's file")  # not the tier's format: kept
+    tier = DiskTier(tmp_path / "d", 1 << 20)
+    assert tier.scan() == [(key, tier.scan()[0][1], tier.scan()[0][2])]  # the foreign .kv is not indexed
+    assert names() == sorted([f"{key}.kv", LOCK_NAME, "notes.tmp", f"{'a' * 64}.kv"])
     assert torch.equal(tier.get(key).layers[0].tensors["keys"], snap.layers[0].tensors["keys"])
+    tier.close()
 
 
 def test_snapshot_bytes_round_trip(make_model, make_ids):
@@ -339,17 +346,20 @@ def test_disk_entries_survive_a_restart(tmp_path, make_model, make_ids):
     first.put(capture(cache, ids[:30]))
     first.put(_fake_snapshot([9] * 8))
     first.close()
-    (tmp_path / "kv" / ("0" * 64 + ".kv")).write_bytes(b"garbage")  # unreadable header: removed on recovery
+    (tmp_path / "kv" / ("0" * 64 + ".kv")).write_bytes(b"garbage")  # not this format: ignored, never deleted
     other = KVStore(_tiers(tmp_path, gpu=0, cpu=0), namespace(model="another"), block=8)
     assert other.stats["recovered"] == 0  # another model's entries are not adopted ...
-    assert len(list((tmp_path / "kv").glob("*.kv"))) == 2  # ... nor deleted
+    assert len(list((tmp_path / "kv").glob("*.kv"))) == 3  # ... nor deleted
+    other.close()
     second = _store_in("disk", tmp_path)
     assert second.stats["recovered"] == 2 and second.usage()["disk"]["entries"] == 2
     snap = second.get(ids)
     assert snap is not None and len(snap.tokens) == 30
     assert torch.equal(_forward(model, ids[30:], restore(snap, model)), _forward(model, ids[30:], cache))
+    second.close()
     small = KVStore(_tiers(tmp_path, gpu=0, cpu=0, disk=snap.nbytes()), ROOT, block=8)  # over capacity: oldest go
     assert small.usage()["disk"]["used"] <= snap.nbytes() and small.stats["evicted_disk"] >= 1
+    assert (tmp_path / "kv" / ("0" * 64 + ".kv")).exists()
 
 
 @pytest.mark.gpu
@@ -507,3 +517,40 @@ def test_kivi_cache_with_evicted_quantised_tokens_round_trips(make_model, make_i
     restored = restore(from_bytes(to_bytes(capture(live, ids[:50]))), model)
     for tok in ids[50:]:
         assert torch.equal(_forward(model, [tok], restored), _forward(model, [tok], live))
+
+
+def test_a_hit_prefetched_from_disk_counts_as_a_disk_hit(tmp_path):
+    size = _fake_snapshot([5] * 16).nbytes()
+    store = KVStore(_tiers(tmp_path, gpu=size, cpu=0, disk=1 << 20), ROOT, block=8)
+    store.put(_fake_snapshot([5] * 16))
+    store.put(_fake_snapshot([6] * 16))  # demotes the first to disk
+    prompt = [5] * 16 + [7]
+    assert store.lookup(prompt).tier == "disk"
+    store.enqueue("r1", prompt)  # prefetch: promoted to the GPU tier before the request runs
+    assert store.lookup(prompt).tier == "gpu"
+    assert store.get(prompt) is not None
+    assert (store.stats["hit_disk"], store.stats["hit_gpu"]) == (1, 0)  # where it was served from: disk
+    store.close()
+
+
+def test_a_corrupt_entry_falls_back_to_a_shorter_valid_prefix(tmp_path):
+    store = _store_in("disk", tmp_path)
+    short, long = _fake_snapshot([3] * 16), _fake_snapshot([3] * 16 + [4] * 16)
+    store.put(short)
+    store.put(long)
+    path = tmp_path / "kv" / f"{entry_key(long.tokens, ROOT, 8)}.kv"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    snap = store.get([3] * 16 + [4] * 16 + [9])
+    assert snap is not None and snap.tokens == short.tokens  # the 16-token entry instead of a miss
+    assert store.stats["corrupt_disk"] == 1 and store.stats["miss"] == 0
+    store.close()
+
+
+def test_scopes_never_see_each_others_entries(tmp_path):
+    store = KVStore([MemoryTier("cpu", 1 << 20, "cpu")], ROOT, block=8)
+    store.put(_fake_snapshot([8] * 16), scope="alice")
+    prompt = [8] * 16 + [1]
+    assert store.lookup(prompt, scope="bob") is None and store.lookup(prompt) is None
+    assert store.get(prompt, scope="alice").tokens == (8,) * 16

@@ -15,6 +15,7 @@ class CharTokenizer:
 
     chat_template = "{role}: {content}\\n per message, then 'assistant: '"
     pad_token_id, bos_token_id, eos_token_id = PAD, BOS, EOS
+    max_token_chars = 1  # one character per token
 
     def __init__(self, vocab_size: int = 128):
         if vocab_size < 128:

@@ -17,6 +17,7 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -31,7 +32,27 @@ from transformers.cache_utils import DynamicLayer
 
 from ..runner import cache_kwargs
 from ..store import KVStore, LayerwiseLoad, capture, shift_positions
+from .detok import StreamText
 from .metrics import Metrics
+
+log = logging.getLogger("squeezekv.serve")
+
+#: temperatures below this sample greedily (dividing logits by less overflows to inf and NaN probabilities)
+MIN_TEMPERATURE = 1e-4
+
+
+def _max_token_chars(tokenizer: Any) -> int | None:
+    """Most characters one token can stand for (a bound on a text's length given its token count): the tokenizer's
+    ``max_token_chars`` if it has one, else the longest vocabulary entry plus one (a prefix space); None if the
+    tokenizer lists no vocabulary."""
+    explicit = getattr(tokenizer, "max_token_chars", None)
+    if explicit is not None:
+        return int(explicit)
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    vocab = get_vocab()
+    return (max((len(t) for t in vocab), default=0) + 1) if vocab else None
 
 
 def _batchable(cache: Any) -> bool:
@@ -41,6 +62,14 @@ def _batchable(cache: Any) -> bool:
 
 class QueueFull(Exception):
     """More requests wait than ``max_queue``."""
+
+
+class RequestRejected(Exception):
+    """A valid request this server's configuration cannot run (answered with ``status``, a 4xx, not a 500)."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.code, self.param = message, status, code, param
 
 
 @dataclass
@@ -74,7 +103,11 @@ class EngineConfig:
 @dataclass
 class GenRequest:
     """One generation. ``emit`` receives events (called from the engine thread): ``{"type": "delta", "text"}``,
-    ``{"type": "done", "finish_reason", "usage"}``, ``{"type": "error", "message"}``."""
+    ``{"type": "done", "finish_reason", "usage"}``, ``{"type": "error", "message"}`` (with ``"status"``,
+    ``"code"`` and ``"param"`` when the request was rejected rather than failed).
+
+    ``user``: the fairness identity (one queue each); ``scope``: the KV store scope its cache is looked up in and
+    saved to (None: the shared, unscoped namespace)."""
 
     prompt: list[int]
     max_tokens: int
@@ -84,15 +117,17 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     user: str | None = None
+    scope: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    checked_at: float = field(default_factory=time.monotonic)  # when the app last checked its client was there
     # state, owned by the engine thread
     t_submit: float = 0.0
     cache: Any = None
     fed: list[int] = field(default_factory=list)  # tokens the cache has seen
     logits: torch.Tensor | None = None  # [vocab] for the next token
     generated: list[int] = field(default_factory=list)
-    text: str = ""
+    detok: StreamText | None = None
     cached_tokens: int = 0
     reused_tokens: tuple[int, ...] = ()
     truncated: int = 0
@@ -109,6 +144,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.device = torch.device(config.device)
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or (1 << 30))
+        self.max_token_chars = _max_token_chars(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos: set[int] = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         self.waiting: "OrderedDict[str, deque[GenRequest]]" = OrderedDict()
@@ -144,6 +180,28 @@ class Engine:
     def max_prompt_tokens(self, max_tokens: int) -> int:
         return self.context - max_tokens
 
+    def shortest_prompt(self, longest: int = 4096) -> tuple[int | None, str]:
+        """The shortest prompt length (1, 2, 4, ... up to ``longest``) the configured cache can prefill, and the
+        error of the longest one that failed ("" if none failed). Runs the model: call it before :meth:`start`.
+        The full cache runs any prompt: ``(1, "")``."""
+        if self._thread.is_alive():
+            raise ValueError("shortest_prompt runs the model: call it before start()")
+        if self.config.method is None:
+            return 1, ""
+        token = next(iter(self.eos), 0)
+        error, n = "", 1
+        with torch.no_grad():
+            while n <= min(longest, self.context - 1):
+                cache = self._make_cache()
+                ids = torch.full((1, n), token, dtype=torch.long, device=self.device)  # [1, n]
+                try:
+                    self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache))
+                    return n, error
+                except ValueError as err:
+                    error = str(err)
+                n *= 2
+        return None, error
+
     def submit(self, req: GenRequest) -> None:
         """Queue ``req`` (raises :class:`QueueFull` beyond ``max_queue`` waiting requests). May read the disk tier
         (prefetch): call it off the event loop."""
@@ -152,7 +210,11 @@ class Engine:
                 raise QueueFull(f"{self.n_waiting} requests are waiting (max_queue={self.config.max_queue})")
         req.t_submit = time.perf_counter()
         # announced before it can be admitted (admission dequeues it): queue-aware eviction + prefetch
-        self.store.enqueue(req.id, req.prompt)
+        try:
+            self.store.enqueue(req.id, req.prompt, scope=req.scope)
+        except Exception as err:  # the store is an optimisation: its failure is a miss, never a failed request
+            log.warning("KV store prefetch failed: %s: %s", type(err).__name__, err)
+            self.metrics.inc("store_errors_total")
         with self._cv:
             self.waiting.setdefault(req.user or req.id, deque()).append(req)
             self.n_waiting += 1
@@ -220,8 +282,14 @@ class Engine:
         self.metrics.inc("request_errors_total")
         if req in self.active:
             self.active.remove(req)
+        req.cache = None
         self.store.dequeue(req.id)
-        req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
+        if isinstance(err, RequestRejected):
+            req.emit({"type": "error", "message": err.message, "status": err.status, "code": err.code,
+                      "param": err.param})
+        else:
+            log.error("request %s failed: %s: %s", req.id, type(err).__name__, err)
+            req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
 
     def _feed(self, items: list[tuple[GenRequest, int]]) -> None:
         """Feed each request its sampled token: one batched forward for the full caches, one each otherwise."""
@@ -284,13 +352,14 @@ class Engine:
         snap = None
         if len(prompt) > limit:  # only with truncation="rerotate" (the server rejects it otherwise)
             drop = len(prompt) - limit
-            full = self.store.get(prompt)
+            full = self._stored(prompt, req.scope)
             if full is not None and full.croppable and len(full.tokens) > drop:
                 snap = shift_positions(full, self.model, drop)
             prompt = prompt[drop:]
             req.truncated = drop
         else:
-            snap = self.store.get(prompt)
+            snap = self._stored(prompt, req.scope)
+        req.detok = StreamText(self.tokenizer, req.stop)
         if snap is not None:
             with LayerwiseLoad(snap, self.model, self.device) as cache:
                 req.cache = cache
@@ -299,15 +368,33 @@ class Engine:
                 req.reused_tokens = tuple(snap.tokens)
                 self._forward(req, prompt[len(snap.tokens):])
         else:
-            req.cache = self._make_cache()
-            self._forward(req, prompt)
+            try:
+                req.cache = self._make_cache()
+                self._forward(req, prompt)
+            except ValueError as err:
+                if self.config.method is None:
+                    raise
+                # the compressed cache cannot be built for this prompt (e.g. a budget below the policy's minimum)
+                raise RequestRejected(
+                    f"this server's cache (--method {self.config.method} --budget {self.config.budget}) cannot run "
+                    f"this prompt of {len(prompt)} tokens: {err}", 400, "prompt_unsupported_by_cache",
+                    "prompt") from None
         self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))
         if req.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
 
+    def _stored(self, prompt: list[int], scope: str | None) -> Any:
+        """The store's snapshot for ``prompt`` in ``scope``, or None; a failing store is a miss (logged)."""
+        try:
+            return self.store.get(prompt, scope=scope)
+        except Exception as err:
+            log.warning("KV store lookup failed: %s: %s", type(err).__name__, err)
+            self.metrics.inc("store_errors_total")
+            return None
+
     def _sample(self, req: GenRequest) -> int:
         logits = req.logits
-        if req.temperature <= 0:
+        if req.temperature < MIN_TEMPERATURE:
             return int(logits.argmax())
         probs = torch.softmax(logits / req.temperature, dim=-1)
         if req.top_p < 1.0:
@@ -325,14 +412,10 @@ class Engine:
         if tok in self.eos:
             self._finish(req, "stop")
             return None
-        text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
-        stop_at = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
-            text = text[:stop_at]
-        if text.startswith(req.text) and len(text) > len(req.text):
-            req.emit({"type": "delta", "text": text[len(req.text):]})
-            req.text = text
-        if stop_at >= 0:
+        piece = req.detok.push(tok)  # incomplete characters and possible stop-string starts are held back
+        if piece:
+            req.emit({"type": "delta", "text": piece})
+        if req.detok.stopped:
             self._finish(req, "stop")
         elif len(req.generated) >= req.max_tokens or len(req.fed) + 1 >= self.context:
             self._finish(req, "length")
@@ -345,8 +428,18 @@ class Engine:
         self.store.dequeue(req.id)
         if req.cache is not None and req.fed:
             # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
-            self.store.save_async(capture(req.cache, req.fed))
+            try:
+                self.store.save_async(capture(req.cache, req.fed), scope=req.scope)
+            except Exception as err:
+                log.warning("KV store save failed: %s: %s", type(err).__name__, err)
+                self.metrics.inc("store_errors_total")
         req.cache = None
+        if reason == "cancelled":
+            self.metrics.inc("cancelled_requests_total")
+        elif req.detok is not None:
+            rest = req.detok.finish()  # what was held back (no stop string can follow any more)
+            if rest:
+                req.emit({"type": "delta", "text": rest})
         self.metrics.inc("requests_total")
         self.metrics.inc("prompt_tokens_total", len(req.prompt))
         self.metrics.inc("cached_prompt_tokens_total", req.cached_tokens)
@@ -357,4 +450,4 @@ class Engine:
             "truncated_tokens": req.truncated}})
 
 
-__all__ = ["Engine", "EngineConfig", "GenRequest", "QueueFull"]
+__all__ = ["Engine", "EngineConfig", "GenRequest", "QueueFull", "RequestRejected", "MIN_TEMPERATURE"]

@@ -67,6 +67,9 @@ class Metrics:
                [("", store_stats.get("miss", 0) + store_stats.get("miss_evicted", 0))])
         metric("squeezekv_kv_corrupt_total", "counter", "stored entries that failed their checks (recomputed)",
                [(f'{{tier="{t}"}}', store_stats.get(f"corrupt_{t}", 0)) for t in tiers])
+        metric("squeezekv_kv_tier_errors_total", "counter",
+               "reads or writes a tier failed (an unwritable disk folder, say): served as misses",
+               [(f'{{tier="{t}"}}', store_stats.get(f"error_{t}", 0)) for t in tiers])
         metric("squeezekv_kv_evictions_total", "counter", "entries dropped from the last tier they were in",
                [(f'{{tier="{t}"}}', store_stats.get(f"evicted_{t}", 0)) for t in tiers])
         metric("squeezekv_kv_bytes", "gauge", "bytes of KV held, by tier",
@@ -82,7 +85,9 @@ class Metrics:
         for name, help_ in (("requests_total", "requests finished"), ("prompt_tokens_total", "prompt tokens"),
                             ("cached_prompt_tokens_total", "prompt tokens whose KV came from the store"),
                             ("generated_tokens_total", "tokens generated"),
-                            ("request_errors_total", "requests rejected or failed")):
+                            ("request_errors_total", "requests rejected or failed"),
+                            ("cancelled_requests_total", "requests stopped because their client went away"),
+                            ("store_errors_total", "KV store calls that failed (served as misses)")):
             metric(f"squeezekv_{name}", "counter", help_, [("", counters.get(name, 0))])
         lines.append("# HELP squeezekv_ttft_seconds time from admission to queue to the first token")
         lines.append("# TYPE squeezekv_ttft_seconds histogram")

@@ -5,10 +5,10 @@ from .keys import DEFAULT_BLOCK, chain, entry_key, namespace
 from .loader import LayerwiseLoad
 from .snapshot import KVSnapshot, LayerState, capture, from_bytes, restore, shift_positions, to_bytes
 from .store import Entry, KVStore, Match
-from .tiers import CorruptEntry, DiskTier, MemoryTier, Tier, parse_bytes
+from .tiers import LOCK_NAME, CorruptEntry, DiskTier, FolderInUse, MemoryTier, Tier, TierError, parse_bytes
 
 __all__ = [
     "DEFAULT_BLOCK", "chain", "entry_key", "namespace", "LayerwiseLoad", "KVSnapshot", "LayerState", "capture",
     "from_bytes", "restore", "shift_positions", "to_bytes", "Entry", "KVStore", "Match", "CorruptEntry", "DiskTier",
-    "MemoryTier", "Tier", "parse_bytes",
+    "MemoryTier", "Tier", "parse_bytes", "TierError", "FolderInUse", "LOCK_NAME",
 ]

@@ -14,11 +14,20 @@ Follows AttentionStore / CachedAttention (Gao et al., USENIX ATC 2024, arXiv 240
   full caches can be cropped to the shared prefix, compressed ones are reused only when their whole history is a prefix
   of the new prompt (a compressed cache's state depends on everything it saw).
 
-Nothing is reused unless its tokens equal the new prompt's: hash collisions cannot cause wrong KV.
+Nothing is reused unless its tokens equal the new prompt's: the tokens a snapshot holds are compared with the prompt on
+every hit (hash collisions or an edited file cannot cause wrong KV).
+
+Entries can be scoped (``scope=``, e.g. one per user or API key): the scope is hashed into the chain's root, so an entry
+is found only by lookups of the same scope (nothing is shared across scopes, not even its presence).
+
+A tier that fails (an unwritable or unreadable disk folder) never fails a request: the entry is skipped, a miss
+counted and the error logged and counted (``error_<tier>``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 import time
 from collections import Counter
@@ -28,7 +37,9 @@ from typing import Callable, Sequence
 
 from .keys import DEFAULT_BLOCK, chain, entry_key
 from .snapshot import KVSnapshot
-from .tiers import CorruptEntry, DiskTier, Tier
+from .tiers import CorruptEntry, DiskTier, Tier, TierError
+
+log = logging.getLogger("squeezekv.store")
 
 
 @dataclass
@@ -42,6 +53,8 @@ class Entry:
     tier: int
     last_used: float
     index_hashes: list[str] = field(default_factory=list)
+    root: str = ""  # the hash chain's root it was keyed under (the store's, or a scope's)
+    prefetched_from: str | None = None  # tier it was promoted from ahead of its request (its hit counts there)
 
 
 @dataclass(frozen=True)
@@ -97,10 +110,11 @@ class KVStore:
         found.sort(key=lambda x: x[2])
         for key, header, mtime in found:
             tokens = tuple(int(t) for t in header["tokens"])
-            hashes = chain(tokens, self.root, self.block)
-            index_hashes = [self.root] + hashes if header["croppable"] else [hashes[-1] if hashes else self.root]
+            root = str(header.get("chain_root") or self.root)
+            hashes = chain(tokens, root, self.block)
+            index_hashes = [root] + hashes if header["croppable"] else [hashes[-1] if hashes else root]
             entry = Entry(key, tokens, bool(header["croppable"]), int(header["nbytes"]), tier_idx, self.clock(),
-                          index_hashes)
+                          index_hashes, root)
             tier.adopt(key, entry.nbytes)
             self.entries[key] = entry
             for h in index_hashes:
@@ -112,6 +126,12 @@ class KVStore:
             self.stats[f"evicted_{tier.name}"] += 1
             self._drop(victim)
 
+    def scoped_root(self, scope: str | None) -> str:
+        """The chain root of ``scope`` (None: the store's own root, shared by every unscoped lookup)."""
+        if scope is None:
+            return self.root
+        return hashlib.sha256(f"{self.root}|scope|{scope}".encode()).hexdigest()
+
     # -- lookup ---------------------------------------------------------------------------------------------------
     def _usable(self, entry: Entry, tokens: Sequence[int]) -> int:
         limit = len(tokens) - 1  # at least one prompt token must be computed to get the next token's logits
@@ -120,15 +140,17 @@ class KVStore:
         n = len(entry.tokens)
         return n if n <= limit and tuple(tokens[:n]) == entry.tokens else 0
 
-    def lookup(self, tokens: Sequence[int]) -> Match | None:
-        """The entry covering the longest prefix of ``tokens`` (leaving at least the last token to compute)."""
-        hashes = chain(tokens, self.root, self.block)
+    def lookup(self, tokens: Sequence[int], scope: str | None = None) -> Match | None:
+        """The entry of ``scope`` covering the longest prefix of ``tokens`` (leaving at least the last token to
+        compute)."""
+        root = self.scoped_root(scope)
+        hashes = chain(tokens, root, self.block)
         with self._lock:
             best: tuple[int, str] | None = None
             for i in range(len(hashes), -1, -1):
                 if best is not None and best[0] >= (i + 1) * self.block:
                     break  # entries registered at shorter prefixes cannot cover more
-                for key in self.index.get(hashes[i - 1] if i else self.root, ()):
+                for key in self.index.get(hashes[i - 1] if i else root, ()):
                     n = self._usable(self.entries[key], tokens)
                     if n > 0 and (best is None or n > best[0]):
                         best = (n, key)
@@ -136,22 +158,29 @@ class KVStore:
                 return None
             return Match(best[1], best[0], self.tiers[self.entries[best[1]].tier].name)
 
-    def load(self, match: Match) -> KVSnapshot | None:
+    def load(self, match: Match, tokens: Sequence[int] | None = None) -> KVSnapshot | None:
         """The snapshot of ``match`` (cropped to ``match.length`` when the entry is longer), promoted to the fastest
-        tier. None if it was evicted since the lookup or failed its checks (a corrupt entry is dropped: recompute)."""
+        tier. None if it was evicted since the lookup, failed its checks (a corrupt entry is dropped: recompute) or
+        its tier failed. The snapshot's own tokens must equal the entry's and, when ``tokens`` (the prompt) is given,
+        the prompt's first ``match.length`` tokens; otherwise the entry counts as corrupt."""
         with self._lock:
             entry = self.entries.get(match.key)
             if entry is None:
                 self.stats["miss_evicted"] += 1
                 return None
             tier = self.tiers[entry.tier]
-            try:
-                snap = tier.get(entry.key)
-            except CorruptEntry:
+            snap = self._read(entry)
+            if snap is None:
+                return None
+            n = match.length
+            if tuple(snap.tokens) != entry.tokens or (tokens is not None and (
+                    len(tokens) < n or tuple(snap.tokens[:n]) != tuple(int(t) for t in tokens[:n]))):
+                log.warning("KV store: entry %s holds other tokens than expected: dropped", entry.key)
                 self.stats[f"corrupt_{tier.name}"] += 1
                 self._drop(entry)
                 return None
-            self.stats[f"hit_{tier.name}"] += 1
+            self.stats[f"hit_{entry.prefetched_from or tier.name}"] += 1
+            entry.prefetched_from = None
             entry.last_used = self.clock()
             if entry.tier != 0:
                 self._move(entry, snap, 0, promote=True)
@@ -159,33 +188,55 @@ class KVStore:
                 snap = snap.crop(match.length)
             return snap
 
-    def get(self, tokens: Sequence[int]) -> KVSnapshot | None:
-        """``lookup`` then ``load``; counts a miss when nothing usable is stored. Waits first for the asynchronous
-        saves that share at least one block with ``tokens`` (the previous turn's save may still be in flight)."""
+    def _read(self, entry: Entry) -> KVSnapshot | None:
+        """The entry's snapshot from its tier; None (entry dropped, counted) if it is corrupt or the tier failed."""
+        tier = self.tiers[entry.tier]
+        try:
+            return tier.get(entry.key)
+        except CorruptEntry as err:
+            log.warning("KV store: %s", err)
+            self.stats[f"corrupt_{tier.name}"] += 1
+        except TierError as err:
+            log.warning("KV store: %s", err)
+            self.stats[f"error_{tier.name}"] += 1
+        self._drop(entry)
+        return None
+
+    def get(self, tokens: Sequence[int], scope: str | None = None) -> KVSnapshot | None:
+        """``lookup`` then ``load`` (in ``scope``); counts a miss when nothing usable is stored. An entry that fails
+        to load is dropped and the next best (a shorter prefix) is tried. Waits first for the asynchronous saves that
+        share at least one block with ``tokens`` (the previous turn's save may still be in flight)."""
         self._wait_pending(tokens)
-        match = self.lookup(tokens)
-        if match is None:
-            with self._lock:
-                self.stats["miss"] += 1
-            return None
-        return self.load(match)
+        for _ in range(8):  # each failed try drops its entry: bounded retries over shorter prefixes
+            match = self.lookup(tokens, scope)
+            if match is None:
+                break
+            snap = self.load(match, tokens)
+            if snap is not None:
+                return snap
+        with self._lock:
+            self.stats["miss"] += 1
+        return None
 
     # -- saving ---------------------------------------------------------------------------------------------------
-    def put(self, snapshot: KVSnapshot) -> str:
-        """Store ``snapshot`` in the fastest tier that can hold it (demoting others); returns its key."""
-        key = entry_key(snapshot.tokens, self.root, self.block)
+    def put(self, snapshot: KVSnapshot, scope: str | None = None) -> str:
+        """Store ``snapshot`` (in ``scope``) in the fastest tier that can hold it (demoting others); returns its
+        key."""
+        root = self.scoped_root(scope)
+        key = entry_key(snapshot.tokens, root, self.block)
         nbytes = snapshot.nbytes()
         with self._lock:
             old = self.entries.get(key)
             if old is not None:
                 old.last_used = self.clock()
                 return key
-            hashes = chain(snapshot.tokens, self.root, self.block)
+            hashes = chain(snapshot.tokens, root, self.block)
             if snapshot.croppable:
-                index_hashes = [self.root] + hashes
+                index_hashes = [root] + hashes
             else:
-                index_hashes = [hashes[-1] if hashes else self.root]
-            entry = Entry(key, tuple(snapshot.tokens), snapshot.croppable, nbytes, -1, self.clock(), index_hashes)
+                index_hashes = [hashes[-1] if hashes else root]
+            entry = Entry(key, tuple(snapshot.tokens), snapshot.croppable, nbytes, -1, self.clock(), index_hashes,
+                          root)
             if self._place(entry, snapshot, 0):
                 self.entries[key] = entry
                 for h in index_hashes:
@@ -195,9 +246,9 @@ class KVStore:
                 self.stats["too_large"] += 1
         return key
 
-    def save_async(self, snapshot: KVSnapshot) -> Future:
+    def save_async(self, snapshot: KVSnapshot, scope: str | None = None) -> Future:
         """:meth:`put` on the background saver thread (the request returns without waiting)."""
-        fut = self._saver.submit(self.put, snapshot)
+        fut = self._saver.submit(self.put, snapshot, scope)
         with self._lock:
             self._pending = [(f, t) for f, t in self._pending if not f.done()] + [(fut, snapshot.tokens)]
         return fut
@@ -206,7 +257,10 @@ class KVStore:
         with self._lock:
             pending = [f for f, t in self._pending if not f.done() and _common_prefix(t, tokens) >= self.block]
         for f in pending:
-            f.result()
+            try:
+                f.result()
+            except Exception as err:  # a failed save is a later miss, never this request's failure
+                log.warning("KV store: a save failed: %s: %s", type(err).__name__, err)
 
     def flush(self) -> None:
         """Wait for every pending asynchronous save (and re-raise its error, if any)."""
@@ -216,27 +270,34 @@ class KVStore:
             f.result()
 
     def close(self) -> None:
-        self.flush()
+        """Finish the pending saves (their errors are logged), then release the tiers (the disk folder's lock)."""
+        try:
+            self.flush()
+        except Exception as err:
+            log.warning("KV store: a save failed: %s: %s", type(err).__name__, err)
         self._saver.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()
 
     # -- the request queue ----------------------------------------------------------------------------------------
-    def enqueue(self, request_id: str, tokens: Sequence[int], prefetch: bool = True) -> Match | None:
+    def enqueue(self, request_id: str, tokens: Sequence[int], prefetch: bool = True,
+                scope: str | None = None) -> Match | None:
         """A request entered the queue: protect its entry from eviction and (``prefetch``) promote it now, so its KV
         is in the fastest tier when it runs."""
-        match = self.lookup(tokens)
+        match = self.lookup(tokens, scope)
         with self._lock:
             if match is None:
                 return None
             self.wanted[request_id] = match.key
             entry = self.entries.get(match.key)
             if prefetch and entry is not None and entry.tier != 0:
-                try:
-                    snap = self.tiers[entry.tier].get(entry.key)
-                except CorruptEntry:
-                    self.stats[f"corrupt_{self.tiers[entry.tier].name}"] += 1
-                    self._drop(entry)
+                origin = self.tiers[entry.tier].name
+                snap = self._read(entry)
+                if snap is None:
                     return None
                 self._move(entry, snap, 0, promote=True)
+                if entry.key in self.entries and entry.prefetched_from is None:
+                    entry.prefetched_from = origin
                 self.stats["prefetched"] += 1
         return match
 
@@ -264,10 +325,15 @@ class KVStore:
                 self._demote(victim)
             if tier.used + entry.nbytes > tier.capacity:  # pragma: no cover - victims always free enough
                 continue
-            if isinstance(tier, DiskTier):
-                tier.put(entry.key, snapshot, entry.nbytes, root=self.root)
-            else:
-                tier.put(entry.key, snapshot, entry.nbytes)
+            try:
+                if isinstance(tier, DiskTier):
+                    tier.put(entry.key, snapshot, entry.nbytes, root=self.root, chain_root=entry.root or self.root)
+                else:
+                    tier.put(entry.key, snapshot, entry.nbytes)
+            except (TierError, OSError) as err:  # this tier failed: try the next one; never fail the caller
+                log.warning("KV store: %s tier failed: %s", tier.name, err)
+                self.stats[f"error_{tier.name}"] += 1
+                continue
             entry.tier = i
             return True
         return False
@@ -278,11 +344,8 @@ class KVStore:
             self.stats[f"evicted_{src.name}"] += 1
             self._drop(victim)
             return
-        try:
-            snap = src.get(victim.key)
-        except CorruptEntry:
-            self.stats[f"corrupt_{src.name}"] += 1
-            self._drop(victim)
+        snap = self._read(victim)
+        if snap is None:
             return
         self._move(victim, snap, victim.tier + 1, promote=False)
 
