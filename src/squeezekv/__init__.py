@@ -12,6 +12,9 @@ from typing import Any
 
 from .attention import attach, detach, original_attn_implementation
 from .cache import SqueezeCache, SqueezeLayer, dynamic_cache_nbytes
+from .distributed import bind as bind_tp
+from .distributed import check_methods as check_tp_methods
+from .distributed import tensor_parallel, total_kv_nbytes, total_nbytes
 from .inputs import left_pad
 from .plan import Budget, BudgetPlan
 from .prefill import chunked_prefill
@@ -64,9 +67,14 @@ def make_cache(
         crosslayer=crosslayer,
         crosslayer_params=crosslayer_params,
     )
+    tp = tensor_parallel(model)  # None unless transformers sharded the model (tensor parallelism)
+    if tp is not None:
+        check_tp_methods(cache, tp)
     for extra in (cache.crosslayer, cache.channel):
         if extra is not None:
             extra.prepare(model)
+    if tp is not None:
+        bind_tp(cache, tp)  # this rank's KV heads; the group for decisions that must agree
     attach(model)
     return cache
 
@@ -86,5 +94,7 @@ __all__ = [
     "allocation_names",
     "describe",
     "dynamic_cache_nbytes",
+    "total_nbytes",
+    "total_kv_nbytes",
     "left_pad",
 ]
