@@ -48,6 +48,9 @@ def make_cache(
     ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before); ``channel``/
     ``crosslayer`` (+ ``_params``): a channel method (fewer bits or channels per token) and a training-free
     cross-layer method, composed with the eviction policy (:func:`squeezekv.describe` lists them).
+
+    On a model sharded by transformers' tensor parallelism, call it on every rank: the cache holds the rank's KV
+    heads (:mod:`squeezekv.distributed`; :func:`total_nbytes` sums the ranks' bytes).
     """
     backend = attn_backend
     if backend is None:
