@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .inputs import left_pad
     from .plan import Budget, BudgetPlan
     from .prefill import chunked_prefill
+    from .distributed import total_kv_nbytes, total_nbytes
     from .registry import ALLOCATIONS, POLICIES
 
 __version__ = "0.1.0"
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "attach": "attention", "detach": "attention", "SqueezeCache": "cache", "SqueezeLayer": "cache",
     "dynamic_cache_nbytes": "cache", "allocated_nbytes": "cache", "left_pad": "inputs", "Budget": "plan",
-    "BudgetPlan": "plan",
+    "BudgetPlan": "plan", "total_nbytes": "distributed", "total_kv_nbytes": "distributed",
     "chunked_prefill": "prefill",
 }
 
@@ -70,9 +71,15 @@ def make_cache(
     ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before); ``channel``/
     ``crosslayer`` (+ ``_params``): a channel method (fewer bits or channels per token) and a training-free
     cross-layer method, composed with the eviction policy (:func:`squeezekv.describe` lists them).
+
+    On a model sharded by transformers' tensor parallelism, call it on every rank: the cache holds the rank's KV
+    heads (:mod:`squeezekv.distributed`; :func:`total_nbytes` sums the ranks' bytes).
     """
     from .attention import attach, original_attn_implementation
     from .cache import SqueezeCache
+    from .distributed import bind as bind_tp
+    from .distributed import check_methods as check_tp_methods
+    from .distributed import tensor_parallel
     from .models import arch_spec
 
     arch_spec(model.config)  # an unsupported model fails here, before a method calibrates or loads anything
@@ -94,9 +101,14 @@ def make_cache(
         crosslayer=crosslayer,
         crosslayer_params=crosslayer_params,
     )
+    tp = tensor_parallel(model)  # None unless transformers sharded the model (tensor parallelism)
+    if tp is not None:
+        check_tp_methods(cache, tp)
     for extra in (cache.crosslayer, cache.channel):
         if extra is not None:
             extra.prepare(model)
+    if tp is not None:
+        bind_tp(cache, tp)  # this rank's KV heads; the group for decisions that must agree
     attach(model)
     return cache
 
@@ -117,5 +129,7 @@ __all__ = [
     "describe",
     "allocated_nbytes",
     "dynamic_cache_nbytes",
+    "total_nbytes",
+    "total_kv_nbytes",
     "left_pad",
 ]

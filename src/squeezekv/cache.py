@@ -503,6 +503,8 @@ class SqueezeCache(Cache):
         self._given_plan = plan
         self.plan: BudgetPlan | None = plan
         self.importance: dict[int, float] = {}
+        #: the model's tensor-parallel group when it is sharded (set by make_cache, see squeezekv.distributed)
+        self.tp: Any = None
         self.pending_hidden: dict[int, torch.Tensor] = {}
         #: length of the whole prompt when it arrives in chunks (:func:`squeezekv.chunked_prefill`): a fraction
         #: budget is a fraction of it, not of the first chunk
@@ -588,7 +590,11 @@ class SqueezeCache(Cache):
                     "measured: build the cache with squeezekv.make_cache(model, ...) so the model's hooks are attached"
                 )
             importance = [self.importance[i] for i in self.managed]
+            if self.tp is not None:  # every rank must derive the same plan: use rank 0's importances
+                importance, tp_diff = self.tp.agree("SqueezeAttention layer importance", importance)
         budgets, details = self.allocation.allocate(base, len(self.managed), importance)
+        if importance is not None and self.tp is not None:
+            details = {**details, "tp_importance_max_diff": tp_diff}
         if self.budget.is_fraction:
             # A fraction is relative to the prompt: no layer can use more than the whole prompt, so what an
             # allocation gives beyond it goes to the other layers (total unchanged).

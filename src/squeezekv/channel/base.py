@@ -42,3 +42,8 @@ class ChannelMethod(Method):
 
     def prepare(self, model: Any) -> None:
         """Called once by :func:`squeezekv.make_cache` with the model (e.g. to load or check a calibration)."""
+
+    def shard_heads(self, start: int, stop: int, total: int) -> None:
+        """Keep only what KV heads ``start:stop`` of ``total`` need: the model is sharded by tensor parallelism and
+        this rank's cache holds those heads (:mod:`squeezekv.distributed`). Extension point: a method with per-head
+        tables (codebooks, bases) calibrated on the unsharded model cuts them; nothing for a method without."""

@@ -393,6 +393,20 @@ class CoupledQuant(ChannelMethod):
         if missing:
             raise ValueError(f"coupled codebooks miss layers {missing} of the model")
 
+    def shard_heads(self, start: int, stop: int, total: int) -> None:
+        """Keep the codebooks of KV heads ``start:stop`` (they were learned on the unsharded model's ``total``)."""
+        if self._books is None:
+            raise ValueError("coupled has no codebooks to shard: prepare it with the model first")
+        for i, (kb, vb) in self._books.items():
+            if kb.shape[0] != total or vb.shape[0] != total:
+                raise ValueError(
+                    f"coupled codebooks of layer {i} cover {kb.shape[0]} KV heads, not the model's {total}: under "
+                    "tensor parallelism give a calibration file made on the unsharded model"
+                )
+        self._books = {i: (kb[start:stop].contiguous(), vb[start:stop].contiguous())
+                       for i, (kb, vb) in self._books.items()}
+        self._on_device = {}
+
     def calibrate(self, model: Any, input_ids: torch.Tensor) -> None:
         self.set_codebooks(calibrate(model, input_ids, self.bits, self.coupled, self.iters, self.seed))
 

@@ -370,6 +370,17 @@ class EigenAttention(ChannelMethod):
         self.calibration_info = dict(state.get("calibration", {}))
         self._ready = True
 
+    def shard_heads(self, start: int, stop: int, total: int) -> None:
+        """Keep the bases of KV heads ``start:stop`` of the calibration's ``total``. The ranks stay those chosen over
+        all heads, so every rank stores as many channels as the unsharded model."""
+        self.check_ready()
+        if total != self.num_kv_heads:
+            raise ValueError(f"eigen calibration has {self.num_kv_heads} KV heads, the model {total}")
+        self._key_bases = [u[start:stop].contiguous() for u in self._key_bases]  # [H_local, D, r_K]
+        self._value_bases = [u[start:stop].contiguous() for u in self._value_bases]  # [H_local, D, r_V]
+        self.num_kv_heads = stop - start
+        self._on_device = {}
+
     def _ranks(self, eigenvalues: torch.Tensor) -> list[int]:
         """One rank per layer: the largest any of its KV heads needs (or the fixed ``rank``)."""
         if self.rank is not None:
