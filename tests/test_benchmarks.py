@@ -137,6 +137,11 @@ def test_tiny_cpu_suite_end_to_end(tmp_path: Path) -> None:
     assert [r["prefill_chunk"] for r in prefill] == [0, 64]
     assert all(r["kv_bytes"] == full["kv_bytes_start"] // 4 for r in prefill)
     assert cases["maxbatch-snapkv"]["rows"][0]["max_batch"] == 4  # the case's cap: every probe fits on CPU
+    from benchmarks.plot import plot_suite
+
+    figures = plot_suite(report, tmp_path)
+    assert [f.name for f in figures] == ["tiny_cpu_decode.png", "tiny_cpu_max_batch.png", "tiny_cpu_prefill.png"]
+    assert all(f.stat().st_size > 0 for f in figures)
 
 
 def test_docs_paths_under_benchmarks_exist() -> None:

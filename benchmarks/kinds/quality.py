@@ -148,24 +148,25 @@ def quality(ctx: Any, case: Case) -> list[dict[str, Any]]:
                    "depth": 0.5, "max_new_tokens": 24, "baseline": None})
 def run_cell(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``squeezekv run``'s measurement (needle answer, reference log-likelihood, KV bytes, full cache beside the
-    compressed one) for one (method, allocation, budget), on the suite's model loaded once."""
+    compressed one) for one (method, allocation) at each budget of ``budget``, on the suite's model loaded once."""
     from squeezekv.runner import RunConfig, run
 
     cfg = RunConfig(method=case.get("method"), allocation=case.get("allocation"), budget=str(case.get("budget")),
                     device=ctx.device, context_tokens=case.get("context_tokens"), depth=case.get("depth"),
                     max_new_tokens=case.get("max_new_tokens"))
     report = run(cfg, progress=False, loaded=(ctx.model, ctx.tokenizer))
-    full, comp = report["results"]["full"], report["results"]["compressed"]
-    row = {"prompt_tokens": report["prompt_tokens"], "reference": report["reference"],
-           "full_kv_bytes": full["kv_bytes_after_prefill"], "compressed_kv_bytes": comp["kv_bytes_after_prefill"],
-           "compressed_kv_only_bytes_end": comp["kv_only_bytes_end"],
-           "memory_ratio": report["summary"]["memory_ratio_after_prefill"],
-           "full_found_needle": full["found_needle"], "found_needle": comp["found_needle"],
-           "full_answer": full["answer"], "answer": comp["answer"], "full_loglik": full["reference_loglik"],
-           "loglik": comp["reference_loglik"], "loglik_delta_per_token": report["summary"]["loglik_delta_per_token"],
-           "plan": comp["plan"], "decode_speed_ratio": report["summary"]["decode_speed_ratio"]}
-    ctx.progress(case, row)
-    return [row]
+    full = report["full"]
+    rows = []
+    for comp in report["compressed"]:  # one column per budget of ``budget`` (e.g. "0.5,0.2")
+        row = {"budget": comp["budget"], "prompt_tokens": report["prompt_tokens"], "reference": report["reference"],
+               "full_kv_bytes": full["kv_bytes_after_prefill"], "compressed_kv_bytes": comp["kv_bytes_after_prefill"],
+               "compressed_kv_only_bytes_end": comp["kv_only_bytes_end"],
+               "full_found_needle": full["found_needle"], "found_needle": comp["found_needle"],
+               "full_answer": full["answer"], "answer": comp["answer"], "full_loglik": full["reference_loglik"],
+               "loglik": comp["reference_loglik"], "plan": comp["plan"], **comp["summary"]}
+        rows.append(row)
+        ctx.progress(case, row)
+    return rows
 
 
 @kind("adjacent_distance", {"source": "linux-doc", "chars": 6000, "tokens": 512, "exclude_examples_of": None,
