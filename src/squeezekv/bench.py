@@ -3,7 +3,7 @@
 Run on a CUDA machine (weights are random: values do not matter for speed or memory)::
 
     squeezekv bench --config benchmarks/throughput_config.json --out results.json
-    python benchmarks/throughput.py ...   # the same code
+    python benchmarks/run.py throughput --out DIR   # the same measurements as a benchmark suite
 
 Measures, each compressed figure next to the full cache's from the same run (CUDA-synchronised, after warm-up, median
 of ``reps`` repetitions):

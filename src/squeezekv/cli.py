@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU benchmark: prefill/decode throughput, peak memory and max batch vs the full cache",
         description="Measures, on a CUDA GPU and a randomly initialised model of a real size (weights do not matter "
         "for speed), prefill time and peak memory, decode tokens/s at several batch sizes and the largest batch "
-        "that fits, for the full cache and each method; writes a JSON report with the config. Same code as "
-        "benchmarks/throughput.py.",
+        "that fits, for the full cache and each method; writes a JSON report with the config (benchmarks/run.py "
+        "throughput runs the same measurements as one suite).",
         populate=_adds("bench", "add_arguments"),
     )
     sub.add_parser("serve", help="OpenAI-compatible server reusing multi-turn KV across GPU/CPU/disk tiers",

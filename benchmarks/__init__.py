@@ -1,0 +1,1 @@
+"""squeezekv's benchmark runner (outside the package): ``python benchmarks/run.py SUITE --out DIR``."""

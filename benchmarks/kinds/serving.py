@@ -1,0 +1,228 @@
+"""Serving kinds: time to first token with KV reuse from each store tier vs recomputing the history, and the
+multi-user multi-turn replay through squeezekv's serving engine (CachedAttention, arXiv 2403.19708)."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from squeezekv.runner import cache_kwargs
+from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
+
+from ..suite import Case
+from . import REQUIRED, kind
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _prefill(model: Any, cache: Any, ids: list[int], device: str) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                 **cache_kwargs(model, cache)).logits[0, -1]  # [V]
+
+
+@torch.no_grad()
+def _recompute(model: Any, prompt: list[int], device: str) -> tuple[float, int, torch.Tensor]:
+    _sync(device)
+    t = time.perf_counter()
+    logits = _prefill(model, DynamicCache(config=model.config), prompt, device)
+    tok = int(logits.argmax())
+    _sync(device)
+    return time.perf_counter() - t, tok, logits
+
+
+@torch.no_grad()
+def _reuse(model: Any, store: KVStore, prompt: list[int], device: str) -> tuple[float, int, torch.Tensor, int]:
+    _sync(device)
+    t = time.perf_counter()
+    snap = store.get(prompt)
+    if snap is None:
+        raise RuntimeError("the stored history was not found")
+    with LayerwiseLoad(snap, model, device) as cache:
+        logits = _prefill(model, cache, prompt[len(snap.tokens):], device)
+    tok = int(logits.argmax())
+    _sync(device)
+    return time.perf_counter() - t, tok, logits, len(snap.tokens)
+
+
+@kind("serving_replay", {"histories": [2048, 4096, 8192, 16384], "turns": 5, "turn_tokens": 64,
+                         "tiers": ["gpu", "cpu", "disk"], "repeat": 5, "baseline": None})
+def serving_replay(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """Per history length and turn: TTFT of recomputing the whole prompt vs reusing the previous turn's KV from
+    each tier (store.get + layer-wise load + prefill of the new tokens); the first token and the logits of both are
+    compared. Medians over ``repeat`` runs; histories beyond the model's context are skipped."""
+    model, device = ctx.model, ctx.device
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    vocab = int(model.config.vocab_size)
+    turns, turn_tokens, repeat = case.get("turns"), case.get("turn_tokens"), case.get("repeat")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for history in case.get("histories"):
+        total = history + turns * turn_tokens
+        if context and total > context:
+            rows.append({"history": history, "skipped": f"{total} tokens exceed the context of {context}"})
+            continue
+        ids = torch.randint(100, vocab, (total,), generator=g).tolist()
+        for turn in range(1, turns + 1):
+            prompt = ids[: history + turn * turn_tokens]
+            previous = prompt[:-turn_tokens]
+            cache = DynamicCache(config=model.config)
+            _prefill(model, cache, previous, device)
+            snap = capture(cache, previous)
+            recompute = [_recompute(model, prompt, device) for _ in range(repeat)]
+            row: dict[str, Any] = {"history": history, "turn": turn, "prompt_tokens": len(prompt),
+                                   "recompute_ttft_s": statistics.median(r[0] for r in recompute)}
+            for tier in case.get("tiers"):
+                if tier == "gpu" and not device.startswith("cuda"):
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    caps = {"gpu": 0, "cpu": 0, "disk": 0, tier: 1 << 40}
+                    tiers: list[Any] = []
+                    if device.startswith("cuda"):
+                        tiers.append(MemoryTier("gpu", caps["gpu"], device))
+                    tiers += [MemoryTier("cpu", caps["cpu"], "cpu"), DiskTier(Path(tmp), caps["disk"])]
+                    times = []
+                    for _ in range(repeat):
+                        store = KVStore(tiers, namespace(bench=True), block=16)
+                        store.put(snap)
+                        dt, tok, logits, reused = _reuse(model, store, prompt, device)
+                        times.append(dt)
+                        store.close()
+                        for t in tiers:
+                            for key in list(t.sizes):
+                                t.remove(key)
+                    row[f"reuse_{tier}_ttft_s"] = statistics.median(times)
+                    row[f"reuse_{tier}_same_first_token"] = tok == recompute[0][1]
+                    row[f"reuse_{tier}_max_abs_logit_diff"] = float((logits.float() - recompute[0][2].float())
+                                                                    .abs().max())
+                    row["reused_tokens"] = reused
+            rows.append(row)
+            ctx.progress(case, row)
+    return rows
+
+
+class _Tokenizer:
+    """What the engine needs of a tokenizer for token-id requests on a random model."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def _gib(x: float) -> int:
+    return int(float(x) * (1 << 30))
+
+
+@kind("serving_multiuser", {"method": None, "budget": 0.2, "conversations": 64, "turns": 5, "history": 1024,
+                            "turn_tokens": 64, "answer_tokens": 16, "max_active": 8, "gpu_gib": 2, "cpu_gib": 4,
+                            "disk_gib": 8, "time_limit": 240, "baseline": None})
+def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """``conversations`` users each hold a ``turns``-turn conversation (closed loop: turn k+1 is submitted when
+    turn k finished; its prompt is the history, the generated answer and a new ``turn_tokens``-token message)
+    through ``squeezekv.serve.Engine`` with a three-tier KVStore of the given capacities. ``method``: None for the
+    full cache, else a squeezekv method at ``budget``. Reports hits per tier, misses, prefill tokens saved and
+    TTFT of turns >= 2 vs turn 1; every request's record goes to the records file."""
+    from squeezekv.serve.engine import Engine, EngineConfig, GenRequest
+
+    model, device = ctx.model, ctx.device
+    a = case.settings
+    method = a["method"]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        tiers: list[Any] = []
+        if device.startswith("cuda"):
+            tiers.append(MemoryTier("gpu", _gib(a["gpu_gib"]), device))
+        tiers += [MemoryTier("cpu", _gib(a["cpu_gib"]), "cpu"), DiskTier(tmp / (method or "full"), _gib(a["disk_gib"]))]
+        store = KVStore(tiers, namespace(bench="multiuser", method=method), block=16)
+        cfg = EngineConfig(method=method, budget=a["budget"], device=device, max_active=a["max_active"],
+                           max_queue=4 * a["conversations"], max_new_tokens=a["answer_tokens"])
+        engine = Engine(model, _Tokenizer(), store, cfg).start()
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(0)
+        histories = [torch.randint(100, vocab, (a["history"],), generator=g).tolist()
+                     for _ in range(a["conversations"])]
+        turns_left = {u: a["turns"] for u in range(a["conversations"])}
+        records: list[dict[str, Any]] = []
+        lock = threading.Condition()
+        pending: list[tuple[int, list[int]]] = [(u, histories[u]) for u in range(a["conversations"])]
+
+        def submit(user: int, prompt: list[int]) -> None:
+            turn = a["turns"] - turns_left[user] + 1
+            t0 = time.perf_counter()
+            first: dict[str, float] = {}
+
+            def emit(ev: dict[str, Any]) -> None:
+                if ev["type"] == "delta" and "ttft" not in first:
+                    first["ttft"] = time.perf_counter() - t0
+                elif ev["type"] in ("done", "error"):
+                    with lock:
+                        if ev["type"] == "error":
+                            records.append({"user": user, "turn": turn, "error": ev["message"]})
+                        else:
+                            usage = ev["usage"]
+                            records.append({"user": user, "turn": turn, "prompt_tokens": usage["prompt_tokens"],
+                                            "cached_tokens": usage["cached_tokens"], "ttft_s": first.get("ttft"),
+                                            "latency_s": time.perf_counter() - t0})
+                            turns_left[user] -= 1
+                            if turns_left[user] > 0:
+                                new = torch.randint(100, vocab, (a["turn_tokens"],), generator=g).tolist()
+                                pending.append((user, prompt + list(req.generated) + new))
+                        lock.notify_all()
+
+            req = GenRequest(prompt=prompt, max_tokens=a["answer_tokens"], emit=emit, user=f"user{user}")
+            engine.submit(req)
+
+        t_start = time.perf_counter()
+        timed_out = False
+        with lock:
+            while any(turns_left.values()):
+                while pending:
+                    submit(*pending.pop(0))
+                lock.wait(timeout=1.0)
+                if time.perf_counter() - t_start > a["time_limit"]:
+                    timed_out = True
+                    break
+        wall = time.perf_counter() - t_start
+        engine.shutdown()
+        store.flush()
+        stats = dict(store.stats)
+        usage = store.usage()
+        store.close()
+    for r in records:
+        ctx.record({"case": case.name, **r})
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        raise RuntimeError(f"every request failed: {records[:3]}")
+    prompt_tokens = sum(r["prompt_tokens"] for r in ok)
+    cached = sum(r["cached_tokens"] for r in ok)
+    later = [r for r in ok if r["turn"] >= 2]
+    lookups = sum(v for k, v in stats.items() if k.startswith("hit_") or k.startswith("miss"))
+    hits = {k[4:]: v for k, v in stats.items() if k.startswith("hit_")}
+    later_ttft = sorted(r["ttft_s"] for r in later if r["ttft_s"])
+    row = {
+        "method": method or "full", "budget": a["budget"] if method else None, "requests": len(records),
+        "errors": len(records) - len(ok), "wall_s": wall, "time_limit_reached": timed_out,
+        "lookups": lookups, "hits_per_tier": hits, "misses": stats.get("miss", 0) + stats.get("miss_evicted", 0),
+        "hit_rate_per_tier": {k: v / lookups for k, v in hits.items()} if lookups else {},
+        "turn2plus_requests": len(later),
+        "turn2plus_hit_rate": sum(1 for r in later if r["cached_tokens"]) / len(later) if later else None,
+        "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached,
+        "prefill_tokens_saved_fraction": cached / prompt_tokens if prompt_tokens else None,
+        "ttft_turn1_median_s": statistics.median(r["ttft_s"] for r in ok if r["turn"] == 1 and r["ttft_s"]),
+        "ttft_turn2plus_median_s": statistics.median(later_ttft) if later_ttft else None,
+        "ttft_turn2plus_p99_s": later_ttft[int(0.99 * (len(later_ttft) - 1))] if later_ttft else None,
+        "store_stats": stats, "tier_usage_at_end": usage,
+    }
+    ctx.progress(case, row)
+    return [row]
