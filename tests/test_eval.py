@@ -7,8 +7,6 @@ import json
 import random
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from squeezekv.cli import main
 from squeezekv.eval import GridConfig, Sources, TaskOptions, evaluate
@@ -26,16 +24,6 @@ def _text(seed: int, n: int) -> str:
     for _ in range(n):
         sentences.append(" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + ".")
     return " ".join(sentences)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS + [w.capitalize() for w in WORDS] + list(".?:,"):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
