@@ -21,7 +21,10 @@ gold + distractor documents. Differences, all deliberate:
   Abbreviations such as "Mr. Smith" are split where punkt would not; only the needle positions move by that.
 * **Length fitting**: RULER grows the haystack in fixed steps until the raw text plus the answer exceeds the
   length; here the largest haystack whose *chat-formatted prompt* plus the subtask's tokens to generate fits the
-  context length is found by bisection (tighter, and counts the real prompt the model sees).
+  context length is found by galloping + bisection on the first example of a subtask and length (tighter, and counts
+  the real prompt the model sees); a later example that is longer is shrunk in 2% steps (RULER: fixed steps).
+* **Word keys**: RULER picks a random element of the sorted list of all "adjective-noun" pairs; here a uniformly
+  random pair index (the same distribution, without building ~9 million strings).
 * **Prompt**: the task template is the user message of the model's chat template; the answer prefix (e.g. "The
   special magic number for ... mentioned in the provided text is") starts the assistant's reply, as RULER's
   ``model_template_type`` templates do.
