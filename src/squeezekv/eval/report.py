@@ -23,6 +23,7 @@ METRICS: dict[str, tuple[str, Any, bool]] = {
     "f1": ("QA token F1 (points)", lambda m: 100 * m, True),
     "em": ("QA exact match (points)", lambda m: 100 * m, True),
     "nll": ("perplexity", math.exp, False),
+    "ruler": ("RULER string match (points)", lambda m: 100 * m, True),
 }
 #: fewest paired examples for a better/worse verdict (a bootstrap of fewer says nothing)
 MIN_N_VERDICT = 5
@@ -31,7 +32,8 @@ SUMMARY_FIELDS = ["task", "subset", "metric", "cell", "method", "allocation", "b
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    """(task, subset, metric) -> records; tasks with several subsets also get an ``all`` subset."""
+    """(task, subset, metric) -> records; tasks with several subsets also get an ``all`` subset, and subsets named
+    ``"<group>/<name>"`` (RULER's ``"4k/niah_single_1"``) a ``"<group>/all"`` subset per group."""
     out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     subsets: dict[str, set[str]] = {}
     for r in records:
@@ -41,6 +43,9 @@ def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[di
             out.setdefault((r["task"], r["subset"] or "all", metric), []).append(r)
             if len(subsets[r["task"]]) > 1:
                 out.setdefault((r["task"], "all", metric), []).append(r)
+            if "/" in (r["subset"] or ""):
+                group = r["subset"].split("/", 1)[0]
+                out.setdefault((r["task"], f"{group}/all", metric), []).append(r)
     return out
 
 
@@ -184,7 +189,7 @@ def plot_quality(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         axes[0][-1].legend(fontsize=7)
         fig.suptitle(f"{task} {subset} — n={rows[0]['n']} per point, 95% bootstrap CI", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"quality_{task}_{subset.replace(' ', '-')}_{metric}.png"
+        path = out_dir / f"quality_{task}_{subset.replace(' ', '-').replace('/', '_')}_{metric}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)

@@ -6,6 +6,8 @@
   subtask up to a target length; the question placed before or after the passages; scored by token F1 and exact match.
 * ``ppl``: a long document cut to ``prefix + continuation`` tokens; the continuation's log-likelihood given the
   compressed prefix (perplexity), on essays and on Linux kernel documentation.
+* ``ruler``: NVIDIA's RULER subtasks (needles, variable tracking, common/frequent words, SQuAD/HotpotQA) at each
+  context length, generated offline by :mod:`squeezekv.eval.ruler`; scored by RULER's string match.
 
 Task builders are registered once in :data:`TASKS`; the CLI and the grid read it.
 """
@@ -18,6 +20,8 @@ from typing import Any, Callable
 
 from ..runner import NEEDLES, chat_prompt, haystack, insert_needle
 from .data import Sources
+from .ruler import SUBTASKS as RULER_SUBTASKS
+from .ruler import build_ruler_examples, length_label
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class TaskOptions:
     ppl_docs: int = 4
     ppl_prefix: int = 1024
     ppl_tokens: int = 256
+    ruler_subtasks: tuple[str, ...] = RULER_SUBTASKS
+    ruler_lengths: tuple[int, ...] = (4096, 8192)
+    ruler_samples: int = 50
     seed: int = 0
 
     def validate(self) -> None:
@@ -83,6 +90,13 @@ class TaskOptions:
                 f"ppl_docs={self.ppl_docs!r}, ppl_prefix={self.ppl_prefix!r}, ppl_tokens={self.ppl_tokens!r} out of "
                 "range: need >= 1 document, a prefix >= 16 tokens and >= 1 scored token"
             )
+        bad = [t for t in self.ruler_subtasks if t not in RULER_SUBTASKS]
+        if bad or not self.ruler_subtasks:
+            raise ValueError(f"ruler_subtasks={self.ruler_subtasks!r}: each must be one of {', '.join(RULER_SUBTASKS)}")
+        if not self.ruler_lengths or min(self.ruler_lengths) < 256:
+            raise ValueError(f"ruler_lengths={self.ruler_lengths!r} is out of range: each must be >= 256 tokens")
+        if self.ruler_samples < 1:
+            raise ValueError(f"ruler_samples={self.ruler_samples!r} is out of range: need >= 1 example per subtask")
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -193,11 +207,29 @@ def build_ppl(tokenizer: Any, sources: Sources, opts: TaskOptions) -> list[Examp
     return out
 
 
+def build_ruler(tokenizer: Any, sources: Sources, opts: TaskOptions) -> list[Example]:
+    """``ruler_samples`` examples per subtask x context length (see :mod:`squeezekv.eval.ruler`); the subset is
+    ``"<length>/<subtask>"`` (e.g. ``"4k/niah_single_1"``), so the report gives each subtask and, per length, their
+    average (``"4k/all"``: every subtask has the same number of examples, so it is RULER's average of subtasks)."""
+    out = []
+    for item in build_ruler_examples(tokenizer, sources.get_ruler(), opts.ruler_subtasks, opts.ruler_lengths,
+                                     opts.ruler_samples, seed=opts.seed):
+        label = length_label(item["length"])
+        out.append(Example(
+            id=f"ruler/{label}/{item['subtask']}/{item['index']}", task="ruler", subset=f"{label}/{item['subtask']}",
+            kind="generate", prompt=tuple(item["prompt"]), max_new_tokens=item["max_new_tokens"],
+            meta={"subtask": item["subtask"], "length": item["length"], "references": item["references"],
+                  "metric": item["metric"], "haystack": item["haystack"]},
+        ))
+    return out
+
+
 #: task name -> (builder, metrics the scorer reports, short description)
 TASKS: dict[str, tuple[Callable[[Any, Sources, TaskOptions], list[Example]], tuple[str, ...], str]] = {
     "needle": (build_needle, ("retrieval",), "needle in a haystack of Paul Graham essays, exact retrieval"),
     "qa": (build_qa, ("f1", "em"), "passage QA among distractors (bigbench quoref/drop/multirc), token F1 / EM"),
     "ppl": (build_ppl, ("nll",), "log-likelihood of a document's last tokens given its compressed prefix"),
+    "ruler": (build_ruler, ("ruler",), "RULER subtasks at 4k/8k/... tokens (offline), RULER's string match"),
 }
 
 
