@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from serve_models import CJK, EMOJI, byte_tokenizer, expected, successor_model  # noqa: E402
-from test_server import MODEL  # noqa: E402
+from test_server import MODEL, start_in_thread  # noqa: E402
 
 from squeezekv.serve import Engine, EngineConfig, create_app  # noqa: E402
 from squeezekv.serve.app import key_id  # noqa: E402
@@ -42,13 +42,7 @@ class Server:
         self.server = _server_class()(uvicorn_config(create_app(engine, **app_kw), "127.0.0.1", port,
                                                      **{"shutdown_timeout": 5, "log_level": "warning",
                                                         **(uvicorn_kw or {})}))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        self.thread = start_in_thread(self.server)
         self.url = f"http://127.0.0.1:{port}"
 
     def client(self, key: str = "unused", timeout: float = 60) -> "openai.OpenAI":

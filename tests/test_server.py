@@ -20,19 +20,25 @@ from squeezekv.store import DiskTier, KVStore, MemoryTier, namespace  # noqa: E4
 MODEL = "tiny-llama"
 
 
+def start_in_thread(server: "uvicorn.Server") -> threading.Thread:
+    """Run ``server`` in a daemon thread; return once it has started (RuntimeError after 30 s or if it died)."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    return thread
+
+
 class Server:
     """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a thread; stops on :meth:`stop`."""
 
     def __init__(self, app):
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                                    lifespan="on", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        self.thread = start_in_thread(self.server)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 
