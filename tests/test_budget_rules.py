@@ -36,15 +36,21 @@ def _prefill_and_decode(model, ids, cache, steps: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("prompt", [10, 63, 100, 300])
 def test_defaults_work_on_ordinary_prompts(prompt, make_model, make_ids, run_greedy):
     model = make_model("llama", max_position_embeddings=512)
-    cache = squeezekv.make_cache(model)  # snapkv, 0.2, window 64
+    cache = squeezekv.make_cache(model)  # the defaults: snapkv (window 64), half of the prompt, squeeze allocation
+    assert cache.spec == squeezekv.CacheSpec() == squeezekv.CacheSpec(method="snapkv", budget=0.5, allocation="squeeze")
     out = run_greedy(model, make_ids(1, prompt), cache=cache, new_tokens=NEW)
     assert out.sequences.shape[1] == prompt + NEW
-    budget = max(1, round(0.2 * prompt))
-    assert cache.plan.budgets == (budget,) * LAYERS
-    # the observation window shrank to half the budget, recorded once for the layers it applies to
-    assert cache.plan.details["policy_fitted"] == {f"window 64 -> {max(1, budget // 2)}": list(range(LAYERS))}
-    for layer in cache.layers:  # snapkv compresses the prompt to the budget, then appends the decoded tokens
-        assert layer.physical_length == budget + NEW - 1
+    base = max(1, round(0.5 * prompt))
+    budgets = cache.plan.budgets
+    assert cache.plan.base == base and sum(budgets) == base * LAYERS and max(budgets) <= prompt
+    # the observation window shrank to half of each evicting layer's budget, recorded once per setting
+    expected: dict[str, list[int]] = {}
+    for i, b in enumerate(budgets):
+        if b < prompt and b // 2 < 64:  # an evicting layer whose budget is below twice the window
+            expected.setdefault(f"window 64 -> {max(1, b // 2)}", []).append(i)
+    assert cache.plan.details.get("policy_fitted", {}) == expected
+    for layer, b in zip(cache.layers, budgets):  # snapkv compresses the prompt to the budget, then appends
+        assert layer.physical_length == b + NEW - 1
 
 
 def test_snapkv_63_token_prompt_at_budget_1_keeps_everything(make_model, make_ids, run_greedy, same_generation):
@@ -75,7 +81,7 @@ def test_one_token_prompt(method, make_model, make_ids, run_greedy):
 
 def test_streamingllm_sinks_shrink_to_fit(make_model, make_ids):
     model = make_model("llama")
-    cache = squeezekv.make_cache(model, "streamingllm", 3)
+    cache = squeezekv.make_cache(model, "streamingllm", 3, allocation="uniform")
     _prefill_and_decode(model, make_ids(1, 20), cache, steps=2)
     assert cache.plan.details["policy_fitted"] == {"sinks 4 -> 2": list(range(LAYERS))}
     for layer in cache.layers:  # 2 sinks + the newest token
@@ -234,14 +240,14 @@ def test_budget_of_the_window_equals_the_full_cache(method, make_model, make_ids
     model = make_model("mistral")  # window 8
     ids = make_ids(1, 24)
     ref = run_greedy(model, ids, new_tokens=NEW)
-    cache = squeezekv.make_cache(model, method, 8, method_params={"window": 4} if method == "snapkv" else None)
+    cache = squeezekv.make_cache(model, method, 8, method_params={"window": 4} if method == "snapkv" else None, allocation="uniform")
     same_generation(ref, run_greedy(model, ids, cache=cache, new_tokens=NEW))
 
 
 def test_h2o_keeps_no_token_outside_the_window(make_model, make_ids):
     model = make_model("mistral")  # window 8
     window = model.config.sliding_window
-    cache = squeezekv.make_cache(model, "h2o", 5)
+    cache = squeezekv.make_cache(model, "h2o", 5, allocation="uniform")
     model(make_ids(1, 24), cache=cache)
     for t in range(6):
         for layer in cache.layers:

@@ -144,7 +144,7 @@ def test_block_attention_equals_attention_over_the_dequantised_cache(channel, q_
     params = KIVI_SMALL if channel == "kivi" else _coupled_params(model, tmp_path, residual=3)
     ids = make_ids(2, PROMPT + 8)
     for policy, budget in (("window", 4096), ("h2o", 30)):
-        cache = squeezekv.make_cache(model, policy, budget, channel=channel, channel_params=params)
+        cache = squeezekv.make_cache(model, policy, budget, channel=channel, channel_params=params, allocation="uniform")
         model(ids[:, :PROMPT], cache=cache)
         model(ids[:, PROMPT:PROMPT + q_len], cache=cache)
         layer = cache.layers[1]
@@ -314,7 +314,7 @@ def test_eviction_with_kivi_keeps_each_token_within_the_quantisation_bound(metho
     ref = DynamicCache(config=model.config)
     model(ids, cache=ref)
     cache = squeezekv.make_cache(model, method, 20, method_params=method_params(method), channel="kivi",
-                                 channel_params={"bits": 4, "group_size": 8, "residual": 4})
+                                 channel_params={"bits": 4, "group_size": 8, "residual": 4}, allocation="uniform")
     _teacher_forced(model, cache, ids, PROMPT, chunk=6)
     qmax = 15
     for i in cache.managed:

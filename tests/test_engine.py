@@ -75,7 +75,7 @@ def test_compressed_reuse_in_the_engine_equals_continuing_the_cache(make_model, 
     eng.shutdown()
     assert r2.cached_tokens == len(turn1) + len(r1.generated) - 1
     # reference: one cache object, never saved or restored, fed the same chunks
-    cache = squeezekv.make_cache(model, "snapkv", 16, method_params={"window": 8})
+    cache = squeezekv.make_cache(model, "snapkv", 16, method_params={"window": 8}, allocation="uniform")
     fwd = lambda ids: model(input_ids=torch.tensor([ids]), use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
     fwd(turn1)
     for t in r1.generated[:-1]:

@@ -460,7 +460,7 @@ def test_capture_round_trips_every_layer_type_exactly_or_refuses_it_by_name(laye
     turn1, turn2 = ids[:40], ids[40:]
 
     def live_cache():
-        cache = squeezekv.make_cache(model, **kw)
+        cache = squeezekv.make_cache(model, **kw, allocation="uniform")
         _forward(model, turn1, cache)
         return cache
 
@@ -509,7 +509,7 @@ def test_kivi_cache_with_evicted_quantised_tokens_round_trips(make_model, make_i
     """H2O evicting quantised tokens while decoding gives KIVI per-token key group ids (kgid): saved and restored."""
     model = make_model("llama", layers=2)
     ids = make_ids(1, 56, seed=3)[0].tolist()
-    live = squeezekv.make_cache(model, "h2o", 24, channel="kivi", channel_params=KIVI_QUANT)
+    live = squeezekv.make_cache(model, "h2o", 24, channel="kivi", channel_params=KIVI_QUANT, allocation="uniform")
     _forward(model, ids[:40], live)
     for tok in ids[40:50]:
         _forward(model, [tok], live)

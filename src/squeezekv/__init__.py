@@ -2,7 +2,10 @@
 
 One line::
 
-    out = model.generate(**inputs, cache=squeezekv.make_cache(model, method="snapkv", budget=0.2, allocation="squeeze"))
+    out = model.generate(**inputs, cache=squeezekv.make_cache(model, "method=snapkv budget=0.2 allocation=squeeze"))
+
+(the same as ``make_cache(model, "snapkv", 0.2, "squeeze")`` or ``make_cache(model, CacheSpec(budget=0.2))``:
+:class:`CacheSpec` is the one description of a compressed cache every entry point takes.)
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ if TYPE_CHECKING:
     from .cache import SqueezeCache, SqueezeLayer, allocated_nbytes, dynamic_cache_nbytes
     from .inputs import left_pad
     from .plan import Budget, BudgetPlan
+    from .build import build_cache, make_cache
     from .prefill import chunked_prefill
+    from .spec import CacheSpec
     from .distributed import total_kv_nbytes, total_nbytes
     from .registry import ALLOCATIONS, POLICIES
 
@@ -29,7 +34,7 @@ _LAZY = {
     "attach": "attention", "detach": "attention", "SqueezeCache": "cache", "SqueezeLayer": "cache",
     "dynamic_cache_nbytes": "cache", "allocated_nbytes": "cache", "left_pad": "inputs", "Budget": "plan",
     "BudgetPlan": "plan", "total_nbytes": "distributed", "total_kv_nbytes": "distributed",
-    "chunked_prefill": "prefill",
+    "chunked_prefill": "prefill", "make_cache": "build", "build_cache": "build", "CacheSpec": "spec",
 }
 
 
@@ -46,75 +51,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_cache(
-    model: Any,
-    method: str = "snapkv",
-    budget: float | int | str | Budget = 0.2,
-    allocation: str = "uniform",
-    *,
-    method_params: dict[str, Any] | None = None,
-    allocation_params: dict[str, Any] | None = None,
-    plan: BudgetPlan | None = None,
-    evict_every: int = 1,
-    attn_backend: str | None = None,
-    channel: str | None = None,
-    channel_params: dict[str, Any] | None = None,
-    crosslayer: str | None = None,
-    crosslayer_params: dict[str, Any] | None = None,
-) -> SqueezeCache:
-    """A fresh compressed cache for one ``generate``/forward pass of ``model`` (attaches squeezekv to the model).
-
-    ``method``: eviction policy (:func:`policy_names`); ``budget``: fraction of the prompt in (0, 1] (1.0: evict
-    nothing) or tokens >= 1 per layer on average (capped at the model's context); ``allocation``: how the total is split across layers (:func:`allocation_names`);
-    ``method_params``/``allocation_params``: the method's parameters; ``plan``: a fixed :class:`BudgetPlan` instead of
-    one derived from the prompt; ``evict_every``: decoding steps between evictions for policies that keep evicting;
-    ``attn_backend``: ``"sdpa"`` or ``"eager"`` math (default: what the model used before); ``channel``/
-    ``crosslayer`` (+ ``_params``): a channel method (fewer bits or channels per token) and a training-free
-    cross-layer method, composed with the eviction policy (:func:`squeezekv.describe` lists them).
-
-    On a model sharded by transformers' tensor parallelism, call it on every rank: the cache holds the rank's KV
-    heads (:mod:`squeezekv.distributed`; :func:`total_nbytes` sums the ranks' bytes).
-    """
-    from .attention import attach, original_attn_implementation
-    from .cache import SqueezeCache
-    from .distributed import bind as bind_tp
-    from .distributed import check_methods as check_tp_methods
-    from .distributed import tensor_parallel
-    from .models import arch_spec
-
-    arch_spec(model.config)  # an unsupported model fails here, before a method calibrates or loads anything
-    backend = attn_backend
-    if backend is None:
-        backend = "eager" if original_attn_implementation(model) == "eager" else "sdpa"
-    cache = SqueezeCache(
-        model.config,
-        method,
-        budget,
-        allocation,
-        method_params=method_params,
-        allocation_params=allocation_params,
-        plan=plan,
-        evict_every=evict_every,
-        attn_backend=backend,
-        channel=channel,
-        channel_params=channel_params,
-        crosslayer=crosslayer,
-        crosslayer_params=crosslayer_params,
-    )
-    tp = tensor_parallel(model)  # None unless transformers sharded the model (tensor parallelism)
-    if tp is not None:
-        check_tp_methods(cache, tp)
-    for extra in (cache.crosslayer, cache.channel):
-        if extra is not None:
-            extra.prepare(model)
-    if tp is not None:
-        bind_tp(cache, tp)  # this rank's KV heads; the group for decisions that must agree
-    attach(model)
-    return cache
-
-
 __all__ = [
     "make_cache",
+    "build_cache",
+    "CacheSpec",
     "chunked_prefill",
     "attach",
     "detach",

@@ -16,7 +16,6 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets, tie_budgets
-from .registry import make_allocation, make_channel, make_crosslayer, make_policy
 
 
 def _allocated(t: torch.Tensor | None) -> int:
@@ -443,24 +442,30 @@ class SqueezeCache(Cache):
     def __init__(
         self,
         config: Any,
-        method: str = "snapkv",
-        budget: float | int | str | Budget = 0.2,
-        allocation: str = "uniform",
+        policy: Any,
+        budget: float | int | str | Budget,
+        allocation: Any,
         *,
-        method_params: dict[str, Any] | None = None,
-        allocation_params: dict[str, Any] | None = None,
         plan: BudgetPlan | None = None,
         evict_every: int = 1,
         attn_backend: str = "sdpa",
-        channel: str | None = None,
-        channel_params: dict[str, Any] | None = None,
-        crosslayer: str | None = None,
-        crosslayer_params: dict[str, Any] | None = None,
+        channel: Any = None,
+        crosslayer: Any = None,
     ):
-        self.policy = make_policy(method, **(method_params or {}))
-        self.channel = None if channel is None else make_channel(channel, **(channel_params or {}))
-        self.crosslayer = None if crosslayer is None else make_crosslayer(crosslayer, **(crosslayer_params or {}))
-        self.allocation = make_allocation(allocation, **(allocation_params or {}))
+        """``policy``/``allocation``/``channel``/``crosslayer``: built method objects (an
+        :class:`~squeezekv.policies.base.EvictionPolicy`, an :class:`~squeezekv.allocation.base.Allocation`, a
+        channel and a cross-layer method or ``None``); :func:`squeezekv.build.build_cache` makes them from a
+        :class:`~squeezekv.spec.CacheSpec`, :func:`squeezekv.make_cache` also attaches the model."""
+        for name, obj, need in (("policy", policy, "select"), ("allocation", allocation, "allocate")):
+            if isinstance(obj, str) or not hasattr(obj, need):
+                raise TypeError(f"{name}={obj!r} must be a built {name} object (squeezekv.build.build_parts makes "
+                                "them from a CacheSpec; squeezekv.make_cache takes names)")
+        self.policy = policy
+        self.channel = channel
+        self.crosslayer = crosslayer
+        self.allocation = allocation
+        #: the CacheSpec this cache was built from (set by squeezekv.build.build_cache; None when built by hand)
+        self.spec: Any = None
         self.budget = Budget.parse(budget)
         if not isinstance(evict_every, int) or evict_every < 1:
             raise ValueError(f"evict_every={evict_every!r} is out of range: must be an integer >= 1")

@@ -170,6 +170,28 @@ class CacheSpec:
             make_crosslayer(self.crosslayer, **self.crosslayer_params)
         return self
 
+    @classmethod
+    def of(cls, spec: "CacheSpec | str | Mapping[str, Any] | None" = None, **changes: Any) -> "CacheSpec":
+        """The one way every entry point reads a cache description: a :class:`CacheSpec` as it is, its text form
+        (``"method=snapkv budget=0.3"``), a bare method name (``"snapkv"``), its dictionary form, or ``None`` (the
+        defaults); then ``changes`` (fields given as ``None`` are left as they are) applied."""
+        if spec is None:
+            base = cls()
+        elif isinstance(spec, CacheSpec):
+            base = spec
+        elif isinstance(spec, str):
+            base = cls.parse(spec) if "=" in spec else cls(method=spec)
+        elif isinstance(spec, Mapping):
+            base = cls.from_dict(spec)
+        else:
+            raise TypeError(f"a cache spec is a CacheSpec, its text, a method name or a dict; got {type(spec).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"cache spec fields {unknown} are unknown: choose from {sorted(known)}")
+        given = {k: v for k, v in changes.items() if v is not None}
+        return base.replace(**given) if given else base
+
     def label(self) -> str:
         """A short name for tables: ``snapkv 0.3`` (+ ``/allocation``, ``+channel``, ``&crosslayer`` when set)."""
         text = f"{self.method} {self.budget}"

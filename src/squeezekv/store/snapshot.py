@@ -24,8 +24,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..attention import attach
+from ..build import build_cache
 from ..cache import SqueezeCache, SqueezeLayer
 from ..plan import BudgetPlan
+from ..spec import CacheSpec
 
 #: tensors a :class:`~squeezekv.SqueezeLayer` carries between forward passes (``valid`` is rebuilt from the mask)
 _SQUEEZE_TENSORS = ("keys", "values", "token_idx", "scores")
@@ -179,11 +181,11 @@ def restore(snapshot: KVSnapshot, model: Any, device: torch.device | str | None 
     if snapshot.cache_kind == "squeeze":
         c = snapshot.config
         budget = float(c["budget"]) if c["budget_is_fraction"] else int(c["budget"])
-        cache: Cache = SqueezeCache(
-            model.config, c["method"], budget, c["allocation"], method_params=c["method_params"],
-            allocation_params=c["allocation_params"], plan=_plan(c["plan"]), evict_every=c["evict_every"],
-            attn_backend=c["attn_backend"], channel=c.get("channel"), channel_params=c.get("channel_params"),
-        )
+        spec = CacheSpec(method=c["method"], budget=budget, allocation=c["allocation"],
+                         method_params=c["method_params"], allocation_params=c["allocation_params"],
+                         evict_every=c["evict_every"], channel=c.get("channel"),
+                         channel_params=c.get("channel_params") or {})
+        cache: Cache = build_cache(model.config, spec, plan=_plan(c["plan"]), attn_backend=c["attn_backend"])
         attach(model)
     elif snapshot.cache_kind == "dynamic":
         cache = DynamicCache(config=model.config)
