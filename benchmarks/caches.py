@@ -63,14 +63,14 @@ def random_calibration(model: Any, channel: str, params: dict[str, Any]) -> str:
     raise ValueError(f"calibration='random' is for the coupled and eigen channels, not {channel!r}")
 
 
-def make_kwargs(model: Any, cache: dict[str, Any]) -> dict[str, Any]:
-    """``squeezekv.make_cache`` keyword arguments of parsed cache settings (random calibrations resolved)."""
-    kw = {k: v for k, v in cache.items() if v is not None}
-    params = dict(kw.get("channel_params") or {})
-    if params.get("calibration") == "random":
-        params["calibration"] = random_calibration(model, kw["channel"], params)
-        kw["channel_params"] = params
-    return kw
+def cache_spec(model: Any, cache: dict[str, Any]) -> squeezekv.CacheSpec:
+    """The :class:`squeezekv.CacheSpec` of parsed cache settings (a random calibration resolved to a file)."""
+    spec = squeezekv.CacheSpec.from_dict(cache)
+    if spec.channel_params.get("calibration") == "random":
+        params = dict(spec.channel_params)
+        params["calibration"] = random_calibration(model, spec.channel, params)
+        spec = spec.replace(channel_params=params)
+    return spec
 
 
 def new_cache(model: Any, cache: dict[str, Any]) -> Any:
@@ -78,8 +78,7 @@ def new_cache(model: Any, cache: dict[str, Any]) -> Any:
     if is_full(cache):
         squeezekv.detach(model)
         return DynamicCache(config=model.config)
-    kw = make_kwargs(model, cache)
-    return squeezekv.make_cache(model, kw.pop("method"), kw.pop("budget"), kw.pop("allocation"), **kw)
+    return squeezekv.make_cache(model, cache_spec(model, cache))
 
 
 def filled_cache(model: Any, cache: dict[str, Any], batch: int, context: int, device: str) -> Any:
@@ -94,12 +93,10 @@ def filled_cache(model: Any, cache: dict[str, Any], batch: int, context: int, de
     evicted = n < context
     budget = n if evicted else context + 4096  # keeps the prompt: no eviction while decoding either
     plan = BudgetPlan(budgets=(budget,) * layers, base=budget, allocation="uniform")
-    kw = make_kwargs(model, cache)
-    kw.pop("budget"), kw.pop("allocation")
-    method = kw.pop("method")
-    if method == "snapkv":
-        kw["method_params"] = {"window": min(64, n), **(kw.get("method_params") or {})}
-    built = squeezekv.make_cache(model, method, budget, "uniform", plan=plan, **kw)
+    spec = cache_spec(model, cache).replace(budget=budget, allocation="uniform")
+    if spec.method == "snapkv":
+        spec = spec.replace(method_params={"window": min(64, n), **spec.method_params})
+    built = squeezekv.make_cache(model, spec, plan=plan)
     quantising = cache.get("channel") in QUANTISING
     from squeezekv.crosslayer.shared_attention import SharedLayer
 

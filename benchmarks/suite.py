@@ -8,13 +8,13 @@ A suite is a JSON file under ``benchmarks/suites/``::
       "device": "cuda",
       "defaults": {"context": 8192, "steps": 16},               # merged into every case (keys its kind takes)
       "cases": [
-        {"name": "full", "kind": "decode", "cache": {"method": "full"}, "batches": [16, 64]},
-        {"name": "snapkv", "kind": "decode", "cache": {"method": "snapkv", "budget": 0.2}, "baseline": "full"}
+        {"name": "full", "kind": "decode", "cache": "full", "batches": [16, 64]},
+        {"name": "snapkv", "kind": "decode", "cache": "method=snapkv budget=0.2 allocation=uniform", "baseline": "full"}
       ]
     }
 
-``cache`` is a plain dict of :func:`squeezekv.make_cache` keyword arguments (see :data:`CACHE_KEYS`), or
-``{"method": "full"}`` for transformers' own ``DynamicCache``; :func:`parse_cache` is the only place it is read.
+``cache`` is a :class:`squeezekv.CacheSpec` in its text form (or its dict form), or ``"full"`` for transformers' own
+``DynamicCache``; :func:`parse_cache` reads it with ``CacheSpec.of``, the parser every entry point uses.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ HERE = Path(__file__).resolve().parent
 SUITES_DIR = HERE / "suites"
 MODELS_DIR = HERE / "models"
 
-#: keys of a case's ``cache`` dict (squeezekv.make_cache's keyword arguments, plus the method name)
-CACHE_KEYS = ("method", "budget", "allocation", "method_params", "allocation_params", "evict_every",
-              "attn_backend", "channel", "channel_params", "crosslayer", "crosslayer_params")
 #: cache methods that are not squeezekv eviction policies: transformers' DynamicCache holding every token
 BASELINE_METHODS = ("full",)
 #: keys of a suite file
@@ -67,47 +64,33 @@ class Suite:
 
 
 def parse_cache(spec: Any, where: str = "cache") -> dict[str, Any]:
-    """Validate a case's cache settings and return them normalised (defaults filled in).
+    """A case's cache, normalised to :meth:`squeezekv.CacheSpec.to_dict`'s form (every field filled in).
 
-    ``{"method": "full"}``: transformers' ``DynamicCache``. Otherwise a squeezekv cache: ``method`` (an eviction
-    policy, ``"none"`` keeps every token), ``budget`` (fraction of the prompt in (0, 1], or tokens > 1; default
-    1.0), ``allocation`` (default ``"uniform"``), ``channel``/``crosslayer`` and every ``*_params``. A channel's
-    ``calibration: "random"`` asks for random codebooks/bases of the model's shape (speed and memory do not depend
-    on their values). Unknown keys or names raise ``ValueError`` naming them and what is allowed."""
-    from squeezekv.registry import allocation_names, channel_names, crosslayer_names, policy_names
+    ``"full"`` (or ``{"method": "full"}``): transformers' ``DynamicCache`` -> ``{"method": "full"}``. Anything else is
+    a :class:`squeezekv.CacheSpec` in its text form (``"method=snapkv budget=0.2 allocation=uniform"``) or its dict
+    form, read by :meth:`CacheSpec.of` -- the one parser of a cache description -- and checked against the registry.
+    A channel's ``calibration=random`` asks for random codebooks/bases of the model's shape (speed and memory do not
+    depend on their values). Bad keys, names or values raise ``ValueError`` naming the case."""
+    from squeezekv.spec import CacheSpec
 
-    if not isinstance(spec, dict):
-        raise TypeError(f"{where} must be a dict of make_cache arguments, got {type(spec).__name__}: {spec!r}")
-    bad = sorted(set(spec) - set(CACHE_KEYS))
-    if bad:
-        raise ValueError(f"{where}: unknown key(s) {bad}; allowed: {list(CACHE_KEYS)}")
-    method = spec.get("method")
-    methods = list(BASELINE_METHODS) + policy_names()
-    if method not in methods:
-        raise ValueError(f"{where}: unknown method {method!r}; choose from {methods}")
-    if method in BASELINE_METHODS:
-        extra = sorted(set(spec) - {"method"})
-        if extra:
-            raise ValueError(f"{where}: method {method!r} (transformers' DynamicCache) takes no settings, got {extra}")
-        return {"method": method}
-    out: dict[str, Any] = {"budget": 1.0, "allocation": "uniform", "evict_every": 1, **spec}
-    budget = out["budget"]
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ValueError(f"{where}: budget={budget!r} is out of range: a fraction in (0, 1] or tokens > 1")
-    if out["allocation"] not in allocation_names():
-        raise ValueError(f"{where}: unknown allocation {out['allocation']!r}; choose from {allocation_names()}")
-    for key, names in (("channel", channel_names()), ("crosslayer", crosslayer_names())):
-        if out.get(key) is not None and out[key] not in names:
-            raise ValueError(f"{where}: unknown {key} {out[key]!r}; choose from {names}")
-        params = out.get(f"{key}_params")
-        if params is not None and out.get(key) is None:
-            raise ValueError(f"{where}: {key}_params given without a {key}")
-    for key in ("method_params", "allocation_params", "channel_params", "crosslayer_params"):
-        if out.get(key) is not None and not isinstance(out[key], dict):
-            raise TypeError(f"{where}: {key} must be a dict, got {out[key]!r}")
-    if not isinstance(out["evict_every"], int) or out["evict_every"] < 1:
-        raise ValueError(f"{where}: evict_every={out['evict_every']!r} is out of range: an integer >= 1")
-    return out
+    if spec == "full" or (isinstance(spec, dict) and spec.get("method") in BASELINE_METHODS):
+        if isinstance(spec, dict) and set(spec) != {"method"}:
+            raise ValueError(f"{where}: method 'full' (transformers' DynamicCache) takes no settings, got "
+                             f"{sorted(set(spec) - {'method'})}")
+        return {"method": "full"}
+    if not isinstance(spec, (str, dict)):
+        raise TypeError(f"{where} must be 'full' or a cache spec (text or dict), got {type(spec).__name__}: {spec!r}")
+    try:
+        parsed = CacheSpec.of(spec)
+        calibration = parsed.channel_params.get("calibration")
+        if calibration == "random":  # resolved when the model's shape is known (caches.random_calibration)
+            parsed.replace(channel_params={k: v for k, v in parsed.channel_params.items() if k != "calibration"}) \
+                .validate()
+        else:
+            parsed.validate()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    return parsed.to_dict()
 
 
 def budget_tokens(cache: dict[str, Any], context: int) -> int:

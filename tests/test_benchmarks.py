@@ -45,17 +45,19 @@ def test_unknown_kind_is_named() -> None:
 
 
 def test_unknown_method_is_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'snapk'; choose from \['full', .*'snapkv'"):
+    with pytest.raises(ValueError, match=r"case 'a': cache: unknown method 'snapk'; choose one of: .*snapkv"):
         parse_suite(_suite([{"name": "a", "kind": "decode", "cache": {"method": "snapk"}}]), "s")
 
 
 @pytest.mark.parametrize("cache, message", [
-    ({"method": "snapkv", "budgt": 0.2}, r"unknown key\(s\) \['budgt'\]"),
-    ({"method": "snapkv", "channel": "kiwi"}, r"unknown channel 'kiwi'; choose from"),
-    ({"method": "snapkv", "crosslayer": "shared"}, r"unknown crosslayer 'shared'"),
+    ({"method": "snapkv", "budgt": 0.2}, r"keys \['budgt'\] are unknown"),
+    ({"method": "snapkv", "channel": "kiwi"}, r"unknown channel method 'kiwi'; choose one of"),
+    ({"method": "snapkv", "crosslayer": "shared"}, r"unknown cross-layer method 'shared'"),
     ({"method": "snapkv", "allocation": "flat"}, r"unknown allocation 'flat'"),
-    ({"method": "snapkv", "budget": 0}, r"budget=0 is out of range"),
-    ({"method": "snapkv", "channel_params": {"bits": 2}}, r"channel_params given without a channel"),
+    ({"method": "snapkv", "budget": 0}, r"budget 0 is out of range"),
+    ("method=snapkv budget=0", r"budget 0 is out of range"),
+    ("method=snapkv bits=2", r"key 'bits' is unknown"),
+    ({"method": "snapkv", "channel_params": {"bits": 2}}, r"channel_params \{'bits': 2\} given without a channel"),
     ({"method": "full", "budget": 0.2}, r"takes no settings, got \['budget'\]"),
     ({"method": "snapkv", "evict_every": 0}, r"evict_every=0 is out of range"),
 ])
@@ -64,10 +66,13 @@ def test_bad_cache_settings_are_named(cache: dict, message: str) -> None:
         parse_cache(cache)
 
 
-def test_cache_defaults_are_filled_in_one_place() -> None:
-    assert parse_cache({"method": "snapkv"}) == {"method": "snapkv", "budget": 1.0, "allocation": "uniform",
-                                                 "evict_every": 1}
-    assert parse_cache({"method": "full"}) == {"method": "full"}
+def test_a_case_cache_is_a_cache_spec() -> None:
+    from squeezekv.spec import CacheSpec
+
+    spec = CacheSpec(method="h2o", budget=0.2, allocation="uniform", evict_every=16)
+    assert parse_cache(spec.to_text()) == parse_cache(spec.to_dict()) == spec.to_dict()
+    assert parse_cache({"method": "snapkv"}) == CacheSpec(method="snapkv").to_dict()  # the spec's defaults
+    assert parse_cache("full") == parse_cache({"method": "full"}) == {"method": "full"}
 
 
 @pytest.mark.parametrize("case, message", [

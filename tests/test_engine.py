@@ -66,7 +66,7 @@ def test_batched_decode_equals_one_by_one(make_model, make_ids):
 
 def test_compressed_reuse_in_the_engine_equals_continuing_the_cache(make_model, make_ids):
     model = make_model("llama", layers=2, max_position_embeddings=512)
-    eng = _engine(model, method="snapkv", budget=16, method_params={"window": 8})
+    eng = _engine(model, cache="method=snapkv budget=16 allocation=uniform method.window=8")
     turn1 = make_ids(1, 40, seed=3)[0].tolist()
     (r1,), _ = _run(eng, [turn1])
     eng.store.flush()

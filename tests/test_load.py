@@ -129,7 +129,7 @@ def test_snapkv_and_cjk_emoji_conversations_under_load(tmp_path):
 
     rng = random.Random(1)
     convs = [(i, "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(6))) for i in range(16)]
-    cfg = dict(method="snapkv", budget=0.5, method_params={"window": 8})
+    cfg = dict(cache="method=snapkv budget=0.5 allocation=uniform method.window=8")
     tok = byte_tokenizer()
     store = KVStore([MemoryTier("cpu", 256 << 20, "cpu")], namespace(model=MODEL, **cfg), block=8)
     engine = Engine(successor_model(), tok, store, EngineConfig(model_name=MODEL, max_new_tokens=16, **cfg)).start()

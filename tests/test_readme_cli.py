@@ -45,6 +45,7 @@ def test_ci_runs_the_readme_main_job_with_progress_bars_and_through_a_terminal()
 def test_cli_choices_come_from_the_registry():
     parser = build_parser()
     run = parser._subparsers._group_actions[0].choices["run"]
+    run.format_help()  # a command's arguments are added on first use
     by_dest = {a.dest: a for a in run._actions}
     assert list(by_dest["method"].choices) == policy_names()
     assert list(by_dest["allocation"].choices) == allocation_names()

@@ -13,6 +13,7 @@ import torch
 
 import squeezekv
 from squeezekv import runner
+from squeezekv.spec import CacheSpec
 from squeezekv.cli import main
 from squeezekv.models import arch_spec
 from squeezekv.serve.chartok import CharTokenizer
@@ -24,7 +25,8 @@ TEXT = "It was the best of times, it was the worst of times, it was the age of w
 def _run(model, tmp_path, **cfg):
     path = tmp_path / "prompt.txt"
     path.write_text(TEXT)
-    config = runner.RunConfig(prompt_file=str(path), max_new_tokens=4, **cfg)
+    spec = {k: cfg.pop(k) for k in list(cfg) if k in CacheSpec.__dataclass_fields__ and k != "budget"}
+    config = runner.RunConfig(prompt_file=str(path), max_new_tokens=4, cache=CacheSpec(**spec), **cfg)
     return runner.run(config, progress=False, loaded=(model, CharTokenizer()))
 
 
@@ -50,7 +52,8 @@ def test_run_accepts_prefill_chunk():
     assert args.prefill_chunk == 128
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="prefill_chunk=.* is out of range"):
-            runner.RunConfig(prefill_chunk=bad).validate()
+            runner.RunConfig(cache=CacheSpec(prefill_chunk=bad))
+    assert main(["run", "--prefill-chunk", "0"]) == 2
 
 
 def test_run_prefill_chunk_is_chunked_prefill(make_model, make_ids):

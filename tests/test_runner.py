@@ -72,11 +72,13 @@ def test_measure_scores_the_reference_on_a_copy_of_the_prefilled_cache(make_mode
 
 def _run_tiny(tmp_path, make_model, tiny_tokenizer, word_text, **kw):
     from squeezekv.runner import RunConfig, run
+    from squeezekv.spec import CacheSpec
 
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(word_text(3, 25))  # 25 sentences x 9 tokens
     model = make_model("llama", layers=3, vocab_size=len(tiny_tokenizer), max_position_embeddings=512)
-    cfg = RunConfig(prompt_file=str(prompt_file), max_new_tokens=3, allocation="uniform", **kw)
+    spec = CacheSpec(method=kw.pop("method"), allocation="uniform")
+    cfg = RunConfig(prompt_file=str(prompt_file), max_new_tokens=3, cache=spec, **kw)
     return model, run(cfg, progress=True, loaded=(model, tiny_tokenizer))
 
 

@@ -25,7 +25,7 @@ from test_server import MODEL, start_in_thread  # noqa: E402
 from squeezekv.serve import Engine, EngineConfig, create_app  # noqa: E402
 from squeezekv.serve.app import key_id  # noqa: E402
 from squeezekv.serve.chartok import CharTokenizer  # noqa: E402
-from squeezekv.serve.cli import uvicorn_config  # noqa: E402
+from squeezekv.commands.serve import uvicorn_config  # noqa: E402
 from squeezekv.store import LOCK_NAME, DiskTier, FolderInUse, KVStore, MemoryTier, namespace  # noqa: E402
 
 
@@ -37,7 +37,7 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        from squeezekv.serve.cli import _server_class
+        from squeezekv.commands.serve import _server_class
 
         self.server = _server_class()(uvicorn_config(create_app(engine, **app_kw), "127.0.0.1", port,
                                                      **{"shutdown_timeout": 5, "log_level": "warning",
@@ -192,7 +192,7 @@ def test_a_full_queue_answers_429_with_retry_after(char_model, tmp_path):
 
 # -- 2. compressed configuration: never a 500 ------------------------------------------------------------------------
 def _snapkv_engine(char_model, **kw):
-    return _engine(char_model, CharTokenizer(), _memory(), cfg=dict(method="snapkv", budget=0.5), **kw)
+    return _engine(char_model, CharTokenizer(), _memory(), cfg=dict(cache="method=snapkv budget=0.5 allocation=uniform"), **kw)
 
 
 def test_cache_that_cannot_run_a_prompt_is_a_4xx_not_a_500(char_model):
@@ -222,7 +222,7 @@ def test_snapkv_half_budget_short_prompt(char_model):
 
 def test_startup_probe_names_the_shortest_prompt(char_model, tmp_path):
     store = KVStore(_memory(), namespace(model=MODEL), block=8)
-    engine = Engine(char_model, CharTokenizer(), store, EngineConfig(model_name=MODEL, method="snapkv", budget=0.5))
+    engine = Engine(char_model, CharTokenizer(), store, EngineConfig(model_name=MODEL, cache="method=snapkv budget=0.5 allocation=uniform"))
     shortest, why = engine.shortest_prompt()
     # the server prints a warning when this is > 1: SnapKV's 64-token window needs 128-token prompts at 50% unless
     # the policy fits small budgets (issue 18), in which case every prompt runs
@@ -451,7 +451,7 @@ def test_idle_and_half_open_connections_cannot_hold_every_slot(char_model):
 
 
 def test_api_keys_come_from_flags_file_and_environment(tmp_path):
-    from squeezekv.serve.cli import KEYS_ENV, api_keys
+    from squeezekv.commands.serve import KEYS_ENV, api_keys
 
     f = tmp_path / "keys"
     f.write_text("# team keys\nfile-key\n\n  other-key  \n")

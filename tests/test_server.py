@@ -186,7 +186,7 @@ def test_serve_cli_user_errors_exit_2_without_traceback(capsys, tmp_path):
 
 
 def test_serve_cli_tiers(tmp_path):
-    from squeezekv.serve.cli import build_tiers
+    from squeezekv.commands.serve import build_tiers
 
     tiers = build_tiers("8GiB", "32GiB", f"{tmp_path}/kv:200GiB", "cpu")
     assert [(t.name, t.capacity) for t in tiers] == [("cpu", 32 << 30), ("disk", 200 << 30)]  # no GPU on a CPU

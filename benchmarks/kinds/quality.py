@@ -13,7 +13,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from squeezekv.spec import CacheSpec
+
 from ..caches import all_bytes, is_full, kv_bytes, new_cache
+
 from ..suite import Case
 from . import REQUIRED, kind
 
@@ -144,20 +147,21 @@ def quality(ctx: Any, case: Case) -> list[dict[str, Any]]:
     return [summary]
 
 
-@kind("run_cell", {"method": REQUIRED, "allocation": "uniform", "budget": "0.2", "context_tokens": 1200,
+@kind("run_cell", {"cache": REQUIRED, "context_tokens": 1200,
                    "depth": 0.5, "max_new_tokens": 24, "baseline": None})
 def run_cell(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``squeezekv run``'s measurement (needle answer, reference log-likelihood, KV bytes, full cache beside the
-    compressed one) for one (method, allocation) at each budget of ``budget``, on the suite's model loaded once."""
+    compressed one) for one compressed ``cache`` (a CacheSpec), on the suite's model loaded once."""
     from squeezekv.runner import RunConfig, run
 
-    cfg = RunConfig(method=case.get("method"), allocation=case.get("allocation"), budget=str(case.get("budget")),
+    spec = CacheSpec.from_dict(case.get("cache"))
+    cfg = RunConfig(cache=spec, budget=spec.budget,
                     device=ctx.device, context_tokens=case.get("context_tokens"), depth=case.get("depth"),
                     max_new_tokens=case.get("max_new_tokens"))
     report = run(cfg, progress=False, loaded=(ctx.model, ctx.tokenizer))
     full = report["full"]
     rows = []
-    for comp in report["compressed"]:  # one column per budget of ``budget`` (e.g. "0.5,0.2")
+    for comp in report["compressed"]:
         row = {"budget": comp["budget"], "prompt_tokens": report["prompt_tokens"], "reference": report["reference"],
                "full_kv_bytes": full["kv_bytes_after_prefill"], "compressed_kv_bytes": comp["kv_bytes_after_prefill"],
                "compressed_kv_only_bytes_end": comp["kv_only_bytes_end"],

@@ -16,6 +16,8 @@ from transformers import DynamicCache
 from squeezekv.runner import cache_kwargs
 from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
 
+from squeezekv.spec import CacheSpec
+
 from ..suite import Case
 from . import REQUIRED, kind
 
@@ -124,28 +126,29 @@ def _gib(x: float) -> int:
     return int(float(x) * (1 << 30))
 
 
-@kind("serving_multiuser", {"method": None, "budget": 0.2, "conversations": 64, "turns": 5, "history": 1024,
+@kind("serving_multiuser", {"cache": "full", "conversations": 64, "turns": 5, "history": 1024,
                             "turn_tokens": 64, "answer_tokens": 16, "max_active": 8, "gpu_gib": 2, "cpu_gib": 4,
                             "disk_gib": 8, "time_limit": 240, "baseline": None})
 def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``conversations`` users each hold a ``turns``-turn conversation (closed loop: turn k+1 is submitted when
     turn k finished; its prompt is the history, the generated answer and a new ``turn_tokens``-token message)
-    through ``squeezekv.serve.Engine`` with a three-tier KVStore of the given capacities. ``method``: None for the
-    full cache, else a squeezekv method at ``budget``. Reports hits per tier, misses, prefill tokens saved and
+    through ``squeezekv.serve.Engine`` with a three-tier KVStore of the given capacities. ``cache``: ``"full"`` or a
+    CacheSpec (the server's compressed cache). Reports hits per tier, misses, prefill tokens saved and
     TTFT of turns >= 2 vs turn 1; every request's record goes to the records file."""
     from squeezekv.serve.engine import Engine, EngineConfig, GenRequest
 
     model, device = ctx.model, ctx.device
     a = case.settings
-    method = a["method"]
+    spec = None if a["cache"] == {"method": "full"} else CacheSpec.from_dict(a["cache"])
+    method = None if spec is None else spec.method
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         tiers: list[Any] = []
         if device.startswith("cuda"):
             tiers.append(MemoryTier("gpu", _gib(a["gpu_gib"]), device))
         tiers += [MemoryTier("cpu", _gib(a["cpu_gib"]), "cpu"), DiskTier(tmp / (method or "full"), _gib(a["disk_gib"]))]
-        store = KVStore(tiers, namespace(bench="multiuser", method=method), block=16)
-        cfg = EngineConfig(method=method, budget=a["budget"], device=device, max_active=a["max_active"],
+        store = KVStore(tiers, namespace(bench="multiuser", cache=None if spec is None else spec.to_text()), block=16)
+        cfg = EngineConfig(cache=spec, device=device, max_active=a["max_active"],
                            max_queue=4 * a["conversations"], max_new_tokens=a["answer_tokens"])
         engine = Engine(model, _Tokenizer(), store, cfg).start()
         vocab = int(model.config.vocab_size)
@@ -211,7 +214,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     hits = {k[4:]: v for k, v in stats.items() if k.startswith("hit_")}
     later_ttft = sorted(r["ttft_s"] for r in later if r["ttft_s"])
     row = {
-        "method": method or "full", "budget": a["budget"] if method else None, "requests": len(records),
+        "method": method or "full", "budget": None if spec is None else spec.budget, "cache": None if spec is None else spec.to_text(), "requests": len(records),
         "errors": len(records) - len(ok), "wall_s": wall, "time_limit_reached": timed_out,
         "lookups": lookups, "hits_per_tier": hits, "misses": stats.get("miss", 0) + stats.get("miss_evicted", 0),
         "hit_rate_per_tier": {k: v / lookups for k, v in hits.items()} if lookups else {},

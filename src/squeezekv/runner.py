@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .plan import Budget
+from .spec import CacheSpec
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,13 @@ NEEDLES: tuple[Needle, ...] = (
 
 @dataclass
 class RunConfig:
+    """What ``squeezekv run`` measures: the full cache and the compressed ``cache`` at each budget of ``budgets``
+    (``budget``: one budget instead, the spec's when the spec came with one)."""
+
     model: str | None = None
-    method: str = "snapkv"
+    cache: CacheSpec = field(default_factory=CacheSpec)
     budget: float | int | str | None = None  # one budget (a single compressed cell) instead of ``budgets``
     budgets: tuple[float | int | str, ...] = (0.5, 0.3, 0.2)
-    allocation: str = "squeeze"
     prompt_file: str | None = None
     max_new_tokens: int = 24
     device: str = "cpu"
@@ -55,13 +58,13 @@ class RunConfig:
     context_tokens: int = 1200
     depth: float = 0.5
     needle: int = 0
-    method_params: dict[str, Any] = field(default_factory=dict)
-    allocation_params: dict[str, Any] = field(default_factory=dict)
-    channel: str | None = None
-    channel_params: dict[str, Any] = field(default_factory=dict)
-    crosslayer: str | None = None
-    crosslayer_params: dict[str, Any] = field(default_factory=dict)
-    prefill_chunk: int | None = None  # compressed run: prefill in chunks of this many tokens (chunked_prefill)
+
+    def __post_init__(self) -> None:
+        self.cache = CacheSpec.of(self.cache)
+
+    def cell_specs(self) -> list[CacheSpec]:
+        """The compressed cells: ``cache`` at each budget of :meth:`cell_budgets`."""
+        return [self.cache.replace(budget=b) for b in self.cell_budgets()]
 
     def cell_budgets(self) -> tuple[float | int | str, ...]:
         """The budgets of the compressed cells: ``budget`` alone when given, else the ``budgets`` sweep."""
@@ -82,10 +85,6 @@ class RunConfig:
             raise ValueError(f"needle={self.needle!r} is out of range: 0..{len(NEEDLES) - 1}")
         if self.prompt_file is not None:
             read_prompt_file(self.prompt_file)
-        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
-                                               or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk={self.prefill_chunk!r} is out of range: must be an integer >= 1 "
-                             "(or None: one-pass prefill)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
 
@@ -264,15 +263,7 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available on this machine")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    # fail on bad names before loading anything
-    from .registry import make_allocation, make_channel, make_crosslayer, make_policy
-
-    make_policy(cfg.method, **cfg.method_params)
-    make_allocation(cfg.allocation, **cfg.allocation_params)
-    if cfg.channel is not None:
-        make_channel(cfg.channel, **cfg.channel_params)
-    if cfg.crosslayer is not None:
-        make_crosslayer(cfg.crosslayer, **cfg.crosslayer_params)
+    cfg.cache.validate()  # fail on bad names and parameters before loading anything
 
     t_load = time.perf_counter()
     model, tokenizer = loaded if loaded is not None else load_model(cfg.model, device=device, dtype=dtype)
@@ -300,12 +291,6 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
         )
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
-    def compressed(budget: float | int | str) -> Any:
-        return make_cache(model, cfg.method, budget, cfg.allocation,
-                          method_params=cfg.method_params, allocation_params=cfg.allocation_params,
-                          channel=cfg.channel, channel_params=cfg.channel_params,
-                          crosslayer=cfg.crosslayer, crosslayer_params=cfg.crosslayer_params)
-
     def column(cache: Any, nbytes: Callable[[Any], int], desc: str, chunk: int | None) -> dict[str, Any]:
         res = measure(model, prompt, reference, cache, nbytes, cfg.max_new_tokens, eos, device, progress, desc,
                       chunk)
@@ -316,10 +301,10 @@ def run(cfg: RunConfig, progress: bool = True, loaded: tuple[Any, Any] | None = 
     full = column(DynamicCache(config=model.config), dynamic_cache_nbytes, "prefill (full cache)",
                   None)  # the full cache prefills in one pass
     cells = []
-    for budget in cfg.cell_budgets():
-        cache = compressed(budget)
-        res = {"budget": budget, **column(cache, lambda c: c.nbytes(), f"prefill ({cfg.method} {budget})",
-                                         cfg.prefill_chunk)}
+    for spec in cfg.cell_specs():
+        cache = make_cache(model, spec)
+        res = {"budget": spec.budget, "cache": spec.to_text(),
+               **column(cache, lambda c: c.nbytes(), f"prefill ({spec.label()})", spec.prefill_chunk)}
         res["plan"] = cache.plan.as_dict()
         res["layer_bytes"] = cache.layer_nbytes()
         res["layer_tokens"] = cache.physical_lengths()
@@ -361,23 +346,25 @@ def settings_line(cfg: dict[str, Any]) -> str:
     def one(kind: str, name: str | None, params: dict[str, Any]) -> str:
         return f"{kind} none" if name is None else f"{kind} {name}{_params_text(params)}"
 
-    prefill = cfg.get("prefill_chunk")
-    return "; ".join([one("channel", cfg.get("channel"), cfg.get("channel_params") or {}),
-                      one("cross-layer", cfg.get("crosslayer"), cfg.get("crosslayer_params") or {}),
+    spec = cfg.get("cache", cfg)
+    prefill = spec.get("prefill_chunk")
+    return "; ".join([one("channel", spec.get("channel"), spec.get("channel_params") or {}),
+                      one("cross-layer", spec.get("crosslayer"), spec.get("crosslayer_params") or {}),
                       f"prefill in chunks of {prefill} tokens" if prefill else "one-pass prefill"])
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The table ``squeezekv run`` prints: one row for the full cache and one per compressed budget."""
     cfg, full, cells = report["config"], report["full"], report["compressed"]
+    spec = cfg["cache"]
     needle = report["needle"]
     prompt = (f"prompt {report['prompt_tokens']} tokens" + (
         f" with a hidden fact at {100 * cfg['depth']:.0f}% depth (key {needle['key']!r})" if needle else ""))
     lines = [
         f"model {report['model']['type']} ({report['model']['layers']} layers) on {cfg['device']}, {cfg['dtype']}; "
         f"{prompt}",
-        f"method {cfg['method']}{_params_text(cfg.get('method_params'))}, allocation {cfg['allocation']}"
-        f"{_params_text(cfg.get('allocation_params'))}",
+        f"method {spec['method']}{_params_text(spec.get('method_params'))}, allocation {spec['allocation']}"
+        f"{_params_text(spec.get('allocation_params'))}",
         settings_line(cfg),
         "",
     ]
@@ -395,16 +382,16 @@ def format_report(report: dict[str, Any]) -> str:
 
     rows = [row("full cache", full, str(report["prompt_tokens"]), "100%")]
     for c in cells:
-        rows.append(row(f"{cfg['method']} {c['budget']}", c, str(c["plan"]["base"]),
+        rows.append(row(f"{spec['method']} {c['budget']}", c, str(c["plan"]["base"]),
                         f"{100 * c['summary']['memory_ratio_after_prefill']:.1f}%"))
     lines += _table(header, rows)
     lines += ["", "answers:", f"  full cache: {full['answer']!r}"]
-    lines += [f"  {cfg['method']} {c['budget']}: {c['answer']!r}" for c in cells]
+    lines += [f"  {spec['method']} {c['budget']}: {c['answer']!r}" for c in cells]
     shown = cells[-1]
     plan = shown["plan"]
     lines += [
         "",
-        f"per-layer plan of {cfg['method']} {shown['budget']} ({plan['allocation']}): total {plan['total']} tokens, "
+        f"per-layer plan of {spec['method']} {shown['budget']} ({plan['allocation']}): total {plan['total']} tokens, "
         f"{plan['base']} per layer on average:",
         f"  {plan['budgets']}",
     ]

@@ -90,6 +90,10 @@ class CacheSpec:
         for part in ("channel", "crosslayer"):
             if getattr(self, part) in ("", "none"):
                 object.__setattr__(self, part, None)
+        for part in ("channel", "crosslayer"):
+            if getattr(self, f"{part}_params") and getattr(self, part) is None:
+                raise ValueError(f"{part}_params {getattr(self, f'{part}_params')} given without a {part} method: "
+                                 f"name one ({part}=NAME)")
         object.__setattr__(self, "budget", _budget_value(self.budget))
         if isinstance(self.evict_every, bool) or not isinstance(self.evict_every, int) or self.evict_every < 1:
             raise ValueError(f"evict_every={self.evict_every!r} is out of range: an integer >= 1")

@@ -22,6 +22,7 @@ from ..plan import Budget
 from ..registry import make_allocation, make_channel, make_crosslayer, make_policy, policy_names
 from .ruler import string_match
 from .scoring import contains_key, exact_match, first_answer_line, token_f1
+from ..spec import CacheSpec
 from .tasks import Example, TaskOptions, parse_tasks
 
 FULL = "full"
@@ -173,6 +174,22 @@ class GridConfig:
                             out.append(Cell(m, a, float(b), c, x))
         return out
 
+    def spec(self, cell: Cell) -> CacheSpec | None:
+        """The :class:`CacheSpec` of a compressed cell (None for the full cache): what its records save and what
+        builds its caches."""
+        if cell.method == FULL:
+            return None
+        allocation = "uniform" if cell.allocation == "-" else cell.allocation
+        extra = {}
+        for kind, name, params in (("channel", cell.channel, self.channel_params),
+                                   ("crosslayer", cell.crosslayer, self.crosslayer_params)):
+            if name != "none":
+                extra[kind], extra[f"{kind}_params"] = self.registered(name), params.get(name, {})
+        return CacheSpec(method=cell.method, budget=cell.budget, allocation=allocation,
+                         method_params=self.method_params.get(cell.method, {}),
+                         allocation_params=self.allocation_params.get(allocation, {}),
+                         prefill_chunk=self.prefill_chunk, **extra)
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["fingerprint"] = self.fingerprint()
@@ -260,19 +277,10 @@ def _factory(model: Any, cell: Cell, cfg: GridConfig):
 
     from .. import dynamic_cache_nbytes, make_cache
 
-    if cell.method == FULL:
+    spec = cfg.spec(cell)
+    if spec is None:
         return (lambda: DynamicCache(config=model.config)), dynamic_cache_nbytes
-    def _extra(name: str, params: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
-        return (None, {}) if name == "none" else (cfg.registered(name), params.get(name, {}))
-
-    channel, channel_params = _extra(cell.channel, cfg.channel_params)
-    crosslayer, crosslayer_params = _extra(cell.crosslayer, cfg.crosslayer_params)
-    allocation = "uniform" if cell.allocation == "-" else cell.allocation
-    return (lambda: make_cache(model, cell.method, cell.budget, allocation,
-                               method_params=cfg.method_params.get(cell.method, {}),
-                               allocation_params=cfg.allocation_params.get(allocation, {}),
-                               channel=channel, channel_params=channel_params,
-                               crosslayer=crosslayer, crosslayer_params=crosslayer_params),
+    return (lambda: make_cache(model, spec),
             lambda c: c.nbytes())
 
 
@@ -410,7 +418,8 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                            "crosslayer_params": cfg.crosslayer_params.get(cell.crosslayer, {}),
                            "allocation_params": cfg.allocation_params.get(cell.allocation, {}),
                            "device": cfg.device, "dtype": str(next(model.parameters()).dtype),
-                           "prefill_chunk": None if cell.method == FULL else cfg.prefill_chunk},
+                           "prefill_chunk": None if cell.method == FULL else cfg.prefill_chunk,
+                           "cache": None if cfg.spec(cell) is None else cfg.spec(cell).to_dict()},
                 "versions": vers,
             }
             fh.write(json.dumps(rec) + "\n")

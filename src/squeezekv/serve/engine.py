@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..runner import cache_kwargs
+from ..spec import CacheSpec
 from ..store import KVStore, LayerwiseLoad, capture, shift_positions
 from .detok import StreamText
 from .metrics import Metrics
@@ -74,20 +75,22 @@ class RequestRejected(Exception):
 
 @dataclass
 class EngineConfig:
-    """What the engine runs: ``method`` None = the full cache, else a squeezekv method with ``budget`` etc."""
+    """What the engine runs: ``cache`` None = the full cache, else the compressed cache a
+    :class:`~squeezekv.spec.CacheSpec` (or its text form) describes — eviction, allocation, channel and cross-layer
+    methods alike."""
 
     model_name: str = "squeezekv"
-    method: str | None = None
-    budget: float | int | str = 0.5
-    allocation: str = "uniform"
-    method_params: dict[str, Any] = field(default_factory=dict)
-    allocation_params: dict[str, Any] = field(default_factory=dict)
+    cache: CacheSpec | None = None
     device: str = "cpu"
     max_active: int = 8
     max_queue: int = 256
     max_new_tokens: int = 512
     truncation: str = "error"
     batch_decode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cache is not None and not isinstance(self.cache, CacheSpec):
+            self.cache = CacheSpec.of(self.cache)
 
     def validate(self) -> None:
         for name in ("max_active", "max_queue", "max_new_tokens"):
@@ -96,7 +99,7 @@ class EngineConfig:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
         if self.truncation not in ("error", "rerotate"):
             raise ValueError(f"truncation={self.truncation!r} is not supported: 'error' or 'rerotate'")
-        if self.truncation == "rerotate" and self.method is not None:
+        if self.truncation == "rerotate" and self.cache is not None:
             raise ValueError("truncation='rerotate' needs the full cache: compressed caches cannot be re-rotated")
 
 
@@ -154,14 +157,12 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="squeezekv-engine", daemon=True)
-        if config.method is not None:
-            from .. import make_cache, registry
+        if config.cache is not None:
+            from .. import make_cache
 
-            registry.make_policy(config.method, **config.method_params)  # fail early on bad names
-            registry.make_allocation(config.allocation, **config.allocation_params)
-            self._make_cache = lambda: make_cache(model, config.method, config.budget, config.allocation,
-                                                  method_params=config.method_params,
-                                                  allocation_params=config.allocation_params)
+            config.cache.validate()  # fail early on bad names and parameters
+            spec = config.cache
+            self._make_cache = lambda: make_cache(model, spec)
         else:
             self._make_cache = lambda: DynamicCache(config=model.config)
 
@@ -186,7 +187,7 @@ class Engine:
         The full cache runs any prompt: ``(1, "")``."""
         if self._thread.is_alive():
             raise ValueError("shortest_prompt runs the model: call it before start()")
-        if self.config.method is None:
+        if self.config.cache is None:
             return 1, ""
         token = next(iter(self.eos), 0)
         error, n = "", 1
@@ -340,7 +341,14 @@ class Engine:
         self.metrics.inc("batched_decode_rows", len(items))
 
     def _forward(self, req: GenRequest, tokens: list[int]) -> None:
-        ids = torch.tensor([tokens], device=self.device)
+        ids = torch.tensor([tokens], device=self.device)  # [1, n]
+        spec = self.config.cache
+        if spec is not None and spec.prefill_chunk is not None and not req.fed and len(tokens) > 1:
+            from ..prefill import chunked_prefill  # the spec's chunked prefill of a fresh prompt
+
+            req.logits = chunked_prefill(self.model, ids, req.cache, spec.prefill_chunk)[0].float()  # [vocab]
+            req.fed.extend(tokens)
+            return
         out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, req.cache))
         req.logits = out.logits[0, -1].float()  # [vocab]
         req.fed.extend(tokens)
@@ -372,11 +380,11 @@ class Engine:
                 req.cache = self._make_cache()
                 self._forward(req, prompt)
             except ValueError as err:
-                if self.config.method is None:
+                if self.config.cache is None:
                     raise
                 # the compressed cache cannot be built for this prompt (e.g. a budget below the policy's minimum)
                 raise RequestRejected(
-                    f"this server's cache (--method {self.config.method} --budget {self.config.budget}) cannot run "
+                    f"this server's cache ({self.config.cache.to_text()}) cannot run "
                     f"this prompt of {len(prompt)} tokens: {err}", 400, "prompt_unsupported_by_cache",
                     "prompt") from None
         self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..registry import allocation_names, policy_names
+from ..spec import CacheSpec
+from .cache_args import HelpFormatter, add_cache_arguments, cache_spec, given
 from ..store import DiskTier, FolderInUse, KVStore, MemoryTier, Tier, namespace, parse_bytes
 
 #: environment variable with API keys, comma-separated
@@ -24,15 +25,11 @@ def add_arguments(p: Any) -> None:
         "reused by any later prompt that shares the prefix (CachedAttention, arXiv 2403.19708). Needs the 'serve' "
         "extra: pip install -e '.[serve]'."
     )
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = HelpFormatter
     p.add_argument("--model", default="default", help="local checkpoint folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder's name)")
-    p.add_argument("--method", default=None, choices=policy_names(),
-                   help="compress each conversation's cache with this policy (default: full cache)")
-    p.add_argument("--budget", default="0.5", help="per-layer budget: fraction of the prompt or token count")
-    p.add_argument("--allocation", default="uniform", choices=allocation_names())
-    p.add_argument("--method-param", action="append", metavar="NAME=VALUE")
-    p.add_argument("--allocation-param", action="append", metavar="NAME=VALUE")
+    add_cache_arguments(p, defaults_note=". Without any cache argument each conversation keeps the full cache; "
+                        "with --channel/--crosslayer alone nothing is evicted (method none, budget 1.0)")
     p.add_argument("--gpu-cache", default="8GiB", help="GPU tier capacity (used when --device is CUDA)")
     p.add_argument("--cpu-cache", default="32GiB", help="host-memory tier capacity")
     p.add_argument("--disk-cache", default=None, metavar="DIR:SIZE", help="disk tier, e.g. /var/kv:200GiB")
@@ -162,7 +159,18 @@ def serve_forever(config: Any) -> None:
     _server_class()(config).run()
 
 
-def run(args: argparse.Namespace, params: Any) -> int:
+def server_cache_spec(args: argparse.Namespace) -> CacheSpec | None:
+    """The conversations' cache: None (the full cache) without any cache argument; with only a channel or cross-layer
+    method, that method over every token (method ``none``, budget 1.0); else the spec of ``--cache`` and the flags."""
+    fields = given(args)
+    if not fields - {"evict_every", "prefill_chunk"}:
+        return None
+    base = None if fields & {"method", "budget", "allocation", "method_params", "allocation_params"} else \
+        CacheSpec(method="none", budget=1.0)
+    return cache_spec(args, base=base)
+
+
+def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: F401 - only to report a missing extra before loading the model
     except ImportError:
@@ -171,14 +179,14 @@ def run(args: argparse.Namespace, params: Any) -> int:
     import torch
 
     from ..assets import load_model, resolve_model
-    from ..plan import Budget
-    from . import Engine, EngineConfig, create_app
+    from ..serve import Engine, EngineConfig, create_app
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    Budget.parse(args.budget)
-    method_params, allocation_params = params(args.method_param), params(args.allocation_param)
+    spec = server_cache_spec(args)
+    if spec is not None:
+        spec.validate()  # bad names and parameters fail before the model loads
     keys = api_keys(args.api_key, args.api_key_file)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"squeezekv serve: warning: listening on {args.host} without --api-key: anyone who can reach it can "
@@ -187,25 +195,24 @@ def run(args: argparse.Namespace, params: Any) -> int:
     path = resolve_model(args.model)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     name = args.served_model_name or Path(path).name
-    config = EngineConfig(model_name=name, method=args.method, budget=args.budget, allocation=args.allocation,
-                          method_params=method_params, allocation_params=allocation_params, device=device,
+    config = EngineConfig(model_name=name, cache=spec, device=device,
                           max_active=args.max_active, max_queue=args.max_queue, max_new_tokens=args.max_tokens,
                           truncation=args.truncation)
     config.validate()
-    root = namespace(model=str(path), dtype=str(next(model.parameters()).dtype), method=args.method,
-                     budget=args.budget, allocation=args.allocation, method_params=method_params,
-                     allocation_params=allocation_params)
+    root = namespace(model=str(path), dtype=str(next(model.parameters()).dtype),
+                     cache=None if spec is None else spec.to_text())
     store = KVStore(tiers, root, block=args.block)
     engine = Engine(model, tokenizer, store, config)
     shortest, why = engine.shortest_prompt()
     if shortest is None:
-        print(f"squeezekv serve: warning: --method {args.method} --budget {args.budget} cannot prefill any prompt "
+        print(f"squeezekv serve: warning: the cache {spec.to_text()!r} cannot prefill any prompt "
               f"up to 4096 tokens ({why}); such requests are answered HTTP 400", file=sys.stderr)
     elif shortest > 1:
-        print(f"squeezekv serve: warning: with --method {args.method} --budget {args.budget}, prompts shorter "
+        print(f"squeezekv serve: warning: with the cache {spec.to_text()!r}, prompts shorter "
               f"than about {shortest} tokens are answered HTTP 400 ({why})", file=sys.stderr)
     engine.start()
-    print(f"squeezekv serve: {name} on {device}, tiers "
+    print(f"squeezekv serve: {name} on {device}, cache " + ("full" if spec is None else repr(spec.to_text()))
+          + ", tiers "
           + ", ".join(f"{t.name} {t.capacity / 2**30:.1f} GiB" for t in tiers)
           + f", cache scope {args.cache_scope}, " + (f"{len(keys)} API key(s)" if keys else "no API key"),
           file=sys.stderr)
@@ -216,4 +223,4 @@ def run(args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "build_tiers", "run", "api_keys", "uvicorn_config", "serve_forever", "KEYS_ENV"]
+__all__ = ["add_arguments", "build_tiers", "main", "server_cache_spec", "api_keys", "uvicorn_config", "serve_forever", "KEYS_ENV"]

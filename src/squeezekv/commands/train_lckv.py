@@ -10,7 +10,7 @@ import sys
 import typing
 from typing import Any
 
-from .train import TrainConfig
+from ..crosslayer.lckv.train import TrainConfig
 
 
 def _flag_type(tp: Any) -> Any:
@@ -49,18 +49,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
     if args.prepare_only:
-        from .data import prepare_shards
+        from ..crosslayer.lckv.data import prepare_shards
 
         info = prepare_shards(cfg.data_dir, cfg.sources, cfg.tokenizer, max_chars=cfg.max_chars,
                               progress=not args.no_progress)
         print(json.dumps({"data_dir": str(info.path), "train_tokens": info.train_tokens,
                           "val_tokens": info.val_tokens, "vocab_size": info.vocab_size}, indent=2))
         return 0
-    from .train import train
+    from ..crosslayer.lckv.train import train
 
     summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
