@@ -94,3 +94,27 @@ def test_eval_cells_are_specs_and_records_save_them():
     assert [cfg.spec(c) for c in cells] == [CacheSpec(method="h2o", budget=0.3, allocation="pyramid", channel="kivi",
                                                       channel_params={"bits": 2}, prefill_chunk=64)]
     assert cfg.spec(cfg.cells()[0]) is None  # the full cache
+
+
+def test_engine_with_a_cache_the_store_cannot_hold_serves_without_reuse(make_model, make_ids):
+    """``serve --crosslayer minicache``: requests are answered; the store refuses the layer type once and the engine
+    turns multi-turn reuse off (saying why) instead of failing or warning on every request."""
+    from squeezekv.serve import Engine, EngineConfig, GenRequest
+    from squeezekv.serve.chartok import CharTokenizer
+    from squeezekv.store import KVStore, MemoryTier, namespace
+
+    model = make_model("llama", layers=4, max_position_embeddings=512)
+    spec = server_cache_spec(_args("serve", "--crosslayer", "minicache"))
+    assert spec == CacheSpec(method="none", budget=1.0, crosslayer="minicache")
+    store = KVStore([MemoryTier("cpu", 1 << 30, "cpu")], namespace(test="minicache"), block=8)
+    engine = Engine(model, CharTokenizer(), store, EngineConfig(cache=spec, max_new_tokens=16)).start()
+    for seed in (1, 2):
+        done = threading.Event()
+        events: list = []
+        req = GenRequest(prompt=make_ids(1, 30, seed=seed)[0].tolist(), max_tokens=4,
+                         emit=lambda ev, e=events, d=done: (e.append(ev), ev["type"] != "delta" and d.set()))
+        engine.submit(req)
+        assert done.wait(60) and events[-1]["type"] == "done", events[-1]
+        assert len(req.generated) == 4
+    engine.shutdown()
+    assert engine.reuse_off is not None and "MiniCache" in engine.reuse_off or "minicache" in engine.reuse_off.lower()

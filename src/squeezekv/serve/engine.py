@@ -157,6 +157,8 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="squeezekv-engine", daemon=True)
+        #: why finished requests are not saved for reuse (None: they are): the store refused the cache's layer type
+        self.reuse_off: str | None = None
         if config.cache is not None:
             from .. import make_cache
 
@@ -434,10 +436,13 @@ class Engine:
     def _finish(self, req: GenRequest, reason: str) -> None:
         self.active.remove(req)
         self.store.dequeue(req.id)
-        if req.cache is not None and req.fed:
+        if req.cache is not None and req.fed and self.reuse_off is None:
             # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
             try:
                 self.store.save_async(capture(req.cache, req.fed), scope=req.scope)
+            except TypeError as err:  # a layer type the store cannot restore exactly: no reuse for this cache
+                self.reuse_off = str(err)
+                log.warning("multi-turn KV reuse is off for this server's cache: %s", err)
             except Exception as err:
                 log.warning("KV store save failed: %s: %s", type(err).__name__, err)
                 self.metrics.inc("store_errors_total")
