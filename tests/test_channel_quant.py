@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import squeezekv
-from squeezekv.attention import _eager, _weight_chunks
+from squeezekv.attention_math import eager, weight_chunks
 from squeezekv.channel import coupled as cq
 from squeezekv.channel import quantized
 from squeezekv.channel.kivi import quantize
@@ -157,11 +157,11 @@ def test_block_attention_equals_attention_over_the_dequantised_cache(channel, q_
             allowed = torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None]
             allowed = allowed[None, None]
         keys, values = layer.attention_keys(), _full_values(layer)
-        ref = _eager(query, keys, values, allowed, 0.25)
+        ref = eager(query, keys, values, allowed, 0.25)
         torch.testing.assert_close(layer.attend(query, None, None, layer.allowed(q_len, None), 0.25), ref,
                                    atol=1e-5, rtol=0)
         got = torch.cat([w for _, _, w in layer.weight_chunks(query, None, layer.allowed(q_len, None), 0.25)], dim=3)
-        want = torch.cat([w for _, _, w in _weight_chunks(query, keys, allowed, 0.25)], dim=3)
+        want = torch.cat([w for _, _, w in weight_chunks(query, keys, allowed, 0.25)], dim=3)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
@@ -366,11 +366,13 @@ def test_group_size_must_divide_the_head_dim(make_model, make_ids):
 
 
 def test_static_decoding_is_refused(make_model, make_ids):
+    from squeezekv.graphs import GraphDecoder
+
     model = make_model("llama")
     cache = squeezekv.make_cache(model, "window", 16, channel="kivi", channel_params=KIVI_SMALL)
     model(make_ids(1, 20), cache=cache)
-    with pytest.raises(ValueError, match="static"):
-        cache.layers[0].enter_static(4, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="static .*channel method 'kivi'"):
+        GraphDecoder(model, cache, chunk=4, use_graph=False)
 
 
 def test_heads_keeping_different_numbers_of_quantised_tokens(make_model, make_ids):

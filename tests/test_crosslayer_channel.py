@@ -174,7 +174,7 @@ def test_long_prompt_recomputes_quantised_weights_in_chunks(monkeypatch, make_mo
         return model(ids[:, 24:], cache=cache).logits
 
     ref = run()
-    monkeypatch.setattr(sa, "_EAGER_BLOCK", 4 * 40)
+    monkeypatch.setattr(sa, "EAGER_BLOCK", 4 * 40)
     torch.testing.assert_close(run(), ref, atol=1e-5, rtol=0)
 
 

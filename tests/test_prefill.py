@@ -126,13 +126,13 @@ def test_chunks_after_eviction_same_in_sdpa_and_eager(method, make_model, make_i
 def test_eager_reference_over_several_query_chunks(make_model, make_ids, monkeypatch):
     """The eager path splits long prompts into query chunks whose weights stop at their last query's key: forcing
     tiny chunks must give the one-chunk result (this failed with a shape error before)."""
-    import squeezekv.attention as attn
+    import squeezekv.attention_math as attn
 
     model = make_model("llama")
     ids = make_ids(1, PROMPT)
     ref_cache = squeezekv.make_cache(model, "h2o", 4096, attn_backend="eager")
     ref = model(input_ids=ids, cache=ref_cache).logits
-    monkeypatch.setattr(attn, "_EAGER_BLOCK", 1)  # one query per chunk
+    monkeypatch.setattr(attn, "EAGER_BLOCK", 1)  # one query per chunk
     cache = squeezekv.make_cache(model, "h2o", 4096, attn_backend="eager")
     out = model(input_ids=ids, cache=cache).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -10,6 +10,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import squeezekv
+import squeezekv.attention_math
 from squeezekv.crosslayer import shared_attention as sa
 from squeezekv.crosslayer.shared_attention import SharedAttention, SharedLayer, SourceLayer, load_spans
 from squeezekv.plan import BudgetPlan
@@ -93,8 +94,8 @@ def test_long_prompt_recomputes_weights_in_chunks(monkeypatch, make_model, make_
     model = make_model("llama")
     ids = make_ids(1, PROMPT)
     ref = run_greedy(model, ids, cache=_cache(model, [[1, 3]]), new_tokens=4)
-    monkeypatch.setattr(sa, "_EAGER_BLOCK", 4 * 2 * PROMPT)
-    monkeypatch.setattr(squeezekv.attention, "_EAGER_BLOCK", 4 * 2 * PROMPT)
+    monkeypatch.setattr(sa, "EAGER_BLOCK", 4 * 2 * PROMPT)
+    monkeypatch.setattr(squeezekv.attention_math, "EAGER_BLOCK", 4 * 2 * PROMPT)
     cache = _cache(model, [[1, 3]])
     out = run_greedy(model, ids, cache=cache, new_tokens=4)
     same_generation(ref, out, atol=1e-5)

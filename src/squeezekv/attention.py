@@ -9,112 +9,25 @@
 * Hooks on the decoder layers measure SqueezeAttention's layer importance during the prefill.
 
 No model class is patched: :func:`attach` switches the model to the ``"squeezekv"`` implementation through
-``set_attn_implementation`` and registers hooks; :func:`detach` undoes both.
+``set_attn_implementation`` and registers hooks; :func:`detach` undoes both. The attention maths (masks, weights,
+eager/SDPA attention) is in :mod:`squeezekv.attention_math`, which the layers use too.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .attention_math import causal, no_empty_rows, sdpa
 from .cache import SqueezeCache, SqueezeLayer
 from .models import arch_spec, decoder_layers
 
 ATTN_NAME = "squeezekv"
-#: largest float32 attention-weight block materialised at once by the eager path (elements)
-_EAGER_BLOCK = 1 << 26
-
-
-def _expand_heads(mask: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """[B, Hkv|1, q, n] -> [B, Hq|1, q, n] (query heads of a group share their KV head's mask)."""
-    b, h, q, n = mask.shape
-    if h == 1:
-        return mask
-    group = num_q_heads // h
-    return mask[:, :, None].expand(b, h, group, q, n).reshape(b, num_q_heads, q, n)
-
-
-def _no_empty_rows(allowed: torch.Tensor) -> torch.Tensor:
-    # A padding query of a left-padded prompt sees only padding: let it see everything instead of producing NaN
-    # (its output is never used, and NaN would leak through 0 * NaN in the value product).
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
-
-
-def _causal(q_len: int, n: int, device: torch.device, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """Rows ``start:end`` of the ``[q, n]`` causal mask where the q new queries are the last q of n contiguous
-    tokens."""
-    end = q_len if end is None else end
-    rows = torch.arange(n - q_len + start, n - q_len + end, device=device)
-    return torch.arange(n, device=device)[None, :] <= rows[:, None]
-
-
-def _weight_chunks(
-    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Softmaxed attention weights, a chunk of queries at a time: ``(start, end, [B, Hkv, G, end - start, m])``.
-
-    query ``[B, Hq, q, D]``, key ``[B, Hkv, n, D]``, allowed ``[B, Hkv|1, q, n]`` or None (causal). In the causal
-    layout a chunk's weights stop at its last query's own key (``m <= n``; the keys after it get no weight). Logits
-    are computed in the inputs' dtype (tensor cores for bf16/fp16), softmax in float32."""
-    b, hq, q_len, d = query.shape
-    hkv, n = key.shape[1], key.shape[2]
-    qg = query.reshape(b, hkv, hq // hkv, q_len, d)  # query heads of one KV head side by side
-    chunk = max(1, _EAGER_BLOCK // max(1, b * hq * n))
-    for start in range(0, q_len, chunk):
-        end = min(q_len, start + chunk)
-        m = n if allowed is not None else n - q_len + end  # keys any query of the chunk may see
-        logits = torch.einsum("bhgqd,bhnd->bhgqn", qg[:, :, :, start:end], key[:, :, :m]).float() * scaling
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed[:, :, None, start:end, :], float("-inf"))
-        elif q_len > 1:
-            logits = logits.masked_fill(~_causal(q_len, n, key.device, start, end)[:, :m], float("-inf"))
-        yield start, end, logits.softmax(dim=-1)
-
-
-def _eager(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """Eager attention in query chunks; weights and products in float32. Returns ``[B, Hq, q, D]``."""
-    b, hq, q_len, d = query.shape
-    vf = value.float()
-    outs = [torch.einsum("bhgqn,bhnd->bhgqd", w, vf[:, :, : w.shape[-1]])
-            for _, _, w in _weight_chunks(query, key, allowed, scaling)]
-    return torch.cat(outs, dim=3).reshape(b, hq, q_len, value.shape[-1]).to(query.dtype)
-
-
-def _sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """SDPA over ``[B, Hq, q, D]`` queries and ``[B, Hkv, n, D]`` keys/values; ``allowed`` ``[B|1, Hkv|1, q, n]``."""
-    b, hq, q_len, d = query.shape
-    hkv, n = key.shape[1], key.shape[2]
-    if allowed is not None and q_len == 1 and hq != hkv:
-        # One decoding query per head with a mask: put the query heads of a KV group on the sequence axis
-        # ([B, Hkv, G, D]) so the mask broadcasts over them and no kernel has to expand K/V to every query head.
-        out = F.scaled_dot_product_attention(
-            query.reshape(b, hkv, hq // hkv, d), key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling
-        )
-        return out.reshape(b, hq, 1, value.shape[-1])
-    gqa = hq != hkv
-    if allowed is None:
-        if q_len == 1:
-            mask, causal = None, False
-        elif q_len == n:
-            mask, causal = None, True
-        else:  # the q queries are the last q of n keys (a chunk after a kept past): flash/efficient kernels apply
-            mask, causal = causal_lower_right(q_len, n), False
-    else:
-        mask, causal = _expand_heads(allowed, hq), False
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=scaling, enable_gqa=gqa
-    )
 
 
 def squeezekv_attention(
@@ -149,22 +62,22 @@ def squeezekv_attention(
         n = key.shape[2]
         allowed = None
         if attention_mask is not None or sliding_window:
-            allowed = _causal(q_len, n, key.device)[None, None]  # [1, 1, q, n]
+            allowed = causal(q_len, n, key.device)[None, None]  # [1, 1, q, n]
             if sliding_window:
                 rel = torch.arange(n, device=key.device)[None, :] - torch.arange(n - q_len, n, device=key.device)[:, None]
                 allowed = allowed & (rel > -sliding_window)
             if attention_mask is not None:
                 allowed = allowed & attention_mask[:, None, None, -n:]
-            allowed = _no_empty_rows(allowed)
+            allowed = no_empty_rows(allowed)
         dropout = dropout if module.training else 0.0
-        out = _sdpa(query, key, value, allowed, scaling, dropout)
+        out = sdpa(query, key, value, allowed, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
 
     layer.set_padding(attention_mask)
     query = layer.attention_query(query)  # identity unless the layer attends in a projected space
     allowed = layer.allowed(q_len, sliding_window)
     if allowed is not None:
-        allowed = _no_empty_rows(allowed)
+        allowed = no_empty_rows(allowed)
     policy = layer.policy
     observe = layer.selects_tokens  # a layer that follows another layer's selection feeds no policy
     if observe and policy.wants_weights(layer, q_len):

@@ -90,13 +90,15 @@ def full_cache(model: Any, batch: int, context: int, device: str = "cuda") -> Dy
     return cache
 
 
-def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context: int, fill: bool) -> Any:
-    """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens``."""
+def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context: int, fill: bool,
+               device: str = "cuda") -> Any:
+    """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens`` (``fill``:
+    random keys/values of the last ``budget_tokens`` positions put in each layer with :meth:`SqueezeLayer.fill`)."""
     cfg = model.config
     kv_heads, head_dim, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     dtype = next(model.parameters()).dtype
     if method == "full":
-        return full_cache(model, batch, context if fill else 0)
+        return full_cache(model, batch, context if fill else 0, device)
     plan = BudgetPlan(budgets=(budget_tokens,) * layers, base=budget_tokens, allocation="uniform")
     # "window:16" = window policy evicting every 16 decode steps; "window:16:graph" = the same, CUDA-graph decoding
     name, _, every = method.partition(":")
@@ -105,15 +107,11 @@ def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context:
     cache = squeezekv.make_cache(model, name, budget_tokens, "uniform", method_params=params, plan=plan,
                                  evict_every=int(every or 1))
     if fill:
+        idx = torch.arange(context - budget_tokens, context, device=device)  # [n]: the prompt's last positions
         for layer in cache.layers:
-            k = torch.randn(batch, kv_heads, budget_tokens, head_dim, device="cuda", dtype=dtype)
-            layer.lazy_initialization(k, k)
-            layer.keys, layer.values = k, torch.randn_like(k)
-            idx = torch.arange(context - budget_tokens, context, device="cuda", dtype=torch.int32)
-            layer.token_idx = idx.expand(batch, kv_heads, budget_tokens).contiguous()
-            if layer.scores is not None:
-                layer.scores = torch.rand(batch, kv_heads, budget_tokens, device="cuda")
-            layer.seen, layer.prefill_done, layer.compressed = context, True, True
+            k = torch.randn(batch, kv_heads, budget_tokens, head_dim, device=device, dtype=dtype)  # [B, H, n, D]
+            scores = torch.rand(batch, kv_heads, budget_tokens, device=device) if cache.policy.uses_scores else None
+            layer.fill(k, torch.randn_like(k), idx, scores, seen=context)
     return cache
 
 

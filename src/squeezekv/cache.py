@@ -10,40 +10,20 @@ squeezekv's attention function (:mod:`squeezekv.attention`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from .attention_math import eager, sdpa, weight_chunks
+from .layer_storage import LayerStorage, allocated_nbytes
 from .plan import Budget, BudgetPlan, cap_budgets, check_layer_budgets, tie_budgets
 
 
-def _allocated(t: torch.Tensor | None) -> int:
-    """Bytes of the storage behind ``t`` (a view of a pre-allocated buffer counts the whole buffer)."""
-    return 0 if t is None else t.untyped_storage().nbytes()
-
-
-def allocated_nbytes(tensors: Iterable[Any], seen: set[tuple[str, int]] | None = None) -> int:
-    """Bytes of the storages behind ``tensors`` (anything not a tensor is skipped), each storage counted once: a view
-    counts the whole buffer it lives in (transformers' sliding layer keeps a ``window - 1`` view of the prompt's
-    tensor), and two views of one buffer count it once. ``seen``: storages already counted (shared across calls to
-    count a whole cache)."""
-    seen = set() if seen is None else seen
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        storage = t.untyped_storage()
-        key = (str(storage.device), storage.data_ptr())
-        if storage.nbytes() == 0 or key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
-
-
-class SqueezeLayer(CacheLayerMixin):
-    """One layer's compressed KV cache.
+class SqueezeLayer(LayerStorage, CacheLayerMixin):
+    """One layer's compressed KV cache: where its tokens are held (:class:`~squeezekv.layer_storage.LayerStorage`:
+    buffers, appends, keeping given positions, bytes) and how the cache's policy and plan are applied to them (this
+    class: when to evict and down to what, which positions a query may see, attention, static decoding).
 
     Tensors (``n`` = positions held, ``H`` = KV heads, ``D`` = head dim):
     ``keys``/``values`` ``[B, H, n, D]`` (rotated keys, as the model caches them), ``token_idx`` ``[B, H, n]`` int32
@@ -57,21 +37,19 @@ class SqueezeLayer(CacheLayerMixin):
     #: the layer picks its kept tokens with the eviction policy (False: it follows another layer's selection, and the
     #: policy never sees its attention)
     selects_tokens = True
-    #: the layer stores keys (False: values only, ``keys`` stays an empty ``[B, H, 0, D]`` tensor, e.g. a layer that
-    #: reuses another layer's attention weights)
-    stores_keys = True
+    #: the layer can be driven in static (fixed-buffer, CUDA-graph) mode by :class:`squeezekv.graphs.GraphDecoder`,
+    #: which refuses a cache holding a layer that cannot (checked there, before any layer moves)
+    supports_static: ClassVar[bool] = True
+    #: :meth:`fill` can put given keys/values in the layer (False: its tokens live in a projected basis or in storage
+    #: it shares with other layers, which given keys/values do not describe)
+    supports_fill: ClassVar[bool] = True
 
     def __init__(self, cache: "SqueezeCache", layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.token_idx: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.seen = 0
-        self.compressed = False  # True once anything was evicted: token_idx is no longer 0..n-1
+        self._clear_storage()
         self.prefill_done = False
-        self._buffers: dict[str, torch.Tensor] = {}  # pre-allocated storage behind keys/values/token_idx/scores
         self.static: StaticState | None = None  # set while a GraphDecoder drives this layer
         #: the layer's sliding window (a query at position p sees the tokens p - window < i <= p), None for full
         #: attention; set by the cache from the model's config
@@ -79,13 +57,7 @@ class SqueezeLayer(CacheLayerMixin):
 
     # -- transformers' layer protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.device = key_states.device
-        self.keys = key_states.new_empty((b, h, 0, d))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
-        self.token_idx = torch.empty((b, h, 0), dtype=torch.int32, device=self.device)
-        if self.cache.policy.uses_scores:
-            self.scores = torch.empty((b, h, 0), dtype=torch.float32, device=self.device)
+        self._allocate(key_states, value_states, with_scores=self.cache.policy.uses_scores)
         self.is_initialized = True
 
     def update(
@@ -96,19 +68,12 @@ class SqueezeLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.static is not None:
             return self._static_update(key_states, value_states, kwargs.get("kwargs"))
-        b, h, q, _ = key_states.shape
+        q = key_states.shape[2]
         if self.seen + q > self.cache.max_context:
             raise ValueError(
                 f"sequence of {self.seen + q} tokens is longer than the model's context of {self.cache.max_context}"
             )
-        new_idx = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device)
-        reserve = self._reserve(q)
-        self._append_kv(key_states, value_states, reserve)
-        self._append("token_idx", new_idx.expand(b, h, q), reserve)
-        if self.scores is not None:
-            self._append("scores", self.scores.new_zeros((b, h, q)), reserve)
-        self.valid = None  # recomputed from the padding mask by the attention function
-        self.seen += q
+        self._append_tokens(key_states, value_states, self._reserve(q))
         # The model hands the same kwargs dict to its attention function: this is how transformers' own paged
         # cache passes per-layer data to attention (see generation/continuous_batching/cache.py).
         model_kwargs = kwargs.get("kwargs")
@@ -151,25 +116,6 @@ class SqueezeLayer(CacheLayerMixin):
             return max(1, self.sliding_window - 1)
         return None
 
-    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, reserve: int) -> None:
-        """Store the new tokens' keys (unless the layer stores values only) and values."""
-        if self.stores_keys:
-            self._append("keys", key_states, reserve)
-        self._append("values", value_states, reserve)
-
-    def _append(self, name: str, new: torch.Tensor, reserve: int) -> None:
-        """Append ``new`` along the sequence dim (2) of tensor ``name``, in place when its buffer has room; else
-        move it to a buffer with ``reserve`` free slots. ``name`` stays a view of its buffer's used prefix."""
-        cur = getattr(self, name)
-        n, q = cur.shape[2], new.shape[2]
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[2] < n + q or buf.data_ptr() != cur.data_ptr():
-            buf = cur.new_empty((*cur.shape[:2], n + q + reserve, *cur.shape[3:]))
-            buf[:, :, :n].copy_(cur)
-            self._buffers[name] = buf
-        buf[:, :, n:n + q].copy_(new)
-        setattr(self, name, buf[:, :, :n + q])
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.physical_length + query_length, 0
 
@@ -181,34 +127,9 @@ class SqueezeLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.token_idx = self.scores = self.valid = None
-        self._buffers = {}
+        self._clear_storage()
         self.is_initialized = False
-        self.seen = 0
-        self.compressed = False
         self.prefill_done = False
-
-    def _tensors(self) -> list[str]:
-        return ["keys", "values", "token_idx", "scores", "valid"]
-
-    def _map(self, fn) -> None:
-        self._buffers = {}
-        for name in self._tensors():
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a compressed squeezekv cache cannot be cropped (evicted tokens are gone)")
@@ -218,17 +139,84 @@ class SqueezeLayer(CacheLayerMixin):
     def policy(self):
         return self.cache.policy
 
-    @property
-    def physical_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+    def fill(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+        *,
+        seen: int | None = None,
+    ) -> None:
+        """Hold the given tokens as if a prompt of ``seen`` tokens had been prefilled and compressed to them; the
+        next forward pass decodes (or prefills a further chunk) from there, evicting per the cache's plan as after a
+        real prefill (the plan is resolved now if the cache can derive it).
 
-    def nbytes(self) -> int:
-        """Bytes allocated for this layer: keys, values and bookkeeping (token indices, scores, padding), with any
-        pre-allocated free slots."""
-        return allocated_nbytes((self.keys, self.values, self.token_idx, self.scores, self.valid))
+        ``keys`` ``[B, H, n, D]`` (rotated, as the model caches them) and ``values`` ``[B, H, n, Dv]``, in the model's
+        dtype, on the model's device. ``positions``: the logical index of each held token, ``[n]`` (the same in every
+        row and head) or ``[B, H, n]``, integers, ascending along ``n``, each in ``0 .. seen - 1`` (default
+        ``0 .. n - 1``: nothing evicted). ``scores`` ``[B, H, n]``: the policy's accumulated scores (copied, since
+        policies update them in place; default zeros), only for a policy that scores. ``seen``: tokens of the prompt
+        (default: the last position + 1). No padding (pass an attention mask for the whole sequence afterwards if the
+        rows are left-padded: padding flags are derived from it). The layer holds exactly the given tokens, even more
+        than its budget (an evicting policy drops the surplus at its next eviction); a layer that stores its tokens
+        quantised quantises the given ones as it would after a prefill.
 
-    def kv_nbytes(self) -> int:
-        return allocated_nbytes((self.keys, self.values))
+        Raises ``ValueError`` for a bad shape, dtype or range, a layer that already holds tokens, a cache whose plan
+        waits for layer importance (SqueezeAttention: give the cache a ``plan``), and ``TypeError`` for a layer class
+        that says ``supports_fill = False`` (low-rank, merged or shared storage)."""
+        if not self.supports_fill:
+            raise TypeError(f"layer {self.layer_idx} ({type(self).__name__}) cannot be filled with given keys/values: "
+                            "its tokens live in a projected basis or in storage shared with other layers")
+        if self.seen:
+            raise ValueError(f"layer {self.layer_idx} already holds {self.seen} tokens: fill a new or reset cache")
+        if self.static is not None:
+            raise ValueError(f"layer {self.layer_idx} is in static (GraphDecoder) mode: close the decoder first")
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+                raise ValueError(f"fill: {name} must be a floating-point tensor [B, H, n, D], got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        b, h, n, _ = keys.shape
+        if values.shape[:3] != keys.shape[:3] or values.dtype != keys.dtype or values.device != keys.device:
+            raise ValueError(f"fill: values {tuple(values.shape)} {values.dtype} must match keys {tuple(keys.shape)} "
+                             f"{keys.dtype} in [B, H, n], dtype and device")
+        if n < 1:
+            raise ValueError("fill: keys hold no token (n = 0): give at least one")
+        if positions is None:
+            positions = torch.arange(n, device=keys.device)
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dtype == torch.bool:
+            raise ValueError(f"fill: positions must be an integer tensor [n] or [B, H, n], got "
+                             f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        if positions.shape not in ((n,), (b, h, n)):
+            raise ValueError(f"fill: positions has shape {tuple(positions.shape)}; allowed: ({n},) or {(b, h, n)}")
+        token_idx = positions.to(device=keys.device, dtype=torch.int32).expand(b, h, n).contiguous()  # [B, H, n]
+        if n > 1 and not bool((token_idx[..., 1:] > token_idx[..., :-1]).all()):
+            raise ValueError("fill: positions must be strictly ascending along n")
+        last = int(token_idx[..., -1].max())
+        seen = last + 1 if seen is None else seen
+        if isinstance(seen, bool) or not isinstance(seen, int) or not n <= seen <= self.cache.max_context:
+            raise ValueError(f"fill: seen={seen!r} is out of range: an integer in {n}..{self.cache.max_context} "
+                             f"(the tokens held .. the model's context)")
+        if int(token_idx.min()) < 0 or last >= seen:
+            raise ValueError(f"fill: positions must lie in 0..{seen - 1} (seen={seen}), got "
+                             f"{int(token_idx.min())}..{last}")
+        if scores is not None:
+            if not self.policy.uses_scores:
+                raise ValueError(f"fill: policy {self.policy.name!r} keeps no scores; pass scores=None")
+            if not isinstance(scores, torch.Tensor) or scores.shape != (b, h, n):
+                raise ValueError(f"fill: scores must be a tensor {(b, h, n)}, got "
+                                 f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if self.cache.plan is None and self.cache.allocation.needs_importance:
+            raise ValueError(f"fill: allocation {self.cache.allocation.name!r} derives the plan from layer importance "
+                             "measured in a prefill: build the cache with a plan (plan=...) to fill it")
+        self.lazy_initialization(keys, values)
+        if self.policy.uses_scores:
+            scores = keys.new_zeros((b, h, n), dtype=torch.float32) if scores is None else \
+                scores.to(device=keys.device, dtype=torch.float32, copy=True)
+        self._set_held(keys, values, token_idx, scores if self.policy.uses_scores else None, seen)
+        self.prefill_done = True
+        self.cache.budget_for(self.layer_idx, seen)  # resolve the plan as a prefill would
+        self.flush()
 
     def set_padding(self, pad2d: torch.Tensor | None) -> None:
         """Derive ``valid`` from the model's 2-D padding mask ``[B, tokens seen]`` (True = real token)."""
@@ -273,39 +261,11 @@ class SqueezeLayer(CacheLayerMixin):
             return
         self.keep(self.policy.select(self, budget))  # [B, H, k]
 
-    def keep(self, idx: torch.Tensor) -> None:
-        """Keep the held positions ``idx`` ``[B, H, k]`` (ascending) of every per-position tensor; the rest is
-        freed."""
-        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
-        if self.stores_keys:
-            self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, d_k)).contiguous()
-        self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, d_v)).contiguous()
-        self.token_idx = self.token_idx.gather(2, idx)
-        if self.scores is not None:
-            self.scores = self.scores.gather(2, idx)
-        if self.valid is not None:
-            self.valid = self.valid.gather(2, idx)
-        self._buffers = {}  # the old storage is released with the views into it
-        self.compressed = True
-
-    def flush(self) -> None:
-        """Move held tokens to their compact storage once eviction is done (extension point: a quantised layer
-        quantises its oldest full-precision tokens); nothing for a plain layer."""
-
-    def value_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """The values of every held position in order, as ``(start, end, values [B, H, end - start, Dv])`` blocks
-        (extension point: a quantised layer dequantises one block at a time); one block for a plain layer."""
-        yield 0, self.values.shape[2], self.values
-
     def attention_query(self, query: torch.Tensor) -> torch.Tensor:
         """The queries ``[B, Hq, q, D]`` in the space this layer's attention keys live in (what :meth:`update`
         returned and :meth:`attention_keys` gives). Extension point: a layer that attends in a projected space
         (low-rank keys) maps the queries there; the policies then score with the attention the model really uses."""
         return query
-
-    def attention_keys(self) -> torch.Tensor:
-        """The keys ``[B, H, n, Dk]`` the current attention computes its logits with (SnapKV scores with them)."""
-        return self.keys
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
@@ -313,20 +273,16 @@ class SqueezeLayer(CacheLayerMixin):
         """Attention of ``query`` ``[B, Hq, q, D]`` over what ``update`` returned (``key``/``value`` ``[B, Hkv, n, D]``)
         under the boolean mask ``allowed`` ``[B|1, Hkv|1, q, n]`` (None: plain causal); returns ``[B, Hq, q, Dv]``.
         Extension point: a layer that stores keys/values differently (shared, low-rank, quantised) overrides it."""
-        from .attention import _eager, _sdpa
-
         if self.cache.attn_backend == "eager":
-            return _eager(query, key, value, allowed, scaling)
-        return _sdpa(query, key, value, allowed, scaling)
+            return eager(query, key, value, allowed, scaling)
+        return sdpa(query, key, value, allowed, scaling)
 
     def weight_chunks(
         self, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None, scaling: float
-    ):
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Softmaxed attention weights of chunks of ``query`` over what ``update`` returned, for policies that observe
-        weights (see :func:`squeezekv.attention._weight_chunks`). Extension point, like :meth:`attend`."""
-        from .attention import _weight_chunks
-
-        return _weight_chunks(query, key, allowed, scaling)
+        weights (see :func:`squeezekv.attention_math.weight_chunks`). Extension point, like :meth:`attend`."""
+        return weight_chunks(query, key, allowed, scaling)
 
     def after_attention(self, q_len: int) -> None:
         """Called by the attention function once the new queries attended: evict if the plan says so."""
@@ -344,27 +300,16 @@ class SqueezeLayer(CacheLayerMixin):
         if budget is not None and self.physical_length >= budget + self.cache.evict_every:
             self.compress(budget)
 
-
     # -- static decoding (CUDA graphs) --------------------------------------------------------------------------
     def enter_static(self, chunk: int, step_t: torch.Tensor, seen_t: torch.Tensor) -> None:
         """Move the held tokens into buffers with ``chunk`` free slots and switch ``update``/``allowed`` to
         fixed-shape tensor ops: step ``k`` of a chunk writes slot ``base + k`` (``step_t`` = k, ``seen_t`` = the new
-        token's logical index, both device tensors the driver advances)."""
+        token's logical index, both device tensors the driver advances). Only for a layer whose class says
+        :attr:`supports_static` (the driver checks)."""
         budget = self.cache.plan[self.layer_idx]
         n = self.physical_length
         capacity = min(max(budget, n), self.cache.max_context) + chunk  # never room for more than the context
-        b, h, _, d = self.keys.shape
-        bufs = {  # zeros, not empty: a masked slot gets weight 0, and 0 * NaN from garbage memory would be NaN
-            "keys": self.keys.new_zeros((b, h, capacity, d)),
-            "values": self.values.new_zeros((b, h, capacity, self.values.shape[-1])),
-            "token_idx": self.token_idx.new_full((b, h, capacity), -1),
-        }
-        if self.scores is not None:
-            bufs["scores"] = self.scores.new_zeros((b, h, capacity))
-        for name, buf in bufs.items():
-            buf[:, :, :n].copy_(getattr(self, name))
-            setattr(self, name, buf)
-        self._buffers = {}
+        self._into_fixed_buffers(capacity)
         self.static = StaticState(
             capacity=capacity, budget=budget, base=n, base_t=torch.tensor([n], device=self.device),
             step_t=step_t, seen_t=seen_t,
@@ -373,13 +318,7 @@ class SqueezeLayer(CacheLayerMixin):
     def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, model_kwargs: Any):
         st = self.static
         slot = st.base_t + st.step_t  # [1] int64
-        b, h = key_states.shape[:2]
-        self.keys.index_copy_(2, slot, key_states)  # key_states: [B, H, 1, D]
-        self.values.index_copy_(2, slot, value_states)
-        self.token_idx.index_copy_(2, slot, st.seen_t.to(torch.int32).view(1, 1, 1).expand(b, h, 1))
-        if self.scores is not None:
-            self.scores.index_fill_(2, slot, 0.0)
-        self.valid = None
+        self._write_slot(slot, key_states, value_states, st.seen_t)  # key_states: [B, H, 1, D]
         if isinstance(model_kwargs, dict):
             model_kwargs["squeezekv_layer"] = self
         return self.keys, self.values
@@ -388,19 +327,11 @@ class SqueezeLayer(CacheLayerMixin):
         """After ``steps`` captured steps: evict down to the budget and compact into the same buffers (their
         addresses must not change under a captured graph)."""
         st = self.static
-        n = st.base + steps
-        bufs = {name: getattr(self, name) for name in ("keys", "values", "token_idx", "scores")}
-        for name, buf in bufs.items():
-            if buf is not None:
-                setattr(self, name, buf[:, :, :n])
+        bufs = self._fixed_buffers()
+        self._use_prefix(bufs, st.base + steps)
         self.static = None
         self.compress(st.budget)
-        k = self.physical_length
-        for name, buf in bufs.items():
-            if buf is not None:
-                buf[:, :, :k].copy_(getattr(self, name))
-                setattr(self, name, buf)
-        self._buffers = {}
+        k = self._compact_into(bufs)
         st.base = k
         st.base_t.fill_(k)
         self.static = st
@@ -408,11 +339,7 @@ class SqueezeLayer(CacheLayerMixin):
     def leave_static(self, steps: int) -> None:
         """Back to the dynamic mode, holding the ``base + steps`` filled slots."""
         st = self.static
-        n = st.base + steps
-        for name in ("keys", "values", "token_idx", "scores"):
-            buf = getattr(self, name)
-            if buf is not None:
-                setattr(self, name, buf[:, :, :n])
+        self._use_prefix(self._fixed_buffers(), st.base + steps)
         self.static = None
 
 

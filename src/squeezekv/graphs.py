@@ -22,6 +22,20 @@ from .cache import SqueezeCache, SqueezeLayer
 from .runner import cache_kwargs
 
 
+def check_static(cache: SqueezeCache) -> None:
+    """Raise ``ValueError`` naming the first layer of ``cache`` whose class cannot be driven in static mode
+    (:attr:`SqueezeLayer.supports_static` False: low-rank, quantised, merged or shared storage) and the channel /
+    cross-layer method that made it. The one place the capability is checked, before any layer moves."""
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, SqueezeLayer) and not layer.supports_static:
+            methods = [f"{kind} method {m.name!r}" for kind, m in
+                       (("channel", cache.channel), ("cross-layer", cache.crosslayer)) if m is not None]
+            raise ValueError(
+                f"static (CUDA-graph) decoding is not supported by layer {i} ({type(layer).__name__}), made by the "
+                f"{' and the '.join(methods) or 'cache'}: decode without GraphDecoder"
+            )
+
+
 class GraphDecoder:
     """Greedy-decoding driver for a prefilled :class:`SqueezeCache` (batch without padding).
 
@@ -36,6 +50,7 @@ class GraphDecoder:
         layers = cache.layers
         if any(not isinstance(layer, SqueezeLayer) for layer in layers):
             raise ValueError("GraphDecoder supports caches whose every layer is managed by squeezekv")
+        check_static(cache)
         if cache.plan is None or any(not layer.prefill_done for layer in layers):
             raise ValueError("prefill the prompt into the cache before decoding with GraphDecoder")
         if any(layer.valid is not None for layer in layers):

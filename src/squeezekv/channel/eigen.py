@@ -203,6 +203,9 @@ class EigenLayer(SqueezeLayer):
     coordinates, see the module docstring), ``values`` ``[B, H, n, r_V]``; ``pos_offset`` ``[B]`` int64 (rope="pre":
     position of a token = its index + the row's offset)."""
 
+    supports_static = False  # the static path writes full-dimension keys/values into the slots
+    supports_fill = False  # given keys/values would have to be projected into the calibrated basis
+
     def __init__(self, cache: "SqueezeCache", layer_idx: int):
         super().__init__(cache, layer_idx)
         self.pos_offset: torch.Tensor | None = None
@@ -244,8 +247,6 @@ class EigenLayer(SqueezeLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states/value_states: [B, H, q, D], keys rotated to their positions by the model
-        if self.static is not None:
-            raise ValueError("eigen does not support the CUDA-graph decoder")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
@@ -305,9 +306,6 @@ class EigenLayer(SqueezeLayer):
     def after_attention(self, q_len: int) -> None:
         self._attn_keys = None  # the rebuilt keys live for one attention call only
         super().after_attention(q_len)
-
-    def enter_static(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError("eigen does not support the CUDA-graph decoder")
 
     def reset(self) -> None:
         super().reset()

@@ -22,6 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..attention_math import sdpa
 from ..eval.data import EVAL_MIN_CHARS  # the evaluation's pages are at least this long; calibration reads shorter
 from .eigen import FORMAT, RotaryTable, model_shape, select_rank, unapply_rope
 
@@ -86,8 +87,6 @@ class _Recorder:
     def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-        from ..attention import _sdpa
-
         i = module.layer_idx
         b, hq, n, d = query.shape
         h = key.shape[1]
@@ -100,7 +99,7 @@ class _Recorder:
         self.grams["value"][i] += self._gram(value)
         if i == 0:
             self.tokens += b * n
-        out = _sdpa(query, key, value, None, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        out = sdpa(query, key, value, None, query.shape[-1] ** -0.5 if scaling is None else scaling)
         return out.transpose(1, 2).contiguous(), None
 
     def result(self) -> dict[str, Any]:

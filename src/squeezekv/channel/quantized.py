@@ -44,7 +44,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ..cache import SqueezeLayer, _allocated
+from .. import attention_math
+from ..attention_math import causal
+from ..cache import SqueezeLayer
+from ..layer_storage import _allocated
 
 #: largest dequantised block (elements of one of K or V) the attention materialises at once
 BLOCK_ELEMS = 1 << 24
@@ -61,6 +64,7 @@ class QuantizedLayer(SqueezeLayer):
 
     token_fields: tuple[str, ...] = ()
     table_fields: tuple[str, ...] = ()
+    supports_static = False  # the static path writes full-precision slots, never quantised ones
 
     def __init__(self, cache: Any, layer_idx: int, residual: int, flush_block: int):
         super().__init__(cache, layer_idx)
@@ -131,10 +135,6 @@ class QuantizedLayer(SqueezeLayer):
             return 0
         want = self.residual + self.flush_block - 1 - self.residual_length - q
         return self._cap_reserve(want, self.residual_length + q, q)
-
-    def enter_static(self, chunk: int, step_t: torch.Tensor, seen_t: torch.Tensor) -> None:
-        raise ValueError(f"static (CUDA-graph) decoding is not supported with the channel method "
-                         f"{self.cache.channel.name!r}: decode without graphs")
 
     # -- quantise / evict ---------------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -216,9 +216,7 @@ class QuantizedLayer(SqueezeLayer):
             return allowed[:, :, None]
         if q_len == 1:
             return None
-        from ..attention import _causal
-
-        return _causal(q_len, self.physical_length, self.keys.device)  # [q, n]: the new queries are the last q
+        return causal(q_len, self.physical_length, self.keys.device)  # [q, n]: the new queries are the last q
 
     def value_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Values of every held position: quantised ones dequantised ``flush_block``-aligned blocks at a time (each
@@ -292,12 +290,10 @@ class QuantizedLayer(SqueezeLayer):
         if self.nq == 0:
             yield from super().weight_chunks(query, self.keys, allowed, scaling)
             return
-        from ..attention import _EAGER_BLOCK
-
         b, hq, q_len, d = query.shape
         h = self.keys.shape[1]
         qg = query.reshape(b, h, hq // h, q_len, d)
-        chunk = max(1, _EAGER_BLOCK // max(1, b * hq * self.physical_length))
+        chunk = max(1, attention_math.EAGER_BLOCK // max(1, b * hq * self.physical_length))
         mask = self._mask(allowed, q_len)
         for start in range(0, q_len, chunk):
             end = min(q_len, start + chunk)

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..cache import SqueezeLayer, _allocated
+from ..cache import SqueezeLayer
+from ..layer_storage import _allocated
 from ..registry import register_crosslayer
 from .base import CrossLayerMethod
 
@@ -303,6 +304,9 @@ class MiniCacheLayer(SqueezeLayer):
     ``valid`` cover merged part + tail. Between ``update`` and ``after_attention`` ``keys``/``values`` are the
     rebuilt full view (so policies and attention see every held token); the view is dropped afterwards."""
 
+    supports_static = False  # the merged part lives in the pair's storage, outside the static slots
+    supports_fill = False  # given keys/values would skip the pair's merge
+
     def __init__(self, cache: "SqueezeCache", layer_idx: int, pair: MiniCachePair, which: int):
         super().__init__(cache, layer_idx)
         self.pair = pair
@@ -407,9 +411,6 @@ class MiniCacheLayer(SqueezeLayer):
         self.prefill_done = True
         if self.which == 1:
             self.pair.step(self.cache, decoding)
-
-    def enter_static(self, chunk: int, step_t: torch.Tensor, seen_t: torch.Tensor) -> None:
-        raise ValueError("minicache layers do not support CUDA-graph decoding (GraphDecoder); decode without it")
 
 
 @register_crosslayer("minicache")

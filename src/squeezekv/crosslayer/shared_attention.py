@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..attention import _EAGER_BLOCK, _weight_chunks
+from ..attention_math import EAGER_BLOCK, weight_chunks
 from ..cache import SqueezeCache, SqueezeLayer
 from ..registry import register_crosslayer
 from .base import CrossLayerMethod
@@ -163,13 +163,13 @@ class SharedWeights:
                  scaling: float):
         b, hq, q_len, _ = query.shape
         self.hq, self.q_len, self.n = hq, q_len, layer.physical_length
-        one_chunk = max(1, _EAGER_BLOCK // max(1, b * hq * self.n)) >= q_len
+        one_chunk = max(1, EAGER_BLOCK // max(1, b * hq * self.n)) >= q_len
         self._chunks = list(layer.weight_chunks(query, key, allowed, scaling)) if one_chunk else None
         # held only to recompute (keeps the source's pre-eviction keys)
         self._args = None if one_chunk else (query, layer.attention_keys(), allowed, scaling)
 
     def chunks(self):
-        return self._chunks if self._chunks is not None else _weight_chunks(*self._args)
+        return self._chunks if self._chunks is not None else weight_chunks(*self._args)
 
     def apply(self, layer: SqueezeLayer, dtype: torch.dtype) -> torch.Tensor:
         """``weights @ values`` of ``layer`` (its :meth:`SqueezeLayer.value_blocks`, ``[B, Hkv, n, Dv]`` in all)
@@ -196,6 +196,9 @@ class SourceLayer(SqueezeLayer):
     the method's layer (:meth:`CrossLayerMethod.layer`): storage, eviction and weights over quantised keys are the
     method's."""
 
+    supports_static = False  # its span's layers need explicit weights, which the static path does not hand on
+    supports_fill = False  # the span's shared layers cannot be filled with the weights they would reuse
+
     def __init__(self, cache: SqueezeCache, layer_idx: int, *args: Any, **kwargs: Any):
         super().__init__(cache, layer_idx, *args, **kwargs)
         self.shared: SharedWeights | None = None
@@ -214,9 +217,6 @@ class SourceLayer(SqueezeLayer):
         self.shared = None
         self.last_keep = None
 
-    def enter_static(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError("shared_attention does not support the CUDA-graph decoder (graph mode)")
-
 
 class SharedLayer(SqueezeLayer):
     """A layer that reuses its source layer's weights: it stores values (``[B, H, n, Dv]``), token indices and the
@@ -226,6 +226,8 @@ class SharedLayer(SqueezeLayer):
 
     selects_tokens = False
     stores_keys = False
+    supports_static = False  # it reuses its source's weights, which the static path does not compute
+    supports_fill = False  # it holds exactly its source's tokens, never given ones
 
     def __init__(self, cache: SqueezeCache, layer_idx: int, *args: Any, source_idx: int, last: bool, **kwargs: Any):
         super().__init__(cache, layer_idx, *args, **kwargs)
@@ -282,6 +284,3 @@ class SharedLayer(SqueezeLayer):
     def reset(self) -> None:
         super().reset()
         self._followed = -1
-
-    def enter_static(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError("shared_attention does not support the CUDA-graph decoder (graph mode)")

@@ -201,8 +201,15 @@ def restore(snapshot: KVSnapshot, model: Any, device: torch.device | str | None 
         saved_type = state.meta.get("layer_type", "SqueezeLayer")
         if expected == "squeeze" and type(layer).__name__ != saved_type:
             raise ValueError(f"layer {i}: snapshot holds a {saved_type}, the rebuilt cache a {type(layer).__name__}")
-        for name, t in state.tensors.items():
-            setattr(layer, name, t.to(device, copy=clone) if clone or t.device != device else t)
+        tensors = {name: t.to(device, copy=clone) if clone or t.device != device else t
+                   for name, t in state.tensors.items()}
+        if type(layer) is SqueezeLayer:  # the public way in (scores are copied: policies update them in place)
+            layer.fill(tensors["keys"], tensors["values"], tensors["token_idx"], tensors.get("scores"),
+                       seen=state.meta["seen"])
+            continue
+        # a KIVI layer (its packed codes, scales/zeros and group ids as they were saved) or a transformers layer
+        for name, t in tensors.items():
+            setattr(layer, name, t)
         for name, v in state.meta.items():
             if name not in ("sliding_window", "layer_type"):
                 setattr(layer, name, v)
