@@ -11,7 +11,7 @@ import pytest
 from transformers import DynamicCache
 
 import squeezekv
-from squeezekv.runner import cache_kwargs
+from squeezekv.generation import cache_kwargs
 from squeezekv.store import (
     LOCK_NAME, DiskTier, KVSnapshot, KVStore, LayerState, LayerwiseLoad, MemoryTier, capture, chain, entry_key,
     from_bytes, namespace, parse_bytes, restore, shift_positions, to_bytes,

@@ -144,7 +144,7 @@ def collect_kv(model: Any, input_ids: torch.Tensor) -> dict[int, tuple[torch.Ten
     time, transformers' own cache): ``{layer: (keys [H, N * L, D], values [H, N * L, Dv])}`` in float32."""
     from transformers import DynamicCache
 
-    from ..runner import cache_kwargs
+    from ..generation import cache_kwargs
 
     device = next(model.parameters()).device
     out: dict[int, list[list[torch.Tensor]]] = {}
