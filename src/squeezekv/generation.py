@@ -10,8 +10,9 @@
 * :func:`continuation_logprobs`: the same continuation in one forward pass after the prefill (the prefix is
   compressed once; the continuation attends to the kept prefix tokens and to itself causally).
 
-``squeezekv run`` (:mod:`squeezekv.runner`), the evaluation grid (:mod:`squeezekv.eval.grid`), the serving engine,
-CUDA-graph decoding (:mod:`squeezekv.graphs`) and calibrations use these; none has a loop of its own.
+``squeezekv run`` (:mod:`squeezekv.runner`) and the evaluation grid (:mod:`squeezekv.eval.grid`) decode and score
+with these loops; the serving engine (iteration-level scheduling, sampling), CUDA-graph decoding
+(:mod:`squeezekv.graphs`, fixed-shape steps) and the calibrations hand their caches over with :func:`cache_kwargs`.
 """
 
 from __future__ import annotations
