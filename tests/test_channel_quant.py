@@ -30,9 +30,7 @@ def _coupled_books(model, bits: int = 1, channels: int = 4) -> dict:
 def _coupled_params(model, tmp_path, bits: int = 1, channels: int = 4, residual: int = 0) -> dict:
     path = tmp_path / f"cq{bits}_{channels}.pt"
     if not path.exists():
-        m = cq.CoupledQuant(bits=bits, channels=channels)
-        m.set_codebooks(_coupled_books(model, bits, channels))
-        m.save(path)
+        cq.save_codebooks(_coupled_books(model, bits, channels), path, bits, channels)  # explicit calibration
     return {"bits": bits, "channels": channels, "residual": residual, "calibration": str(path)}
 
 
@@ -264,8 +262,33 @@ def test_coupled_calibration_file_round_trip_and_mismatch(make_model, tmp_path):
     other = squeezekv.registry.make_channel("coupled", bits=2, channels=2, calibration=params["calibration"])
     with pytest.raises(ValueError, match="bits=1"):
         other.prepare(model)
-    with pytest.raises(ValueError, match="tokenizer"):
-        squeezekv.make_cache(model, "window", 8, channel="coupled", channel_params={"bits": 1, "channels": 4})
+
+
+@pytest.mark.parametrize("params", [{"bits": 1, "channels": 4}, {"bits": 1, "channels": 4, "calibration": None},
+                                    {"bits": 1, "channels": 4, "calibration": "/no/such/cq.pt"}])
+def test_coupled_without_a_calibration_file_raises_and_never_calibrates(make_model, monkeypatch, params):
+    """make_cache never calibrates: no file (or a missing one) is a ValueError naming the parameter and the command
+    that makes the file, with no tokenizer loaded by model name and no k-means run."""
+    import transformers
+
+    model = make_model("llama")
+    calls = []
+
+    def forbidden(name):
+        def record(*a, **k):
+            calls.append(name)
+            raise RuntimeError(f"{name} called")
+        return record
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden("AutoTokenizer.from_pretrained"))
+    for fn in ("kmeans", "learn_codebooks", "collect_kv", "calibration_ids", "calibrate"):
+        monkeypatch.setattr(cq, fn, forbidden(fn))
+    with pytest.raises(ValueError, match=r"calibration.*squeezekv calibrate-cq --out FILE") as err:
+        squeezekv.make_cache(model, "window", 8, channel="coupled", channel_params=params)
+    assert "channel_params={'calibration': FILE}" in str(err.value)
+    if params.get("calibration"):
+        assert params["calibration"] in str(err.value)
+    assert calls == []
 
 
 # -- composition with eviction --------------------------------------------------------------------------------------
@@ -351,7 +374,7 @@ def test_kivi_decodes_with_squeeze_allocation_and_eviction(make_model, make_ids)
 @pytest.mark.parametrize("channel,params", [
     ("kivi", {"bits": 3}), ("kivi", {"bits": 8}), ("kivi", {"group_size": 0}), ("kivi", {"residual": -1}),
     ("kivi", {"nope": 1}), ("coupled", {"bits": 3}), ("coupled", {"bits": 1, "channels": 3}),
-    ("coupled", {"bits": 2, "channels": 8}), ("coupled", {"residual": -2}), ("coupled", {"calib_tokens": 0}),
+    ("coupled", {"bits": 2, "channels": 8}), ("coupled", {"residual": -2}), ("coupled", {"calib_tokens": 4096}),
 ])
 def test_bad_parameters_raise(channel, params):
     with pytest.raises(ValueError):

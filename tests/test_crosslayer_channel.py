@@ -27,9 +27,7 @@ def _coupled_params(model, tmp_path, residual: int = 0) -> dict:
     path = tmp_path / "cq.pt"
     if not path.exists():
         ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(99))
-        m = cq.CoupledQuant(bits=1, channels=4)
-        m.set_codebooks(cq.calibrate(model, ids, 1, 4, iters=10))
-        m.save(path)
+        cq.save_codebooks(cq.calibrate(model, ids, 1, 4, iters=10), path, bits=1, channels=4)
     return {"bits": 1, "channels": 4, "residual": residual, "calibration": str(path)}
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import squeezekv
-from squeezekv.runner import cache_kwargs
+from squeezekv.generation import cache_kwargs
 from squeezekv.serve import Engine, EngineConfig, GenRequest
 from squeezekv.serve.chartok import CharTokenizer
 from squeezekv.store import KVStore, MemoryTier, namespace

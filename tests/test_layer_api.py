@@ -112,7 +112,7 @@ def test_graph_decoder_refuses_layers_without_static_support(name, make_model, m
     settings, layer_idx, cls, method = REFUSED[name]
     model = make_model("llama", layers=4)
     ids = make_ids(1, PROMPT + 1)
-    cache = squeezekv.make_cache(model, "window", 16, **settings(model, tmp_path))
+    cache = squeezekv.make_cache(model, "window", 16, **settings(model, tmp_path), allocation="uniform")
     model(ids[:, :PROMPT], cache=cache)
     with pytest.raises(ValueError) as err:
         GraphDecoder(model, cache, chunk=4, use_graph=False)
@@ -164,7 +164,7 @@ def test_fill_then_decode_equals_prefill_then_decode(method, make_model, make_id
     ids = make_ids(1, PROMPT + NEW)
 
     def cache():
-        return squeezekv.make_cache(model, method, BUDGET, method_params=method_params(method))
+        return squeezekv.make_cache(model, method, BUDGET, method_params=method_params(method), allocation="uniform")
 
     ref = cache()
     model(ids[:, :PROMPT], cache=ref)
@@ -203,11 +203,11 @@ def test_filled_kivi_layer_quantises_as_after_a_prefill(method, make_model, make
     plain cache kept after the same prefill gives the same codes and the same decoding."""
     model = make_model("llama")
     ids = make_ids(1, PROMPT + NEW)
-    plain = squeezekv.make_cache(model, method, 16)
+    plain = squeezekv.make_cache(model, method, 16, allocation="uniform")
     model(ids[:, :PROMPT], cache=plain)
-    ref = squeezekv.make_cache(model, method, 16, channel="kivi", channel_params=KIVI_SMALL)
+    ref = squeezekv.make_cache(model, method, 16, channel="kivi", channel_params=KIVI_SMALL, allocation="uniform")
     model(ids[:, :PROMPT], cache=ref)
-    filled = squeezekv.make_cache(model, method, 16, channel="kivi", channel_params=KIVI_SMALL)
+    filled = squeezekv.make_cache(model, method, 16, channel="kivi", channel_params=KIVI_SMALL, allocation="uniform")
     for layer, (k, v, idx, scores, seen) in zip(filled.layers, _held(plain)):
         layer.fill(k, v, idx, scores, seen=seen)
     for a, b in zip(filled.layers, ref.layers):
@@ -221,10 +221,10 @@ def test_fill_defaults_hold_an_uncompressed_prompt(make_model, make_ids):
     """positions default to 0..n-1 and seen to n: the same as prefilling n tokens that nothing evicted."""
     model = make_model("llama")
     ids = make_ids(1, 12 + NEW)
-    ref = squeezekv.make_cache(model, "window", 64)
+    ref = squeezekv.make_cache(model, "window", 64, allocation="uniform")
     model(ids[:, :12], cache=ref)
     held = _held(ref)
-    filled = squeezekv.make_cache(model, "window", 64)
+    filled = squeezekv.make_cache(model, "window", 64, allocation="uniform")
     for layer, (k, v, *_rest) in zip(filled.layers, held):
         layer.fill(k, v)
     assert not any(l.compressed for l in filled.layers) and filled.get_seq_length() == 12
@@ -234,7 +234,7 @@ def test_fill_defaults_hold_an_uncompressed_prompt(make_model, make_ids):
 def test_fill_refuses_bad_input_by_name(make_model):
     model = make_model("llama", layers=2)
     k = torch.randn(1, 2, 4, 16)
-    layer = squeezekv.make_cache(model, "window", 8).layers[0]
+    layer = squeezekv.make_cache(model, "window", 8, allocation="uniform").layers[0]
     cases = [
         (dict(keys=k[0], values=k[0]), "keys must be a floating-point tensor"),
         (dict(keys=k, values=k[:, :, :3]), "values .* must match keys"),
@@ -253,7 +253,7 @@ def test_fill_refuses_bad_input_by_name(make_model):
         with pytest.raises(ValueError, match=msg):
             layer.fill(**kwargs)
         assert layer.seen == 0
-    h2o = squeezekv.make_cache(model, "h2o", 8).layers[0]
+    h2o = squeezekv.make_cache(model, "h2o", 8, allocation="uniform").layers[0]
     with pytest.raises(ValueError, match=r"scores must be a tensor \(1, 2, 4\)"):
         h2o.fill(k, k, scores=torch.zeros(1, 2, 3))
     layer.fill(k, k)
@@ -264,7 +264,7 @@ def test_fill_refuses_bad_input_by_name(make_model):
 def test_fill_copies_the_scores(make_model):
     model = make_model("llama", layers=2)
     k, scores = torch.randn(1, 2, 4, 16), torch.rand(1, 2, 4)
-    layer = squeezekv.make_cache(model, "h2o", 8).layers[0]
+    layer = squeezekv.make_cache(model, "h2o", 8, allocation="uniform").layers[0]
     layer.fill(k, k, scores=scores)
     assert torch.equal(layer.scores, scores) and layer.scores.data_ptr() != scores.data_ptr()
 
@@ -275,7 +275,7 @@ def test_fill_copies_the_scores(make_model):
 ])
 def test_fill_refuses_layers_with_shared_storage(settings, cls, make_model):
     model = make_model("llama", layers=2)
-    cache = squeezekv.make_cache(model, "window", 8, **settings)
+    cache = squeezekv.make_cache(model, "window", 8, **settings, allocation="uniform")
     k = torch.randn(1, 2, 4, 16)
     with pytest.raises(TypeError, match=f"layer 0 \\({cls}\\) cannot be filled"):
         cache.layers[0].fill(k, k)

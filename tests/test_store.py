@@ -11,7 +11,7 @@ import pytest
 from transformers import DynamicCache
 
 import squeezekv
-from squeezekv.runner import cache_kwargs
+from squeezekv.generation import cache_kwargs
 from squeezekv.store import (
     LOCK_NAME, DiskTier, KVSnapshot, KVStore, LayerState, LayerwiseLoad, MemoryTier, capture, chain, entry_key,
     from_bytes, namespace, parse_bytes, restore, shift_positions, to_bytes,
@@ -415,9 +415,7 @@ def _coupled_params(model, tmp_path):
 
     path = tmp_path / "cq.pt"
     ids = torch.randint(3, 128, (2, 64), generator=torch.Generator().manual_seed(99))
-    m = cq.CoupledQuant(bits=1, channels=4)
-    m.set_codebooks(cq.calibrate(model, ids, 1, 4, iters=5))
-    m.save(path)
+    cq.save_codebooks(cq.calibrate(model, ids, 1, 4, iters=5), path, bits=1, channels=4)
     return {"bits": 1, "channels": 4, "calibration": str(path)}
 
 

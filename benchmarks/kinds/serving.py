@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from squeezekv.runner import cache_kwargs
+from squeezekv.generation import cache_kwargs
 from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
 
 from squeezekv.spec import CacheSpec

@@ -19,7 +19,7 @@ rank's shard of the model):
   plan's details (``tp_importance_max_diff``, 0.0 when the hidden states are exactly replicated);
 * channel methods with per-KV-head tables calibrated on the unsharded model (``coupled`` codebooks, ``eigen`` bases)
   keep the rows of their rank's heads (:meth:`squeezekv.channel.base.ChannelMethod.shard_heads`); ``kivi`` has no
-  tables; ``coupled`` cannot calibrate on a sharded model (give it ``calibration=FILE`` made unsharded);
+  tables; ``coupled`` (which never calibrates inside ``make_cache``) needs ``calibration=FILE`` made unsharded;
 * the cross-layer methods (``minicache``, ``shared_attention``) work per KV head and need nothing;
 * bytes: ``cache.nbytes()`` is this rank's; :func:`total_nbytes` / :func:`nbytes_per_rank` all-reduce / all-gather.
 """

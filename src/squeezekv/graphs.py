@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .cache import SqueezeCache, SqueezeLayer
-from .runner import cache_kwargs
+from .generation import cache_kwargs
 
 
 def check_static(cache: SqueezeCache) -> None:

@@ -1,45 +1,25 @@
 """The main job (``squeezekv run``): one real prompt, full cache vs compressed cache, side by side.
 
-Both runs use the same greedy loop (prefill, then one token per step), so bytes and timings are comparable: KV bytes
-are read from the tensors each cache really holds after the prefill and at the end; quality is the answer of each,
-whether it contains the needle's key fact, and the log-likelihood of a reference continuation (teacher-forced token by
-token after the compressed prompt).
+Both runs use the same loops of :mod:`squeezekv.generation` (prefill, then greedy decoding one token per step), so
+bytes and timings are comparable: KV bytes are read from the tensors each cache really holds after the prefill and at
+the end; quality is the answer of each, whether it contains the needle's key fact, and the log-likelihood of a
+reference continuation (teacher-forced token by token after the compressed prompt). The prompt is built by
+:mod:`squeezekv.eval.tasks` (the needle task's pieces).
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .eval.tasks import NEEDLES, chat_prompt, haystack, insert_needle, read_prompt_file
+from .generation import greedy, prefill, stepwise_logprobs
 from .plan import Budget
 from .spec import CacheSpec
-
-
-@dataclass(frozen=True)
-class Needle:
-    """A fact hidden in a haystack, the question that retrieves it, and the string that proves retrieval."""
-
-    fact: str
-    question: str
-    key: str
-
-
-NEEDLES: tuple[Needle, ...] = (
-    Needle("The special magic number for Lisbon is 7291.", "What is the special magic number for Lisbon?", "7291"),
-    Needle(
-        "The secret ingredient of Grandma Rosa's soup is smoked paprika.",
-        "What is the secret ingredient of Grandma Rosa's soup?",
-        "paprika",
-    ),
-    Needle("The name of the lighthouse keeper's dog is Biscuit.", "What is the name of the lighthouse keeper's dog?",
-           "Biscuit"),
-)
 
 
 @dataclass
@@ -89,64 +69,6 @@ class RunConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported: choose float32, bfloat16 or float16")
 
 
-def read_prompt_file(path: str | Path) -> str:
-    """The text of a ``--prompt-file``; ``ValueError`` naming the problem for a folder, a missing or a binary file."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"prompt file {str(path)!r} is a folder, not a text file")
-    if not p.is_file():
-        raise ValueError(f"prompt file {str(path)!r} does not exist")
-    data = p.read_bytes()
-    if b"\x00" in data:
-        raise ValueError(f"prompt file {str(path)!r} looks binary (a NUL byte at offset {data.index(0)}): give a "
-                         "text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
-                         f"{err.start} is not valid UTF-8): give a text file") from None
-    return text
-
-
-def haystack(tokenizer: Any, n_tokens: int, essays: list[tuple[str, str]]) -> str:
-    """About ``n_tokens`` tokens of essay text, cut at a sentence end."""
-    text = "\n\n".join(body.strip() for _, body in essays)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-    cut = tokenizer.decode(ids)
-    end = cut.rfind(". ")
-    return cut[: end + 1] if end > len(cut) // 2 else cut
-
-
-def insert_needle(text: str, fact: str, depth: float) -> str:
-    """Put ``fact`` at the first sentence boundary after ``depth`` (0 = start, 1 = end) of ``text``."""
-    if depth <= 0:
-        return f"{fact} {text}"
-    pos = int(len(text) * depth)
-    boundary = text.find(". ", pos)
-    if depth >= 1 or boundary < 0:
-        return f"{text} {fact}"
-    return f"{text[: boundary + 1]} {fact}{text[boundary + 1:]}"
-
-
-def chat_prompt(tokenizer: Any, context: str, question: str) -> list[int]:
-    """Token ids of a one-turn chat: the context, then the question (asked after the context)."""
-    content = f"{context}\n\nAnswer the question from the text above.\n{question}"
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(content + "\nAnswer:")["input_ids"]
-
-
-def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """``{"cache": c}`` for transformers versions whose forward takes ``cache``, else ``{"past_key_values": c}``."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
-
-
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -188,15 +110,9 @@ class _LayerProgress:
 def _prefill(
     model: Any, prompt: list[int], cache: Any, device: str, progress: bool, desc: str, prefill_chunk: int | None,
 ) -> torch.Tensor:
-    """Run the prompt through ``model`` into ``cache`` (in chunks of ``prefill_chunk`` tokens when given,
-    compressing after each: :func:`squeezekv.chunked_prefill`); the last position's logits ``[1, vocab]``."""
-    ids = torch.tensor([prompt], device=device)  # [1, prompt]
+    """:func:`squeezekv.generation.prefill` with a per-layer progress bar; the last position's logits ``[1, vocab]``."""
     with _LayerProgress(model, desc, progress):
-        if prefill_chunk is not None:
-            from .prefill import chunked_prefill
-
-            return chunked_prefill(model, ids, cache, prefill_chunk)
-        return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+        return prefill(model, prompt, cache, device, prefill_chunk)  # [1, vocab]
 
 
 @torch.no_grad()
@@ -211,23 +127,13 @@ def measure(
     _sync(device)
     prefill_s = time.perf_counter() - t0
     bytes_prefill = nbytes(cache)
-    scored, step = copy.deepcopy(cache), logits
+    scored = copy.deepcopy(cache)
     loglik = 0.0
-    for i, tok in enumerate(reference):
-        loglik += float(torch.log_softmax(step.float(), dim=-1)[0, tok])
-        if i + 1 < len(reference):
-            step = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True,
-                         **cache_kwargs(model, scored)).logits[:, -1]
+    for lp in stepwise_logprobs(model, scored, logits, reference, device):
+        loglik += lp
     del scored
-    out: list[int] = []
     t1 = time.perf_counter()
-    for _ in range(max_new_tokens):
-        nxt = int(logits.argmax(-1))
-        out.append(nxt)
-        if nxt in eos:
-            break
-        logits = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True,
-                       **cache_kwargs(model, cache)).logits[:, -1]
+    out = greedy(model, cache, logits, max_new_tokens, eos, device, keep_eos=True)
     _sync(device)
     decode_s = time.perf_counter() - t1
     return {

@@ -9,9 +9,9 @@ calibration activations. The paper's "CQ-<c>c<w>b" configurations: ``8c8b`` = 1 
 
 Parameters: ``bits`` per channel (1 or 2), ``channels`` coupled per group (0 = ``8 // bits``: one 8-bit code per
 group, the paper's 8c8b / 4c8b), ``residual`` newest tokens kept in full precision (0 = none; the prompt still
-attends to itself in full precision before it is quantised), ``calibration``: a file the codebooks are saved to and
-loaded from, ``calib_tokens``/``iters``/``seed`` of the calibration, ``kernel``: how a decoding step attends over the
-quantised tokens (``"auto"``: the fused Triton kernel of :mod:`squeezekv.channel.coupled_triton` on CUDA, else the
+attends to itself in full precision before it is quantised), ``calibration``: the codebook file (required by
+:func:`squeezekv.make_cache`; made by ``squeezekv calibrate-cq --out FILE``, or :func:`calibrate` then
+:func:`save_codebooks`), ``kernel``: how a decoding step attends over the quantised tokens (``"auto"``: the fused Triton kernel of :mod:`squeezekv.channel.coupled_triton` on CUDA, else the
 PyTorch reference path, so CPU behaviour never changes; ``"torch"``: always the reference path; ``"triton"``: the
 kernel, ValueError where it cannot run; same semantics as KIVI's ``kernel``).
 
@@ -20,8 +20,9 @@ keys (after rotary embedding, as squeezekv stores them) and values of every laye
 (:func:`kmeans`, k-means++ seeding, Lloyd iterations; plain squared error: the paper's Fisher-information weighting
 of the k-means objective is not implemented). Default calibration text (:func:`calibration_ids`): short pages of the
 Linux kernel documentation, which the evaluation never uses (it reads pages of at least 20,000 characters and the
-essays). ``prepare(model)`` loads the file, or calibrates (and saves it when a path is given);
-``squeezekv calibrate-cq --out FILE`` calibrates the default model from the command line.
+essays). Calibration is explicit, never part of building a cache: ``prepare(model)`` (called by
+:func:`squeezekv.make_cache`) only loads the ``calibration`` file and raises ``ValueError`` without one;
+``squeezekv calibrate-cq --out FILE`` calibrates a model from the command line.
 
 Storage: codes packed into bytes, ``D * bits / 8`` bytes per token per head for keys and again for values; the
 codebooks (``2 * H * (D / c) * 2**(bits*c) * c`` floats per layer) are shared by every sequence and every cache of
@@ -51,6 +52,9 @@ NEAREST_CHUNK = 1024
 #: values of :attr:`CoupledQuant.kernel`
 #: calibration pages are shorter than this (the evaluation's linux-doc pages are at least this long)
 CALIB_MAX_CHARS = EVAL_MIN_CHARS
+#: how to make the file ``channel_params={"calibration": FILE}`` names (quoted by the errors)
+CALIBRATE_HINT = ("make it with `squeezekv calibrate-cq --out FILE`, or squeezekv.channel.coupled.calibrate(...) "
+                  "then save_codebooks(..., FILE)")
 
 
 # -- k-means --------------------------------------------------------------------------------------------------------
@@ -144,7 +148,7 @@ def collect_kv(model: Any, input_ids: torch.Tensor) -> dict[int, tuple[torch.Ten
     time, transformers' own cache): ``{layer: (keys [H, N * L, D], values [H, N * L, Dv])}`` in float32."""
     from transformers import DynamicCache
 
-    from ..runner import cache_kwargs
+    from ..generation import cache_kwargs
 
     device = next(model.parameters()).device
     out: dict[int, list[list[torch.Tensor]]] = {}
@@ -179,11 +183,25 @@ def learn_codebooks(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], bits: int,
 
 def calibrate(model: Any, input_ids: torch.Tensor, bits: int, channels: int, iters: int = 25,
               seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Codebooks of every layer of ``model`` from its keys/values over ``input_ids`` ``[N, L]``."""
+    """Codebooks of every layer of ``model`` from its keys/values over ``input_ids`` ``[N, L]``
+    (:func:`calibration_ids` gives the default calibration text); :func:`save_codebooks` writes them to the file
+    that ``channel_params={"calibration": FILE}`` loads."""
     from ..models import arch_spec
 
+    for name, v in (("iters", iters), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"coupled calibration {name}={v!r} is out of range: must be an integer >= 0")
     arch_spec(model.config)  # an unsupported model: the architecture error, before any calibration work
     return learn_codebooks(collect_kv(model, input_ids), bits, channels, iters, seed)
+
+
+def save_codebooks(books: dict[int, tuple[torch.Tensor, torch.Tensor]], path: str | Path, bits: int,
+                   channels: int = 0) -> None:
+    """Write the codebooks of :func:`calibrate` (made with ``bits`` per channel, ``channels`` coupled; 0 = ``8 //
+    bits``) to ``path``, the file ``channel_params={"calibration": path}`` loads. Shapes are checked first."""
+    method = CoupledQuant(bits=bits, channels=channels)
+    method.set_codebooks(books)
+    method.save(path)
 
 
 # -- the layer ------------------------------------------------------------------------------------------------------
@@ -290,9 +308,6 @@ class CoupledQuant(ChannelMethod):
     channels: int = 0
     residual: int = 0
     calibration: str | None = None
-    calib_tokens: int = 4096
-    iters: int = 25
-    seed: int = 0
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
@@ -301,12 +316,11 @@ class CoupledQuant(ChannelMethod):
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 0:
             raise ValueError(f"coupled channels={self.channels!r} is out of range: an integer >= 1 (0 = 8 // bits)")
         check_width(self.bits * self.coupled, f"coupled bits * channels = {self.bits} * {self.coupled}")
-        for name in ("residual", "iters", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"coupled {name}={v!r} is out of range: must be an integer >= 0")
-        if isinstance(self.calib_tokens, bool) or not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
-            raise ValueError(f"coupled calib_tokens={self.calib_tokens!r} is out of range: must be an integer >= 1")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"coupled residual={self.residual!r} is out of range: must be an integer >= 0")
+        if self.calibration is not None and not isinstance(self.calibration, (str, Path)):
+            raise TypeError(f"coupled calibration={self.calibration!r} must be a file path (str), got "
+                            f"{type(self.calibration).__name__}")
         check_kernel("coupled", self.kernel, "coupled_triton")
         self._books: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._on_device: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -339,8 +353,8 @@ class CoupledQuant(ChannelMethod):
 
     def codebooks_for(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._books is None:
-            raise ValueError("coupled has no codebooks: build the cache with squeezekv.make_cache (which calls "
-                             "prepare(model)), or give calibration=<file>")
+            raise ValueError("coupled has no codebooks: build the cache with squeezekv.make_cache and "
+                             f"channel_params={{'calibration': FILE}} ({CALIBRATE_HINT})")
         if layer_idx not in self._books:
             raise ValueError(f"coupled codebooks cover layers {sorted(self._books)}, not layer {layer_idx}")
         key = (layer_idx, str(device))
@@ -368,26 +382,17 @@ class CoupledQuant(ChannelMethod):
         self.set_codebooks(data["layers"])
 
     def prepare(self, model: Any) -> None:
-        """Load the codebooks from ``calibration`` if that file exists; else calibrate on the default calibration
-        text with the model's tokenizer (and save them when ``calibration`` names a file)."""
+        """Load the codebooks from the ``calibration`` file (unless set already with :meth:`set_codebooks`) and
+        check they cover every layer of ``model``. Never calibrates: without the file, ``ValueError`` naming the
+        parameter and the command that makes it."""
         if self._books is None:
-            if self.calibration and Path(self.calibration).is_file():
-                self.load(self.calibration)
-            else:
-                from transformers import AutoTokenizer
-
-                name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(name)
-                except Exception as err:  # noqa: BLE001 - any failure means: no tokenizer for this model
-                    raise ValueError(
-                        f"coupled needs codebooks: no calibration file given and no tokenizer found for {name!r} "
-                        f"({type(err).__name__}); calibrate with squeezekv.channel.coupled.calibrate() and pass "
-                        "calibration=<file>"
-                    ) from None
-                self.calibrate(model, calibration_ids(tokenizer, self.calib_tokens))
-                if self.calibration:
-                    self.save(self.calibration)
+            if not self.calibration:
+                raise ValueError(f"coupled needs codebooks: give channel_params={{'calibration': FILE}} "
+                                 f"({CALIBRATE_HINT})")
+            if not Path(self.calibration).is_file():
+                raise ValueError(f"coupled calibration={str(self.calibration)!r} is not a file: give "
+                                 f"channel_params={{'calibration': FILE}} ({CALIBRATE_HINT})")
+            self.load(self.calibration)
         layers = model.config.get_text_config().num_hidden_layers
         missing = [i for i in range(layers) if i not in self._books]
         if missing:
@@ -407,8 +412,9 @@ class CoupledQuant(ChannelMethod):
                        for i, (kb, vb) in self._books.items()}
         self._on_device = {}
 
-    def calibrate(self, model: Any, input_ids: torch.Tensor) -> None:
-        self.set_codebooks(calibrate(model, input_ids, self.bits, self.coupled, self.iters, self.seed))
+    def calibrate(self, model: Any, input_ids: torch.Tensor, iters: int = 25, seed: int = 0) -> None:
+        """Learn this method's codebooks on ``model`` over ``input_ids`` ``[N, L]`` (:func:`calibrate`)."""
+        self.set_codebooks(calibrate(model, input_ids, self.bits, self.coupled, iters, seed))
 
     def bytes_per_token(self, head_dim: int, kv_heads: int) -> float:
         """KV bytes of one quantised token in one layer (all KV heads), codebooks not included."""
@@ -437,12 +443,14 @@ def add_arguments(p: Any) -> None:
 def run(args: Any) -> int:
     import time
 
-    method = CoupledQuant(bits=args.bits, channels=args.channels, calib_tokens=args.tokens, iters=args.iters)
+    method = CoupledQuant(bits=args.bits, channels=args.channels)
+    if not isinstance(args.tokens, int) or args.tokens < 1:
+        raise ValueError(f"--tokens={args.tokens!r} is out of range: must be an integer >= 1")
     from ..assets import load_model
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=torch.float32)
     t0 = time.perf_counter()
-    method.calibrate(model, calibration_ids(tokenizer, args.tokens))
+    method.calibrate(model, calibration_ids(tokenizer, args.tokens), iters=args.iters)
     method.save(args.out)
     print(f"saved {args.out}: {len(method._books)} layers, {method.codebook_nbytes() / 2**20:.1f} MiB of codebooks, "
           f"{args.tokens} tokens, {time.perf_counter() - t0:.0f} s")

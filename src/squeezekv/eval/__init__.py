@@ -1,8 +1,9 @@
 """Quality evaluation harness (``squeezekv eval``): tasks from offline data, scoring, a resumable grid over
 method x allocation x budget, and a report (CSV, PNG plots, HTML).
 
-Modules: :mod:`.data` (offline sources), :mod:`.tasks` (examples), :mod:`.scoring` (metrics, bootstrap),
-:mod:`.grid` (the resumable runner), :mod:`.report` (summary, plots, HTML).
+Modules: :mod:`.data` (offline sources), :mod:`.tasks` (examples; the needle prompt ``squeezekv run`` uses too),
+:mod:`.scoring` (metrics, bootstrap), :mod:`.grid` (the resumable runner; its loops are
+:mod:`squeezekv.generation`'s), :mod:`.report` (summary, plots, HTML).
 """
 
 from __future__ import annotations

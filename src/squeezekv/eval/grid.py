@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..generation import continuation_logprobs, greedy, prefill
 from ..plan import Budget
 from ..registry import make_allocation, make_channel, make_crosslayer, make_policy, policy_names
 from .ruler import string_match
@@ -266,12 +267,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    from ..runner import cache_kwargs
-
-    return cache_kwargs(model, cache)
-
-
 def _factory(model: Any, cell: Cell, cfg: GridConfig):
     from transformers import DynamicCache
 
@@ -284,53 +279,27 @@ def _factory(model: Any, cell: Cell, cfg: GridConfig):
             lambda c: c.nbytes())
 
 
-def _prefill(model: Any, prompt: list[int], cache: Any, device: str, chunk: int | None) -> torch.Tensor:
-    """Logits ``[1, vocab]`` of the prompt's last position (a compressed cache prefills in chunks if ``chunk``)."""
-    ids = torch.tensor([prompt], device=device)
-    from ..cache import SqueezeCache
-
-    if chunk is not None and isinstance(cache, SqueezeCache):
-        from ..prefill import chunked_prefill
-
-        return chunked_prefill(model, ids, cache, chunk)
-    return model(input_ids=ids, use_cache=True, **_cache_kwargs(model, cache)).logits[:, -1]
-
-
 @torch.no_grad()
 def generate(model: Any, prompt: list[int], factory: Any, nbytes: Any, max_new_tokens: int, eos: set[int],
              device: str, chunk: int | None = None) -> tuple[list[int], int]:
-    """Greedy answer tokens and the KV bytes held after the prefill."""
+    """Greedy answer tokens (the end-of-sequence token not included) on a fresh cache of ``factory`` and the KV
+    bytes held after the prefill (in chunks of ``chunk`` tokens when given)."""
     cache = factory()
-    logits = _prefill(model, prompt, cache, device, chunk)
+    logits = prefill(model, prompt, cache, device, chunk)  # [1, vocab]
     held = nbytes(cache)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(logits.argmax(-1))
-        if nxt in eos:
-            break
-        out.append(nxt)
-        logits = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True,
-                       **_cache_kwargs(model, cache)).logits[:, -1]
-    return out, held
+    return greedy(model, cache, logits, max_new_tokens, eos, device), held
 
 
 @torch.no_grad()
 def continuation_nll(model: Any, prefix: list[int], continuation: list[int], factory: Any, nbytes: Any,
                      device: str, chunk: int | None = None) -> tuple[float, int]:
     """Mean negative log-likelihood per token of ``continuation`` after the compressed ``prefix`` (the prefix is
-    compressed once after its prefill; the continuation then goes through in one forward pass, attending to the
-    kept prefix tokens and to itself causally), and the KV bytes held after the prefill."""
+    compressed once after its prefill; the continuation then goes through in one forward pass:
+    :func:`squeezekv.generation.continuation_logprobs`), and the KV bytes held after the prefill."""
     cache = factory()
-    first = _prefill(model, prefix, cache, device, chunk)[:, None]
+    logits = prefill(model, prefix, cache, device, chunk)  # [1, vocab]
     held = nbytes(cache)
-    logits = first
-    if len(continuation) > 1:
-        rest = model(input_ids=torch.tensor([continuation[:-1]], device=device), use_cache=True,
-                     **_cache_kwargs(model, cache)).logits
-        logits = torch.cat([first, rest], dim=1)
-    logp = torch.log_softmax(logits.float(), dim=-1)[0]  # [len(continuation), vocab]
-    target = torch.tensor(continuation, device=logp.device)
-    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    nll = -continuation_logprobs(model, cache, logits, continuation, device)  # [len(continuation)]
     return float(nll.mean()), held
 
 
@@ -395,15 +364,16 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
             if bar is not None:
                 bar.set_postfix_str(f"{cell.key} {ex.task}", refresh=False)
             factory, nbytes = _factory(model, cell, cfg)
+            chunk = None if cell.method == FULL else cfg.prefill_chunk  # the full cache prefills in one pass
             t0 = time.perf_counter()
             answer = nll = None
             if ex.kind == "generate":
                 toks, held = generate(model, list(ex.prompt), factory, nbytes, ex.max_new_tokens, eos, cfg.device,
-                                      cfg.prefill_chunk)
+                                      chunk)
                 answer = tokenizer.decode(toks, skip_special_tokens=True).strip()
             else:
                 nll, held = continuation_nll(model, list(ex.prompt), list(ex.continuation), factory, nbytes,
-                                             cfg.device, cfg.prefill_chunk)
+                                             cfg.device, chunk)
             rec = {
                 "cell": cell.key, "method": cell.label, "allocation": cell.allocation, "budget": cell.budget,
                 "policy": cell.method, "channel": cell.channel, "crosslayer": cell.crosslayer,
@@ -418,7 +388,7 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
                            "crosslayer_params": cfg.crosslayer_params.get(cell.crosslayer, {}),
                            "allocation_params": cfg.allocation_params.get(cell.allocation, {}),
                            "device": cfg.device, "dtype": str(next(model.parameters()).dtype),
-                           "prefill_chunk": None if cell.method == FULL else cfg.prefill_chunk,
+                           "prefill_chunk": chunk,
                            "cache": None if cfg.spec(cell) is None else cfg.spec(cell).to_dict()},
                 "versions": vers,
             }
@@ -430,12 +400,12 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
         bar.close()
     if cfg.kvpress_python:
         from ..assets import resolve_model
-        from . import kvpress_side
+        from .kvpress_side import run as run_kvpress
 
         done = {(r["cell"], r["example_id"]) for r in read_records(results)}
         base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": cfg.device,
                            "dtype": "torch.float32"}}
-        kvpress_side.run(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
+        run_kvpress(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
                          tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results,
                          device=cfg.device, full_check=cfg.kvpress_full_check)
     return read_records(results)

@@ -9,19 +9,102 @@
 * ``ruler``: NVIDIA's RULER subtasks (needles, variable tracking, common/frequent words, SQuAD/HotpotQA) at each
   context length, generated offline by :mod:`squeezekv.eval.ruler`; scored by RULER's string match.
 
-Task builders are registered once in :data:`TASKS`; the CLI and the grid read it.
+Task builders are registered once in :data:`TASKS`; the CLI and the grid read it. The needle prompt's pieces
+(:data:`NEEDLES`, :func:`haystack`, :func:`insert_needle`, :func:`chat_prompt`) and :func:`read_prompt_file` are also
+what ``squeezekv run`` builds its prompt from.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from ..runner import NEEDLES, chat_prompt, haystack, insert_needle
 from .data import Sources
 from .ruler import SUBTASKS as RULER_SUBTASKS
 from .ruler import build_ruler_examples, length_label
+
+
+# -- prompts --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Needle:
+    """A fact hidden in a haystack, the question that retrieves it, and the string that proves retrieval."""
+
+    fact: str
+    question: str
+    key: str
+
+
+NEEDLES: tuple[Needle, ...] = (
+    Needle("The special magic number for Lisbon is 7291.", "What is the special magic number for Lisbon?", "7291"),
+    Needle(
+        "The secret ingredient of Grandma Rosa's soup is smoked paprika.",
+        "What is the secret ingredient of Grandma Rosa's soup?",
+        "paprika",
+    ),
+    Needle("The name of the lighthouse keeper's dog is Biscuit.", "What is the name of the lighthouse keeper's dog?",
+           "Biscuit"),
+)
+
+
+def read_prompt_file(path: str | Path) -> str:
+    """The text of a ``--prompt-file``; ``ValueError`` naming the problem for a folder, a missing or a binary file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompt file {str(path)!r} is a folder, not a text file")
+    if not p.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"prompt file {str(path)!r} looks binary (a NUL byte at offset {data.index(0)}): give a "
+                         "text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                         f"{err.start} is not valid UTF-8): give a text file") from None
+    return text
+
+
+def haystack(tokenizer: Any, n_tokens: int, essays: list[tuple[str, str]]) -> str:
+    """About ``n_tokens`` tokens of essay text, cut at a sentence end."""
+    text = "\n\n".join(body.strip() for _, body in essays)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    cut = tokenizer.decode(ids)
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > len(cut) // 2 else cut
+
+
+def insert_needle(text: str, fact: str, depth: float) -> str:
+    """Put ``fact`` at the first sentence boundary after ``depth`` (0 = start, 1 = end) of ``text``."""
+    if depth <= 0:
+        return f"{fact} {text}"
+    pos = int(len(text) * depth)
+    boundary = text.find(". ", pos)
+    if depth >= 1 or boundary < 0:
+        return f"{text} {fact}"
+    return f"{text[: boundary + 1]} {fact}{text[boundary + 1:]}"
+
+
+def _chat(tokenizer: Any, content: str) -> list[int]:
+    """Token ids of a one-turn chat whose user message is ``content`` (the tokenizer's chat template, else
+    ``content`` + ``"\nAnswer:"``)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(content + "\nAnswer:")["input_ids"])
+
+
+def chat_prompt(tokenizer: Any, context: str, question: str) -> list[int]:
+    """Token ids of a one-turn chat: the context, then the question (asked after the context)."""
+    return _chat(tokenizer, f"{context}\n\nAnswer the question from the text above.\n{question}")
+
+
+# -- examples -------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -127,16 +210,6 @@ def qa_content(context: str, question: str, placement: str) -> str:
         return (f"Question: {question}\n\nThe passages below contain the answer.\n\n{context}\n\n"
                 "Answer the question asked before the passages with a short phrase.")
     return f"{context}\n\nAnswer the question from the passages above with a short phrase.\nQuestion: {question}"
-
-
-def _chat(tokenizer: Any, content: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(content + "\nAnswer:")["input_ids"])
 
 
 def build_qa(tokenizer: Any, sources: Sources, opts: TaskOptions) -> list[Example]:

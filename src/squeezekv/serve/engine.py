@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..runner import cache_kwargs
+from ..generation import cache_kwargs
 from ..spec import CacheSpec
 from ..store import KVStore, LayerwiseLoad, capture, shift_positions
 from .detok import StreamText
