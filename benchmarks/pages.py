@@ -154,7 +154,8 @@ SKIP_KEYS = ("records", "examples", "times", "us_runs", "tries", "similarity", "
 VERSION_KEYS = ("torch", "transformers", "squeezekv", "kvpress", "python", "triton")
 GPU_KEYS = ("gpu", "device_name")
 IDENTIFIERS = ("method", "setting", "label")
-RATIO_METRICS = ("tokens_per_s", "ms_per_step", "kv_bytes_start", "kv_bytes_per_seq", "peak_allocated", "prefill_s")
+RATIO_METRICS = ("tokens_per_s", "ms_per_step", "kv_bytes_start", "kv_bytes_per_seq", "peak_allocated", "prefill_s",
+                 "peak_bytes_over_weights", "kv_bytes")
 
 
 def fmt(value: Any) -> str:
@@ -288,6 +289,8 @@ def render_json(data: Any, level: int = 3) -> list[str]:
                     lines += [f"{'#' * level} {key}: {sub}", ""] + render_json(inner, level + 1)
         elif isinstance(value, dict) and value:
             scalars.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+        elif value in ([], {}):
+            continue
         elif _scalar(value) or (isinstance(value, list) and len(value) <= 16 and all(_scalar(v) for v in value)):
             scalars[key] = ", ".join(fmt(v) for v in value) if isinstance(value, list) else value
     if scalars:
