@@ -1,5 +1,5 @@
 """Training text for LCKV (Wu & Tu, ACL 2024, arXiv 2405.10637 train on a fixed token budget; here: offline sources
-only, see docs/DATA.md) tokenised once into compact shards.
+only, see docs/lckv.md) tokenised once into compact shards.
 
 A shard folder holds ``train.bin`` and ``val.bin`` (flat token ids, ``uint16`` when the vocabulary fits, else
 ``uint32``; documents separated by the EOS id) and ``meta.json`` (tokenizer, vocabulary size, dtype, token counts,
