@@ -118,3 +118,17 @@ def test_engine_with_a_cache_the_store_cannot_hold_serves_without_reuse(make_mod
         assert len(req.generated) == 4
     engine.shutdown()
     assert engine.reuse_off is not None and "MiniCache" in engine.reuse_off or "minicache" in engine.reuse_off.lower()
+
+
+def test_bench_caches_are_specs():
+    from squeezekv.bench import BenchCache
+
+    entry = BenchCache.parse({"cache": "method=window evict_every=16", "decoder": "graph"})
+    assert entry.spec == CacheSpec(method="window", evict_every=16) and entry.decoder == "graph"
+    assert entry.name == "method=window evict_every=16 decoder=graph"
+    assert BenchCache.parse("full").spec is None
+    for bad, fragment in (("window:16:graph", "must look like name=value"), ({"cache": "full", "decoder": "graph"},
+                          "decodes eagerly"), ({"cache": "method=h2o", "decoder": "jit"}, "decoder='jit'"),
+                          ({"method": "h2o"}, "must be 'full', a cache spec")):
+        with pytest.raises(ValueError, match=fragment):
+            BenchCache.parse(bad)

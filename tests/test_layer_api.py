@@ -285,7 +285,7 @@ def test_bench_fills_through_the_public_method(make_model):
     """The benchmark's pre-filled cache: each layer holds the last ``budget`` of ``context`` positions, as after a
     compressed prompt, and decodes (evicting back to the budget)."""
     model = make_model("llama")
-    cache = bench.make_cache(model, "h2o", 8, batch=2, context=40, fill=True, device="cpu")
+    cache = bench.make_cache(model, "method=h2o", 8, batch=2, context=40, fill=True, device="cpu")
     squeezekv.attach(model)
     assert cache.get_seq_length() == 40 and cache.physical_lengths() == [8] * 4
     assert all(l.token_idx[0, 0].tolist() == list(range(32, 40)) and l.prefill_done for l in cache.layers)

@@ -24,6 +24,7 @@ import gc
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import squeezekv
 
 from .plan import BudgetPlan
+from .spec import CacheSpec
 
 #: datasheet HBM bandwidth by card (bytes/s), for the roofline fraction
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
@@ -90,22 +92,51 @@ def full_cache(model: Any, batch: int, context: int, device: str = "cuda") -> Dy
     return cache
 
 
-def make_cache(model: Any, method: str, budget_tokens: int, batch: int, context: int, fill: bool,
+@dataclass(frozen=True)
+class BenchCache:
+    """One cache the benchmark measures: ``spec`` None is transformers' full ``DynamicCache``; ``decoder``
+    ``"eager"`` runs the model step by step, ``"graph"`` replays one CUDA graph per chunk (:class:`GraphDecoder`,
+    chunk = the spec's ``evict_every``)."""
+
+    name: str
+    spec: CacheSpec | None
+    decoder: str = "eager"
+
+    @classmethod
+    def parse(cls, entry: Any) -> "BenchCache":
+        """``"full"``, a :class:`CacheSpec` text (``"method=window evict_every=16"``), or ``{"cache": SPEC,
+        "decoder": "graph", "name": ...}``."""
+        if isinstance(entry, str):
+            entry = {"cache": entry}
+        if not isinstance(entry, dict) or "cache" not in entry or set(entry) - {"cache", "decoder", "name"}:
+            raise ValueError(f"benchmark cache {entry!r} must be 'full', a cache spec text, or a dict with keys "
+                             "cache, decoder ('eager' or 'graph'), name")
+        decoder = entry.get("decoder", "eager")
+        if decoder not in ("eager", "graph"):
+            raise ValueError(f"decoder={decoder!r} is not supported: 'eager' or 'graph'")
+        spec = None if entry["cache"] == "full" else CacheSpec.of(entry["cache"]).validate()
+        if spec is None and decoder != "eager":
+            raise ValueError("the full cache decodes eagerly (decoder='eager')")
+        name = entry.get("name") or (entry["cache"] + ("" if decoder == "eager" else " decoder=graph"))
+        return cls(name, spec, decoder)
+
+
+def make_cache(model: Any, entry: BenchCache | str, budget_tokens: int, batch: int, context: int, fill: bool,
                device: str = "cuda") -> Any:
-    """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens`` (``fill``:
-    random keys/values of the last ``budget_tokens`` positions put in each layer with :meth:`SqueezeLayer.fill`)."""
+    """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens`` per layer
+    (uniform; the spec's budget and allocation are replaced; ``fill``: random keys/values of the last
+    ``budget_tokens`` positions put in each layer with :meth:`SqueezeLayer.fill`)."""
+    entry = entry if isinstance(entry, BenchCache) else BenchCache.parse(entry)
     cfg = model.config
     kv_heads, head_dim, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     dtype = next(model.parameters()).dtype
-    if method == "full":
+    if entry.spec is None:
         return full_cache(model, batch, context if fill else 0, device)
     plan = BudgetPlan(budgets=(budget_tokens,) * layers, base=budget_tokens, allocation="uniform")
-    # "window:16" = window policy evicting every 16 decode steps; "window:16:graph" = the same, CUDA-graph decoding
-    name, _, every = method.partition(":")
-    every = every.partition(":")[0]
-    params = {"window": 64} if name == "snapkv" else None
-    cache = squeezekv.make_cache(model, name, budget_tokens, "uniform", method_params=params, plan=plan,
-                                 evict_every=int(every or 1))
+    spec = entry.spec.replace(budget=budget_tokens, allocation="uniform")
+    if spec.method == "snapkv" and "window" not in spec.method_params:
+        spec = spec.replace(method_params={**spec.method_params, "window": 64})
+    cache = squeezekv.make_cache(model, spec, plan=plan)
     if fill:
         idx = torch.arange(context - budget_tokens, context, device=device)  # [n]: the prompt's last positions
         for layer in cache.layers:
@@ -155,7 +186,7 @@ def greedy_decode(model: Any, cache: Any, first: torch.Tensor, steps: int, warmu
 
 
 @torch.no_grad()
-def prefill(model: Any, method: str, context: int, budget: float, reps: int, chunk: int = 0) -> dict[str, Any]:
+def prefill(model: Any, method: BenchCache, context: int, budget: float, reps: int, chunk: int = 0) -> dict[str, Any]:
     """Prefill of one ``context``-token prompt (in chunks of ``chunk`` tokens, compressing after each, if > 0)."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
     base = torch.cuda.memory_allocated()
@@ -175,7 +206,7 @@ def prefill(model: Any, method: str, context: int, budget: float, reps: int, chu
     torch.cuda.reset_peak_memory_stats()
     times = timed(once, reps)
     peak = torch.cuda.max_memory_allocated() - base
-    res = {"method": method, "context": context, "prefill_chunk": chunk, "prefill_s": statistics.median(times),
+    res = {"method": method.name, "context": context, "prefill_chunk": chunk, "prefill_s": statistics.median(times),
            "times": times,
            "peak_bytes_over_weights": peak, "kv_bytes": kv_bytes(holder["cache"])}
     holder.clear()
@@ -184,22 +215,22 @@ def prefill(model: Any, method: str, context: int, budget: float, reps: int, chu
 
 
 @torch.no_grad()
-def decode(model: Any, method: str, batch: int, context: int, budget_tokens: int, steps: int, warmup: int,
+def decode(model: Any, method: BenchCache, batch: int, context: int, budget_tokens: int, steps: int, warmup: int,
            reps: int) -> dict[str, Any]:
     torch.cuda.reset_peak_memory_stats()
     cache = make_cache(model, method, budget_tokens, batch, context, fill=True)
     live = kv_bytes(cache)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
     graph = None
-    if method.endswith(":graph"):
+    if method.decoder == "graph":
         from .graphs import GraphDecoder
 
-        graph = GraphDecoder(model, cache, chunk=int(method.split(":")[1]))
+        graph = GraphDecoder(model, cache, chunk=method.spec.evict_every)
 
     per_step, _ = greedy_decode(model, cache, ids, steps, warmup, reps,
                                 step=None if graph is None else lambda x: graph.step(x).argmax(-1, keepdim=True))
     wbytes = weight_bytes(model)
-    res = {"method": method, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
+    res = {"method": method.name, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
            "roofline_fraction": (wbytes + live) / hbm_bandwidth() / per_step,
            "peak_allocated": torch.cuda.max_memory_allocated()}
@@ -221,14 +252,14 @@ def or_oom(fn: Callable[[], dict[str, Any]], device: str = "cuda", **labels: Any
     return result
 
 
-def fits(model: Any, method: str, batch: int, context: int, budget_tokens: int) -> bool:
-    every = int(method.split(":")[1]) if ":" in method else 1
+def fits(model: Any, method: BenchCache, batch: int, context: int, budget_tokens: int) -> bool:
+    every = 1 if method.spec is None else method.spec.evict_every
     # long enough to reach an eviction: its gather briefly holds a layer twice
     result = or_oom(lambda: decode(model, method, batch, context, budget_tokens, steps=every + 2, warmup=1, reps=1))
     return not result.get("oom")
 
 
-def max_batch(model: Any, method: str, context: int, budget_tokens: int, hi: int) -> int:
+def max_batch(model: Any, method: BenchCache, context: int, budget_tokens: int, hi: int) -> int:
     """Largest batch whose cache and decode step fit: start from the estimate free memory / bytes per sequence,
     then bisect between a batch that fits and one that does not."""
     free()
@@ -257,8 +288,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="", help="comma-separated parts: prefill,decode,maxbatch")
-    ap.add_argument("--methods", default="", help="comma-separated methods, overriding the config's; "
-                    "'window:16' = evict every 16 decode steps")
+    ap.add_argument("--caches", default="", help="semicolon-separated caches overriding the config's: 'full' or a "
+                    "cache spec, e.g. 'full; method=window evict_every=16; method=snapkv'")
     ap.add_argument("--batches", default="", help="comma-separated decode batch sizes, overriding the config's")
     ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
     ap.add_argument("--prefill-chunks", default="",
@@ -285,8 +316,11 @@ def run(args: argparse.Namespace) -> None:
     # eager decoding of growing caches look slower than it is in a warm server. Both sides turn it off.
     torch.backends.cuda.enable_cudnn_sdp(cfg.get("cudnn_sdpa", False))
     parts = set(args.only.split(",")) if args.only else {"prefill", "decode", "maxbatch"}
-    if args.methods:
-        cfg["methods"] = args.methods.split(",")
+    if args.caches:
+        cfg["caches"] = [c.strip() for c in args.caches.split(";") if c.strip()]
+    if "caches" not in cfg:
+        raise ValueError(f"benchmark config {args.config!r} has no 'caches' list ('full' or cache specs)")
+    entries = [BenchCache.parse(c) for c in cfg["caches"]]
     if args.batches:
         cfg["batches"] = [int(b) for b in args.batches.split(",")]
     if args.prefill_contexts:
@@ -308,33 +342,33 @@ def run(args: argparse.Namespace) -> None:
     budget_tokens = int(round(budget * context))
     if "prefill" in parts:
         for ctx in cfg["prefill_contexts"]:
-            for method in cfg["methods"]:
-                if ctx > cfg.get("prefill_max_context", {}).get(method, 1 << 30):
+            for method in entries:
+                if ctx > cfg.get("prefill_max_context", {}).get(method.name, 1 << 30):
                     continue
                 chunks = [0] + ([int(c) for c in args.prefill_chunks.split(",")]
-                                if getattr(args, "prefill_chunks", "") and method != "full" else [])
+                                if getattr(args, "prefill_chunks", "") and method.spec is not None else [])
                 for chunk in chunks:
-                    r = or_oom(lambda: prefill(model, method, ctx, budget, cfg["reps"], chunk), method=method,
+                    r = or_oom(lambda: prefill(model, method, ctx, budget, cfg["reps"], chunk), method=method.name,
                                context=ctx, prefill_chunk=chunk)
                     report["prefill"].append(r)
                     print("prefill", json.dumps({k: v for k, v in r.items() if k != "times"}), flush=True)
                     save()
     if "maxbatch" in parts:
-        for method in cfg["methods"]:
-            report["max_batch"][method] = max_batch(model, method, context, budget_tokens, cfg["max_batch_hi"])
-            print("max_batch", method, report["max_batch"][method], flush=True)
+        for method in entries:
+            report["max_batch"][method.name] = max_batch(model, method, context, budget_tokens, cfg["max_batch_hi"])
+            print("max_batch", method.name, report["max_batch"][method.name], flush=True)
             save()
     if "decode" in parts:
-        for method in cfg["methods"]:
+        for method in entries:
             batches = list(cfg["batches"])
-            mb = report["max_batch"].get(method)
+            mb = report["max_batch"].get(method.name)
             if mb and mb not in batches:
                 batches.append(mb)
             for b in sorted(batches):
                 if mb is not None and b > mb:
                     continue
                 r = or_oom(lambda: decode(model, method, b, context, budget_tokens, cfg["decode_steps"],
-                                          cfg["warmup"], cfg["reps"]), method=method, batch=b)
+                                          cfg["warmup"], cfg["reps"]), method=method.name, batch=b)
                 report["decode"].append(r)
                 print("decode", json.dumps(r), flush=True)
                 save()
