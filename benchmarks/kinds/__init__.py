@@ -41,4 +41,4 @@ def kind(name: str, fields: dict[str, Any], check: Callable[[dict[str, Any], str
     return deco
 
 
-from . import decode, kernels, lckv, quality, serving, eval_grid  # noqa: E402,F401 - registers the kinds
+from . import decode, kernels, lckv, quality, serving, eval_grid, runtime, static  # noqa: E402,F401 - registers the kinds

@@ -1,0 +1,120 @@
+"""The decode runtime (:mod:`squeezekv.runtime`): batched decode steps over a slot pool, one CUDA graph per batch
+bucket, timed like the other decode kinds (the cache of each request filled with random keys/values as right after
+its prompt's compression, then admitted into a slot); and the largest batch its pool holds, decoded at that batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from squeezekv.bench import free, or_oom, timed, weight_bytes
+
+from ..caches import cache_spec, filled_cache, is_full, kv_bytes
+from ..suite import Case
+from . import REQUIRED, kind
+from .decode import TIMING, _cuda, hbm_bandwidth
+
+
+def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: int, new_tokens: int,
+             graph: bool) -> tuple[Any, list[int], int]:
+    from squeezekv.runtime.pool import KVPool
+    from squeezekv.runtime.runtime import DecodeRuntime
+
+    spec = cache_spec(ctx.model, cache).replace(evict_every=chunk)
+    first = filled_cache(ctx.model, spec.to_dict(), 1, context, ctx.device)  # one request, right after its prompt
+    live = kv_bytes(first)
+    pool = KVPool.for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
+    rt = DecodeRuntime(ctx.model, pool, first.policy, chunk, use_graph=graph and _cuda(ctx.device))
+    slots = [rt.join(first) for _ in range(batch)]
+    return rt, slots, live
+
+
+@torch.no_grad()
+def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, steps: int, warmup: int, reps: int,
+                 chunk: int, graph: bool) -> dict[str, Any]:
+    model, device = ctx.model, ctx.device
+    if _cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+    new_tokens = warmup + steps * reps + chunk + 4
+    rt, slots, live_one = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph)
+    ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)  # [B]
+    state = {"ids": ids}
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            state["ids"] = rt.step(slots, state["ids"]).argmax(-1)  # [B]
+
+    run_steps(warmup)
+    times = timed(lambda: run_steps(steps), reps, device)
+    per_step = sorted(times)[len(times) // 2] / steps
+    live = live_one * batch
+    res = {"batch": batch, "context": context, "chunk": chunk, "graph": rt.use_graph, "ms_per_step": 1e3 * per_step,
+           "tokens_per_s": batch / per_step, "times": times, "kv_bytes_start": live,
+           "pool_bytes": rt.pool.nbytes(), "slot_bytes": rt.pool.slot_nbytes()}
+    if _cuda(device):
+        bw = hbm_bandwidth()
+        if bw:
+            res["roofline_fraction"] = (weight_bytes(model) + live) / bw / per_step
+        res["peak_allocated"] = torch.cuda.max_memory_allocated()
+    rt = None
+    free(device)
+    return res
+
+
+def _check(settings: dict[str, Any], where: str) -> None:
+    if is_full(settings["cache"]):
+        raise ValueError(f"{where}: the runtime decodes compressed caches; time the full cache with 'decode' or "
+                         "'static_decode'")
+    if not isinstance(settings["chunk"], int) or settings["chunk"] < 1:
+        raise ValueError(f"{where}: chunk={settings['chunk']!r} is out of range: an integer >= 1")
+
+
+@kind("runtime_decode", {"cache": REQUIRED, "batches": [1, 16, 64], "context": 4096, **TIMING, "chunk": 16,
+                         "graph": True, "baseline": None, "at_max_batch_of": None}, check=_check)
+def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """Decode tokens/s through the runtime at each batch (``at_max_batch_of``: also at the max batch a
+    ``runtime_max_batch`` case found); out-of-memory recorded as ``oom``."""
+    batches = list(case.get("batches"))
+    mb_case = case.get("at_max_batch_of")
+    if mb_case:
+        mb = next((r.get("max_batch") for r in ctx.rows_of(mb_case)), None)
+        if mb and mb not in batches:
+            batches.append(mb)
+    rows = []
+    for b in sorted(batches):
+        r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, case.get("context"), case.get("steps"),
+                                        case.get("warmup"), case.get("reps"), case.get("chunk"), case.get("graph")),
+                   ctx.device, batch=b)
+        rows.append(r)
+        ctx.progress(case, r)
+    return rows
+
+
+@kind("runtime_max_batch", {"cache": REQUIRED, "context": 4096, "chunk": 16, "new_tokens": 64, "probe_steps": 2,
+                            "reserve_gib": 4.0, "graph": True, "baseline": None}, check=_check)
+def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """The largest batch whose pool (slots of ``budget + chunk`` entries, SnapKV ``budget + new_tokens``) and decode
+    step fit: from free memory (less ``reserve_gib`` for activations and graphs) over one slot's bytes, shrunk by
+    1/16 until ``probe_steps`` steps run without running out of memory."""
+    from squeezekv.runtime.pool import KVPool
+
+    ctx_len, chunk = case.get("context"), case.get("chunk")
+    spec = cache_spec(ctx.model, case.get("cache")).replace(evict_every=chunk)
+    probe = filled_cache(ctx.model, spec.to_dict(), 1, ctx_len, ctx.device)
+    slot = KVPool.for_cache(probe, max_seqs=1, max_new_tokens=case.get("new_tokens")).slot_nbytes()
+    probe = None
+    free(ctx.device)
+    avail = torch.cuda.mem_get_info()[0] - int(case.get("reserve_gib") * 2**30) if _cuda(ctx.device) else 64 * slot
+    b = max(1, avail // slot - 1)
+    tries = []
+    while b >= 1:
+        r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, ctx_len, case.get("probe_steps"), 1, 1, chunk,
+                                        case.get("graph")), ctx.device, batch=b)
+        tries.append({"batch": b, "oom": bool(r.get("oom"))})
+        if not r.get("oom"):
+            row = {"max_batch": b, "slot_bytes": slot, "tries": tries}
+            ctx.progress(case, row)
+            return [row]
+        b = b - max(1, b // 16)
+    return [{"max_batch": 0, "slot_bytes": slot, "tries": tries}]
