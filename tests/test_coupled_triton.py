@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import squeezekv
-from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 from squeezekv.channel import coupled as cq
 from squeezekv.channel import kernels
 from squeezekv.channel.kernels import CoupledKernelConfig
 from squeezekv.channel.packing import pack, unpack
 from squeezekv.channel.quantized import QuantizedLayer
+from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 
 PROMPT = 40
 

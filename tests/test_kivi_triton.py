@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import squeezekv
-from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 from squeezekv.channel import kernels
 from squeezekv.channel.kernels import CoupledKernelConfig, KiviKernelConfig
 from squeezekv.channel.packing import pack
 from squeezekv.channel.quantized import QuantizedLayer
+from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 
 PROMPT = 40
 KIVI_SMALL = {"bits": 2, "group_size": 8, "residual": 8}

@@ -6,15 +6,29 @@ from __future__ import annotations
 
 import re
 
-import torch
 import pytest
+import torch
 from transformers import DynamicCache
 
 import squeezekv
 from squeezekv.runner import cache_kwargs
 from squeezekv.store import (
-    LOCK_NAME, DiskTier, KVSnapshot, KVStore, LayerState, LayerwiseLoad, MemoryTier, capture, chain, entry_key,
-    from_bytes, namespace, parse_bytes, restore, shift_positions, to_bytes,
+    LOCK_NAME,
+    DiskTier,
+    KVSnapshot,
+    KVStore,
+    LayerState,
+    LayerwiseLoad,
+    MemoryTier,
+    capture,
+    chain,
+    entry_key,
+    from_bytes,
+    namespace,
+    parse_bytes,
+    restore,
+    shift_positions,
+    to_bytes,
 )
 
 ROOT = namespace(model="tiny", cache="test")
@@ -168,7 +182,8 @@ def test_in_memory_snapshot_keeps_the_scores_of_its_capture(make_model, make_ids
 def test_compressed_entry_is_smaller_and_only_reused_as_a_whole(tmp_path, make_model, make_ids, method_params):
     model = make_model("llama", layers=2)
     ids = make_ids(1, 48, seed=8)[0].tolist()
-    full, comp = DynamicCache(config=model.config), squeezekv.make_cache(model, "snapkv", 12, method_params={"window": 8})
+    full = DynamicCache(config=model.config)
+    comp = squeezekv.make_cache(model, "snapkv", 12, method_params={"window": 8})
     _forward(model, ids[:40], full)
     _forward(model, ids[:40], comp)
     s_full, s_comp = capture(full, ids[:40]), capture(comp, ids[:40])

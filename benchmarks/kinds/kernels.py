@@ -123,7 +123,7 @@ def kivi_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
 @torch.no_grad()
 def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 16, 64), reps: int = 50,
                  configs: tuple[tuple[str, int, int, int], ...] = SWEEP_CONFIGS, bits_list: tuple[int, ...] = (2, 4),
-                 report: Any = print, base: KiviKernelConfig = KiviKernelConfig()
+                 report: Any = print, base: KiviKernelConfig | None = None
                  ) -> list[dict[str, Any]]:
     """The kernels alone on random storage of the model's shape (``context - 128`` quantised tokens, 2 and 4 bits,
     group 32): for each (variant, tokens per block, warps, programs per SM) of ``configs`` (4 bits: the first
@@ -133,6 +133,7 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
     must read (codes, scales, zeros; ``GB_per_s``) per second; ``config_auto`` marks what ``base`` picks."""
     from squeezekv.channel import kivi_triton as kt
 
+    base = KiviKernelConfig() if base is None else base
     h, d, g = cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
     dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
     gs, nq, r = 32, max(32, (context - 128) // 32 * 32), 144
@@ -180,15 +181,16 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
                 r_["ms"], r_["GB_per_s"] = r_.get("ms_state"), r_.get("GB_per_s_state")
                 out.append(r_)
                 report(r_)
-            del kc, vc, ks, kz, vs, vz, rk, rv
+            kc = vc = ks = kz = vs = vz = rk = rv = None  # freed (the timed closures above read them)
             free(device)
     return out
 
 
 #: (tokens per block, warps per program, programs per multiprocessor aimed at by the split count, vector gathers,
 #: pipelining stages; 0: Triton's default) timed by ``cq_sweep``
-CQ_CONFIGS = ((32, 4, 4, 1, 0), (32, 4, 4, 0, 0), (16, 4, 4, 1, 0), (64, 4, 4, 1, 0), (32, 4, 8, 1, 0), (32, 4, 4, 1, 1),
-           (32, 4, 4, 1, 2), (32, 8, 2, 1, 0), (64, 8, 2, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 1, 1))
+CQ_CONFIGS = ((32, 4, 4, 1, 0), (32, 4, 4, 0, 0), (16, 4, 4, 1, 0), (64, 4, 4, 1, 0), (32, 4, 8, 1, 0),
+              (32, 4, 4, 1, 1), (32, 4, 4, 1, 2), (32, 8, 2, 1, 0), (64, 8, 2, 1, 0), (64, 8, 1, 1, 0),
+              (64, 8, 2, 1, 1))
 
 
 def reference_state(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
@@ -252,7 +254,7 @@ def cq_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
         rows.append({"batch": b, "method": "sdpa_bf16", "ms": sdpa, "read_bytes": full_bytes,
                      "GB_per_s": full_bytes / sdpa / 1e6})
         ctx.progress(case, rows[-1])
-        del kf, vf
+        kf = vf = None  # freed (the SDPA closure above reads them)
         for bits in case.get("bits"):
             c = 8 // bits
             k = 1 << (bits * c)
@@ -280,7 +282,7 @@ def cq_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
             row["sdpa_bf16_ms"] = sdpa
             rows.append(row)
             ctx.progress(case, row)
-            del kc, vc
+            kc = vc = None  # freed
         free(dev)
     return rows
 

@@ -17,7 +17,7 @@ from squeezekv.runner import cache_kwargs
 from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
 
 from ..suite import Case
-from . import REQUIRED, kind
+from . import kind
 
 
 def _sync(device: str) -> None:

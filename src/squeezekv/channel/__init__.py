@@ -1,6 +1,8 @@
 """Channel-dimension methods (fewer channels or fewer bits per cached token), one module each; importing this package
 registers them."""
 
+from . import coupled, eigen, kivi  # registers "coupled", "eigen" (Eigen Attention, arXiv 2408.05646) and "kivi"
 from .base import ChannelMethod
-from . import coupled, kivi  # noqa: F401  (registers "coupled" and "kivi")
-from . import eigen  # noqa: F401  (Eigen Attention, arXiv 2408.05646)
+from .kernels import CoupledKernelConfig, KiviKernelConfig
+
+__all__ = ["ChannelMethod", "CoupledKernelConfig", "KiviKernelConfig", "coupled", "eigen", "kivi"]

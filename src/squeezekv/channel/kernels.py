@@ -176,6 +176,7 @@ class FusedKernelChoice:
     method_name: str = ""
     kernel_module_name: str = ""
     kernel: str = "auto"
+    layer_idx: int  # set by the layer class it is mixed into
 
     @abstractmethod
     def _kernel_support(self, kt: Any, device: torch.device, dtype: torch.dtype, d: int) -> str | None:

@@ -48,6 +48,7 @@ from .kernels import FusedKernelChoice, KiviKernelConfig, check_kernel, kernel_c
 from .packing import pack, unpack
 from .quantized import QuantizedLayer
 
+
 def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
                                                                                          torch.Tensor]:
     """Asymmetric round-to-nearest quantisation of ``x`` with one (scale, zero) per slice along ``dim``.

@@ -382,8 +382,9 @@ def _split_kernel_planes(
 def _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, bh, g, b, h,
                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as :func:`squeezekv.channel.triton_common.merge_kernel`), then attend to the
-    r full-precision residual tokens (keys RK / values RV [B, H, r, D], any strides with a unit last stride) with
+    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as
+    :func:`squeezekv.channel.triton_common.merge_kernel`), then attend to the r full-precision residual tokens (keys
+    RK / values RV [B, H, r, D], any strides with a unit last stride) with
     the same online softmax, and store the normalised output in the output's dtype. The split states are loaded
     through L2 only (``.cg``): each is read once."""
     offs_s = tl.arange(0, BLOCK_S)
@@ -448,7 +449,7 @@ def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
                 (bh // H).to(tl.int64), (bh % H).to(tl.int64), G, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_R)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
