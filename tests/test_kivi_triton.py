@@ -5,6 +5,7 @@ are skipped when triton is not installed (CI); the ``kernel`` parameter's valida
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -282,9 +283,10 @@ def test_kernel_config_is_validated(method, params, match):
 def test_kernel_config_defaults_and_choices():
     """Without arguments the configs are the defaults the kernels run with; they are frozen and hashable (the
     launch cache keys on them); ``block_n`` None means 64 tokens for the interleaved, 32 for the planes variants."""
-    assert squeezekv.registry.make_channel("kivi").kernel_config == KiviKernelConfig()
-    assert squeezekv.registry.make_channel("kivi", kernel_config={"block_n": 32}).kernel_config == \
-        KiviKernelConfig(block_n=32)
+    method = squeezekv.registry.make_channel("kivi", kernel_config=KiviKernelConfig(block_n=32))
+    assert method.kernel_config == {**dataclasses.asdict(KiviKernelConfig()), "block_n": 32}  # plain data
+    assert kernels.kernel_config(KiviKernelConfig, method.kernel_config, "kivi") == KiviKernelConfig(block_n=32)
+    assert squeezekv.registry.make_channel("kivi").kernel_config == dataclasses.asdict(KiviKernelConfig())
     cfg = KiviKernelConfig()
     assert (cfg.block_n_for("interleaved"), cfg.block_n_for("planes"), cfg.block_n_for("planes_fma")) == (64, 32, 32)
     assert KiviKernelConfig(block_n=128).block_n_for("planes") == 128

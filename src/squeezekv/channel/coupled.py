@@ -32,7 +32,7 @@ the method and are not counted in a cache's bytes (:meth:`CoupledQuant.codebook_
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -300,7 +300,7 @@ class CoupledQuant(ChannelMethod):
     kernel_config: CoupledKernelConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.kernel_config = kernel_config(CoupledKernelConfig, self.kernel_config, "coupled")
+        self.kernel_config = asdict(kernel_config(CoupledKernelConfig, self.kernel_config, "coupled"))  # plain data
         if isinstance(self.bits, bool) or self.bits not in (1, 2):
             raise ValueError(f"coupled bits={self.bits!r} is out of range: choose 1 or 2 bits per channel")
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 0:

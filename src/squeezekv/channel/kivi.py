@@ -37,7 +37,7 @@ only once an eviction has touched quantised tokens (before that the group of pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
@@ -241,7 +241,8 @@ class KIVI(ChannelMethod):
     ``TRITON_INTERPRET=1``). Under every setting, multi-token chunks and padded or masked rows (which the kernel
     does not cover) take the reference path. Should the kernel fail to compile or launch under ``"auto"``, a
     warning is issued and the reference path is used from then on. ``kernel_config``: the kernel's launch settings
-    (:class:`squeezekv.channel.kernels.KiviKernelConfig`, or a dict of its fields; None: the defaults)."""
+    (:class:`squeezekv.channel.kernels.KiviKernelConfig`, or a dict of its fields; None: the defaults), kept as the
+    dict of its fields; each layer holds the config object."""
 
     paper = "Liu et al. 2024, arXiv 2402.02750"
     layer_class = KIVILayer
@@ -253,7 +254,8 @@ class KIVI(ChannelMethod):
     kernel_config: KiviKernelConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.kernel_config = kernel_config(KiviKernelConfig, self.kernel_config, "kivi")
+        # kept as a plain dict of the config's fields (validated): the method's parameters stay JSON/snapshot data
+        self.kernel_config = asdict(kernel_config(KiviKernelConfig, self.kernel_config, "kivi"))
         if isinstance(self.bits, bool) or self.bits not in (2, 4):
             raise ValueError(f"kivi bits={self.bits!r} is out of range: choose 2 or 4")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
