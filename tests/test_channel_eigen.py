@@ -8,7 +8,11 @@ import torch
 
 import squeezekv
 from squeezekv.channel.eigen import (
-    EigenAttention, apply_rope, load_calibration, select_rank, unapply_rope,
+    EigenAttention,
+    apply_rope,
+    load_calibration,
+    select_rank,
+    unapply_rope,
 )
 from squeezekv.channel.eigen_calibrate import calibrate, calibration_sequences, rank_report, save
 
@@ -200,7 +204,7 @@ def test_eviction_keeps_the_same_tokens_as_without_eigen(policy, allocation, rop
         out = model(ids, attention_mask=mask, cache=cache)
         logits = [out.logits[:, -1]]
         m = mask
-        for t in range(4):
+        for _ in range(4):
             nxt = logits[-1].argmax(-1, keepdim=True)
             m = torch.cat([m, torch.ones_like(nxt)], dim=1)
             logits.append(model(nxt, attention_mask=m, cache=cache).logits[:, -1])
@@ -250,7 +254,8 @@ def test_bad_calibration_files_raise_value_errors(make_model, tmp_path):
     torch.save(bad_basis, wrong)
     with pytest.raises(ValueError, match="orthonormal"):
         squeezekv.make_cache(model, "window", 8, **_eigen(wrong))
-    truncated = {**state, "key_pre": {"basis": state["key_pre"]["basis"][:2], "eigenvalues": state["key_pre"]["eigenvalues"]}}
+    truncated = {**state, "key_pre": {"basis": state["key_pre"]["basis"][:2],
+                                      "eigenvalues": state["key_pre"]["eigenvalues"]}}
     torch.save(truncated, wrong)
     with pytest.raises(ValueError, match="shape"):
         squeezekv.make_cache(model, "window", 8, **_eigen(wrong))

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import squeezekv
-from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 from squeezekv.channel import coupled as cq
 from squeezekv.channel import kernels
+from squeezekv.channel.kernels import CoupledKernelConfig
 from squeezekv.channel.packing import pack, unpack
 from squeezekv.channel.quantized import QuantizedLayer
+from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 
 PROMPT = 40
 
@@ -78,7 +79,8 @@ def test_kernel_state_equals_codebook_reference(ct, bits, c, d, g, splits, block
     gen = torch.Generator().manual_seed(bits * d + g * 7 + c)
     b, h, nq = 2, 2, (300 if splits == 19 else 77)
     q, kc, vc, kb, vb = _random_storage(gen, b, h, nq, d, g, bits, c, dtype)
-    m, s, acc = ct.decode_state(q, kc, vc, kb, vb, 0.125, splits=splits, block_n=block_n, vector=vector)
+    m, s, acc = ct.decode_state(q, kc, vc, kb, vb, 0.125, splits=splits,
+                                config=CoupledKernelConfig(block_n=block_n, vector=vector))
     rm, rs, racc = _state_reference(q, kc, vc, kb, vb, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before products
     torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
@@ -87,8 +89,9 @@ def test_kernel_state_equals_codebook_reference(ct, bits, c, d, g, splits, block
 
 
 def test_choose_splits_and_shape_checks(ct):
-    assert ct.choose_splits(4096, 8, 132, 32) == (64, 64)  # batch 1, 8 KV heads: 528 programs wanted
-    assert ct.choose_splits(10, 4096, 132, 32) == (1, 32)
+    assert ct.choose_splits(4096, 8, 132, CoupledKernelConfig(block_n=32)) == (64, 64)  # batch 1, 8 KV heads
+    assert ct.choose_splits(10, 4096, 132) == (1, 32)  # the default config: 32 tokens per block
+    assert ct.choose_splits(4096, 8, 132, CoupledKernelConfig(block_n=64, programs_per_sm=1)) == (16, 256)
     gen = torch.Generator().manual_seed(0)
     q, kc, vc, kb, vb = _random_storage(gen, 1, 2, 10, 64, 2, 2, 4, torch.float32)
     with pytest.raises(ValueError, match="do not match"):
@@ -271,8 +274,8 @@ def test_gpu_kernel_state_equals_codebook_reference(ct_gpu, bits, c, d, g, dtype
     rm, rs, racc = _state_reference(*cpu, 0.125)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for splits, vector, stages in ((None, True, None), (1, True, 1), (7, False, None), (None, False, 1)):
-        m, s, acc = (t.double().cpu() for t in ct_gpu.decode_state(*dev, 0.125, splits=splits, vector=vector,
-                                                                    num_stages=stages))
+        m, s, acc = (t.double().cpu() for t in ct_gpu.decode_state(
+            *dev, 0.125, splits=splits, config=CoupledKernelConfig(vector=vector, num_stages=stages)))
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
 

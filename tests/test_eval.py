@@ -93,10 +93,10 @@ def test_chunked_prefill_cells(tmp_path, make_model, tiny_tokenizer, tiny_source
     """With --prefill-chunk the compressed cells prefill in chunks (recorded per record; the full cache never does):
     the positions-only window keeps the same bytes as in a one-pass grid, and the full cell's scores are unchanged."""
     model = make_model("llama", layers=3, vocab_size=len(tiny_tokenizer), max_position_embeddings=512)
-    one = evaluate(_cfg(methods=("window",), allocations=("uniform",), method_params={}), tmp_path / "one", sources=tiny_sources,
-                   loaded=(model, tiny_tokenizer), progress=False)
-    chunked = evaluate(_cfg(methods=("window",), allocations=("uniform",), method_params={}, prefill_chunk=16), tmp_path / "ch",
-                       sources=tiny_sources, loaded=(model, tiny_tokenizer), progress=False)
+    one = evaluate(_cfg(methods=("window",), allocations=("uniform",), method_params={}), tmp_path / "one",
+                   sources=tiny_sources, loaded=(model, tiny_tokenizer), progress=False)
+    chunked = evaluate(_cfg(methods=("window",), allocations=("uniform",), method_params={}, prefill_chunk=16),
+                       tmp_path / "ch", sources=tiny_sources, loaded=(model, tiny_tokenizer), progress=False)
     recs = [json.loads(l) for l in (tmp_path / "ch" / "results.jsonl").read_text().splitlines()]
     assert {r["config"]["prefill_chunk"] for r in recs if r["cell"] != "full"} == {16}
     assert {r["config"]["prefill_chunk"] for r in recs if r["cell"] == "full"} == {None}

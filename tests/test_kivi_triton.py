@@ -5,16 +5,18 @@ are skipped when triton is not installed (CI); the ``kernel`` parameter's valida
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
 import squeezekv
-from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 from squeezekv.channel import kernels
+from squeezekv.channel.kernels import CoupledKernelConfig, KiviKernelConfig
 from squeezekv.channel.packing import pack
 from squeezekv.channel.quantized import QuantizedLayer
+from triton_kernels import compiled_module, interpreter_module, run_in_fresh_process
 
 PROMPT = 40
 KIVI_SMALL = {"bits": 2, "group_size": 8, "residual": 8}
@@ -87,7 +89,8 @@ def test_kernel_state_equals_dequantised_reference(kt, bits, d, g, with_gid, spl
     gen = torch.Generator().manual_seed(bits * d + g)
     (b, h, nq), gs = (1, 2, 300) if splits == 19 else (2, 2, 77), (32 if d > 16 else 8)
     st = _random_storage(gen, bits, d, g, with_gid, dtype, b, h, nq, gs)
-    m, s, acc = kt.decode_state(*st, bits, gs, 0.125, splits=splits, block_n=block_n, variant=variant)
+    m, s, acc = kt.decode_state(*st, bits, gs, 0.125, splits=splits,
+                                config=KiviKernelConfig(variant=variant, block_n=block_n))
     rm, rs, racc = _state_reference(*st, bits, gs, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # half precision: keys/values/weights rounded before the products
     torch.testing.assert_close(m.double(), rm, atol=tol * 4, rtol=tol)
@@ -124,10 +127,10 @@ def test_fused_residual_output_equals_reference(kt, bits, d, g, with_gid, dtype,
     ref_state = _state_reference(*st, bits, gs, 0.125)
     kbuf = torch.randn(b, h, 48, d, generator=gen).to(dtype)
     vbuf = torch.randn(b, h, d, 48, generator=gen).to(dtype)
-    for r in (0, 1, 16, 39):  # odd lengths in the one-launch mode (the last split program finishes its row)
+    for r, block_r in ((0, 16), (1, 16), (16, 16), (39, 16), (39, 4)):  # 39 over 3 or 10 residual blocks
         rk, rv = kbuf[:, :, 5:5 + r], vbuf[:, :, :, 2:2 + r].transpose(2, 3)  # [B, H, r, D] views
-        out = kt.decode_attend(*st, rk, rv, bits, gs, 0.125, splits=2, variant=variant, one_launch=r % 2 == 1)
-        assert not kt._counters(torch.device("cpu"), 4)[:4].any()  # arrival counters reset for the next call
+        out = kt.decode_attend(*st, rk, rv, bits, gs, 0.125, splits=2,
+                               config=KiviKernelConfig(variant=variant, block_r=block_r))
         assert out.dtype == dtype and out.shape == (b, h, g, d)
         ref = _with_residual(ref_state, st[0], rk, rv, 0.125)
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # + the output's rounding to half precision
@@ -220,23 +223,26 @@ def _teacher_forced(model, cache, ids: torch.Tensor) -> list[torch.Tensor]:
 def test_tiny_model_decode_with_the_kernel_equals_the_torch_path(kt, make_model, make_ids, monkeypatch, policy,
                                                                    budget):
     """Teacher-forced decoding of a tiny Llama (head dim 16, group 8): kernel forced vs reference path give the same
-    logits; H2O evicts quantised tokens while decoding, so the kernel also reads group ids (one-launch mode there)."""
+    logits; H2O evicts quantised tokens while decoding, so the kernel also reads group ids. The H2O case runs a
+    non-default kernel config (given as a dict in the channel parameters), which reaches every kernel call."""
     calls = []
     real = kt.decode_attend
-    monkeypatch.setattr(kt, "decode_attend", lambda *a, **k: calls.append(a[7] is not None) or real(*a, **k))
+    monkeypatch.setattr(kt, "decode_attend",
+                        lambda *a, **k: calls.append((a[7] is not None, k["config"])) or real(*a, **k))
     monkeypatch.setattr(kt, "decode_state", lambda *a, **k: pytest.fail("a decoding step merges the residual in "
                                                                         "the kernel (decode_attend)"))
-    monkeypatch.setattr(kt, "ONE_LAUNCH", policy == "h2o")  # the one-launch mode decodes the H2O case
+    config = {"variant": "interleaved", "block_n": 16, "block_r": 4} if policy == "h2o" else None
     model = make_model("llama")
     ids = make_ids(2, PROMPT + 4)
     logits = {}
     for kernel in ("torch", "triton"):
         cache = squeezekv.make_cache(model, policy, budget, channel="kivi",
-                                     channel_params={**KIVI_SMALL, "kernel": kernel})
+                                     channel_params={**KIVI_SMALL, "kernel": kernel, "kernel_config": config})
         logits[kernel] = _teacher_forced(model, cache, ids)
     assert len(calls) == 4 * 4  # every decoding step of every layer went through the kernel
+    assert {c for _, c in calls} == {KiviKernelConfig(**(config or {}))}
     if policy == "h2o":
-        assert any(calls)  # some steps read per-token group ids
+        assert any(gid for gid, _ in calls)  # some steps read per-token group ids
     for a, b in zip(logits["triton"], logits["torch"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -254,6 +260,41 @@ def test_auto_keeps_the_torch_path_on_cpu_and_triton_needs_a_device(kt, make_mod
     model(ids[:, :PROMPT], cache=cache)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         model(ids[:, PROMPT:], cache=cache)
+
+
+@pytest.mark.parametrize("method,params,match", [
+    ("kivi", {"variant": "fast"}, "variant='fast' is out of range"),
+    ("kivi", {"block_n": 24}, "block_n=24 is out of range: must be a power of two >= 16"),
+    ("kivi", {"num_warps": 3}, "num_warps=3 is out of range"),
+    ("kivi", {"programs_per_sm": 0}, "programs_per_sm=0 is out of range"),
+    ("kivi", {"block_r": 6}, "block_r=6 is out of range"),
+    ("kivi", {"BLOCK_N": 32}, r"keys \['BLOCK_N'\] are unknown"),
+    ("coupled", {"block_n": 8}, "block_n=8 is out of range"),
+    ("coupled", {"num_stages": 0}, "num_stages=0 is out of range"),
+])
+def test_kernel_config_is_validated(method, params, match):
+    """A method's ``kernel_config`` (a dict of the config's fields, as a JSON suite gives it) is checked at once."""
+    with pytest.raises(ValueError, match=match):
+        squeezekv.registry.make_channel(method, kernel_config=params)
+    with pytest.raises(TypeError, match="must be a KiviKernelConfig or a dict"):
+        squeezekv.registry.make_channel("kivi", kernel_config=CoupledKernelConfig())
+
+
+def test_kernel_config_defaults_and_choices():
+    """Without arguments the configs are the defaults the kernels run with; they are frozen and hashable (the
+    launch cache keys on them); ``block_n`` None means 64 tokens for the interleaved, 32 for the planes variants."""
+    method = squeezekv.registry.make_channel("kivi", kernel_config=KiviKernelConfig(block_n=32))
+    assert method.kernel_config == {**dataclasses.asdict(KiviKernelConfig()), "block_n": 32}  # plain data
+    assert kernels.kernel_config(KiviKernelConfig, method.kernel_config, "kivi") == KiviKernelConfig(block_n=32)
+    assert squeezekv.registry.make_channel("kivi").kernel_config == dataclasses.asdict(KiviKernelConfig())
+    cfg = KiviKernelConfig()
+    assert (cfg.block_n_for("interleaved"), cfg.block_n_for("planes"), cfg.block_n_for("planes_fma")) == (64, 32, 32)
+    assert KiviKernelConfig(block_n=128).block_n_for("planes") == 128
+    with pytest.raises(AttributeError):
+        cfg.block_n = 16  # type: ignore[misc]
+    assert len({cfg, KiviKernelConfig(), KiviKernelConfig(variant="planes")}) == 2
+    cq = CoupledKernelConfig()
+    assert (cq.stages_for(127), cq.stages_for(128), CoupledKernelConfig(num_stages=3).stages_for(1000)) == (None, 1, 3)
 
 
 def test_kernel_parameter_is_validated(make_model, monkeypatch):
@@ -284,8 +325,9 @@ def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_
     rm, rs, racc = _state_reference(*cpu, bits, gs, 0.125)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for splits, block_n in ((None, None), (1, 32), (7, 64)):
+        config = KiviKernelConfig(variant=variant, block_n=block_n)
         m, s, acc = (t.double().cpu() for t in kt_gpu.decode_state(*dev, bits, gs, 0.125, splits=splits,
-                                                                   block_n=block_n, variant=variant))
+                                                                   config=config))
         torch.testing.assert_close(m, rm, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(acc / s[..., None], racc / rs[..., None], atol=tol * 4, rtol=tol)
     kbuf = torch.randn(b, h, 200, d, generator=gen).to(dtype)
@@ -295,29 +337,24 @@ def test_gpu_kernel_state_equals_dequantised_reference(kt_gpu, bits, d, g, with_
         rk, rv = kbuf[:, :, 7:7 + r], vbuf[:, :, :, 3:3 + r].transpose(2, 3)
         rk_dev, rv_dev = kbuf_dev[:, :, 7:7 + r], vbuf_dev[:, :, :, 3:3 + r].transpose(2, 3)  # strided views
         ref = _with_residual((rm, rs, racc), cpu[0], rk, rv, 0.125)
-        for one_launch in (False, True):
-            out = kt_gpu.decode_attend(*dev, rk_dev, rv_dev, bits, gs, 0.125, variant=variant, one_launch=one_launch)
-            torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol,
-                                       msg=f"residual length {r}, one launch {one_launch}")
+        out = kt_gpu.decode_attend(*dev, rk_dev, rv_dev, bits, gs, 0.125, config=KiviKernelConfig(variant=variant))
+        torch.testing.assert_close(out.double().cpu(), ref, atol=tol * 4, rtol=tol, msg=f"residual length {r}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("variant", ["interleaved", "planes", "planes_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, monkeypatch, dtype, variant,
-                                                         one_launch):
+def test_gpu_fused_residual_attend_equals_the_torch_path(kt_gpu, make_model, make_ids, dtype, variant):
     """KIVILayer.attend with the kernel (quantised part and residual fused, output in the query's dtype) against the
     PyTorch reference path (kernel state + torch residual merge, and kernel='torch'), decoding step by step so the
     residual runs through 16..47 tokens, with and without group ids."""
-    monkeypatch.setattr(kt_gpu, "VARIANT", variant)
-    monkeypatch.setattr(kt_gpu, "ONE_LAUNCH", one_launch)
     model = make_model("llama", layers=2, hidden_size=256, head_dim=128, num_attention_heads=4,
                        num_key_value_heads=1).to("cuda", dtype)
     for policy in ("window", "h2o"):
         cache = squeezekv.make_cache(model, policy, 4096, channel="kivi",
-                                     channel_params={"bits": 2, "group_size": 32, "residual": 16, "kernel": "triton"})
+                                     channel_params={"bits": 2, "group_size": 32, "residual": 16, "kernel": "triton",
+                                                     "kernel_config": {"variant": variant}})
         ids = make_ids(2, 260).cuda()
         model(ids[:, :200], cache=cache)
         layer = cache.layers[1]

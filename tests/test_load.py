@@ -16,10 +16,9 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from test_server import MODEL, Server, make_engine  # noqa: E402
-
 from squeezekv.serve import create_app  # noqa: E402
 from squeezekv.serve.chartok import CharTokenizer  # noqa: E402
+from test_server import MODEL, Server, make_engine  # noqa: E402
 
 CONVERSATIONS, TURNS, MAX_TOKENS, DEADLINE_S = 64, 5, 6, 240
 
@@ -123,7 +122,6 @@ def test_snapkv_and_cjk_emoji_conversations_under_load(tmp_path):
     """16 concurrent conversations x 3 turns with CJK and emoji, a byte-level tokenizer (multi-token characters) and
     SnapKV caches: no errors, whole characters only, each turn reuses exactly its own compressed history."""
     from serve_models import EMOJI, byte_tokenizer, successor_model
-
     from squeezekv.serve import Engine, EngineConfig
     from squeezekv.store import KVStore, MemoryTier, namespace
 

@@ -6,6 +6,7 @@ SQUEEZEKV_OFFLINE=1 to never download."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -41,7 +42,25 @@ def test_squeezekv_run_on_the_default_model(default_model, capsys):
     assert plan["total"] == plan["base"] * 30
     assert len(plan["details"]["importance"]) == 30
     assert full["found_needle"] is True  # the full cache finds the fact in a short haystack
-    assert full["reference_loglik"] > comp["reference_loglik"] - 50  # finite, comparable numbers
+    for res in (full, comp):  # a sum of log-probabilities of the reference tokens: finite, <= 0, per token consistent
+        assert -math.inf < res["reference_loglik"] <= 0
+        assert res["reference_loglik_per_token"] <= 0
+    n_ref = full["reference_loglik"] / full["reference_loglik_per_token"]  # the reference's token count, both columns
+    assert n_ref == pytest.approx(round(n_ref)) and round(n_ref) >= 1
+    assert comp["reference_loglik"] / comp["reference_loglik_per_token"] == pytest.approx(n_ref)
+
+
+def test_budget_one_equals_the_full_cache_on_the_default_model(default_model, capsys):
+    """Budget 1.0 evicts nothing (prompt or decoded tokens): the compressed column is the full cache's - the same
+    greedy tokens and the same reference log-likelihood (to float32 rounding of a different attention path)."""
+    rc = main(["run", "--json", "--no-progress", "--context-tokens", "300", "--max-new-tokens", "12",
+               "--method", "snapkv", "--budget", "1.0", "--allocation", "uniform"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    full, (comp,) = report["full"], report["compressed"]
+    assert comp["answer"] == full["answer"] and comp["summary"]["same_answer"] is True
+    assert comp["reference_loglik"] == pytest.approx(full["reference_loglik"], abs=1e-3)
+    assert comp["plan"]["total"] == 30 * report["prompt_tokens"]  # every layer keeps the whole prompt
 
 
 def test_squeezekv_run_default_table(default_model, capsys):

@@ -12,8 +12,16 @@ from transformers import PreTrainedTokenizerFast
 
 from squeezekv.eval import GridConfig, Sources, TaskOptions, evaluate
 from squeezekv.eval.grid import score
-from squeezekv.eval.ruler import (SUBTASKS, RulerData, build_ruler_examples, length_label, load_ruler,
-                                  split_sentences, string_match, zeta)
+from squeezekv.eval.ruler import (
+    SUBTASKS,
+    RulerData,
+    build_ruler_examples,
+    length_label,
+    load_ruler,
+    split_sentences,
+    string_match,
+    zeta,
+)
 from squeezekv.eval.tasks import Example
 
 WORDS = ("the cat sat on a mat and we saw many quiet ships under bright stars while old friends wrote long letters "

@@ -90,7 +90,8 @@ def test_run_table_full_cache_and_each_budget(tmp_path, make_model, tiny_tokeniz
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     n = report["prompt_tokens"]
-    assert report["full"]["kv_bytes_after_prefill"] == cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4 * n
+    per_token = cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4  # K and V, float32
+    assert report["full"]["kv_bytes_after_prefill"] == per_token * n
     assert [c["budget"] for c in report["compressed"]] == [0.5, 0.3, 0.2]
     per_token = cfg.num_key_value_heads * (2 * head_dim * 4 + 4)  # keys + values + int32 token index
     for c in report["compressed"]:

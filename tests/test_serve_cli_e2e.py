@@ -22,9 +22,10 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endf
 
 
 def _save_checkpoint(folder) -> None:
-    from conftest import build_model
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from conftest import build_model
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(i): i for i in range(3, 128)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="?"))

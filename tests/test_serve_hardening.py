@@ -20,13 +20,12 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from serve_models import CJK, EMOJI, byte_tokenizer, expected, successor_model  # noqa: E402
-from test_server import MODEL, start_in_thread  # noqa: E402
-
 from squeezekv.serve import Engine, EngineConfig, create_app  # noqa: E402
 from squeezekv.serve.app import key_id  # noqa: E402
 from squeezekv.serve.chartok import CharTokenizer  # noqa: E402
 from squeezekv.commands.serve import uvicorn_config  # noqa: E402
 from squeezekv.store import LOCK_NAME, DiskTier, FolderInUse, KVStore, MemoryTier, namespace  # noqa: E402
+from test_server import MODEL, start_in_thread  # noqa: E402
 
 
 class Server:

@@ -6,15 +6,29 @@ from __future__ import annotations
 
 import re
 
-import torch
 import pytest
+import torch
 from transformers import DynamicCache
 
 import squeezekv
 from squeezekv.generation import cache_kwargs
 from squeezekv.store import (
-    LOCK_NAME, DiskTier, KVSnapshot, KVStore, LayerState, LayerwiseLoad, MemoryTier, capture, chain, entry_key,
-    from_bytes, namespace, parse_bytes, restore, shift_positions, to_bytes,
+    LOCK_NAME,
+    DiskTier,
+    KVSnapshot,
+    KVStore,
+    LayerState,
+    LayerwiseLoad,
+    MemoryTier,
+    capture,
+    chain,
+    entry_key,
+    from_bytes,
+    namespace,
+    parse_bytes,
+    restore,
+    shift_positions,
+    to_bytes,
 )
 
 ROOT = namespace(model="tiny", cache="test")
@@ -142,10 +156,34 @@ def test_compressed_cache_reuse_equals_continuing_the_same_object(method, alloca
     assert restored.physical_lengths() == live.physical_lengths()
 
 
+def test_in_memory_snapshot_keeps_the_scores_of_its_capture(make_model, make_ids, method_params):
+    """An in-memory snapshot (no bytes in between) shares keys/values with the live cache but owns its scores: the
+    live H2O cache goes on accumulating attention into its scores in place (in the buffer the captured scores are a
+    view of), and restoring the snapshot still gives
+    the cache as it was when captured (its logits equal those of a cache that never went past the capture)."""
+    model = make_model("llama", layers=2)
+    ids = make_ids(1, 50, seed=5)[0].tolist()
+    turn1, more = ids[:41], ids[41:]
+    live = squeezekv.make_cache(model, "h2o", 4096, "uniform", method_params=method_params("h2o"))
+    twin = squeezekv.make_cache(model, "h2o", 4096, "uniform", method_params=method_params("h2o"))
+    for cache in (live, twin):  # a prompt, then one decoded token: the layers' buffers now have free slots
+        _forward(model, turn1[:40], cache)
+        _forward(model, turn1[40:], cache)
+    snap = capture(live, turn1)
+    before = [layer.tensors["scores"].clone() for layer in snap.layers]
+    for t in more:  # appended into the same buffers; H2O adds each step's attention to the scores in place
+        _forward(model, [t], live)
+    for layer, ref in zip(snap.layers, before):
+        assert torch.equal(layer.tensors["scores"], ref)
+    restored = restore(snap, model)
+    assert torch.equal(_forward(model, more, restored), _forward(model, more, twin))
+
+
 def test_compressed_entry_is_smaller_and_only_reused_as_a_whole(tmp_path, make_model, make_ids, method_params):
     model = make_model("llama", layers=2)
     ids = make_ids(1, 48, seed=8)[0].tolist()
-    full, comp = DynamicCache(config=model.config), squeezekv.make_cache(model, "snapkv", 12, method_params={"window": 8})
+    full = DynamicCache(config=model.config)
+    comp = squeezekv.make_cache(model, "snapkv", 12, method_params={"window": 8})
     _forward(model, ids[:40], full)
     _forward(model, ids[:40], comp)
     s_full, s_comp = capture(full, ids[:40]), capture(comp, ids[:40])

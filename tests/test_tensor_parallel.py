@@ -13,11 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 import squeezekv
+from conftest import build_model
 from squeezekv.channel import coupled as cq
 from squeezekv.channel.eigen_calibrate import calibrate as eigen_calibrate
 from squeezekv.channel.eigen_calibrate import save as eigen_save
-
-from conftest import build_model
 
 ARCHS = ["llama", "qwen2"]
 WORLD = 2

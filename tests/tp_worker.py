@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 
 import squeezekv
-from squeezekv.distributed import check_agreement, nbytes_per_rank, tensor_parallel, total_kv_nbytes, total_nbytes
-
 from conftest import greedy, left_padded  # noqa: E402  (tests/ is on the children's sys.path)
+from squeezekv.distributed import check_agreement, nbytes_per_rank, tensor_parallel, total_kv_nbytes, total_nbytes
 
 PROMPT = 48
 NEW = 8

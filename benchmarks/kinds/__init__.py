@@ -32,8 +32,11 @@ class Kind:
 KINDS: dict[str, Kind] = {}
 
 
+Run = Callable[..., list[dict[str, Any]]]
+
+
 def kind(name: str, fields: dict[str, Any], check: Callable[[dict[str, Any], str], None] | None = None,
-         needs_model: bool = True) -> Callable[[Callable[..., list[dict[str, Any]]]], Callable[..., list[dict[str, Any]]]]:
+         needs_model: bool = True) -> Callable[[Run], Run]:
     """Register ``run`` as the case kind ``name``."""
     def deco(run: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
         KINDS[name] = Kind(name, dict(fields), run, check, needs_model, (run.__doc__ or "").strip())
@@ -41,4 +44,4 @@ def kind(name: str, fields: dict[str, Any], check: Callable[[dict[str, Any], str
     return deco
 
 
-from . import decode, kernels, lckv, quality, serving, eval_grid, runtime, static  # noqa: E402,F401 - registers the kinds
+from . import decode, eval_grid, kernels, lckv, quality, runtime, serving, static  # noqa: E402,F401 - registers the kinds

@@ -27,8 +27,10 @@ from . import REQUIRED, kind
 
 #: datasheet HBM bandwidth by card (bytes/s), for the roofline fraction
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-#: modules whose settings a case's ``kernel`` may set for its own runs: {"kivi_triton": {"BLOCK_N": 32}, ...}
-KERNEL_MODULES = ("kivi_triton", "coupled_triton", "quantized", "coupled")
+#: modules whose settings a case's ``kernel`` may set for its own runs: {"quantized": {"BLOCK_ELEMS": 4096}, ...}
+#: (the fused kernels' launch settings are not module settings: the cache's ``channel_params`` carry them as
+#: ``"kernel_config": {"block_n": 32, ...}``, see squeezekv.channel.kernels.KiviKernelConfig / CoupledKernelConfig)
+KERNEL_MODULES = ("quantized", "coupled")
 
 TIMING = {"steps": 16, "warmup": 3, "reps": 3}
 

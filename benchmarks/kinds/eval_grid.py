@@ -80,8 +80,7 @@ def ingest_raw(shard: Path) -> int:
     raw_path, res = shard / "kvpress_raw.jsonl", shard / "results.jsonl"
     if not raw_path.exists():
         return 0
-    from squeezekv.eval import GridConfig, TaskOptions, build_examples, prepare_sources
-    from squeezekv.eval import kvpress_side
+    from squeezekv.eval import GridConfig, TaskOptions, build_examples, kvpress_side, prepare_sources
     from squeezekv.eval.grid import read_records, score
 
     raw = kvpress_side._read_raw(raw_path)

@@ -5,6 +5,7 @@ and kivi_decode_overhead.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -13,12 +14,12 @@ from typing import Any
 import torch
 
 from squeezekv.bench import free, timed
+from squeezekv.channel.kernels import CoupledKernelConfig, KiviKernelConfig, kernel_config
 from squeezekv.channel.packing import pack
 
 from ..caches import filled_cache
 from ..suite import Case
 from . import kind
-from .decode import kernel_settings
 
 KIVI = {"bits": 2, "group_size": 32, "residual": 128, "kernel": "triton"}
 
@@ -86,9 +87,9 @@ def kivi_check(ctx: Any, case: Case) -> list[dict[str, Any]]:
     return rows
 
 
-#: (variant, tokens per block, warps, programs per multiprocessor) timed by ``kernel_sweep``
+#: (variant, tokens per block, warps, programs per multiprocessor) timed by ``kivi_sweep``
 SWEEP_CONFIGS: tuple[tuple[str, int, int, int], ...] = (
-    ("interleaved", 64, 4, 4), ("planes", 32, 4, 4), ("planes_fma", 32, 4, 4),  # the first of each: also 1 launch
+    ("interleaved", 64, 4, 4), ("planes", 32, 4, 4), ("planes_fma", 32, 4, 4),  # the first of each: also 4 bits
     ("interleaved", 32, 4, 4), ("interleaved", 64, 8, 4), ("interleaved", 64, 4, 8),
     ("planes", 64, 4, 4), ("planes", 32, 2, 4), ("planes", 32, 4, 2), ("planes", 32, 4, 8),
     ("planes_fma", 16, 4, 4), ("planes_fma", 32, 8, 4),
@@ -96,41 +97,43 @@ SWEEP_CONFIGS: tuple[tuple[str, int, int, int], ...] = (
 
 
 
-@kind("kivi_sweep", {"context": 4096, "batches": [1, 16, 64], "reps": 50, "bits": [2, 4], "kernel": None,
-                     "baseline": None})
+def _check_kernel_config(settings: dict[str, Any], where: str) -> None:
+    try:
+        kernel_config(KiviKernelConfig, settings.get("kernel_config"), where)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+@kind("kivi_sweep", {"context": 4096, "batches": [1, 16, 64], "reps": 50, "bits": [2, 4], "kernel_config": None,
+                     "baseline": None}, check=_check_kernel_config)
 def kivi_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """The KIVI kernels alone on random storage of the model's shape, for every SWEEP_CONFIGS entry (see
-    :func:`sweep_kernel`); ``kernel``: module settings of kivi_triton applied first (the defaults it reports)."""
+    :func:`sweep_kernel`); ``kernel_config``: the fields of a KiviKernelConfig the sweep starts from (what the
+    ``config_auto`` rows and the reported defaults are)."""
     why = _needs_triton(ctx)
     if why:
         return [{"skipped": why}]
     cfg = ctx.model_config() | {"dtype": ctx.suite.model.get("dtype", "bfloat16")}
-    with kernel_settings(case.get("kernel")):
-        from squeezekv.channel import kivi_triton
-
-        ctx.extra_versions.setdefault("kivi_kernel_defaults", {
-            "block_n": kivi_triton.BLOCK_N, "block_n_planes": kivi_triton.BLOCK_N_PLANES,
-            "num_warps": kivi_triton.NUM_WARPS, "variant": kivi_triton.VARIANT,
-            "programs_per_sm": kivi_triton.PROGRAMS_PER_SM})
-        return sweep_kernel(cfg, ctx.device, case.get("context"), tuple(case.get("batches")), case.get("reps"),
-                            bits_list=tuple(case.get("bits")), report=lambda r: ctx.progress(case, r))
+    base = kernel_config(KiviKernelConfig, case.get("kernel_config"), case.name)
+    ctx.extra_versions.setdefault("kivi_kernel_defaults", dataclasses.asdict(base))
+    return sweep_kernel(cfg, ctx.device, case.get("context"), tuple(case.get("batches")), case.get("reps"),
+                        bits_list=tuple(case.get("bits")), report=lambda r: ctx.progress(case, r), base=base)
 
 
 @torch.no_grad()
 def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] = (1, 16, 64), reps: int = 50,
                  configs: tuple[tuple[str, int, int, int], ...] = SWEEP_CONFIGS, bits_list: tuple[int, ...] = (2, 4),
-                 report: Any = print
+                 report: Any = print, base: KiviKernelConfig | None = None
                  ) -> list[dict[str, Any]]:
     """The kernels alone on random storage of the model's shape (``context - 128`` quantised tokens, 2 and 4 bits,
     group 32): for each (variant, tokens per block, warps, programs per SM) of ``configs`` (4 bits: the first
     config of each variant only), ms per call of :func:`kivi_triton.decode_state` (split kernel + reduction) and of
-    :func:`kivi_triton.decode_attend` (split kernel + finishing kernel over a 144-token bf16 residual; ``attend``: two
-    launches, ``attend_1launch``: one, the last split program finishing; ``max_abs_diff_*`` against the first
-    config's output on the same inputs), and the bytes
-    the quantised part must read (codes, scales, zeros; ``GB_per_s``) per second; ``config_auto`` marks what
-    the defaults pick."""
+    :func:`kivi_triton.decode_attend` (split kernel + finishing kernel over a 144-token bf16 residual;
+    ``max_abs_diff_attend`` against the first config's output on the same inputs), and the bytes the quantised part
+    must read (codes, scales, zeros; ``GB_per_s``) per second; ``config_auto`` marks what ``base`` picks."""
     from squeezekv.channel import kivi_triton as kt
 
+    base = KiviKernelConfig() if base is None else base
     h, d, g = cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
     dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
     gs, nq, r = 32, max(32, (context - 128) // 32 * 32), 144
@@ -149,27 +152,20 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
             rv = torch.randn_like(rk)
             nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, kz, vs, vz))
             store = (q, kc, vc, ks, kz, vs, vz, None)
-            auto = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, None, None, None,
-                                     None)
+            auto = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, base)
             ref = None
             for variant, block_n, warps, pps in todo:
-                opts = dict(block_n=block_n, num_warps=warps, variant=variant, programs_per_sm=pps)
-                splits = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, block_n, warps,
-                                           variant, pps)[1]
+                config = dataclasses.replace(base, variant=variant, block_n=block_n, num_warps=warps,
+                                             programs_per_sm=pps)
+                splits = kt._launch_config(b, h, g, d, d, nq, bits, gs, False, dtype, q.device, None, config)[1]
                 r_ = {"bits": bits, "batch": b, "nq": nq, "variant": variant, "block_n": block_n, "num_warps": warps,
                       "programs_per_sm": pps, "splits": splits, "read_bytes": nbytes,
-                      "config_auto": (variant == kt.choose_variant(d, d, bits, gs) and block_n == auto[3]["BLOCK_N"]
-                                      and warps == auto[3]["num_warps"] and splits == auto[1]
-                                      and pps == kt.PROGRAMS_PER_SM)}
+                      "config_auto": (variant == kt.choose_variant(d, d, bits, gs, base.variant)
+                                      and block_n == auto[3]["BLOCK_N"] and warps == auto[3]["num_warps"]
+                                      and splits == auto[1] and pps == base.programs_per_sm)}
                 for name, call in (
-                        ("state", lambda: kt.decode_state(*store, bits, gs, d ** -0.5, **opts)),
-                        ("attend", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5, one_launch=False,
-                                                            **opts)),
-                        ("attend_1launch", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5,
-                                                                    one_launch=True, **opts))):
-                    if name == "attend_1launch" and next(c for c in todo if c[0] == variant) != (
-                            variant, block_n, warps, pps):
-                        continue  # one launch: the first config of each variant only
+                        ("state", lambda: kt.decode_state(*store, bits, gs, d ** -0.5, config=config)),
+                        ("attend", lambda: kt.decode_attend(*store, rk, rv, bits, gs, d ** -0.5, config=config))):
                     try:
                         call()
                         ms = 1e3 * statistics.median(timed(lambda: [call() for _ in range(reps)], 3, device)) / reps
@@ -178,22 +174,23 @@ def sweep_kernel(cfg: Any, device: str, context: int, batches: tuple[int, ...] =
                         continue
                     r_[f"ms_{name}"] = ms
                     r_[f"GB_per_s_{name}"] = nbytes / ms / 1e6
-                    if name != "state":  # against the first config's two-launch output (same inputs)
+                    if name != "state":  # against the first config's output (same inputs)
                         o = call().float()
                         ref = o if ref is None else ref
                         r_[f"max_abs_diff_{name}"] = (o - ref).abs().max().item()
                 r_["ms"], r_["GB_per_s"] = r_.get("ms_state"), r_.get("GB_per_s_state")
                 out.append(r_)
                 report(r_)
-            del kc, vc, ks, kz, vs, vz, rk, rv
+            kc = vc = ks = kz = vs = vz = rk = rv = None  # freed (the timed closures above read them)
             free(device)
     return out
 
 
 #: (tokens per block, warps per program, programs per multiprocessor aimed at by the split count, vector gathers,
 #: pipelining stages; 0: Triton's default) timed by ``cq_sweep``
-CQ_CONFIGS = ((32, 4, 4, 1, 0), (32, 4, 4, 0, 0), (16, 4, 4, 1, 0), (64, 4, 4, 1, 0), (32, 4, 8, 1, 0), (32, 4, 4, 1, 1),
-           (32, 4, 4, 1, 2), (32, 8, 2, 1, 0), (64, 8, 2, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 1, 1))
+CQ_CONFIGS = ((32, 4, 4, 1, 0), (32, 4, 4, 0, 0), (16, 4, 4, 1, 0), (64, 4, 4, 1, 0), (32, 4, 8, 1, 0),
+              (32, 4, 4, 1, 1), (32, 4, 4, 1, 2), (32, 8, 2, 1, 0), (64, 8, 2, 1, 0), (64, 8, 1, 1, 0),
+              (64, 8, 2, 1, 1))
 
 
 def reference_state(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
@@ -257,7 +254,7 @@ def cq_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
         rows.append({"batch": b, "method": "sdpa_bf16", "ms": sdpa, "read_bytes": full_bytes,
                      "GB_per_s": full_bytes / sdpa / 1e6})
         ctx.progress(case, rows[-1])
-        del kf, vf
+        kf = vf = None  # freed (the SDPA closure above reads them)
         for bits in case.get("bits"):
             c = 8 // bits
             k = 1 << (bits * c)
@@ -272,8 +269,9 @@ def cq_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
             row["ms_torch"] = ms_of(lambda: reference_state(q, kc, vc, kb, vb, scaling, 8, dtype))
             for i, (block_n, warps, per_sm, vec, stages) in enumerate(CQ_CONFIGS):
                 def call() -> tuple[torch.Tensor, ...]:
-                    return ct.decode_state(q, kc, vc, *books, scaling, block_n=block_n, num_warps=warps,
-                                           programs_per_sm=per_sm, vector=bool(vec), num_stages=stages or None)
+                    return ct.decode_state(q, kc, vc, *books, scaling, config=CoupledKernelConfig(
+                        block_n=block_n, num_warps=warps, programs_per_sm=per_sm, vector=bool(vec),
+                        num_stages=stages or None))
                 if i == 0:
                     m, s, acc = call()
                     row["max_abs_diff_vs_torch"] = (acc / s[..., None] - ref[2][..., 0, :] / ref[1]).abs().max().item()
@@ -284,7 +282,7 @@ def cq_sweep(ctx: Any, case: Case) -> list[dict[str, Any]]:
             row["sdpa_bf16_ms"] = sdpa
             rows.append(row)
             ctx.progress(case, row)
-            del kc, vc
+            kc = vc = None  # freed
         free(dev)
     return rows
 

@@ -24,15 +24,13 @@ from typing import Any
 
 import torch
 
-from ..suite import Case
-from . import kind
-
-
 from squeezekv.crosslayer.lckv import LCKVForCausalLM, make_kv_sources
 from squeezekv.crosslayer.lckv.data import eval_windows, load_shard, prepare_shards
 from squeezekv.crosslayer.lckv.measure import decode_throughput, kv_bytes_per_token, max_batch, prefill_time
 from squeezekv.crosslayer.lckv.train import TrainConfig, autocast_dtype, perplexity, train
 
+from ..suite import Case
+from . import kind
 
 #: training options shared by both models; "layout" is set per model
 PRESETS: dict[str, dict[str, Any]] = {

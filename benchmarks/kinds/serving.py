@@ -19,7 +19,7 @@ from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, captur
 from squeezekv.spec import CacheSpec
 
 from ..suite import Case
-from . import REQUIRED, kind
+from . import kind
 
 
 def _sync(device: str) -> None:

@@ -113,7 +113,8 @@ def check_methods(cache: "SqueezeCache", tp: TensorParallel) -> None:
     if channel is not None and channel.name == "coupled":
         from pathlib import Path
 
-        if getattr(channel, "_books", None) is None and not (channel.calibration and Path(channel.calibration).is_file()):
+        calibrated = channel.calibration and Path(channel.calibration).is_file()
+        if getattr(channel, "_books", None) is None and not calibrated:
             raise ValueError(
                 f"coupled under tensor parallelism (tp_size={tp.size}) needs codebooks calibrated on the unsharded "
                 "model: make them with `squeezekv calibrate-cq --out FILE` (one process, no tp_plan) and pass "

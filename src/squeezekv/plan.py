@@ -161,9 +161,10 @@ def tie_budgets(budgets: Sequence[int | None], groups: Sequence[Sequence[int]]) 
     out = list(budgets)
     for group in groups:
         own = [budgets[i] for i in group]
-        if any(b is None for b in own):
+        managed = [b for b in own if b is not None]
+        if len(managed) != len(own):
             raise ValueError(f"layers {list(group)} are tied but not all of them are managed (budgets {own})")
-        tied = max(1, int(round(sum(own) / len(own))))
+        tied = max(1, int(round(sum(managed) / len(managed))))
         for i in group:
             out[i] = tied
     return out

@@ -24,7 +24,9 @@ _SCALARS = ("method", "budget", "allocation", "channel", "crosslayer", "evict_ev
 
 def _split(text: str) -> list[str]:
     """Items separated by whitespace or commas, except inside brackets or quotes (JSON values keep their commas)."""
-    items, cur, depth, quote = [], [], 0, False
+    items: list[str] = []
+    cur: list[str] = []
+    depth, quote = 0, False
     for ch in text:
         if ch == '"':
             quote = not quote

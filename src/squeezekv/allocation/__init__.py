@@ -2,6 +2,7 @@
 
 from .base import Allocator
 from .kmeans1d import kmeans_1d
+
 from .uniform import UniformAllocation  # isort: skip
 from .pyramid import PyramidAllocation  # isort: skip
 from .squeeze import SqueezeAllocation  # isort: skip

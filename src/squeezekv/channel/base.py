@@ -4,7 +4,7 @@ stored compressed."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..registry import Method
@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..cache import SqueezeCache, SqueezeLayer
 
 
-@lru_cache(maxsize=None)
+@cache
 def mixed_layer_class(role: type, storage: type) -> type:
     """``role`` (a cross-layer method's layer class, a :class:`SqueezeLayer` subclass that overrides attention and
     eviction) in front of ``storage`` (a channel method's layer class, which overrides how tokens are stored): the

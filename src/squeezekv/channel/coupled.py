@@ -13,7 +13,8 @@ attends to itself in full precision before it is quantised), ``calibration``: th
 :func:`squeezekv.make_cache`; made by ``squeezekv calibrate-cq --out FILE``, or :func:`calibrate` then
 :func:`save_codebooks`), ``kernel``: how a decoding step attends over the quantised tokens (``"auto"``: the fused Triton kernel of :mod:`squeezekv.channel.coupled_triton` on CUDA, else the
 PyTorch reference path, so CPU behaviour never changes; ``"torch"``: always the reference path; ``"triton"``: the
-kernel, ValueError where it cannot run; same semantics as KIVI's ``kernel``).
+kernel, ValueError where it cannot run; same semantics as KIVI's ``kernel``), ``kernel_config``: the kernel's launch
+settings (:class:`squeezekv.channel.kernels.CoupledKernelConfig` or a dict of its fields; None: the defaults).
 
 Calibration (:func:`calibrate`): the model runs over calibration text with transformers' own cache and the cached
 keys (after rotary embedding, as squeezekv stores them) and values of every layer are clustered with k-means
@@ -32,16 +33,16 @@ the method and are not counted in a cache's bytes (:meth:`CoupledQuant.codebook_
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from ..eval.data import EVAL_MIN_CHARS
 from ..registry import register_channel
 from .base import ChannelMethod
-from .kernels import FusedKernelChoice, check_kernel
+from .kernels import CoupledKernelConfig, FusedKernelChoice, check_kernel, kernel_config
 from .packing import check_width, pack, unpack
 from .quantized import QuantizedLayer
 
@@ -218,6 +219,7 @@ class CoupledLayer(FusedKernelChoice, QuantizedLayer):
         self.c = method.coupled
         self.width = method.bits * method.coupled  # bits per code
         self.kernel = method.kernel
+        self.kernel_config: CoupledKernelConfig = kernel_config(CoupledKernelConfig, method.kernel_config, "coupled")
         self._cast_books: tuple[torch.Tensor, torch.Tensor] | None = None  # codebooks in the query's dtype
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -284,7 +286,8 @@ class CoupledLayer(FusedKernelChoice, QuantizedLayer):
             self._cast_books = (self.kbook.to(qg.dtype), self.vbook.to(qg.dtype))
         n = self.nq
         state = self._run_kernel(lambda ct: ct.decode_state(qg[:, :, :, 0], self.kcode[:, :, :n], self.vcode[:, :, :n],
-                                                            *self._cast_books, scaling))
+                                                            *self._cast_books, scaling,
+                                                            config=self.kernel_config))
         if state is None:
             return super()._quantised_state(qg, mask, scaling)
         m, s, acc = state  # [B, H, G], [B, H, G], [B, H, G, Dv]
@@ -309,8 +312,10 @@ class CoupledQuant(ChannelMethod):
     residual: int = 0
     calibration: str | None = None
     kernel: str = "auto"
+    kernel_config: CoupledKernelConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        self.kernel_config = asdict(kernel_config(CoupledKernelConfig, self.kernel_config, "coupled"))  # plain data
         if isinstance(self.bits, bool) or self.bits not in (1, 2):
             raise ValueError(f"coupled bits={self.bits!r} is out of range: choose 1 or 2 bits per channel")
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 0:

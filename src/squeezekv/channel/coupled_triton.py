@@ -13,7 +13,8 @@ from the codebook, a 2-byte load at a data-dependent address.
 
 Flash-decoding layout (split-K), as :mod:`squeezekv.channel.kivi_triton`: the grid is ``(B * H, S)``; program
 ``(bh, s)`` walks the quantised positions ``[s * L, min((s + 1) * L, nq))`` of one (row, KV head) in blocks of
-``BLOCK_N`` tokens. For each block it loads each channel's code (``[BLOCK_N, D]``, the byte of its group, shifted and
+``BLOCK_N`` tokens (launch settings: a :class:`~squeezekv.channel.kernels.CoupledKernelConfig`, argument
+``config``). For each block it loads each channel's code (``[BLOCK_N, D]``, the byte of its group, shifted and
 masked), gathers channel ``d`` of centroid ``code`` of group ``d // c`` from the codebook (``book[h, d // c, code,
 d % c]``), computes the logits of the ``G = Hq / H`` query heads of the KV head together (one ``tl.dot``, query heads
 padded to 16 rows), and accumulates ``P V`` (values gathered the same way) with an online softmax in float32. Each
@@ -37,24 +38,12 @@ import triton
 import triton.language as tl
 
 from . import triton_common as _common
+from .kernels import CoupledKernelConfig
 from .triton_common import interpreting
 from .triton_common import sms as _sms
 
-#: tokens per block of a program's loop, and warps per program (defaults, not tuned on a GPU yet)
-BLOCK_N = 32
-NUM_WARPS = 4
-#: gather a centroid's channels as one contiguous load (False: one load per channel; same values, not tuned yet)
-VECTOR = True
-#: software-pipelining stages of the token loop (None: :data:`NUM_STAGES_LARGE` for at least
-#: :data:`LARGE_ROWS` (row, KV head) pairs, else Triton's default). Measured on an H100 (8B shape, 4k tokens,
-#: benchmarks/results/channel/gpu/h100_cq_kernel_sweep.json): 1 stage took 0.58 / 0.47 ms vs 1.10 / 0.62 ms with
-#: Triton's default at batch 64 (2 / 1 bits), but 0.16 / 0.12 vs 0.09 / 0.10 ms at batch 1: pipelined stages keep
-#: gathered centroids in shared memory, which the L1 caching the codebooks gives up once many heads run at once
-NUM_STAGES: int | None = None
-NUM_STAGES_LARGE = 1
-LARGE_ROWS = 128
-#: programs to aim for per streaming multiprocessor when choosing the number of splits
-PROGRAMS_PER_SM = 4
+#: the launch settings used when a call passes none
+DEFAULT_CONFIG = CoupledKernelConfig()
 
 
 def supports(device: torch.device, d: int, dv: int, width: int, channels: int,
@@ -164,10 +153,10 @@ def _split_kernel(
     tl.store(AO + row[:, None] * DV + offs_dv[None, :], acc, mask=gmask[:, None] & dvmask[None, :])
 
 
-def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N, per_sm: int | None = None) -> tuple[int, int]:
-    """:func:`squeezekv.channel.triton_common.choose_splits` with this kernel's defaults (:data:`BLOCK_N`,
-    :data:`PROGRAMS_PER_SM`)."""
-    return _common.choose_splits(nq, bh, sms, block_n, PROGRAMS_PER_SM if per_sm is None else per_sm)
+def choose_splits(nq: int, bh: int, sms: int, config: CoupledKernelConfig = DEFAULT_CONFIG) -> tuple[int, int]:
+    """:func:`squeezekv.channel.triton_common.choose_splits` with ``config``'s tokens per block and programs per
+    multiprocessor."""
+    return _common.choose_splits(nq, bh, sms, config.block_n, config.programs_per_sm)
 
 
 def decode_state(
@@ -178,24 +167,18 @@ def decode_state(
     vbook: torch.Tensor,
     scaling: float,
     splits: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    programs_per_sm: int | None = None,
-    vector: bool | None = None,
-    num_stages: int | None = None,
+    config: CoupledKernelConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` CQ-quantised positions.
 
     ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode``
     ``[B, H, nq, (D / c) * w / 8]`` uint8; ``kbook``/``vbook`` ``[H, D / c, 2**w, c]`` (``c`` channels per group,
     ``w`` bits per code; cast to the query's dtype unless already in it). ``splits``: number of token splits (default
-    :func:`choose_splits`); ``block_n``/``num_warps``: tokens per block and warps per program (default
-    :data:`BLOCK_N`/:data:`NUM_WARPS`); ``programs_per_sm``: the target of :func:`choose_splits` when ``splits`` is
-    None (default :data:`PROGRAMS_PER_SM`; fewer programs per multiprocessor: fewer heads' codebooks competing for its
-    L1); ``vector``: gather each centroid's ``c`` channels as one contiguous load (default :data:`VECTOR`; only
-    for ``c >= 2``) rather than channel by channel (same values either way); ``num_stages``: software-pipelining
-    stages of the token loop (default :data:`NUM_STAGES`, see there; each stage holds a block's gathered
-    centroids in shared memory, which the L1 that caches the codebooks gives up). Returns float32 ``(max [B, H, G],
+    :func:`choose_splits`); ``config``: the launch settings (:class:`~squeezekv.channel.kernels.CoupledKernelConfig`:
+    tokens per block, warps, programs per multiprocessor aimed at when ``splits`` is None (fewer: fewer heads'
+    codebooks competing for its L1), vector gathers (only for ``c >= 2``; same values either way), pipelining
+    stages (each holds a block's gathered centroids in shared memory, which the L1 that caches the codebooks gives
+    up)). Returns float32 ``(max [B, H, G],
     sum [B, H, G], acc [B, H, G, Dv])`` with ``sum = sum_p exp(logit_p - max)``, ``acc = sum_p exp(logit_p - max)
     v_p``."""
     b, h, g, d = q.shape
@@ -203,12 +186,9 @@ def decode_state(
     hb, ng, k, c = kbook.shape
     width = k.bit_length() - 1
     dv = vbook.shape[1] * vbook.shape[3]
-    block_n = BLOCK_N if block_n is None else block_n
-    num_warps = NUM_WARPS if num_warps is None else num_warps
+    block_n = config.block_n
     if nq == 0:
         raise ValueError("decode_state needs at least one quantised position")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
     if k != 1 << width or hb != h or ng * c != d or tuple(vbook.shape[::2]) != (h, k) or vbook.shape[3] != c:
         raise ValueError(f"codebooks {tuple(kbook.shape)} / {tuple(vbook.shape)} do not match queries "
                          f"{tuple(q.shape)} (need [H, D / c, 2**w, c])")
@@ -219,7 +199,7 @@ def decode_state(
     if why is not None:
         raise ValueError(f"the fused CQ kernel cannot run: {why}")
     if splits is None:
-        splits, split_len = choose_splits(nq, b * h, _sms(q.device), block_n, programs_per_sm)
+        splits, split_len = choose_splits(nq, b * h, _sms(q.device), config)
     else:
         split_len = math.ceil(math.ceil(nq / max(1, splits)) / block_n) * block_n
         splits = math.ceil(nq / split_len)
@@ -232,9 +212,7 @@ def decode_state(
     l_part = torch.empty_like(m_part)
     a_part = torch.empty((b * h, splits, g, dv), **f32)
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # CPU = interpreter
-    num_stages = NUM_STAGES if num_stages is None else num_stages
-    if num_stages is None and b * h >= LARGE_ROWS:
-        num_stages = NUM_STAGES_LARGE
+    num_stages = config.stages_for(b * h)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b * h, splits)](
         q, kcode, vcode, kbook, vbook, m_part, l_part, a_part,
@@ -244,6 +222,6 @@ def decode_state(
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=triton.next_power_of_2(d),
         BLOCK_DV=triton.next_power_of_2(dv), BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,
-        VEC=(VECTOR if vector is None else vector) and c >= 2, num_warps=num_warps, **stages,
+        VEC=config.vector and c >= 2, num_warps=config.num_warps, **stages,
     )
     return _common.merge_states(m_part, l_part, a_part, b, h, g, dv, splits)

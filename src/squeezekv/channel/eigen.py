@@ -161,7 +161,8 @@ def load_calibration(path: str | Path, model: Any | None = None) -> dict[str, An
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's error
-        raise ValueError(f"{str(path)!r} is not a readable eigen calibration file ({type(err).__name__}: {err})")
+        raise ValueError(f"{str(path)!r} is not a readable eigen calibration file "
+                         f"({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not an eigen calibration file (format tag {FORMAT!r} missing)")
     meta = state.get("model")

@@ -37,16 +37,17 @@ only once an eviction has touched quantised tokens (before that the group of pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
 import torch
 
 from ..registry import register_channel
 from .base import ChannelMethod
-from .kernels import FusedKernelChoice, check_kernel
+from .kernels import FusedKernelChoice, KiviKernelConfig, check_kernel, kernel_config
 from .packing import pack, unpack
 from .quantized import QuantizedLayer
+
 
 def quantize(x: torch.Tensor, bits: int, dim: int, store_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
                                                                                          torch.Tensor]:
@@ -80,6 +81,7 @@ class KIVILayer(FusedKernelChoice, QuantizedLayer):
         self.bits = method.bits
         self.group_size = method.group_size
         self.kernel = method.kernel
+        self.kernel_config: KiviKernelConfig = kernel_config(KiviKernelConfig, method.kernel_config, "kivi")
         self._plan: dict[str, Any] = {}  # the kernel's launch arguments, reused between flushes (kivi_triton)
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -183,7 +185,8 @@ class KIVILayer(FusedKernelChoice, QuantizedLayer):
         if not self._use_kernel(qg, mask is None and qg.shape[3] == 1):
             return super()._quantised_state(qg, mask, scaling)
         state = self._run_kernel(lambda kt: kt.decode_state(
-            qg[:, :, :, 0], *self._kernel_storage(), self.bits, self.group_size, scaling, plan=self._plan))
+            qg[:, :, :, 0], *self._kernel_storage(), self.bits, self.group_size, scaling, config=self.kernel_config,
+            plan=self._plan))
         if state is None:
             return super()._quantised_state(qg, mask, scaling)
         m, s, acc = state  # [B, H, G], [B, H, G], [B, H, G, Dv]
@@ -202,7 +205,7 @@ class KIVILayer(FusedKernelChoice, QuantizedLayer):
         h = self.keys.shape[1]
         out = self._run_kernel(lambda kt: kt.decode_attend(
             query.reshape(b, h, hq // h, d), *self._kernel_storage(), self.keys, self.values, self.bits,
-            self.group_size, scaling, plan=self._plan))  # [B, H, G, Dv]
+            self.group_size, scaling, config=self.kernel_config, plan=self._plan))  # [B, H, G, Dv]
         if out is None:
             return super().attend(query, key, value, allowed, scaling)
         return out.view(b, hq, 1, out.shape[-1])
@@ -237,7 +240,9 @@ class KIVI(ChannelMethod):
     creation) or the query's device or head dimensions do not suit it (at attention; on CPU only with
     ``TRITON_INTERPRET=1``). Under every setting, multi-token chunks and padded or masked rows (which the kernel
     does not cover) take the reference path. Should the kernel fail to compile or launch under ``"auto"``, a
-    warning is issued and the reference path is used from then on."""
+    warning is issued and the reference path is used from then on. ``kernel_config``: the kernel's launch settings
+    (:class:`squeezekv.channel.kernels.KiviKernelConfig`, or a dict of its fields; None: the defaults), kept as the
+    dict of its fields; each layer holds the config object."""
 
     paper = "Liu et al. 2024, arXiv 2402.02750"
     layer_class = KIVILayer
@@ -246,8 +251,11 @@ class KIVI(ChannelMethod):
     group_size: int = 32
     residual: int = 128
     kernel: str = "auto"
+    kernel_config: KiviKernelConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        # kept as a plain dict of the config's fields (validated): the method's parameters stay JSON/snapshot data
+        self.kernel_config = asdict(kernel_config(KiviKernelConfig, self.kernel_config, "kivi"))
         if isinstance(self.bits, bool) or self.bits not in (2, 4):
             raise ValueError(f"kivi bits={self.bits!r} is out of range: choose 2 or 4")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:

@@ -12,9 +12,10 @@ heads of that KV head together (``tl.dot`` with the query heads padded to 16 row
 head. An online softmax (running max and sum, float32) accumulates ``P V``; each program writes its partial
 ``(max, sum, acc)`` in float32.
 
-Three split kernels (``variant``, default :data:`VARIANT`, picked per call by :func:`choose_variant`; the launch
-arguments of a shape are cached, :func:`_launch_config`, and a caller may keep a ``plan`` dict to skip the stride work
-between flushes):
+Launch settings come from a :class:`~squeezekv.channel.kernels.KiviKernelConfig` (argument ``config``; default
+:data:`DEFAULT_CONFIG`): split-kernel variant, tokens per block, warps, programs per multiprocessor. Three split
+kernels (``config.variant``, picked per call by :func:`choose_variant`; the launch arguments of a shape are cached,
+:func:`_launch_config`, and a caller may keep a ``plan`` dict to skip the stride work between flushes):
 
 * ``"interleaved"``: the codes of a byte row are interleaved back into channel order (``[BLOCK_N, D / PER, PER]`` ->
   ``[BLOCK_N, D]``, ``PER = 8 / bits``) and one ``tl.dot`` over ``D`` computes the logits (one over the block for
@@ -36,10 +37,8 @@ callers that merge more positions themselves); :func:`decode_attend` (what a KIV
 the ``r`` full-precision residual tokens (keys/values ``[B, H, r, D]`` in the model's dtype, strided views of the
 layer's buffers) in the same kernel — one program per (row, KV head, query head), the residual's logits by a
 broadcast product and reduction over ``D`` — and writes the normalised output ``[B, H, G, Dv]`` in the query's dtype,
-so a decoding step runs two kernel launches and no PyTorch operation on the residual. With :data:`ONE_LAUNCH` (or
-``one_launch=True``) it is one launch: the last split program of each (row, KV head) to finish (an atomic arrival
-counter, reset by that program) does the merge and the residual itself. The number of splits is chosen
-for about :data:`PROGRAMS_PER_SM` programs per multiprocessor (:func:`choose_splits`).
+so a decoding step runs two kernel launches and no PyTorch operation on the residual. The number of splits is chosen
+for about ``config.programs_per_sm`` programs per multiprocessor (:func:`choose_splits`).
 
 Numerics follow the reference: dequantised keys/values and the softmax weights are cast to the query's dtype before
 each product (bf16/fp16 tensor-core products, float32 accumulation; float32 queries use IEEE float32 products, no
@@ -63,23 +62,13 @@ import triton
 import triton.language as tl
 
 from . import triton_common as _common
+from .kernels import KIVI_VARIANTS as VARIANTS
+from .kernels import KiviKernelConfig
 from .triton_common import interpreting
 from .triton_common import sms as _sms
 
-#: tokens per block of a program's loop (interleaved / planes variant), and warps per program (not tuned on a GPU)
-BLOCK_N = 64
-BLOCK_N_PLANES = 32
-NUM_WARPS = 4
-#: split-kernel variants (see the module docstring); :data:`VARIANT` is the default ("auto": :func:`choose_variant`)
-VARIANTS = ("interleaved", "planes", "planes_fma")
-VARIANT = "auto"
-#: residual tokens per step of the finishing kernel
-BLOCK_R = 16
-#: decode_attend in one launch: the last split program of each (row, KV head) merges the splits and the residual
-#: (arrival counter, atomics), instead of a second kernel (default off until measured on a GPU)
-ONE_LAUNCH = False
-#: programs to aim for per streaming multiprocessor when choosing the number of splits
-PROGRAMS_PER_SM = 4
+#: the launch settings used when a call passes none
+DEFAULT_CONFIG = KiviKernelConfig()
 
 
 def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int,
@@ -112,9 +101,6 @@ def _split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, KEY_ROWS: tl.constexpr, VALUE_ROWS: tl.constexpr,
-    RK=None, RV=None, OUT=None, CNT=None, r=0, srk_b=0, srk_h=0, srk_n=0, srv_b=0, srv_h=0, srv_n=0,
-    FINISH: tl.constexpr = False, BLOCK_D_F: tl.constexpr = 16, BLOCK_DV_F: tl.constexpr = 16,
-    BLOCK_R: tl.constexpr = 16,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     BLOCK_D: tl.constexpr = BLOCK_PK * PER
@@ -225,9 +211,6 @@ def _split_kernel(
     tl.store(MO + row, m_i, mask=gmask)
     tl.store(LO + row, l_i, mask=gmask)
     tl.store(AO + row[:, None] * DV + offs_dv[None, :], acc, mask=gmask[:, None] & dvmask[None, :])
-    if FINISH:
-        _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, pid_bh,
-                       n_split, b, h, G, D, DV, BLOCK_D_F, BLOCK_DV_F, BLOCK_R)
 
 
 @triton.jit
@@ -284,9 +267,6 @@ def _split_kernel_planes(
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_GROUP: tl.constexpr,
     DOT: tl.constexpr,
-    RK=None, RV=None, OUT=None, CNT=None, r=0, srk_b=0, srk_h=0, srk_n=0, srv_b=0, srv_h=0, srv_n=0,
-    FINISH: tl.constexpr = False, BLOCK_D_F: tl.constexpr = 16, BLOCK_DV_F: tl.constexpr = 16,
-    BLOCK_R: tl.constexpr = 16,
 ):
     # the "planes" variant: bit plane I of a byte row holds channels j * PER + I (j = byte); each plane is its own
     # [BLOCK_N, D / PER] operand (a dot over D / PER channels per plane, PER dots summed), so the codes are never
@@ -396,19 +376,17 @@ def _split_kernel_planes(
     if PER > 2:
         tl.store(a_ptr + 2, acc2, mask=amask)
         tl.store(a_ptr + 3, acc3, mask=amask)
-    if FINISH:
-        _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, pid_bh,
-                       n_split, b, h, G, D, DV, BLOCK_D_F, BLOCK_DV_F, BLOCK_R)
 
 
 @triton.jit
 def _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, bh, g, b, h,
                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as :func:`squeezekv.channel.triton_common.merge_kernel`), then attend to the
-    r full-precision residual tokens (keys RK / values RV [B, H, r, D], any strides with a unit last stride) with
+    """Merge the S split states of query head ``g`` of (row, KV head) ``bh`` (as
+    :func:`squeezekv.channel.triton_common.merge_kernel`), then attend to the r full-precision residual tokens (keys
+    RK / values RV [B, H, r, D], any strides with a unit last stride) with
     the same online softmax, and store the normalised output in the output's dtype. The split states are loaded
-    through L2 only (``.cg``): in the one-launch mode other programs wrote them during this kernel."""
+    through L2 only (``.cg``): each is read once."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -471,31 +449,16 @@ def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
                 (bh // H).to(tl.int64), (bh % H).to(tl.int64), G, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_R)
 
 
-@triton.jit
-def _last_finishes(MO, LO, AO, Q, RK, RV, OUT, CNT, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
-                   pid_bh, n_split, b, h, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One-launch mode: after a split program stored its state, it counts itself in ``CNT[bh]``; the last of the
-    (row, KV head)'s programs resets the counter (for the next call) and finishes all G query heads."""
-    tl.debug_barrier()  # every thread's stores of this program issued before the release below
-    done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
-    if done == n_split - 1:
-        tl.store(CNT + pid_bh, 0)
-        for g in range(G):
-            _finish_row(MO, LO, AO, Q, RK, RV, OUT, n_split, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
-                        pid_bh, g, b, h, G, D, DV, 16, BLOCK_D, BLOCK_DV, BLOCK_R)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def choose_splits(nq: int, bh: int, sms: int, block_n: int = BLOCK_N,
-                  programs_per_sm: int | None = None) -> tuple[int, int]:
-    """:func:`squeezekv.channel.triton_common.choose_splits` with this kernel's defaults (:data:`BLOCK_N`,
-    :data:`PROGRAMS_PER_SM`)."""
-    return _common.choose_splits(nq, bh, sms, block_n, PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm)
+def choose_splits(nq: int, bh: int, sms: int, block_n: int,
+                  programs_per_sm: int = DEFAULT_CONFIG.programs_per_sm) -> tuple[int, int]:
+    """:func:`squeezekv.channel.triton_common.choose_splits` (default target: :data:`DEFAULT_CONFIG`'s
+    ``programs_per_sm``)."""
+    return _common.choose_splits(nq, bh, sms, block_n, programs_per_sm)
 
 
 def planes_apply(d: int, dv: int, bits: int, group_size: int, dot: bool = True) -> bool:
@@ -506,16 +469,15 @@ def planes_apply(d: int, dv: int, bits: int, group_size: int, dot: bool = True) 
     return bits in (2, 4, 8) and group_size % per == 0 and (not dot or (d // per >= 16 and dv // per >= 16))
 
 
-def choose_variant(d: int, dv: int, bits: int, group_size: int, variant: str | None = None) -> str:
-    """The split kernel used for ``variant`` (default :data:`VARIANT`): ``"auto"`` takes ``"planes"`` where
+def choose_variant(d: int, dv: int, bits: int, group_size: int, variant: str = DEFAULT_CONFIG.variant) -> str:
+    """The split kernel run for ``variant`` (a config's ``variant``): ``"auto"`` takes ``"planes"`` where
     :func:`planes_apply`, else ``"interleaved"``; ``"planes"``/``"planes_fma"`` fall back to ``"interleaved"`` where
     they do not apply."""
-    v = VARIANT if variant is None else variant
-    if v not in VARIANTS + ("auto",):
-        raise ValueError(f"variant={v!r} is out of range: choose one of {VARIANTS + ('auto',)}")
-    if v == "interleaved" or not planes_apply(d, dv, bits, group_size, dot=v != "planes_fma"):
+    if variant not in VARIANTS + ("auto",):
+        raise ValueError(f"variant={variant!r} is out of range: choose one of {VARIANTS + ('auto',)}")
+    if variant == "interleaved" or not planes_apply(d, dv, bits, group_size, dot=variant != "planes_fma"):
         return "interleaved"
-    return "planes_fma" if v == "planes_fma" else "planes"
+    return "planes_fma" if variant == "planes_fma" else "planes"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -523,33 +485,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_config(b: int, h: int, g: int, d: int, dv: int, nq: int, bits: int, group_size: int, has_gid: bool,
-                   dtype: torch.dtype, device: torch.device, splits: int | None, block_n: int | None,
-                   num_warps: int | None, variant: str | None, programs_per_sm: int | None
-                   ) -> tuple[Any, int, int, dict[str, Any]]:
-    """(split kernel, splits, tokens per split, its constexpr/launch keywords) for one call shape (cached: a decoding
-    step repeats the previous step's shape until the next flush; the module's defaults are part of the key)."""
-    return _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, device, splits, block_n,
-                                 num_warps, VARIANT if variant is None else variant, programs_per_sm,
-                                 (BLOCK_N, BLOCK_N_PLANES, NUM_WARPS, PROGRAMS_PER_SM))
-
-
 @functools.lru_cache(maxsize=4096)
-def _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, device, splits, block_n, num_warps,
-                          variant, programs_per_sm, defaults):
+def _launch_config(b: int, h: int, g: int, d: int, dv: int, nq: int, bits: int, group_size: int, has_gid: bool,
+                   dtype: torch.dtype, device: torch.device, splits: int | None, config: KiviKernelConfig
+                   ) -> tuple[Any, int, int, dict[str, Any]]:
+    """(split kernel, splits, tokens per split, its constexpr/launch keywords) for one call shape and config (cached:
+    a decoding step repeats the previous step's shape until the next flush)."""
     if nq == 0:
         raise ValueError("the fused KIVI kernel needs at least one quantised position")
     why = supports(device, d, dv, bits, group_size)
     if why is not None:
         raise ValueError(f"the fused KIVI kernel cannot run: {why}")
-    var = choose_variant(d, dv, bits, group_size, variant)
-    if block_n is None:
-        block_n = BLOCK_N if var == "interleaved" else BLOCK_N_PLANES
-    num_warps = NUM_WARPS if num_warps is None else num_warps
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+    var = choose_variant(d, dv, bits, group_size, config.variant)
+    block_n = config.block_n_for(var)
     if splits is None:
-        splits, split_len = choose_splits(nq, b * h, _sms(device), block_n, programs_per_sm)
+        splits, split_len = choose_splits(nq, b * h, _sms(device), block_n, config.programs_per_sm)
     else:
         split_len = math.ceil(math.ceil(nq / max(1, splits)) / block_n) * block_n
         splits = math.ceil(nq / split_len)
@@ -559,29 +509,31 @@ def _launch_config_cached(b, h, g, d, dv, nq, bits, group_size, has_gid, dtype, 
     kw: dict[str, Any] = dict(
         G=g, D=d, DV=dv, BITS=bits, GS=group_size, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_PK=block_pk, BLOCK_PV=block_pv, BLOCK_N=block_n, HAS_GID=has_gid,
-        PRECISION="ieee" if dtype == torch.float32 or upcast else None, UPCAST=upcast, num_warps=num_warps)
+        PRECISION="ieee" if dtype == torch.float32 or upcast else None, UPCAST=upcast, num_warps=config.num_warps)
     if var != "interleaved":
         kw["ONE_GROUP"] = not has_gid and group_size % block_n == 0
         kw["DOT"] = var == "planes"
         if var == "planes_fma":  # no tensor-core product: the query heads are not padded to 16 rows
             kw["BLOCK_G"] = triton.next_power_of_2(g)
         return _split_kernel_planes, splits, split_len, kw
-    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+
+    def pow2(x: int) -> bool:
+        return x & (x - 1) == 0
+
     kw.update(EVEN_K=block_pk * per == d, EVEN_V=block_pv * per == dv,
               KEY_ROWS=not has_gid and block_n % group_size == 0 and pow2(block_n // group_size),
               VALUE_ROWS=block_pv * per == dv and pow2(dv // group_size))
     return _split_kernel, splits, split_len, kw
 
 
-def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits,
-                    block_n, num_warps, variant, programs_per_sm, plan=None, finish=None):
+def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits, config,
+                    plan=None):
     """Launch the split kernel: float32 partial states ``(max, sum [B*H, S, G], acc [B*H, S, G, Dv])`` (one
     allocation). ``plan``: a dict the caller keeps between calls (e.g. one per layer); the launch's scalar arguments
     are kept there (with weak references to the storage tensors) and reused while the same tensors come back, so a
     decoding step between two flushes skips the stride and layout work."""
     store = (kcode, vcode, kscale, kzero, vscale, vzero, kgid)
-    key = (q.shape, q.dtype, q.device, bits, group_size, float(scaling), splits, block_n, num_warps, variant,
-           programs_per_sm, VARIANT, BLOCK_N, BLOCK_N_PLANES, NUM_WARPS, PROGRAMS_PER_SM)
+    key = (q.shape, q.dtype, q.device, bits, group_size, float(scaling), splits, config)
     if plan is not None and plan.get("key") == key and all(
             (t is None and r is None) or (r is not None and r() is t) for r, t in zip(plan["refs"], store)):
         kernel, splits, grid_args, kw, sizes = plan["launch"]
@@ -590,8 +542,7 @@ def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, g
         nq = kcode.shape[2]
         dv = vcode.shape[-1] * 8 // bits
         kernel, splits, split_len, kw = _launch_config(
-            b, h, g, d, dv, nq, bits, group_size, kgid is not None, q.dtype, q.device, splits, block_n, num_warps,
-            variant, programs_per_sm)
+            b, h, g, d, dv, nq, bits, group_size, kgid is not None, q.dtype, q.device, splits, config)
         views = tuple(map(_rows, (kcode, vcode, kscale, kzero, vscale, vzero)))
         kc, vc, ks, kz, vs, vz = views
         if kz.stride() != ks.stride() or vz.stride() != vs.stride():
@@ -612,9 +563,8 @@ def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, g
     m_part, l_part = part[:bh * splits * g].view(bh, splits, g), part[n_ml:n_ml + bh * splits * g].view(bh, splits, g)
     a_part = part[2 * n_ml:].view(bh, splits, g, dv)
     kc, vc, ks, kz, vs, vz, gid = store
-    extra = {} if finish is None else finish(bh)  # one-launch mode: the residual and output arguments
     kernel[(bh, splits)](q, kc, vc, ks, kz, vs, vz, kc if gid is None else gid, m_part, l_part, a_part, *grid_args,
-                         **kw, **extra)
+                         **kw)
     return m_part, l_part, a_part, splits
 
 
@@ -631,10 +581,7 @@ def decode_state(
     group_size: int,
     scaling: float,
     splits: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    variant: str | None = None,
-    programs_per_sm: int | None = None,
+    config: KiviKernelConfig = DEFAULT_CONFIG,
     plan: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state of one query token per query head over ``nq`` quantised positions.
@@ -642,19 +589,16 @@ def decode_state(
     ``q`` ``[B, H, G, D]`` (the ``G`` query heads of each KV head); ``kcode``/``vcode`` ``[B, H, nq, D*bits/8]`` /
     ``[B, H, nq, Dv*bits/8]`` uint8; ``kscale``/``kzero`` ``[B, H, ng, D]``; ``vscale``/``vzero``
     ``[B, H, nq, Dv/group_size]``; ``kgid`` ``[B, H, nq]`` or None (group ``p // group_size``). ``splits``: number
-    of token splits (default: :func:`choose_splits` with ``programs_per_sm``); ``block_n``/``num_warps``: tokens
-    per block and warps per program of the split kernel (default: :data:`BLOCK_N` (:data:`BLOCK_N_PLANES` for the
-    planes variants) / :data:`NUM_WARPS`); ``variant``: the split kernel (:func:`choose_variant`); ``plan``: a dict
-    kept by the caller between calls (launch arguments reused while the same storage tensors come back). Returns
-    float32
-    ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with ``acc = sum_p exp(logit_p - max) v_p`` and
-    ``sum = sum_p exp(logit_p - max)``."""
+    of token splits (default: :func:`choose_splits` with ``config.programs_per_sm``); ``config``: the launch
+    settings (:class:`~squeezekv.channel.kernels.KiviKernelConfig`: variant, tokens per block, warps); ``plan``: a
+    dict kept by the caller between calls (launch arguments reused while the same storage tensors come back).
+    Returns float32 ``(max [B, H, G], sum [B, H, G], acc [B, H, G, Dv])`` with
+    ``acc = sum_p exp(logit_p - max) v_p`` and ``sum = sum_p exp(logit_p - max)``."""
     b, h, g, _ = q.shape
     dv = vcode.shape[-1] * 8 // bits
     q = q.contiguous()
     m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
-                                                     group_size, scaling, splits, block_n, num_warps, variant,
-                                                     programs_per_sm, plan)
+                                                     group_size, scaling, splits, config, plan)
     return _common.merge_states(m_part, l_part, a_part, b, h, g, dv, splits)
 
 
@@ -673,21 +617,15 @@ def decode_attend(
     group_size: int,
     scaling: float,
     splits: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    variant: str | None = None,
-    programs_per_sm: int | None = None,
+    config: KiviKernelConfig = DEFAULT_CONFIG,
     plan: dict[str, Any] | None = None,
-    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """Attention output ``[B, H, G, Dv]`` (``q``'s dtype) of one query token per query head over ``nq`` quantised
     positions and then the ``r`` full-precision residual positions ``rkeys``/``rvalues`` ``[B, H, r, D]`` / ``[B, H,
     r, Dv]`` (float32/bfloat16/float16, any strides with a unit last stride; ``r`` may be 0). The quantised part as in
     :func:`decode_state` (same arguments); the second kernel merges the splits, attends to the residual with the same
-    online softmax and writes the normalised output: no PyTorch operation runs on the residual. ``one_launch``
-    (default :data:`ONE_LAUNCH`): no second kernel — each split program counts itself in a per-(row, KV head)
-    arrival counter (an atomic add after its state is stored) and the last one merges the splits and the residual
-    for all ``G`` query heads, then resets the counter; calls must then be ordered (one CUDA stream)."""
+    online softmax (``config.block_r`` residual tokens per step) and writes the normalised output: no PyTorch
+    operation runs on the residual."""
     b, h, g, d = q.shape
     dv = vcode.shape[-1] * 8 // bits
     r = rkeys.shape[2]
@@ -697,35 +635,11 @@ def decode_attend(
     q = q.contiguous()
     rkeys, rvalues = _rows(rkeys), _rows(rvalues)
     out = torch.empty((b, h, g, dv), device=q.device, dtype=q.dtype)
-    blocks = dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv), BLOCK_R=BLOCK_R)
-    res_args = (r, *rkeys.stride()[:3], *rvalues.stride()[:3])
-    if ONE_LAUNCH if one_launch is None else one_launch:
-        def finish(bh: int) -> dict[str, Any]:
-            return dict(RK=rkeys, RV=rvalues, OUT=out, CNT=_counters(q.device, bh), r=r,
-                        srk_b=res_args[1], srk_h=res_args[2], srk_n=res_args[3], srv_b=res_args[4],
-                        srv_h=res_args[5], srv_n=res_args[6], FINISH=True, BLOCK_D_F=blocks["BLOCK_D"],
-                        BLOCK_DV_F=blocks["BLOCK_DV"], BLOCK_R=BLOCK_R)
-
-        _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, group_size, scaling, splits,
-                        block_n, num_warps, variant, programs_per_sm, plan, finish)
-        return out
     m_part, l_part, a_part, splits = _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits,
-                                                     group_size, scaling, splits, block_n, num_warps, variant,
-                                                     programs_per_sm, plan)
+                                                     group_size, scaling, splits, config, plan)
     _finish_kernel[(b * h * g,)](
-        m_part, l_part, a_part, q, rkeys, rvalues, out, splits, res_args[0], float(scaling), *res_args[1:], h,
-        G=g, D=d, DV=dv, BLOCK_S=16, num_warps=4, **blocks,
-    )
+        m_part, l_part, a_part, q, rkeys, rvalues, out, splits, r, float(scaling), *rkeys.stride()[:3],
+        *rvalues.stride()[:3], h, G=g, D=d, DV=dv, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_DV=triton.next_power_of_2(dv), BLOCK_R=config.block_r, num_warps=4,
+    )  # [B, H, G, Dv]
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros on ``device`` for the one-launch mode's arrival counters (each reset to 0 by the program
-    that finishes its (row, KV head), so one zeroed buffer per device serves every call; launches on one stream)."""
-    t = _COUNTERS.get(device)
-    if t is None or t.numel() < n:
-        t = _COUNTERS[device] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
-    return t

@@ -28,7 +28,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (:data:`DEFAULT_SMS` off CUDA)."""
     if device.type == "cuda":

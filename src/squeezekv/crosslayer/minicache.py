@@ -39,7 +39,8 @@ Choices of this implementation (the paper leaves them open or they follow from s
   after the layer's attention), O(n * head_dim) extra work per layer per step.
 * bytes: the pair's shared directions (and retained positions, thresholds) are attributed to its first layer.
 
-Composes with every eviction policy and allocation; not with CUDA-graph decoding (:class:`squeezekv.graphs.GraphDecoder`).
+Composes with every eviction policy and allocation; not with CUDA-graph decoding
+(:class:`squeezekv.graphs.GraphDecoder`).
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ class SharedAttention(CrossLayerMethod):
         n = len(cache.layers)
         for a, b in self._spans:
             if b >= n:
-                raise ValueError(f"shared_attention span {[a, b]} is out of range: the model has {n} layers (0..{n - 1})")
+                raise ValueError(f"shared_attention span {[a, b]} is out of range: the model has {n} layers "
+                                 f"(0..{n - 1})")
             if b == a:
                 continue
             for i in range(a, b + 1):

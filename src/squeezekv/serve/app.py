@@ -19,7 +19,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Sequence, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -153,7 +153,7 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -175,11 +175,11 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 64) - 1)
     user: str | None = None
     # accepted by OpenAI, not implemented here: rejected with 400 unless left at their defaults
-    logprobs: Union[bool, int, None] = None
+    logprobs: bool | int | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -210,7 +210,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int]]
+    prompt: str | list[int]
     max_tokens: int | None = Field(default=16, ge=1)
 
 

@@ -55,7 +55,7 @@ class LayerwiseLoad:
             ev = events[i]
             self._handles.append(layer.register_forward_pre_hook(
                 lambda module, args, ev=ev: torch.cuda.current_stream(self.device).wait_event(ev)))
-        for ev, state in zip(events, layers):  # tensors were allocated on the side stream, used on the compute one
+        for state in layers:  # tensors were allocated on the side stream, used on the compute one
             for t in state.tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
         return cache

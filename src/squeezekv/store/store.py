@@ -108,7 +108,7 @@ class KVStore:
         dropped first if they exceed the capacity."""
         found = [(k, h, m) for k, h, m in tier.scan() if h.get("root") == self.root]
         found.sort(key=lambda x: x[2])
-        for key, header, mtime in found:
+        for key, header, _mtime in found:
             tokens = tuple(int(t) for t in header["tokens"])
             root = str(header.get("chain_root") or self.root)
             hashes = chain(tokens, root, self.block)

@@ -81,7 +81,7 @@ class Tier(ABC):
     def remove(self, key: str) -> None:
         ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most tiers hold nothing outside the process
         """Release what the tier holds outside the process (the disk tier's folder lock)."""
 
 

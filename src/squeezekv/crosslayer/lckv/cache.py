@@ -35,7 +35,8 @@ class LCKVCache(DynamicCache):
         for l, layer in enumerate(self.layers):
             holds = not isinstance(layer, DummyLayer)
             if holds != (l in self.kv_layers):
-                raise RuntimeError(f"cache layer {l} is {type(layer).__name__}, expected KV storage={l in self.kv_layers}")
+                raise RuntimeError(f"cache layer {l} is {type(layer).__name__}, "
+                                   f"expected KV storage={l in self.kv_layers}")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens cached (read from the first KV-producing layer when ``layer_idx`` holds no KV)."""
