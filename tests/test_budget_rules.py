@@ -240,7 +240,8 @@ def test_budget_of_the_window_equals_the_full_cache(method, make_model, make_ids
     model = make_model("mistral")  # window 8
     ids = make_ids(1, 24)
     ref = run_greedy(model, ids, new_tokens=NEW)
-    cache = squeezekv.make_cache(model, method, 8, method_params={"window": 4} if method == "snapkv" else None, allocation="uniform")
+    cache = squeezekv.make_cache(model, method, 8, "uniform",
+                                 method_params={"window": 4} if method == "snapkv" else None)
     same_generation(ref, run_greedy(model, ids, cache=cache, new_tokens=NEW))
 
 

@@ -127,8 +127,9 @@ def test_bench_caches_are_specs():
     assert entry.spec == CacheSpec(method="window", evict_every=16) and entry.decoder == "graph"
     assert entry.name == "method=window evict_every=16 decoder=graph"
     assert BenchCache.parse("full").spec is None
-    for bad, fragment in (("window:16:graph", "unknown method .window:16:graph."), ({"cache": "full", "decoder": "graph"},
-                          "decodes eagerly"), ({"cache": "method=h2o", "decoder": "jit"}, "decoder='jit'"),
+    for bad, fragment in (("window:16:graph", "unknown method .window:16:graph."),
+                          ({"cache": "full", "decoder": "graph"}, "decodes eagerly"),
+                          ({"cache": "method=h2o", "decoder": "jit"}, "decoder='jit'"),
                           ({"method": "h2o"}, "must be 'full', a cache spec")):
         with pytest.raises(ValueError, match=fragment):
             BenchCache.parse(bad)

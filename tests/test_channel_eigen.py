@@ -280,7 +280,8 @@ def test_bad_parameters(params, match):
 def test_cache_without_prepare_raises(make_model, make_ids):
     model = make_model("llama")
     squeezekv.attach(model)
-    cache = squeezekv.build_cache(model.config, "window", budget=8, channel="eigen", channel_params={"calibration": "x"})
+    cache = squeezekv.build_cache(model.config, "window", budget=8, channel="eigen",
+                                  channel_params={"calibration": "x"})
     with pytest.raises(ValueError, match="not prepared"):
         model(make_ids(1, 8), cache=cache)
 

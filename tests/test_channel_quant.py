@@ -142,7 +142,7 @@ def test_block_attention_equals_attention_over_the_dequantised_cache(channel, q_
     params = KIVI_SMALL if channel == "kivi" else _coupled_params(model, tmp_path, residual=3)
     ids = make_ids(2, PROMPT + 8)
     for policy, budget in (("window", 4096), ("h2o", 30)):
-        cache = squeezekv.make_cache(model, policy, budget, channel=channel, channel_params=params, allocation="uniform")
+        cache = squeezekv.make_cache(model, policy, budget, "uniform", channel=channel, channel_params=params)
         model(ids[:, :PROMPT], cache=cache)
         model(ids[:, PROMPT:PROMPT + q_len], cache=cache)
         layer = cache.layers[1]

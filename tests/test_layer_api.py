@@ -127,8 +127,11 @@ def test_graph_decoder_refuses_layers_without_static_support(name, make_model, m
 
 def test_no_layer_class_overrides_enter_static_to_refuse():
     """The capability is a class attribute; ``enter_static`` is SqueezeLayer's alone."""
-    import squeezekv.channel.coupled, squeezekv.channel.eigen, squeezekv.channel.kivi  # noqa: E401,F401
-    import squeezekv.crosslayer.minicache, squeezekv.crosslayer.shared_attention  # noqa: E401,F401
+    import squeezekv.channel.coupled  # noqa: E401,F401
+    import squeezekv.channel.eigen
+    import squeezekv.channel.kivi
+    import squeezekv.crosslayer.minicache  # noqa: E401,F401
+    import squeezekv.crosslayer.shared_attention
 
     def subclasses(c):
         for s in c.__subclasses__():

@@ -229,7 +229,8 @@ def test_positional_policies_keep_the_same_tokens_as_without_merging(method, mak
     """Position-only policies choose the same tokens whether or not layers are merged."""
     model = make_model("llama", layers=4)
     ids = make_ids(1, PROMPT)
-    caches = [squeezekv.make_cache(model, method, 10, allocation="uniform"), _minicache(model, method, 10, start_layer=0, gamma=0.5)]
+    caches = [squeezekv.make_cache(model, method, 10, allocation="uniform"),
+              _minicache(model, method, 10, start_layer=0, gamma=0.5)]
     for cache in caches:
         model(ids, cache=cache)
         for step in range(5):

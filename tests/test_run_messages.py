@@ -13,10 +13,10 @@ import torch
 
 import squeezekv
 from squeezekv import runner
-from squeezekv.spec import CacheSpec
 from squeezekv.cli import main
 from squeezekv.models import arch_spec
 from squeezekv.serve.chartok import CharTokenizer
+from squeezekv.spec import CacheSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 3  # 240 characters

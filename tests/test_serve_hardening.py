@@ -20,10 +20,10 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from serve_models import CJK, EMOJI, byte_tokenizer, expected, successor_model  # noqa: E402
+from squeezekv.commands.serve import uvicorn_config  # noqa: E402
 from squeezekv.serve import Engine, EngineConfig, create_app  # noqa: E402
 from squeezekv.serve.app import key_id  # noqa: E402
 from squeezekv.serve.chartok import CharTokenizer  # noqa: E402
-from squeezekv.commands.serve import uvicorn_config  # noqa: E402
 from squeezekv.store import LOCK_NAME, DiskTier, FolderInUse, KVStore, MemoryTier, namespace  # noqa: E402
 from test_server import MODEL, start_in_thread  # noqa: E402
 
@@ -191,7 +191,8 @@ def test_a_full_queue_answers_429_with_retry_after(char_model, tmp_path):
 
 # -- 2. compressed configuration: never a 500 ------------------------------------------------------------------------
 def _snapkv_engine(char_model, **kw):
-    return _engine(char_model, CharTokenizer(), _memory(), cfg=dict(cache="method=snapkv budget=0.5 allocation=uniform"), **kw)
+    cfg = dict(cache="method=snapkv budget=0.5 allocation=uniform")
+    return _engine(char_model, CharTokenizer(), _memory(), cfg=cfg, **kw)
 
 
 def test_cache_that_cannot_run_a_prompt_is_a_4xx_not_a_500(char_model):
@@ -221,7 +222,8 @@ def test_snapkv_half_budget_short_prompt(char_model):
 
 def test_startup_probe_names_the_shortest_prompt(char_model, tmp_path):
     store = KVStore(_memory(), namespace(model=MODEL), block=8)
-    engine = Engine(char_model, CharTokenizer(), store, EngineConfig(model_name=MODEL, cache="method=snapkv budget=0.5 allocation=uniform"))
+    engine = Engine(char_model, CharTokenizer(), store,
+                    EngineConfig(model_name=MODEL, cache="method=snapkv budget=0.5 allocation=uniform"))
     shortest, why = engine.shortest_prompt()
     # the server prints a warning when this is > 1: SnapKV's 64-token window needs 128-token prompts at 50% unless
     # the policy fits small budgets (issue 18), in which case every prompt runs

@@ -10,7 +10,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "squeezekv"
 
 
 def import_graph(root: Path = PKG) -> dict[str, set[str]]:
-    """Module -> the package modules it imports anywhere in its file (``import``/``from ... import``, relative or not)."""
+    """Module -> the package modules it imports anywhere in its file (``import``/``from ... import``, relative or
+    not)."""
     mods: dict[str, tuple[Path, bool]] = {}
     for path in root.rglob("*.py"):
         parts = list(path.relative_to(root.parent).with_suffix("").parts)

@@ -16,7 +16,6 @@ from transformers import DynamicCache
 from squeezekv.spec import CacheSpec
 
 from ..caches import all_bytes, is_full, kv_bytes, new_cache
-
 from ..suite import Case
 from . import REQUIRED, kind
 

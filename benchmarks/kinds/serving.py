@@ -14,9 +14,8 @@ import torch
 from transformers import DynamicCache
 
 from squeezekv.generation import cache_kwargs
-from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
-
 from squeezekv.spec import CacheSpec
+from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
 
 from ..suite import Case
 from . import kind
@@ -214,7 +213,8 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     hits = {k[4:]: v for k, v in stats.items() if k.startswith("hit_")}
     later_ttft = sorted(r["ttft_s"] for r in later if r["ttft_s"])
     row = {
-        "method": method or "full", "budget": None if spec is None else spec.budget, "cache": None if spec is None else spec.to_text(), "requests": len(records),
+        "method": method or "full", "budget": None if spec is None else spec.budget,
+        "cache": None if spec is None else spec.to_text(), "requests": len(records),
         "errors": len(records) - len(ok), "wall_s": wall, "time_limit_reached": timed_out,
         "lookups": lookups, "hits_per_tier": hits, "misses": stats.get("miss", 0) + stats.get("miss_evicted", 0),
         "hit_rate_per_tier": {k: v / lookups for k, v in hits.items()} if lookups else {},

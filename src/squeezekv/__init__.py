@@ -17,14 +17,14 @@ from .registry import allocation_names, describe, policy_names
 
 if TYPE_CHECKING:
     from .attention import attach, detach
+    from .build import build_cache, make_cache
     from .cache import SqueezeCache, SqueezeLayer, allocated_nbytes, dynamic_cache_nbytes
+    from .distributed import total_kv_nbytes, total_nbytes
     from .inputs import left_pad
     from .plan import Budget, BudgetPlan
-    from .build import build_cache, make_cache
     from .prefill import chunked_prefill
-    from .spec import CacheSpec
-    from .distributed import total_kv_nbytes, total_nbytes
     from .registry import ALLOCATIONS, POLICIES
+    from .spec import CacheSpec
 
 __version__ = "0.1.0"
 

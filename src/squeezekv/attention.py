@@ -64,7 +64,8 @@ def squeezekv_attention(
         if attention_mask is not None or sliding_window:
             allowed = causal(q_len, n, key.device)[None, None]  # [1, 1, q, n]
             if sliding_window:
-                rel = torch.arange(n, device=key.device)[None, :] - torch.arange(n - q_len, n, device=key.device)[:, None]
+                rel = (torch.arange(n, device=key.device)[None, :]
+                       - torch.arange(n - q_len, n, device=key.device)[:, None])
                 allowed = allowed & (rel > -sliding_window)
             if attention_mask is not None:
                 allowed = allowed & attention_mask[:, None, None, -n:]

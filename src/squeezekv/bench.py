@@ -295,7 +295,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefill-chunks", default="",
                     help="comma-separated chunk sizes: each compressed method's prefill is also measured in chunks "
                     "(squeezekv.chunked_prefill), compressing after each")
-    ap.add_argument("--decode-steps", type=int, default=0, help="timed decode steps per repetition, overriding the config's")
+    ap.add_argument("--decode-steps", type=int, default=0,
+                    help="timed decode steps per repetition, overriding the config's")
 
 
 def main(argv: list[str] | None = None) -> None:

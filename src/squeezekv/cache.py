@@ -205,7 +205,8 @@ class SqueezeLayer(LayerStorage, CacheLayerMixin):
                 raise ValueError(f"fill: policy {self.policy.name!r} keeps no scores; pass scores=None")
             if not isinstance(scores, torch.Tensor) or scores.shape != (b, h, n):
                 raise ValueError(f"fill: scores must be a tensor {(b, h, n)}, got "
-                                 f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+                                 f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+                                 )
         if self.cache.plan is None and self.cache.allocation.needs_importance:
             raise ValueError(f"fill: allocation {self.cache.allocation.name!r} derives the plan from layer importance "
                              "measured in a prefill: build the cache with a plan (plan=...) to fill it")
@@ -489,7 +490,8 @@ class SqueezeCache(Cache):
 
     @property
     def keeps_everything(self) -> bool:
-        """The budget is the fraction 1.0: nothing is evicted while decoding (and a derived plan covers the prompt), except
+        """The budget is the fraction 1.0: nothing is evicted while decoding (and a derived plan covers the prompt),
+        except
         the tokens that left a sliding window. A restored snapshot (fixed plan, same budget) keeps the rule."""
         return self.budget.is_fraction and self.budget.value >= 1.0
 

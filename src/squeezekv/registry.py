@@ -110,14 +110,16 @@ def _static_class(cls_node: ast.ClassDef, module: str) -> tuple[str, str, dict[s
     row: dict[str, Any] = {"summary": "", "paper": "", "params": {}}
     for stmt in cls_node.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-            target, value, annotation = stmt.targets[0].id, stmt.value, None
+            field_name: str = stmt.targets[0].id
+            value: ast.expr | None = stmt.value
+            annotation: ast.expr | None = None
         elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            target, value, annotation = stmt.target.id, stmt.value, stmt.annotation
+            field_name, value, annotation = stmt.target.id, stmt.value, stmt.annotation
         else:
             continue
-        where = f"{module}.{cls_node.name}.{target}"
-        if target in ("paper", "summary"):
-            row[target] = _literal(value, where)
+        where = f"{module}.{cls_node.name}.{field_name}"
+        if field_name in ("paper", "summary") and value is not None:
+            row[field_name] = _literal(value, where)
             continue
         if annotation is None or not is_dataclass or value is None:
             continue  # not a dataclass field, or a field without a default
@@ -126,13 +128,13 @@ def _static_class(cls_node: ast.ClassDef, module: str) -> tuple[str, str, dict[s
         if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field":
             default = next((k.value for k in value.keywords if k.arg == "default"), None)
             if default is not None:
-                row["params"][target] = _literal(default, where)
+                row["params"][field_name] = _literal(default, where)
             continue
-        row["params"][target] = _literal(value, where)
+        row["params"][field_name] = _literal(value, where)
     return reg[0], reg[1], row
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _static() -> dict[str, dict[str, dict[str, Any]]]:
     """kind -> name -> ``{"summary", "paper", "params", "module"}`` of the built-in methods, read from source."""
     out: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in _DECORATORS.values()}
@@ -256,7 +258,7 @@ def describe() -> list[dict[str, Any]]:
                 row = static[name]
                 summary, paper, params = row["summary"], row["paper"], dict(row["params"])
             else:
-                cls = table[name]
+                cls: Any = table[name]
                 summary, paper, params = cls.summary, cls.paper, _params(cls)
             rows.append({"kind": kind, "name": name, "summary": summary, "paper": paper, "params": params})
     return rows

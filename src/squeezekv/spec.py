@@ -190,7 +190,8 @@ class CacheSpec:
         elif isinstance(spec, Mapping):
             base = cls.from_dict(spec)
         else:
-            raise TypeError(f"a cache spec is a CacheSpec, its text, a method name or a dict; got {type(spec).__name__}")
+            raise TypeError(f"a cache spec is a CacheSpec, its text, a method name or a dict; "
+                            f"got {type(spec).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(changes) - known)
         if unknown:

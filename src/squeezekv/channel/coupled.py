@@ -8,13 +8,14 @@ codebooks are learned per layer, per KV head, per channel group, separately for 
 calibration activations. The paper's "CQ-<c>c<w>b" configurations: ``8c8b`` = 1 bit per channel, ``4c8b`` = 2 bits.
 
 Parameters: ``bits`` per channel (1 or 2), ``channels`` coupled per group (0 = ``8 // bits``: one 8-bit code per
-group, the paper's 8c8b / 4c8b), ``residual`` newest tokens kept in full precision (0 = none; the prompt still
-attends to itself in full precision before it is quantised), ``calibration``: the codebook file (required by
+group, the paper's 8c8b / 4c8b), ``residual`` newest tokens kept in full precision (0 = none; the prompt still attends
+to itself in full precision before it is quantised), ``calibration``: the codebook file (required by
 :func:`squeezekv.make_cache`; made by ``squeezekv calibrate-cq --out FILE``, or :func:`calibrate` then
-:func:`save_codebooks`), ``kernel``: how a decoding step attends over the quantised tokens (``"auto"``: the fused Triton kernel of :mod:`squeezekv.channel.coupled_triton` on CUDA, else the
-PyTorch reference path, so CPU behaviour never changes; ``"torch"``: always the reference path; ``"triton"``: the
-kernel, ValueError where it cannot run; same semantics as KIVI's ``kernel``), ``kernel_config``: the kernel's launch
-settings (:class:`squeezekv.channel.kernels.CoupledKernelConfig` or a dict of its fields; None: the defaults).
+:func:`save_codebooks`), ``kernel``: how a decoding step attends over the quantised tokens (``"auto"``: the fused
+Triton kernel of :mod:`squeezekv.channel.coupled_triton` on CUDA, else the PyTorch reference path, so CPU behaviour
+never changes; ``"torch"``: always the reference path; ``"triton"``: the kernel, ValueError where it cannot run; same
+semantics as KIVI's ``kernel``), ``kernel_config``: the kernel's launch settings
+(:class:`squeezekv.channel.kernels.CoupledKernelConfig` or a dict of its fields; None: the defaults).
 
 Calibration (:func:`calibrate`): the model runs over calibration text with transformers' own cache and the cached
 keys (after rotary embedding, as squeezekv stores them) and values of every layer are clustered with k-means

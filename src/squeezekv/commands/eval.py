@@ -6,7 +6,8 @@ import argparse
 from typing import Any, Sequence
 
 from ..registry import allocation_names, channel_names, crosslayer_names, policy_names
-from .cache_args import HelpFormatter, parse_params as _params
+from .cache_args import HelpFormatter
+from .cache_args import parse_params as _params
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -163,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
         channels=_names(args.channels), crosslayers=_names(args.crosslayers),
         channel_params=_scoped_params(args.channel_param, "channel"),
         crosslayer_params=_scoped_params(args.crosslayer_param, "cross-layer"),
-        options=opts, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk, skip_infeasible=args.skip_infeasible,
+        options=opts, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+        skip_infeasible=args.skip_infeasible,
         kvpress_python=args.kvpress_python, kvpress_full_check=not args.no_kvpress_full_check,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
     )

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..spec import CacheSpec
-from .cache_args import HelpFormatter, add_cache_arguments, cache_spec, given
 from ..store import DiskTier, FolderInUse, KVStore, MemoryTier, Tier, namespace, parse_bytes
+from .cache_args import HelpFormatter, add_cache_arguments, cache_spec, given
 
 #: environment variable with API keys, comma-separated
 KEYS_ENV = "SQUEEZEKV_API_KEYS"
@@ -223,4 +223,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "build_tiers", "main", "server_cache_spec", "api_keys", "uvicorn_config", "serve_forever", "KEYS_ENV"]
+__all__ = ["add_arguments", "build_tiers", "main", "server_cache_spec", "api_keys", "uvicorn_config", "serve_forever",
+           "KEYS_ENV"]

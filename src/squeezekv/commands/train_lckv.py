@@ -70,4 +70,4 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # pragma: no cover
     parser = argparse.ArgumentParser(prog="squeezekv train-lckv")
     add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    sys.exit(main(parser.parse_args()))

@@ -38,9 +38,9 @@ def evaluate(cfg: GridConfig, out_dir: str | Path, *, sources: Sources | None = 
     cfg.validate()
     sources = prepare_sources(cfg, sources)
     if loaded is None:
-        from ..assets import load_model
-
         import torch
+
+        from ..assets import load_model
 
         loaded = load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     model, tokenizer = loaded

@@ -21,9 +21,9 @@ import torch
 from ..generation import continuation_logprobs, greedy, prefill
 from ..plan import Budget
 from ..registry import make_allocation, make_channel, make_crosslayer, make_policy, policy_names
+from ..spec import CacheSpec
 from .ruler import string_match
 from .scoring import contains_key, exact_match, first_answer_line, token_f1
-from ..spec import CacheSpec
 from .tasks import Example, TaskOptions, parse_tasks
 
 FULL = "full"

@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSONL to append raw results to")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
+    from importlib.metadata import version
+
+    import kvpress  # noqa: F401  (fails early if the environment lacks it)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import kvpress  # noqa: F401  (fails early if the environment lacks it)
-    from importlib.metadata import version
 
     examples = {}
     with open(args.examples, encoding="utf-8") as fh:

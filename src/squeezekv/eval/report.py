@@ -272,7 +272,8 @@ def markdown(summary: list[dict[str, Any]], comps: list[dict[str, Any]], within:
         lines.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {r['method']} | {r['allocation']} | "
                      f"{r['budget']:g} | {r['n']} | {r['gain']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
                      f"{r['verdict']} |")
-    lines += ["", "| task | subset | metric | method | allocation | smallest budget within 1 of full | budgets measured |",
+    lines += ["",
+              "| task | subset | metric | method | allocation | smallest budget within 1 of full | budgets measured |",
               "|" + "---|" * 7]
     for r in within:
         b = "none" if r["budget_within_1"] is None else f"{r['budget_within_1']:g}"
