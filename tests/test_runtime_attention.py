@@ -1,0 +1,141 @@
+"""The runtime's decode attention (squeezekv.runtime.decode_attention): the PyTorch reference against SDPA with a
+boolean mask, and the Triton split-K kernel against the reference under Triton's CPU interpreter (skipped without
+triton; run in a fresh process when this one imported triton compiled)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from squeezekv.runtime.decode_attention import decode_attention, reference_decode_attention
+from triton_kernels import interpreter_module, run_in_fresh_process
+
+
+@pytest.fixture(scope="module")
+def dt():
+    """``squeezekv.runtime.decode_triton`` imported with the interpreter on (dropped again afterwards)."""
+    yield from interpreter_module("squeezekv.runtime.decode_triton")
+
+
+def test_kernel_tests_in_a_fresh_process():
+    run_in_fresh_process(__file__)
+
+
+def _inputs(gen, b, hq, h, c, d, dtype, rows=None):
+    rows = b + 2 if rows is None else rows
+    q = torch.randn(b, hq, 1, d, generator=gen).to(dtype)
+    k_pool = torch.randn(rows, h, c, d, generator=gen).to(dtype)
+    v_pool = torch.randn(rows, h, c, d, generator=gen).to(dtype)
+    slots = torch.randperm(rows, generator=gen)[:b]
+    lengths = torch.randint(1, c + 1, (b, h), generator=gen, dtype=torch.int32)
+    lengths[0, 0] = c  # full
+    lengths[-1, -1] = 1  # one entry
+    return q, k_pool, v_pool, slots, lengths
+
+
+def _sdpa(q, k_pool, v_pool, slots, lengths, scale):
+    """SDPA over the rows' whole slots with a boolean mask of the filled entries, float64."""
+    b, hq, _, d = q.shape
+    h, c = k_pool.shape[1], k_pool.shape[2]
+    k = k_pool[slots].double().repeat_interleave(hq // h, dim=1)  # [B, Hq, C, D]
+    v = v_pool[slots].double().repeat_interleave(hq // h, dim=1)
+    mask = (torch.arange(c) < lengths[..., None]).repeat_interleave(hq // h, dim=1)[:, :, None]  # [B, Hq, 1, C]
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=scale)
+
+
+def _weights(q, k_pool, slots, lengths, scale):
+    """Softmax weights summed over each KV head's query group, [B, H, C], float64."""
+    b, hq, _, d = q.shape
+    h, c = k_pool.shape[1], k_pool.shape[2]
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(b, h, hq // h, d), k_pool[slots].double()) * scale
+    logits = logits.masked_fill(~(torch.arange(c) < lengths[..., None])[:, :, None], float("-inf"))
+    return logits.softmax(-1).sum(2)
+
+
+@pytest.mark.parametrize("b,hq,h,c,d", [(3, 4, 2, 37, 16), (1, 8, 8, 5, 32), (4, 6, 2, 130, 24)])
+def test_reference_equals_masked_sdpa(b, hq, h, c, d):
+    gen = torch.Generator().manual_seed(b * 100 + c)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, b, hq, h, c, d, torch.float32)
+    scale = d ** -0.5
+    got = reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale)
+    torch.testing.assert_close(got.double(), _sdpa(q, k_pool, v_pool, slots, lengths, scale), rtol=0, atol=1e-5)
+    # the scores of the rows' slots grow by the weights; other slots are untouched
+    scores = torch.rand(k_pool.shape[:3], generator=gen)
+    before = scores.clone()
+    reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores=scores)
+    expect = before.double()
+    expect[slots] += _weights(q, k_pool, slots, lengths, scale)
+    torch.testing.assert_close(scores.double(), expect, rtol=0, atol=1e-6)
+
+
+def test_entries_past_the_length_are_not_read():
+    gen = torch.Generator().manual_seed(5)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, 2, 4, 2, 20, 16, torch.float32)
+    lengths.fill_(7)
+    ref = decode_attention(q, k_pool, v_pool, slots, lengths, 0.25)
+    k_pool[:, :, 7:] = 1e4
+    v_pool[:, :, 7:] = float("nan")
+    assert torch.equal(decode_attention(q, k_pool, v_pool, slots, lengths, 0.25), ref)
+
+
+def test_decode_attention_validates_its_inputs():
+    gen = torch.Generator().manual_seed(6)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, 2, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        decode_attention(q, k_pool, v_pool, slots, lengths, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="one query per row"):
+        decode_attention(q.expand(2, 4, 3, 16), k_pool, v_pool, slots, lengths, 1.0)
+    with pytest.raises(ValueError, match="group"):
+        decode_attention(q[:, :3], k_pool, v_pool, slots, lengths, 1.0)
+    with pytest.raises(ValueError, match="slots"):
+        decode_attention(q, k_pool, v_pool, slots.float(), lengths, 1.0)
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q, k_pool, v_pool, slots, lengths[:, :1], 1.0)
+    with pytest.raises(ValueError, match="scores"):
+        decode_attention(q, k_pool, v_pool, slots, lengths, 1.0, scores=torch.zeros(3))
+
+
+@pytest.mark.parametrize("b,hq,h,c,d,dtype,splits,block_n", [
+    (3, 4, 2, 37, 16, torch.float32, 1, 16),  # one split: the split kernel writes the output
+    (3, 4, 2, 37, 16, torch.float32, 3, 16),  # splits past a row's length do nothing
+    (2, 8, 2, 130, 32, torch.float32, None, 64),  # default split choice, 4 query heads per KV head
+    (4, 6, 2, 70, 24, torch.float32, 5, 16),  # head dim and group padded to powers of two
+    (2, 4, 4, 300, 16, torch.float32, 19, 16),  # more splits than the merge reads at once
+    (3, 4, 2, 50, 32, torch.bfloat16, 2, 16),
+    (2, 4, 1, 40, 16, torch.float16, 3, 16),
+])
+def test_kernel_equals_reference(dt, b, hq, h, c, d, dtype, splits, block_n):
+    gen = torch.Generator().manual_seed(c + d)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, b, hq, h, c, d, dtype)
+    scale = d ** -0.5
+    scores_ref = torch.rand(k_pool.shape[:3], generator=gen)
+    scores = scores_ref.clone()
+    ref = reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores_ref)
+    got = dt.decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores=scores, splits=splits,
+                              block_n=block_n)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=tol)
+    torch.testing.assert_close(scores, scores_ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_kernel_grid_does_not_depend_on_lengths(dt, monkeypatch):
+    """The same launch whatever the lengths (a CUDA graph replays it): the splits follow the capacity only."""
+    gen = torch.Generator().manual_seed(9)
+    launches = []
+    orig = dt._split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return orig[grid]
+
+    monkeypatch.setattr(dt, "_split_kernel", Spy())
+    for fill in (1, 17, 64):
+        q, k_pool, v_pool, slots, lengths = _inputs(gen, 2, 4, 2, 64, 16, torch.float32)
+        lengths.fill_(fill)
+        got = dt.decode_attention(q, k_pool, v_pool, slots, lengths, 0.25, block_n=16)
+        torch.testing.assert_close(got, reference_decode_attention(q, k_pool, v_pool, slots, lengths, 0.25),
+                                   rtol=0, atol=1e-5)
+    assert len(set(launches)) == 1 and launches[0][1] > 1
