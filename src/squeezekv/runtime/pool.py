@@ -130,8 +130,9 @@ class KVPool:
         if len(layers) != self.num_layers:
             raise ValueError(f"the cache has {len(layers)} layers but the pool {self.num_layers}")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, SqueezeLayer) or type(layer).attention_keys is not SqueezeLayer.attention_keys:
-                raise ValueError(f"layer {i} is a {type(layer).__name__}: the pool admits plain SqueezeLayers only")
+            if type(layer) is not SqueezeLayer:
+                raise ValueError(f"layer {i} is a {type(layer).__name__}: the pool admits plain SqueezeLayers only "
+                                 "(no channel or cross-layer method, every layer managed)")
             if not layer.is_initialized or not layer.prefill_done:
                 raise ValueError(f"layer {i} holds no prefilled prompt: prefill the request before admitting it")
             b, h, n, d = layer.keys.shape
