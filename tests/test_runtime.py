@@ -25,8 +25,7 @@ def _prefill(model, ids, method, method_params):
 
 
 def _pool_for(cache, max_seqs, new_tokens=STEPS + 2):
-    caps = pool_capacities(cache.plan, CHUNK, cache.evicts_while_decoding, new_tokens)
-    return KVPool(caps, max_seqs, kv_heads=2, head_dim=16, with_scores=cache.policy.uses_scores)
+    return KVPool.for_cache(cache, max_seqs, new_tokens)
 
 
 def _eager_step(model, cache, tok):
@@ -39,7 +38,7 @@ def _same_state(rt, slot, cache):
         assert torch.equal(rt.kept_positions(slot, i), layer.token_idx[0]), (i, slot)
         n = layer.physical_length
         torch.testing.assert_close(rt.pool.keys[i][slot, :, :n], layer.keys[0], rtol=0, atol=1e-5)
-        if rt.observes_weights:
+        if rt.pool.scores is not None:  # h2o: accumulated every step; snapkv: the prompt's votes, 0 for new tokens
             torch.testing.assert_close(rt.pool.scores[i][slot, :, :n], layer.scores[0], rtol=0, atol=1e-5)
     assert rt.pool.host_seen[slot] == cache.layers[0].seen == int(rt.pool.seen[slot])
 
@@ -55,6 +54,19 @@ def test_pool_bytes_equal_the_formula(with_scores, dtype):
     per_slot = sum(h * c * (2 * d * item + 4 + (4 if with_scores else 0)) for c in caps) + len(caps) * h * 4 + 8
     assert pool.slot_nbytes() == per_slot
     assert pool.nbytes() == (seqs + 1) * per_slot == allocated_nbytes(pool.tensors())
+
+
+@pytest.mark.parametrize("method,extra", [("window", CHUNK), ("h2o", CHUNK), ("snapkv", 7)])
+def test_pool_capacity_is_budget_plus_chunk_or_new_tokens(method, extra, make_model, make_ids, method_params):
+    model = make_model("llama")
+    cache, _ = _prefill(model, make_ids(1, 30), method, method_params)
+    pool = KVPool.for_cache(cache, 2, max_new_tokens=7)
+    assert pool.capacities == (BUDGET + extra,) * 4  # snapkv evicts nothing while decoding: room for every new token
+    assert (pool.kv_heads, pool.head_dim, pool.dtype, pool.with_scores) == (2, 16, torch.float32, method != "window")
+    plan = cache.plan.__class__(budgets=(5, None), base=5, allocation="uniform")
+    assert pool_capacities(plan, 3, True, 9, context=40) == [8, 49]
+    with pytest.raises(ValueError, match="context"):
+        pool_capacities(plan, 3, True, 9)
 
 
 def test_pool_slots_are_taken_and_released_without_reallocation():
@@ -204,3 +216,35 @@ def test_runtime_refuses_what_it_cannot_do(make_model, make_ids, method_params):
         rt.step([slot, slot], torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="join"):
         rt.step([0 if slot else 1], tok)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv"])
+def test_cuda_graph_runtime_equals_eager(method, make_model, make_ids, method_params):
+    """On the GPU: each bucket's step captured as a CUDA graph (the Triton kernel when triton is installed) equals
+    the eager path."""
+    model = make_model("llama").cuda()
+    reqs = [_prefill(model, make_ids(1, n, seed=10 + n).cuda(), method, method_params) for n in PROMPTS]
+    cache0 = reqs[0][0]
+    caps = pool_capacities(cache0.plan, CHUNK, cache0.evicts_while_decoding, STEPS + 2)
+    pool = KVPool(caps, 4, kv_heads=2, head_dim=16, device="cuda", with_scores=cache0.policy.uses_scores)
+    rt = DecodeRuntime(model, pool, cache0.policy, CHUNK)
+    assert rt.use_graph
+    slots = [rt.join(cache) for cache, _ in reqs]
+    eager = [logits for _, logits in reqs]
+    got = torch.cat(eager)
+    for step in range(STEPS):
+        live = [0, 1, 2] if step < CHUNK + 1 else [0, 2]  # bucket 4, then bucket 2: two captured graphs
+        toks = got.argmax(-1)
+        if step == CHUNK + 1:
+            rt.leave(slots[1])
+            toks = toks[[0, 2]]
+        got = rt.step([slots[r] for r in live], toks)
+        for i, r in enumerate(live):
+            cache = reqs[r][0]
+            assert int(toks[i]) == int(eager[r].argmax(-1))
+            eager[r] = _eager_step(model, cache, toks[i])
+            torch.testing.assert_close(got[i:i + 1], eager[r], rtol=0, atol=1e-4)
+            _same_state(rt, slots[r], cache)
+    assert sorted(rt._buckets) == [2, 4] and all(b.graph is not None for b in rt._buckets.values())

@@ -139,3 +139,47 @@ def test_kernel_grid_does_not_depend_on_lengths(dt, monkeypatch):
         torch.testing.assert_close(got, reference_decode_attention(q, k_pool, v_pool, slots, lengths, 0.25),
                                    rtol=0, atol=1e-5)
     assert len(set(launches)) == 1 and launches[0][1] > 1
+
+
+def test_runtime_with_the_kernel_equals_eager(dt, make_model, make_ids):
+    """The decode runtime running the (interpreted) kernel, h2o scores included, equals the eager path."""
+    import squeezekv
+    from squeezekv.runtime.pool import KVPool, pool_capacities
+    from squeezekv.runtime.runtime import DecodeRuntime
+
+    chunk, budget = 4, 12
+    model = make_model("llama", layers=2)
+    reqs = []
+    for n in (20, 27):
+        cache = squeezekv.make_cache(model, "h2o", budget, "uniform", evict_every=chunk)
+        reqs.append([cache, model(make_ids(1, n, seed=n), cache=cache).logits[:, -1]])
+    caps = pool_capacities(reqs[0][0].plan, chunk, True, 0)
+    rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=True), "h2o", chunk, backend="triton")
+    slots = [rt.join(cache) for cache, _ in reqs]
+    for _ in range(chunk + 1):  # one compaction
+        toks = torch.cat([logits for _, logits in reqs]).argmax(-1)
+        got = rt.step(slots, toks)
+        for r, req in enumerate(reqs):
+            req[1] = model(toks[r].view(1, 1), cache=req[0]).logits[:, -1]
+            torch.testing.assert_close(got[r:r + 1], req[1], rtol=0, atol=1e-4)
+            for i, layer in enumerate(req[0].layers):
+                assert torch.equal(rt.kept_positions(slots[r], i), layer.token_idx[0])
+                torch.testing.assert_close(rt.pool.scores[i][slots[r], :, :layer.physical_length], layer.scores[0],
+                                           rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_kernel_equals_reference(dtype):
+    """On the GPU: Llama-3-8B's head layout (32 query heads over 8 KV heads of dim 128), bf16/fp16."""
+    from triton_kernels import compiled_module
+
+    dt = compiled_module("squeezekv.runtime.decode_triton")
+    gen = torch.Generator().manual_seed(3)
+    q, k_pool, v_pool, slots, lengths = (t.cuda() for t in _inputs(gen, 8, 32, 8, 1700, 128, dtype, rows=12))
+    scores_ref = torch.rand(k_pool.shape[:3], generator=gen).cuda()
+    scores = scores_ref.clone()
+    ref = reference_decode_attention(q, k_pool, v_pool, slots, lengths, 128 ** -0.5, scores_ref)
+    got = dt.decode_attention(q, k_pool, v_pool, slots, lengths, 128 ** -0.5, scores=scores)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(scores, scores_ref, rtol=0, atol=1e-3)

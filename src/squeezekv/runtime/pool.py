@@ -77,6 +77,17 @@ class KVPool:
         self._free = list(range(max_seqs - 1, -1, -1))  # a stack: acquire() hands out slot 0 first
         self._used: set[int] = set()
 
+    @classmethod
+    def for_cache(cls, cache: Any, max_seqs: int, max_new_tokens: int) -> "KVPool":
+        """A pool shaped after a prefilled ``SqueezeCache``: its plan's budgets, its ``evict_every`` as the chunk, its
+        KV heads, head dim, dtype and device; scores when its policy scores."""
+        if cache.plan is None or not cache.layers or not cache.layers[0].is_initialized:
+            raise ValueError("prefill the cache before shaping a pool after it")
+        keys = cache.layers[0].keys  # [1, H, n, D]
+        caps = pool_capacities(cache.plan, cache.evict_every, cache.evicts_while_decoding, max_new_tokens)
+        return cls(caps, max_seqs, keys.shape[1], keys.shape[-1], dtype=keys.dtype, device=keys.device,
+                   with_scores=cache.policy.uses_scores)
+
     @property
     def num_layers(self) -> int:
         return len(self.capacities)
