@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ..channel.triton_common import choose_splits, interpreting, sms
 
-#: entries per block of a program's loop, warps per program, programs aimed at per multiprocessor (not tuned on a GPU)
+#: entries per block of a program's loop (float32 inputs: half, to keep shared memory under 100 KiB at head dim 128),
+#: warps per program, programs aimed at per multiprocessor (not tuned on a GPU)
 BLOCK_N = 64
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4
@@ -46,6 +47,11 @@ def supports(q: torch.Tensor) -> str | None:
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
         return "bfloat16 products need a GPU of compute capability 8.0 or newer"
     return None
+
+
+def default_block_n(dtype: torch.dtype) -> int:
+    """Entries per block: :data:`BLOCK_N` for 16-bit inputs, half of it for float32."""
+    return BLOCK_N // 2 if dtype == torch.float32 else BLOCK_N
 
 
 @triton.jit
@@ -175,10 +181,13 @@ def _scores_kernel(Q, K, SLOTS, LENS, M, L, SC,
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float, *, scores: torch.Tensor | None = None,
-                     splits: int | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
+                     splits: int | None = None, block_n: int | None = None,
+                     num_warps: int = NUM_WARPS) -> torch.Tensor:
     """:func:`squeezekv.runtime.decode_attention.decode_attention` by the kernels (shapes checked there).
     ``splits``: number of token splits (default: :func:`choose_splits` for about :data:`PROGRAMS_PER_SM` programs per
-    multiprocessor); ``block_n``: entries per block (a power of two >= 16)."""
+    multiprocessor); ``block_n``: entries per block (a power of two >= 16; default :func:`default_block_n`)."""
+    if block_n is None:
+        block_n = default_block_n(q.dtype)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} is out of range: must be a power of two >= 16")
     b, hq, _, d = q.shape
