@@ -135,10 +135,13 @@ def test_admit_refuses_what_it_cannot_hold(make_model, make_ids, make_left_padde
 # -- the runtime equals the eager path -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, (30, 30, 30)], ids=["different-lengths", "same-length"])
 @pytest.mark.parametrize("method", ["window", "streamingllm", "h2o", "snapkv"])
-def test_runtime_equals_eager(method, make_model, make_ids, method_params):
+def test_runtime_equals_eager(method, prompts, make_model, make_ids, method_params):
+    """Requests of the same length evict together (one selection and one compaction for the group), of different
+    lengths separately; either way each row equals its own eager decoding."""
     model = make_model("llama")
-    reqs = [_prefill(model, make_ids(1, n, seed=10 + n), method, method_params) for n in PROMPTS]
+    reqs = [_prefill(model, make_ids(1, n, seed=10 + n + i), method, method_params) for i, n in enumerate(prompts)]
     pool = _pool_for(reqs[0][0], max_seqs=4)
     rt = DecodeRuntime(model, pool, reqs[0][0].policy, CHUNK)
     slots = [rt.join(cache) for cache, _ in reqs]

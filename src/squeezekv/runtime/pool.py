@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..plan import BudgetPlan
@@ -71,9 +72,11 @@ class KVPool:
                        if with_scores else None)
         self.lengths = torch.zeros((len(capacities), rows, kv_heads), dtype=torch.int32, **f)  # [L, S, H]
         self.seen = torch.zeros(rows, dtype=torch.int64, **f)  # [S]
-        # host mirror: per layer and slot the largest head's fill count; tokens seen per slot
-        self.host_lengths = [[0] * rows for _ in capacities]
-        self.host_seen = [0] * rows
+        # host mirror (numpy, so a step's checks are array operations): per layer and slot the heads' fill count;
+        # tokens seen per slot
+        self.host_lengths = np.zeros((len(capacities), rows), dtype=np.int64)  # [L, S]
+        self.host_seen = np.zeros(rows, dtype=np.int64)  # [S]
+        self.host_capacities = np.asarray(self.capacities, dtype=np.int64)  # [L]
         self._free = list(range(max_seqs - 1, -1, -1))  # a stack: acquire() hands out slot 0 first
         self._used: set[int] = set()
 
@@ -126,8 +129,7 @@ class KVPool:
     def _clear(self, slot: int) -> None:
         self.lengths[:, slot].zero_()
         self.seen[slot] = 0
-        for lens in self.host_lengths:
-            lens[slot] = 0
+        self.host_lengths[:, slot] = 0
         self.host_seen[slot] = 0
 
     # -- admission ------------------------------------------------------------------------------------------------
@@ -181,12 +183,10 @@ class KVPool:
         self.lengths[:, self.scratch] = 0
         self.seen[self.scratch] = 0
 
-    def advance_host(self, slots: Sequence[int]) -> None:
-        """Host mirror of :meth:`advance` for the real rows."""
-        for s in slots:
-            for lens in self.host_lengths:
-                lens[s] += 1
-            self.host_seen[s] += 1
+    def advance_host(self, slots: Sequence[int] | np.ndarray) -> None:
+        """Host mirror of :meth:`advance` for the real rows (distinct slots)."""
+        self.host_lengths[:, slots] += 1
+        self.host_seen[slots] += 1
 
     def keep(self, layer: int, slot: int, idx: torch.Tensor) -> None:
         """Keep the filled entries ``idx`` ``[H, k]`` (ascending) of ``slot`` in ``layer``, compacted in place at the
@@ -202,6 +202,26 @@ class KVPool:
             row[:, :k].copy_(row.gather(1, idx.long()))
         self.lengths[layer, slot].fill_(k)
         self.host_lengths[layer][slot] = k
+
+    def keep_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor, rows_per_copy: int = 64) -> None:
+        """:meth:`keep` for several slots at once: ``slots`` ``[n]`` int64 (distinct, on the pool's device), ``idx``
+        ``[n, H, k]`` ascending entries of each; at most ``rows_per_copy`` slots' rows are copied at a time (the
+        transient memory of a compaction is ``rows_per_copy`` slots of one layer)."""
+        n, h, k = idx.shape
+        d = self.head_dim
+        for start in range(0, n, rows_per_copy):
+            sl, ix = slots[start:start + rows_per_copy], idx[start:start + rows_per_copy].long()  # [m], [m, H, k]
+            m = sl.shape[0]
+            for bufs in (self.keys, self.values):
+                rows = bufs[layer].index_select(0, sl)  # [m, H, C, D]
+                rows[:, :, :k].copy_(rows.gather(2, ix[..., None].expand(m, h, k, d)))
+                bufs[layer].index_copy_(0, sl, rows)
+            for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
+                rows = bufs[layer].index_select(0, sl)  # [m, H, C]
+                rows[:, :, :k].copy_(rows.gather(2, ix))
+                bufs[layer].index_copy_(0, sl, rows)
+        self.lengths[layer].index_fill_(0, slots, k)
+        self.host_lengths[layer][slots.cpu().numpy()] = k
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:

@@ -31,6 +31,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -132,15 +133,16 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 class _SlotView:
-    """What ``EvictionPolicy.select`` reads of a layer, for one slot of the pool (batch 1, ``n`` filled entries)."""
+    """What ``EvictionPolicy.select`` reads of a layer, for slots of the pool that hold the same number ``n`` of
+    entries and have seen the same number of tokens (a batch of ``len(slots)``)."""
 
     valid = None
     sliding_window = None
 
-    def __init__(self, pool: KVPool, layer: int, slot: int, n: int):
-        self.token_idx = pool.positions[layer][slot:slot + 1, :, :n]  # [1, H, n]
-        self.scores = None if pool.scores is None else pool.scores[layer][slot:slot + 1, :, :n]
-        self.seen = pool.host_seen[slot]
+    def __init__(self, pool: KVPool, layer: int, slots: torch.Tensor, n: int, seen: int):
+        self.token_idx = pool.positions[layer].index_select(0, slots)[:, :, :n]  # [m, H, n]
+        self.scores = None if pool.scores is None else pool.scores[layer].index_select(0, slots)[:, :, :n]
+        self.seen = seen
         self.physical_length = n
 
 
@@ -193,6 +195,8 @@ class DecodeRuntime:
         if self.use_graph and pool.device.type != "cuda":
             raise ValueError("CUDA graphs need the pool on a CUDA device")
         self._budgets: dict[int, list[int | None]] = {}  # slot -> each layer's decode budget (None: only grows)
+        # [L, S] the same as an array: -1 where a layer only grows (snapkv, none, budget 1.0) or the slot is free
+        self._budget_array = np.full((pool.num_layers, pool.max_seqs + 1), -1, dtype=np.int64)
         self._buckets: dict[int, _Bucket] = {}
         AttentionInterface.register(ATTN_NAME, runtime_attention)
 
@@ -218,6 +222,7 @@ class DecodeRuntime:
             self.pool.release(slot)
             raise
         self._budgets[slot] = budgets
+        self._budget_array[:, slot] = [-1 if b is None else b for b in budgets]
         return slot
 
     def leave(self, slot: int) -> None:
@@ -225,6 +230,7 @@ class DecodeRuntime:
         if slot not in self._budgets:
             raise ValueError(f"slot {slot!r} holds no request of this runtime")
         del self._budgets[slot]
+        self._budget_array[:, slot] = -1
         self.pool.release(slot)
 
     def kept_positions(self, slot: int, layer: int) -> torch.Tensor:
@@ -253,12 +259,15 @@ class DecodeRuntime:
         for s in slots:
             if s not in self._budgets:
                 raise ValueError(f"slot {s} holds no request of this runtime: join() it first")
-            if pool.host_seen[s] + 1 > self.max_context:
-                raise ValueError(f"slot {s}: the sequence would exceed the model's context of {self.max_context}")
-            for i, lens in enumerate(pool.host_lengths):
-                if lens[s] + 1 > pool.capacities[i]:
-                    raise ValueError(f"slot {s} is full in layer {i} ({pool.capacities[i]} entries): its policy "
-                                     "does not evict while decoding; build the pool for more new tokens")
+        idx = np.asarray(slots, dtype=np.int64)  # [n]
+        if int(pool.host_seen[idx].max()) + 1 > self.max_context:
+            s = int(idx[pool.host_seen[idx].argmax()])
+            raise ValueError(f"slot {s}: the sequence would exceed the model's context of {self.max_context}")
+        full = pool.host_lengths[:, idx] + 1 > pool.host_capacities[:, None]  # [L, n]
+        if full.any():
+            i, j = (int(x[0]) for x in np.nonzero(full))
+            raise ValueError(f"slot {slots[j]} is full in layer {i} ({pool.capacities[i]} entries): its policy "
+                             "does not evict while decoding; build the pool for more new tokens")
         bucket = self._bucket(self.bucket_size(len(slots)))
         n = len(slots)
         rows = bucket.rows
@@ -272,11 +281,11 @@ class DecodeRuntime:
         else:
             with self._attention():
                 logits = self._forward(bucket)[:n]
-        pool.advance_host(slots)
-        for s in slots:
-            for layer, budget in enumerate(self._budgets[s]):
-                if budget is not None and pool.host_lengths[layer][s] >= budget + self.chunk:
-                    self._evict(layer, s, budget)
+        pool.advance_host(idx)
+        budgets = self._budget_array[:, idx]  # [L, n]
+        due = (budgets >= 0) & (pool.host_lengths[:, idx] >= budgets + self.chunk)  # [L, n]
+        for layer in np.nonzero(due.any(axis=1))[0]:
+            self._evict(int(layer), idx[due[layer]], budgets[layer][due[layer]])
         return logits
 
     def _forward(self, bucket: _Bucket) -> torch.Tensor:
@@ -287,10 +296,19 @@ class DecodeRuntime:
         self.pool.advance(rows.slots)
         return out.logits[:, -1]  # [B, vocab]
 
-    def _evict(self, layer: int, slot: int, budget: int) -> None:
-        view = _SlotView(self.pool, layer, slot, self.pool.host_lengths[layer][slot])
-        idx = self.policy.select(view, budget)  # [1, H, k] ascending
-        self.pool.keep(layer, slot, idx[0])
+    def _evict(self, layer: int, slots: np.ndarray, budgets: np.ndarray) -> None:
+        """Evict ``layer`` of ``slots`` down to their ``budgets`` with the policy's selection: one selection and one
+        compaction for each group of slots holding the same number of entries, seen tokens and budget (the slots
+        of requests that joined together evict together)."""
+        pool = self.pool
+        key = np.stack([pool.host_lengths[layer][slots], pool.host_seen[slots], budgets])  # [3, n]
+        groups, inverse = np.unique(key, axis=1, return_inverse=True)
+        for g in range(groups.shape[1]):
+            n, seen, budget = (int(x) for x in groups[:, g])
+            members = torch.as_tensor(slots[inverse.reshape(-1) == g], device=pool.device)  # [m]
+            view = _SlotView(pool, layer, members, n, seen)
+            keep = self.policy.select(view, budget)  # [m, H, k] ascending
+            pool.keep_rows(layer, members, keep)
 
     @contextlib.contextmanager
     def _attention(self) -> Iterator[None]:
