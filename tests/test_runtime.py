@@ -251,3 +251,11 @@ def test_cuda_graph_runtime_equals_eager(method, make_model, make_ids, method_pa
             torch.testing.assert_close(got[i:i + 1], eager[r], rtol=0, atol=1e-4)
             _same_state(rt, slots[r], cache)
     assert sorted(rt._buckets) == [2, 4] and all(b.graph is not None for b in rt._buckets.values())
+
+
+def test_batch_buckets():
+    """Powers of two up to 64, then multiples of 64 (large batches are not padded to the next power of two)."""
+    from squeezekv.runtime.runtime import DecodeRuntime as R
+
+    assert [R.bucket_size(None, n) for n in (1, 2, 3, 5, 17, 64, 65, 128, 130, 530)] == [
+        1, 2, 4, 8, 32, 64, 128, 128, 192, 576]

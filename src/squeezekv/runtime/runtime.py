@@ -242,8 +242,11 @@ class DecodeRuntime:
 
     # -- stepping -------------------------------------------------------------------------------------------------
     def bucket_size(self, n: int) -> int:
-        """The batch bucket of ``n`` rows: the smallest power of two >= n."""
-        return 1 << max(0, n - 1).bit_length()
+        """The batch bucket of ``n`` rows: the smallest power of two >= n up to 64, then the smallest multiple of 64
+        (padding rows cost the model's matrix products, so large batches are not rounded up to a power of two)."""
+        if n <= 64:
+            return 1 << max(0, n - 1).bit_length()
+        return -(-n // 64) * 64
 
     @torch.no_grad()
     def step(self, slots: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
