@@ -1,0 +1,242 @@
+"""The KV pool: preallocated keys/values of ``max_seqs`` sequence slots for every layer, admitted and released without
+reallocation.
+
+Per layer ``l`` (``S`` = ``max_seqs + 1`` rows: the last is a scratch row that the padding rows of a batch bucket
+write to, never handed out; ``H`` = KV heads, ``C_l`` = the layer's capacity, ``D`` = head dim):
+
+* ``keys[l]`` / ``values[l]`` ``[S, H, C_l, D]`` in the model's dtype (rotated keys, as the model caches them);
+* ``positions[l]`` ``[S, H, C_l]`` int32: logical position of each filled entry (what ``SqueezeLayer.token_idx`` holds);
+* ``scores[l]`` ``[S, H, C_l]`` float32, only for policies that score (H2O);
+* ``lengths`` ``[L, S, H]`` int32: filled entries per (layer, slot, KV head) (heads may differ after per-head
+  eviction), one tensor so a decode step advances every layer in one operation;
+* ``seen`` ``[S]`` int64: tokens seen by each slot's sequence (the logical position of its next token).
+
+Entries past ``lengths`` are never read by the decode attention; the buffers start zeroed so that a masked entry is
+never NaN. ``capacity_l`` is the layer's budget plus the decode chunk for a policy that evicts while decoding, else the
+budget plus the tokens to generate (:func:`pool_capacities`).
+
+The pool also keeps a host-side mirror of ``lengths`` (per layer and slot, the largest head's count) and ``seen``, so
+that the runtime decides when to evict without reading the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..plan import BudgetPlan
+
+
+def pool_capacities(plan: BudgetPlan, chunk: int, evicts_while_decoding: bool, max_new_tokens: int,
+                    context: int | None = None) -> list[int]:
+    """Capacity of every layer of ``plan``: ``budget + chunk`` when the policy evicts down to the budget every
+    ``chunk`` decode steps (window, streamingllm, h2o), else ``budget + max_new_tokens`` (snapkv: nothing is evicted
+    while decoding); a layer the plan does not manage (``None``) holds a full cache of ``context + max_new_tokens``."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} is out of range: must be an integer >= 1")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is out of range: must be an integer >= 0")
+    out = []
+    for i, b in enumerate(plan.budgets):
+        if b is None:
+            if context is None:
+                raise ValueError(f"layer {i} is not managed by the plan: give the context length for its full cache")
+            out.append(context + max_new_tokens)
+        else:
+            out.append(b + (chunk if evicts_while_decoding else max_new_tokens))
+    return out
+
+
+class KVPool:
+    """Preallocated per-layer KV storage for ``max_seqs`` sequences (see the module docstring for the layout)."""
+
+    def __init__(self, capacities: Sequence[int], max_seqs: int, kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", with_scores: bool = False):
+        if not capacities or any(not isinstance(c, int) or c < 1 for c in capacities):
+            raise ValueError(f"capacities={list(capacities)!r} are out of range: one integer >= 1 per layer")
+        for name, v in (("max_seqs", max_seqs), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
+        self.capacities = tuple(capacities)
+        self.max_seqs, self.kv_heads, self.head_dim = max_seqs, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        rows = max_seqs + 1
+        self.scratch = max_seqs  # the padding rows' slot
+        f = dict(device=self.device)
+        self.keys = [torch.zeros((rows, kv_heads, c, head_dim), dtype=dtype, **f) for c in capacities]
+        self.values = [torch.zeros((rows, kv_heads, c, head_dim), dtype=dtype, **f) for c in capacities]
+        self.positions = [torch.zeros((rows, kv_heads, c), dtype=torch.int32, **f) for c in capacities]
+        self.scores = ([torch.zeros((rows, kv_heads, c), dtype=torch.float32, **f) for c in capacities]
+                       if with_scores else None)
+        self.lengths = torch.zeros((len(capacities), rows, kv_heads), dtype=torch.int32, **f)  # [L, S, H]
+        self.seen = torch.zeros(rows, dtype=torch.int64, **f)  # [S]
+        # host mirror (numpy, so a step's checks are array operations): per layer and slot the heads' fill count;
+        # tokens seen per slot
+        self.host_lengths = np.zeros((len(capacities), rows), dtype=np.int64)  # [L, S]
+        self.host_seen = np.zeros(rows, dtype=np.int64)  # [S]
+        self.host_capacities = np.asarray(self.capacities, dtype=np.int64)  # [L]
+        self._free = list(range(max_seqs - 1, -1, -1))  # a stack: acquire() hands out slot 0 first
+        self._used: set[int] = set()
+
+    @classmethod
+    def for_cache(cls, cache: Any, max_seqs: int, max_new_tokens: int) -> "KVPool":
+        """A pool shaped after a prefilled ``SqueezeCache``: its plan's budgets, its ``evict_every`` as the chunk, its
+        KV heads, head dim, dtype and device; scores when its policy scores."""
+        if cache.plan is None or not cache.layers or not cache.layers[0].is_initialized:
+            raise ValueError("prefill the cache before shaping a pool after it")
+        keys = cache.layers[0].keys  # [1, H, n, D]
+        caps = pool_capacities(cache.plan, cache.evict_every, cache.evicts_while_decoding, max_new_tokens)
+        return cls(caps, max_seqs, keys.shape[1], keys.shape[-1], dtype=keys.dtype, device=keys.device,
+                   with_scores=cache.policy.uses_scores)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.capacities)
+
+    @property
+    def with_scores(self) -> bool:
+        return self.scores is not None
+
+    # -- slots ----------------------------------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        """Slots that :meth:`acquire` can still hand out."""
+        return len(self._free)
+
+    def acquire(self) -> int:
+        """Take a free slot (empty: every length 0)."""
+        if not self._free:
+            raise ValueError(f"the pool's {self.max_seqs} slots are all in use: release one first")
+        slot = self._free.pop()
+        self._used.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give ``slot`` back (its lengths drop to 0; the storage stays allocated for the next sequence)."""
+        self._check_slot(slot)
+        self._used.discard(slot)
+        self._clear(slot)
+        self._free.append(slot)
+
+    def in_use(self, slot: int) -> bool:
+        return slot in self._used
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int) or slot not in self._used:
+            raise ValueError(f"slot {slot!r} is not in use: acquire() one (slots 0..{self.max_seqs - 1})")
+
+    def _clear(self, slot: int) -> None:
+        self.lengths[:, slot].zero_()
+        self.seen[slot] = 0
+        self.host_lengths[:, slot] = 0
+        self.host_seen[slot] = 0
+
+    # -- admission ------------------------------------------------------------------------------------------------
+    def admit(self, slot: int, cache: Any) -> None:
+        """Copy a prefilled (and compressed) request, a ``SqueezeCache`` of batch 1 whose every layer is managed, into
+        ``slot``: its keys/values, token positions and scores, in place (no reallocation; other slots untouched)."""
+        from ..cache import SqueezeLayer
+
+        self._check_slot(slot)
+        layers = list(cache.layers)
+        if len(layers) != self.num_layers:
+            raise ValueError(f"the cache has {len(layers)} layers but the pool {self.num_layers}")
+        for i, layer in enumerate(layers):
+            if type(layer) is not SqueezeLayer:
+                raise ValueError(f"layer {i} is a {type(layer).__name__}: the pool admits plain SqueezeLayers only "
+                                 "(no channel or cross-layer method, every layer managed)")
+            if not layer.is_initialized or not layer.prefill_done:
+                raise ValueError(f"layer {i} holds no prefilled prompt: prefill the request before admitting it")
+            b, h, n, d = layer.keys.shape
+            if b != 1:
+                raise ValueError(f"layer {i} holds a batch of {b}: admit one request (batch 1) at a time")
+            if layer.valid is not None:
+                raise ValueError(f"layer {i} holds padding: prefill the request without padding")
+            if (h, d, layer.values.shape[-1]) != (self.kv_heads, self.head_dim, self.head_dim):
+                raise ValueError(f"layer {i} has {h} KV heads of dims {d}/{layer.values.shape[-1]}; the pool "
+                                 f"{self.kv_heads} heads of dim {self.head_dim}")
+            if n > self.capacities[i]:
+                raise ValueError(f"layer {i} holds {n} tokens, more than its pool capacity {self.capacities[i]}")
+        for i, layer in enumerate(layers):
+            n = layer.physical_length
+            self.keys[i][slot, :, :n].copy_(layer.keys[0])  # [H, n, D]
+            self.values[i][slot, :, :n].copy_(layer.values[0])
+            self.positions[i][slot, :, :n].copy_(layer.token_idx[0])  # [H, n]
+            if self.scores is not None:
+                if layer.scores is None:
+                    self.scores[i][slot, :, :n].zero_()
+                else:
+                    self.scores[i][slot, :, :n].copy_(layer.scores[0])
+            self.lengths[i, slot].fill_(n)
+            self.host_lengths[i][slot] = n
+        seen = layers[0].seen
+        self.seen[slot] = seen
+        self.host_seen[slot] = seen
+
+    # -- after a decode step / eviction ---------------------------------------------------------------------------
+    def advance(self, slots: torch.Tensor) -> None:
+        """Device side of a decode step over the rows ``slots`` ``[B]`` (tensor ops only, captured with the step):
+        every layer's lengths and ``seen`` grow by one; the scratch row stays empty."""
+        self.lengths[:, slots] += 1  # [L, B, H]; duplicate scratch rows write the same value
+        self.seen[slots] += 1
+        self.lengths[:, self.scratch] = 0
+        self.seen[self.scratch] = 0
+
+    def advance_host(self, slots: Sequence[int] | np.ndarray) -> None:
+        """Host mirror of :meth:`advance` for the real rows (distinct slots)."""
+        self.host_lengths[:, slots] += 1
+        self.host_seen[slots] += 1
+
+    def keep(self, layer: int, slot: int, idx: torch.Tensor) -> None:
+        """Keep the filled entries ``idx`` ``[H, k]`` (ascending) of ``slot`` in ``layer``, compacted in place at the
+        front of the slot's storage (the buffers' addresses never change)."""
+        h, k = idx.shape
+        d = self.head_dim
+        for bufs in (self.keys, self.values):
+            row = bufs[layer][slot]  # [H, C, D]
+            row[:, :k].copy_(row.gather(1, idx[..., None].expand(h, k, d).long()))
+        tensors = [self.positions] + ([self.scores] if self.scores is not None else [])
+        for bufs in tensors:
+            row = bufs[layer][slot]  # [H, C]
+            row[:, :k].copy_(row.gather(1, idx.long()))
+        self.lengths[layer, slot].fill_(k)
+        self.host_lengths[layer][slot] = k
+
+    def keep_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor, rows_per_copy: int = 64) -> None:
+        """:meth:`keep` for several slots at once: ``slots`` ``[n]`` int64 (distinct, on the pool's device), ``idx``
+        ``[n, H, k]`` ascending entries of each; at most ``rows_per_copy`` slots' rows are copied at a time (the
+        transient memory of a compaction is ``rows_per_copy`` slots of one layer)."""
+        n, h, k = idx.shape
+        d = self.head_dim
+        for start in range(0, n, rows_per_copy):
+            sl, ix = slots[start:start + rows_per_copy], idx[start:start + rows_per_copy].long()  # [m], [m, H, k]
+            m = sl.shape[0]
+            for bufs in (self.keys, self.values):
+                rows = bufs[layer].index_select(0, sl)  # [m, H, C, D]
+                rows[:, :, :k].copy_(rows.gather(2, ix[..., None].expand(m, h, k, d)))
+                bufs[layer].index_copy_(0, sl, rows)
+            for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
+                rows = bufs[layer].index_select(0, sl)  # [m, H, C]
+                rows[:, :, :k].copy_(rows.gather(2, ix))
+                bufs[layer].index_copy_(0, sl, rows)
+        self.lengths[layer].index_fill_(0, slots, k)
+        self.host_lengths[layer][slots.cpu().numpy()] = k
+
+    # -- memory ---------------------------------------------------------------------------------------------------
+    def slot_nbytes(self) -> int:
+        """Bytes one slot takes: per layer ``H * C_l * (2 * D * itemsize + 4 [+ 4 for scores])``, plus its lengths
+        (``L * H * 4``) and ``seen`` (8)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        per_entry = 2 * self.head_dim * item + 4 + (4 if self.scores is not None else 0)
+        return (sum(self.kv_heads * c * per_entry for c in self.capacities)
+                + self.num_layers * self.kv_heads * 4 + 8)
+
+    def nbytes(self) -> int:
+        """Bytes allocated by the pool: ``(max_seqs + 1) * slot_nbytes()`` (the scratch row included)."""
+        return (self.max_seqs + 1) * self.slot_nbytes()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the pool allocated."""
+        out = [*self.keys, *self.values, *self.positions, self.lengths, self.seen]
+        return out + (list(self.scores) if self.scores is not None else [])

@@ -1,0 +1,353 @@
+"""A batched greedy decode step over the slots of a :class:`~squeezekv.runtime.pool.KVPool`, through transformers'
+own hooks.
+
+* :class:`PoolCache` is a ``transformers.Cache`` whose layers (:class:`PoolLayer`) are views on the pool: ``update``
+  writes each row's new key/value at ``lengths[slot, h]`` of its slot (``index_put_``, tensor ops only, no host sync)
+  and hands the whole pool layer on;
+* the attention function registered in ``AttentionInterface`` under :data:`ATTN_NAME` calls
+  :func:`~squeezekv.runtime.decode_attention.decode_attention` over the filled entries (plus the new one) of each row.
+
+A step runs at a fixed batch size, a bucket (1, 2, 4, ...: the smallest power of two that holds the rows); the rows
+past the real ones point at the pool's scratch slot. So on CUDA the whole model step of a bucket is captured once as a
+``torch.cuda.CUDAGraph`` and replayed; on CPU (or ``use_graph=False``) the same code runs eagerly. Each row's RoPE
+position is its own sequence's logical position (``pool.seen``).
+
+Eviction, outside the graph, follows the eager path's rule exactly (``SqueezeLayer.after_attention`` with
+``evict_every = chunk``): a layer of a slot that holds ``budget + chunk`` entries after a step evicts down to its
+budget with the policy's own selection (``EvictionPolicy.select``) and is compacted in place, the buffers never move.
+The budget is the admitted request's ``SqueezeLayer.decode_budget()``: window, streamingllm and h2o evict to the plan's
+budget every ``chunk`` steps; snapkv (and 'none', and budget 1.0) never evicts while decoding, so its pool capacity is
+``budget + max_new_tokens`` (:func:`~squeezekv.runtime.pool.pool_capacities`) and a step on a full slot raises.
+H2O adds each step's softmax weights into the pool's scores inside the attention, as the eager path does.
+
+Limits: models whose every layer is a full-attention layer (no sliding windows), plain squeezekv caches (no channel or
+cross-layer method), batch-1 requests without padding. The runtime switches the model's attention implementation to
+:data:`ATTN_NAME` for the duration of each eager step (or capture) and back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..cache import SqueezeCache
+from ..generation import cache_kwargs
+from ..registry import make_policy
+from .decode_attention import BACKENDS, decode_attention
+from .pool import KVPool
+
+ATTN_NAME = "squeezekv_runtime"
+#: policies whose decoding the runtime reproduces (what each decode query feeds them is known: H2O's weights)
+SUPPORTED_POLICIES = ("window", "streamingllm", "h2o", "snapkv", "none")
+
+
+@dataclass
+class _Rows:
+    """Fixed buffers of one batch bucket (what a captured graph reads)."""
+
+    slots: torch.Tensor  # [B] int64: pool row of each batch row (scratch for padding rows)
+    ids: torch.Tensor  # [B, 1] int64: the tokens fed
+    heads: torch.Tensor  # [H] int64
+
+
+class PoolLayer(CacheLayerMixin):
+    """One layer of a :class:`PoolCache`: a view on layer ``layer_idx`` of the pool for the rows of a bucket."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, runtime: "DecodeRuntime", layer_idx: int, rows: _Rows):
+        super().__init__()
+        self.runtime, self.layer_idx, self.rows = runtime, layer_idx, rows
+        pool = runtime.pool
+        self.keys, self.values = pool.keys[layer_idx], pool.values[layer_idx]
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to allocate: the pool holds the storage."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states/value_states: [B, H, 1, D], rotated to each row's own position
+        pool, rows, layer = self.runtime.pool, self.rows, self.layer_idx
+        if key_states.shape[2] != 1:
+            raise ValueError(f"the decode runtime feeds one token per row, got {key_states.shape[2]}")
+        b, h = key_states.shape[:2]
+        lens = pool.lengths[layer].index_select(0, rows.slots)  # [B, H] int32: where the new entries go
+        at = (rows.slots[:, None].expand(b, h), rows.heads[None, :].expand(b, h), lens.long())
+        pool.keys[layer].index_put_(at, key_states[:, :, 0])  # [B, H, D]
+        pool.values[layer].index_put_(at, value_states[:, :, 0])
+        pos = pool.seen.index_select(0, rows.slots).to(torch.int32)  # [B]: logical position of the new token
+        pool.positions[layer].index_put_(at, pos[:, None].expand(b, h))
+        if pool.scores is not None:
+            pool.scores[layer].index_put_(at, torch.zeros((), device=pos.device))
+        model_kwargs = kwargs.get("kwargs")
+        if isinstance(model_kwargs, dict):
+            model_kwargs["squeezekv_pool_layer"] = self
+            model_kwargs["squeezekv_pool_lengths"] = lens + 1  # [B, H]: filled entries after this write
+        return pool.keys[layer], pool.values[layer]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return 0  # rows differ: the runtime passes each row's position_ids
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def reset(self) -> None:
+        raise ValueError("a pool cache is reset by releasing its slots (KVPool.release)")
+
+
+class PoolCache(Cache):
+    """The ``transformers.Cache`` of one batch bucket: a :class:`PoolLayer` per model layer."""
+
+    def __init__(self, runtime: "DecodeRuntime", rows: _Rows):
+        super().__init__(layers=[PoolLayer(runtime, i, rows) for i in range(runtime.pool.num_layers)])
+
+
+def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Decode attention of query ``[B, Hq, 1, D]`` over the pool layer ``key``/``value`` ``[S, Hkv, C, D]`` that
+    :meth:`PoolLayer.update` returned; returns ``([B, 1, Hq, D], None)`` like transformers' attention functions."""
+    layer = kwargs.get("squeezekv_pool_layer")
+    if not isinstance(layer, PoolLayer):
+        raise ValueError(f"the {ATTN_NAME!r} attention runs only inside DecodeRuntime steps (with its PoolCache)")
+    if softcap is not None or sliding_window:
+        raise ValueError("the decode runtime supports neither attention soft-capping nor sliding windows")
+    runtime = layer.runtime
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = runtime.pool.scores[layer.layer_idx] if runtime.observes_weights else None
+    out = decode_attention(query, key, value, layer.rows.slots, kwargs["squeezekv_pool_lengths"], scale,
+                           scores=scores, backend=runtime.backend)  # [B, Hq, 1, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _SlotView:
+    """What ``EvictionPolicy.select`` reads of a layer, for slots of the pool that hold the same number ``n`` of
+    entries and have seen the same number of tokens (a batch of ``len(slots)``)."""
+
+    valid = None
+    sliding_window = None
+
+    def __init__(self, pool: KVPool, layer: int, slots: torch.Tensor, n: int, seen: int):
+        self.token_idx = pool.positions[layer].index_select(0, slots)[:, :, :n]  # [m, H, n]
+        self.scores = None if pool.scores is None else pool.scores[layer].index_select(0, slots)[:, :, :n]
+        self.seen = seen
+        self.physical_length = n
+
+
+@dataclass
+class _Bucket:
+    rows: _Rows
+    cache: PoolCache
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+    logits: torch.Tensor | None = None  # [B, vocab], written by the graph
+
+
+class DecodeRuntime:
+    """Batched greedy decoding of the requests admitted into ``pool``'s slots.
+
+    ``policy``: the eviction policy (a name or an ``EvictionPolicy``; every admitted request must use it);
+    ``chunk``: decode steps between evictions (the requests' ``evict_every``); ``use_graph``: capture each bucket's
+    step as a CUDA graph (default: when the pool is on CUDA); ``backend``: the decode attention's
+    (:data:`~squeezekv.runtime.decode_attention.BACKENDS`).
+
+    ``join(cache)`` admits a prefilled request and returns its slot; ``step(slots, ids)`` feeds token ``ids[i]`` to
+    slot ``slots[i]`` and returns the next-token logits ``[len(slots), vocab]``; ``leave(slot)`` releases a slot."""
+
+    def __init__(self, model: Any, pool: KVPool, policy: Any, chunk: int, *, use_graph: bool | None = None,
+                 backend: str = "auto"):
+        if not isinstance(pool, KVPool):
+            raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r} is out of range: must be an integer >= 1")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is out of range: choose one of {BACKENDS}")
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        if getattr(self.policy, "name", None) not in SUPPORTED_POLICIES:
+            raise ValueError(f"policy {getattr(self.policy, 'name', policy)!r} is not supported by the decode "
+                             f"runtime: choose one of {SUPPORTED_POLICIES}")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        types = list(getattr(config, "layer_types", None) or [])
+        if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in types):
+            raise ValueError("the decode runtime supports models whose every layer is full attention")
+        heads = config.num_key_value_heads or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if (config.num_hidden_layers, heads, head_dim) != (pool.num_layers, pool.kv_heads, pool.head_dim):
+            raise ValueError(f"the model has {config.num_hidden_layers} layers of {heads} KV heads of dim {head_dim}; "
+                             f"the pool {pool.num_layers} of {pool.kv_heads} of dim {pool.head_dim}")
+        self.model, self.pool, self.chunk, self.backend = model, pool, chunk, backend
+        self.max_context = int(getattr(config, "max_position_embeddings", 1 << 62) or (1 << 62))
+        self.observes_weights = bool(self.policy.wants_weights(None, 1))  # H2O: every decode query's weights
+        if self.observes_weights and not pool.with_scores:
+            raise ValueError(f"policy {self.policy.name!r} accumulates attention: build the pool with_scores=True")
+        self.use_graph = (pool.device.type == "cuda") if use_graph is None else use_graph
+        if self.use_graph and pool.device.type != "cuda":
+            raise ValueError("CUDA graphs need the pool on a CUDA device")
+        self._budgets: dict[int, list[int | None]] = {}  # slot -> each layer's decode budget (None: only grows)
+        # [L, S] the same as an array: -1 where a layer only grows (snapkv, none, budget 1.0) or the slot is free
+        self._budget_array = np.full((pool.num_layers, pool.max_seqs + 1), -1, dtype=np.int64)
+        self._buckets: dict[int, _Bucket] = {}
+        AttentionInterface.register(ATTN_NAME, runtime_attention)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def join(self, cache: SqueezeCache) -> int:
+        """Admit a prefilled request (a batch-1 ``SqueezeCache``, see :meth:`KVPool.admit`) into a free slot."""
+        if not isinstance(cache, SqueezeCache):
+            raise TypeError(f"join needs a prefilled SqueezeCache, got {type(cache).__name__}")
+        if cache.policy.name != self.policy.name or vars(cache.policy) != vars(self.policy):
+            raise ValueError(f"the request's policy {cache.policy!r} is not the runtime's {self.policy!r}")
+        budgets = [layer.decode_budget() for layer in cache.layers]
+        if any(b is not None for b in budgets) and cache.evict_every != self.chunk:
+            raise ValueError(f"the request evicts every {cache.evict_every} steps, the runtime every {self.chunk}: "
+                             "build its cache with evict_every equal to the runtime's chunk")
+        for i, b in enumerate(budgets):
+            if b is not None and b + self.chunk > self.pool.capacities[i]:
+                raise ValueError(f"layer {i}: budget {b} + chunk {self.chunk} exceeds its pool capacity "
+                                 f"{self.pool.capacities[i]}")
+        slot = self.pool.acquire()
+        try:
+            self.pool.admit(slot, cache)
+        except Exception:
+            self.pool.release(slot)
+            raise
+        self._budgets[slot] = budgets
+        self._budget_array[:, slot] = [-1 if b is None else b for b in budgets]
+        return slot
+
+    def leave(self, slot: int) -> None:
+        """Release ``slot`` (its request is done); the other slots are untouched."""
+        if slot not in self._budgets:
+            raise ValueError(f"slot {slot!r} holds no request of this runtime")
+        del self._budgets[slot]
+        self._budget_array[:, slot] = -1
+        self.pool.release(slot)
+
+    def kept_positions(self, slot: int, layer: int) -> torch.Tensor:
+        """Logical positions ``[H, n]`` of the entries that ``slot`` holds in ``layer`` (the eager ``token_idx``)."""
+        if slot not in self._budgets:
+            raise ValueError(f"slot {slot!r} holds no request of this runtime")
+        n = self.pool.host_lengths[layer][slot]
+        return self.pool.positions[layer][slot, :, :n]
+
+    # -- stepping -------------------------------------------------------------------------------------------------
+    def bucket_size(self, n: int) -> int:
+        """The batch bucket of ``n`` rows: the smallest power of two >= n up to 64, then the smallest multiple of 64
+        (padding rows cost the model's matrix products, so large batches are not rounded up to a power of two)."""
+        if n <= 64:
+            return 1 << max(0, n - 1).bit_length()
+        return -(-n // 64) * 64
+
+    @torch.no_grad()
+    def step(self, slots: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids[i]`` (``[n]`` or ``[n, 1]``) to slot ``slots[i]``; returns the next-token logits ``[n, vocab]``.
+        Evicts (outside the graph) the layers of the slots that reached ``budget + chunk`` entries."""
+        slots = [int(s) for s in slots]
+        pool = self.pool
+        if not slots or len(set(slots)) != len(slots):
+            raise ValueError(f"slots={slots} must name one or more distinct slots")
+        ids = ids.reshape(-1)
+        if ids.shape[0] != len(slots):
+            raise ValueError(f"{ids.shape[0]} tokens for {len(slots)} slots")
+        for s in slots:
+            if s not in self._budgets:
+                raise ValueError(f"slot {s} holds no request of this runtime: join() it first")
+        idx = np.asarray(slots, dtype=np.int64)  # [n]
+        if int(pool.host_seen[idx].max()) + 1 > self.max_context:
+            s = int(idx[pool.host_seen[idx].argmax()])
+            raise ValueError(f"slot {s}: the sequence would exceed the model's context of {self.max_context}")
+        full = pool.host_lengths[:, idx] + 1 > pool.host_capacities[:, None]  # [L, n]
+        if full.any():
+            i, j = (int(x[0]) for x in np.nonzero(full))
+            raise ValueError(f"slot {slots[j]} is full in layer {i} ({pool.capacities[i]} entries): its policy "
+                             "does not evict while decoding; build the pool for more new tokens")
+        bucket = self._bucket(self.bucket_size(len(slots)))
+        n = len(slots)
+        rows = bucket.rows
+        rows.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        rows.slots[n:].fill_(pool.scratch)
+        rows.ids[:n, 0].copy_(ids, non_blocking=True)
+        rows.ids[n:].zero_()
+        if bucket.graph is not None:
+            bucket.graph.replay()
+            logits = bucket.logits[:n].clone()
+        else:
+            with self._attention():
+                logits = self._forward(bucket)[:n]
+        pool.advance_host(idx)
+        budgets = self._budget_array[:, idx]  # [L, n]
+        due = (budgets >= 0) & (pool.host_lengths[:, idx] >= budgets + self.chunk)  # [L, n]
+        for layer in np.nonzero(due.any(axis=1))[0]:
+            self._evict(int(layer), idx[due[layer]], budgets[layer][due[layer]])
+        return logits
+
+    def _forward(self, bucket: _Bucket) -> torch.Tensor:
+        rows = bucket.rows
+        pos = self.pool.seen.index_select(0, rows.slots)[:, None]  # [B, 1]: each row's own position
+        out = self.model(input_ids=rows.ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(self.model, bucket.cache))
+        self.pool.advance(rows.slots)
+        return out.logits[:, -1]  # [B, vocab]
+
+    def _evict(self, layer: int, slots: np.ndarray, budgets: np.ndarray) -> None:
+        """Evict ``layer`` of ``slots`` down to their ``budgets`` with the policy's selection: one selection and one
+        compaction for each group of slots holding the same number of entries, seen tokens and budget (the slots
+        of requests that joined together evict together)."""
+        pool = self.pool
+        key = np.stack([pool.host_lengths[layer][slots], pool.host_seen[slots], budgets])  # [3, n]
+        groups, inverse = np.unique(key, axis=1, return_inverse=True)
+        for g in range(groups.shape[1]):
+            n, seen, budget = (int(x) for x in groups[:, g])
+            members = torch.as_tensor(slots[inverse.reshape(-1) == g], device=pool.device)  # [m]
+            view = _SlotView(pool, layer, members, n, seen)
+            keep = self.policy.select(view, budget)  # [m, H, k] ascending
+            pool.keep_rows(layer, members, keep)
+
+    @contextlib.contextmanager
+    def _attention(self) -> Iterator[None]:
+        """The model on :data:`ATTN_NAME` for the duration of the block, then back to its implementation."""
+        before = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        self.model.set_attn_implementation(ATTN_NAME)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(before)
+
+    def _bucket(self, size: int) -> _Bucket:
+        bucket = self._buckets.get(size)
+        if bucket is None:
+            dev = self.pool.device
+            rows = _Rows(slots=torch.full((size,), self.pool.scratch, dtype=torch.int64, device=dev),
+                         ids=torch.zeros((size, 1), dtype=torch.int64, device=dev),
+                         heads=torch.arange(self.pool.kv_heads, device=dev))
+            bucket = _Bucket(rows=rows, cache=PoolCache(self, rows))
+            if self.use_graph:
+                self._capture(bucket)
+            self._buckets[size] = bucket
+        return bucket
+
+    @torch.no_grad()
+    def _capture(self, bucket: _Bucket) -> None:
+        # Every row points at the scratch slot while warming up and capturing: no real slot is written (and the
+        # scratch row's lengths are reset by each step).
+        bucket.rows.slots.fill_(self.pool.scratch)
+        with self._attention():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(bucket)
+            torch.cuda.current_stream().wait_stream(stream)
+            bucket.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(bucket.graph):
+                bucket.logits = self._forward(bucket)

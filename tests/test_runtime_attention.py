@@ -1,0 +1,215 @@
+"""The runtime's decode attention (squeezekv.runtime.decode_attention): the PyTorch reference against SDPA with a
+boolean mask, and the Triton split-K kernel against the reference under Triton's CPU interpreter (skipped without
+triton; run in a fresh process when this one imported triton compiled)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from squeezekv.runtime.decode_attention import decode_attention, reference_decode_attention
+from triton_kernels import interpreter_module, run_in_fresh_process
+
+
+@pytest.fixture(scope="module")
+def dt():
+    """``squeezekv.runtime.decode_triton`` imported with the interpreter on (dropped again afterwards)."""
+    yield from interpreter_module("squeezekv.runtime.decode_triton")
+
+
+def test_kernel_tests_in_a_fresh_process():
+    run_in_fresh_process(__file__)
+
+
+def _inputs(gen, b, hq, h, c, d, dtype, rows=None):
+    rows = b + 2 if rows is None else rows
+    q = torch.randn(b, hq, 1, d, generator=gen).to(dtype)
+    k_pool = torch.randn(rows, h, c, d, generator=gen).to(dtype)
+    v_pool = torch.randn(rows, h, c, d, generator=gen).to(dtype)
+    slots = torch.randperm(rows, generator=gen)[:b]
+    lengths = torch.randint(1, c + 1, (b, h), generator=gen, dtype=torch.int32)
+    lengths[0, 0] = c  # full
+    lengths[-1, -1] = 1  # one entry
+    return q, k_pool, v_pool, slots, lengths
+
+
+def _sdpa(q, k_pool, v_pool, slots, lengths, scale):
+    """SDPA over the rows' whole slots with a boolean mask of the filled entries, float64."""
+    b, hq, _, d = q.shape
+    h, c = k_pool.shape[1], k_pool.shape[2]
+    k = k_pool[slots].double().repeat_interleave(hq // h, dim=1)  # [B, Hq, C, D]
+    v = v_pool[slots].double().repeat_interleave(hq // h, dim=1)
+    mask = (torch.arange(c) < lengths[..., None]).repeat_interleave(hq // h, dim=1)[:, :, None]  # [B, Hq, 1, C]
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=scale)
+
+
+def _weights(q, k_pool, slots, lengths, scale):
+    """Softmax weights summed over each KV head's query group, [B, H, C], float64."""
+    b, hq, _, d = q.shape
+    h, c = k_pool.shape[1], k_pool.shape[2]
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(b, h, hq // h, d), k_pool[slots].double()) * scale
+    logits = logits.masked_fill(~(torch.arange(c) < lengths[..., None])[:, :, None], float("-inf"))
+    return logits.softmax(-1).sum(2)
+
+
+@pytest.mark.parametrize("b,hq,h,c,d", [(3, 4, 2, 37, 16), (1, 8, 8, 5, 32), (4, 6, 2, 130, 24)])
+def test_reference_equals_masked_sdpa(b, hq, h, c, d):
+    gen = torch.Generator().manual_seed(b * 100 + c)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, b, hq, h, c, d, torch.float32)
+    scale = d ** -0.5
+    got = reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale)
+    torch.testing.assert_close(got.double(), _sdpa(q, k_pool, v_pool, slots, lengths, scale), rtol=0, atol=1e-5)
+    # the scores of the rows' slots grow by the weights; other slots are untouched
+    scores = torch.rand(k_pool.shape[:3], generator=gen)
+    before = scores.clone()
+    reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores=scores)
+    expect = before.double()
+    expect[slots] += _weights(q, k_pool, slots, lengths, scale)
+    torch.testing.assert_close(scores.double(), expect, rtol=0, atol=1e-6)
+
+
+def test_entries_past_the_length_are_not_read():
+    gen = torch.Generator().manual_seed(5)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, 2, 4, 2, 20, 16, torch.float32)
+    lengths.fill_(7)
+    ref = decode_attention(q, k_pool, v_pool, slots, lengths, 0.25)
+    k_pool[:, :, 7:] = 1e4
+    v_pool[:, :, 7:] = float("nan")
+    assert torch.equal(decode_attention(q, k_pool, v_pool, slots, lengths, 0.25), ref)
+
+
+def test_decode_attention_validates_its_inputs():
+    gen = torch.Generator().manual_seed(6)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, 2, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        decode_attention(q, k_pool, v_pool, slots, lengths, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="one query per row"):
+        decode_attention(q.expand(2, 4, 3, 16), k_pool, v_pool, slots, lengths, 1.0)
+    with pytest.raises(ValueError, match="group"):
+        decode_attention(q[:, :3], k_pool, v_pool, slots, lengths, 1.0)
+    with pytest.raises(ValueError, match="slots"):
+        decode_attention(q, k_pool, v_pool, slots.float(), lengths, 1.0)
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q, k_pool, v_pool, slots, lengths[:, :1], 1.0)
+    with pytest.raises(ValueError, match="scores"):
+        decode_attention(q, k_pool, v_pool, slots, lengths, 1.0, scores=torch.zeros(3))
+
+
+@pytest.mark.parametrize("b,hq,h,c,d,dtype,splits,block_n", [
+    (3, 4, 2, 37, 16, torch.float32, 1, 16),  # one split: the split kernel writes the output
+    (3, 4, 2, 37, 16, torch.float32, 3, 16),  # splits past a row's length do nothing
+    (2, 8, 2, 130, 32, torch.float32, None, None),  # default split choice and block, 4 query heads per KV head
+    (2, 6, 2, 70, 24, torch.float32, 5, 16),  # head dim and group padded to powers of two
+    (1, 2, 1, 290, 16, torch.float32, 19, 16),  # more splits than the merge reads at once
+    (3, 4, 2, 50, 32, torch.bfloat16, 2, 16),
+    (2, 4, 1, 40, 16, torch.float16, 3, 16),
+])
+def test_kernel_equals_reference(dt, b, hq, h, c, d, dtype, splits, block_n):
+    gen = torch.Generator().manual_seed(c + d)
+    q, k_pool, v_pool, slots, lengths = _inputs(gen, b, hq, h, c, d, dtype)
+    scale = d ** -0.5
+    scores_ref = torch.rand(k_pool.shape[:3], generator=gen)
+    scores = scores_ref.clone()
+    ref = reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores_ref)
+    got = dt.decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores=scores, splits=splits,
+                              block_n=block_n)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=tol)
+    torch.testing.assert_close(scores, scores_ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_kernel_grid_does_not_depend_on_lengths(dt, monkeypatch):
+    """The same launch whatever the lengths (a CUDA graph replays it): the splits follow the capacity only."""
+    gen = torch.Generator().manual_seed(9)
+    launches = []
+    orig = dt._split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return orig[grid]
+
+    monkeypatch.setattr(dt, "_split_kernel", Spy())
+    for fill in (1, 17, 48):
+        q, k_pool, v_pool, slots, lengths = _inputs(gen, 1, 4, 2, 48, 16, torch.float32)
+        lengths.fill_(fill)
+        got = dt.decode_attention(q, k_pool, v_pool, slots, lengths, 0.25, block_n=16)
+        torch.testing.assert_close(got, reference_decode_attention(q, k_pool, v_pool, slots, lengths, 0.25),
+                                   rtol=0, atol=1e-5)
+    assert len(set(launches)) == 1 and launches[0][1] > 1
+
+
+def test_runtime_with_the_kernel_equals_eager(dt, make_model, make_ids):
+    """The decode runtime running the (interpreted) kernel, h2o scores included, equals the eager path."""
+    import squeezekv
+    from squeezekv.runtime.pool import KVPool, pool_capacities
+    from squeezekv.runtime.runtime import DecodeRuntime
+
+    chunk, budget = 4, 12
+    model = make_model("llama", layers=2)
+    reqs = []
+    for n in (20, 27):
+        cache = squeezekv.make_cache(model, "h2o", budget, "uniform", evict_every=chunk)
+        reqs.append([cache, model(make_ids(1, n, seed=n), cache=cache).logits[:, -1]])
+    caps = pool_capacities(reqs[0][0].plan, chunk, True, 0)
+    rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=True), "h2o", chunk, backend="triton")
+    slots = [rt.join(cache) for cache, _ in reqs]
+    for _ in range(chunk + 1):  # one compaction
+        toks = torch.cat([logits for _, logits in reqs]).argmax(-1)
+        got = rt.step(slots, toks)
+        for r, req in enumerate(reqs):
+            req[1] = model(toks[r].view(1, 1), cache=req[0]).logits[:, -1]
+            torch.testing.assert_close(got[r:r + 1], req[1], rtol=0, atol=1e-4)
+            for i, layer in enumerate(req[0].layers):
+                assert torch.equal(rt.kept_positions(slots[r], i), layer.token_idx[0])
+                torch.testing.assert_close(rt.pool.scores[i][slots[r], :, :layer.physical_length], layer.scores[0],
+                                           rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_kernel_equals_reference(dtype):
+    """On the GPU: Llama-3-8B's head layout (32 query heads over 8 KV heads of dim 128), bf16/fp16."""
+    from triton_kernels import compiled_module
+
+    dt = compiled_module("squeezekv.runtime.decode_triton")
+    gen = torch.Generator().manual_seed(3)
+    q, k_pool, v_pool, slots, lengths = (t.cuda() for t in _inputs(gen, 8, 32, 8, 1700, 128, dtype, rows=12))
+    scores_ref = torch.rand(k_pool.shape[:3], generator=gen).cuda()
+    scores = scores_ref.clone()
+    ref = reference_decode_attention(q, k_pool, v_pool, slots, lengths, 128 ** -0.5, scores_ref)
+    got = dt.decode_attention(q, k_pool, v_pool, slots, lengths, 128 ** -0.5, scores=scores)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(scores, scores_ref, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", ["_split_kernel", "_merge_kernel", "_scores_kernel"])
+@pytest.mark.parametrize("dtype,g,d", [("bf16", 4, 128), ("fp16", 8, 64), ("fp32", 1, 128)])
+def test_kernels_compile_for_sm90(kernel, dtype, g, d):
+    """Each kernel compiles to a cubin for an H100/H200 (sm_90) without a GPU (Triton's bundled ptxas): catches what
+    the interpreter does not check (dynamic loop bounds, layouts, shared memory)."""
+    from triton_kernels import compiled_module
+
+    fn = getattr(compiled_module("squeezekv.runtime.decode_triton", need_gpu=False), kernel)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    consts = dict(G=g, D=d, BLOCK_G=max(16, g), BLOCK_D=d, BLOCK_N=32 if dtype == "fp32" else 64, BLOCK_S=16,
+                  PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False, SINGLE=False)
+    consts = {n: v for n, v in consts.items() if n in names}
+    ptr = {"Q": dtype, "K": dtype, "V": dtype, "OUT": dtype, "SLOTS": "i64", "LENS": "i32"}
+    sig = {n: "constexpr" if n in consts else "*" + ptr[n] if n in ptr
+           else "*fp32" if n in ("MO", "LO", "AO", "M", "L", "SC") else "fp32" if n == "scale" else "i32"
+           for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except FileNotFoundError as e:  # no ptxas
+        pytest.skip(f"cannot compile for CUDA here: {e}")
+    assert "ld.global" in compiled.asm["ptx"] or "cp.async" in compiled.asm["ptx"]
+    assert compiled.metadata.shared < 100 * 1024
