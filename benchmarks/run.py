@@ -180,10 +180,18 @@ def run_suite(name: str, out: Path, device: str | None = None, cases: list[str] 
         path.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
     t0 = time.perf_counter()
+    failed: list[str] = []
     for case in todo:
         t = time.perf_counter()
         ctx.results[case.name] = {"kind": case.kind, "settings": case.settings, "rows": []}
-        ctx.results[case.name]["rows"] = KINDS[case.kind].run(ctx, case)
+        try:
+            ctx.results[case.name]["rows"] = KINDS[case.kind].run(ctx, case)
+        except Exception as err:  # noqa: BLE001 - one failing case must not lose the others' measurements
+            import traceback
+
+            traceback.print_exc()
+            ctx.results[case.name]["error"] = f"{type(err).__name__}: {err}"
+            failed.append(case.name)
         ctx.results[case.name]["seconds"] = time.perf_counter() - t
         add_ratios(ctx.results)
         save()  # after every case: a run cut short keeps what it measured
@@ -191,6 +199,9 @@ def run_suite(name: str, out: Path, device: str | None = None, cases: list[str] 
     save()
     if not quiet:
         print(f"wrote {path}", flush=True)
+    if failed:
+        raise RuntimeError(f"suite {suite.name!r}: case(s) {failed} failed (their errors are in {path}); the other "
+                           "cases' results are saved")
     return path
 
 
