@@ -12,6 +12,7 @@ set -u
 export PYTHONUNBUFFERED=1
 [ $# -ge 1 ] || { echo "usage: $0 SUITE [SUITE...]  (suites: python benchmarks/run.py --list)" >&2; exit 2; }
 if ls .whl/*.whl >/dev/null 2>&1; then
+    rm -rf /tmp/site  # a warm machine keeps the last call's wheels: install exactly the carried ones
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 fi
 if [ -d .kvp ]; then
