@@ -21,7 +21,10 @@ def static_once(ctx: Any, batch: int, context: int, steps: int, warmup: int, rep
                 graph: bool = True) -> dict[str, Any]:
     from transformers import StaticCache
 
+    import squeezekv
+
     model, device = ctx.model, ctx.device
+    squeezekv.detach(model)  # transformers' own attention (an earlier case may have attached squeezekv's)
     cfg = model.config
     total = context + 4 + warmup + steps * (reps + 1)
     cache = StaticCache(config=cfg, max_cache_len=total)

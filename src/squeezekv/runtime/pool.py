@@ -180,8 +180,8 @@ class KVPool:
         every layer's lengths and ``seen`` grow by one; the scratch row stays empty."""
         self.lengths[:, slots] += 1  # [L, B, H]; duplicate scratch rows write the same value
         self.seen[slots] += 1
-        self.lengths[:, self.scratch] = 0
-        self.seen[self.scratch] = 0
+        self.lengths[:, self.scratch].zero_()  # views, zeroed on the device (no host value: capturable)
+        self.seen[self.scratch:self.scratch + 1].zero_()
 
     def advance_host(self, slots: Sequence[int] | np.ndarray) -> None:
         """Host mirror of :meth:`advance` for the real rows (distinct slots)."""
