@@ -284,27 +284,6 @@ def max_batch(model: Any, method: BenchCache, context: int, budget_tokens: int, 
     return lo
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--only", default="", help="comma-separated parts: prefill,decode,maxbatch")
-    ap.add_argument("--caches", default="", help="semicolon-separated caches overriding the config's: 'full' or a "
-                    "cache spec, e.g. 'full; method=window evict_every=16; method=snapkv'")
-    ap.add_argument("--batches", default="", help="comma-separated decode batch sizes, overriding the config's")
-    ap.add_argument("--prefill-contexts", default="", help="comma-separated prefill contexts, overriding the config's")
-    ap.add_argument("--prefill-chunks", default="",
-                    help="comma-separated chunk sizes: each compressed method's prefill is also measured in chunks "
-                    "(squeezekv.chunked_prefill), compressing after each")
-    ap.add_argument("--decode-steps", type=int, default=0,
-                    help="timed decode steps per repetition, overriding the config's")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    run(ap.parse_args(argv))
-
-
 def run(args: argparse.Namespace) -> None:
     """Run the parts of the benchmark that ``args`` names and write the JSON report to ``args.out``."""
     if not torch.cuda.is_available():
@@ -375,6 +354,3 @@ def run(args: argparse.Namespace) -> None:
                 save()
     save()
 
-
-if __name__ == "__main__":
-    main()

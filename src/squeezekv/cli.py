@@ -1,8 +1,8 @@
 """Command line ``squeezekv COMMAND``: the dispatcher. Each command lives in a module with ``add_arguments(parser)``
 and ``main(args) -> int`` (:mod:`squeezekv.commands`: ``run`` the main job, ``eval`` the quality grid, ``serve`` the
-OpenAI-compatible server, ``train-lckv``; ``bench``, ``calibrate-cq``, ``calibrate-eigen`` and ``analyze-layers``
-in their modules). A command's module is imported only when that command is chosen, so ``squeezekv --help`` imports
-neither torch nor transformers."""
+OpenAI-compatible server, ``train-lckv``, ``calibrate-cq``, ``calibrate-eigen``, ``analyze-layers``, ``bench``). A
+command's module is imported only when that command is chosen, so ``squeezekv --help`` imports neither torch nor
+transformers."""
 
 from __future__ import annotations
 
@@ -18,20 +18,20 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "run": ("commands.run", "add_arguments", "main",
             "compress a real long prompt on the default model; the full cache and a few budgets in one table"),
     "methods": ("", "", "", "list the registered eviction policies, allocations, channel and cross-layer methods"),
-    "bench": ("bench", "add_arguments", "run",
+    "bench": ("commands.bench", "add_arguments", "main",
               "GPU benchmark: prefill/decode throughput, peak memory and max batch vs the full cache"),
     "serve": ("commands.serve", "add_arguments", "main",
               "OpenAI-compatible server reusing multi-turn KV across GPU/CPU/disk tiers"),
     "train-lckv": ("commands.train_lckv", "add_arguments", "main",
                    "train a Layer-Condensed KV cache model (LCKV) or a standard baseline on offline text"),
-    "calibrate-eigen": ("channel.eigen_calibrate", "add_arguments", "run",
+    "calibrate-eigen": ("commands.calibrate_eigen", "add_arguments", "main",
                         "Eigen Attention calibration: PCA bases of keys/values on calibration text, saved to a file"),
-    "calibrate-cq": ("channel.coupled", "add_arguments", "run",
+    "calibrate-cq": ("commands.calibrate_cq", "add_arguments", "main",
                      "Coupled Quantization calibration: k-means codebooks of keys/values on calibration text, saved "
                      "to a file"),
     "eval": ("commands.eval", "add_arguments", "main",
              "quality grid: needle, long-context QA, perplexity x method x allocation x budget, with a report"),
-    "analyze-layers": ("crosslayer.analyze", "add_arguments", "run",
+    "analyze-layers": ("commands.analyze_layers", "add_arguments", "main",
                        "measure how similar the layers' attention weights are and propose Shared Attention spans"),
 }
 
