@@ -15,6 +15,9 @@ from ..suite import Case
 from . import REQUIRED, kind
 from .decode import TIMING, _cuda, hbm_bandwidth
 
+#: tokens a slot is sized to decode (SnapKV's pool capacity is its budget plus these; the max batch uses the same)
+NEW_TOKENS = 128
+
 
 def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: int, new_tokens: int,
              graph: bool) -> tuple[Any, list[int], int]:
@@ -32,11 +35,12 @@ def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: i
 
 @torch.no_grad()
 def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, steps: int, warmup: int, reps: int,
-                 chunk: int, graph: bool) -> dict[str, Any]:
+                 chunk: int, graph: bool, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     model, device = ctx.model, ctx.device
     if _cuda(device):
         torch.cuda.reset_peak_memory_stats()
-    new_tokens = warmup + steps * reps + chunk + 4
+    if warmup + steps * reps + 2 > new_tokens:
+        raise ValueError(f"{warmup} + {reps} x {steps} decode steps do not fit in new_tokens={new_tokens}")
     rt, slots, live_one = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph)
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)  # [B]
     state = {"ids": ids}
@@ -91,7 +95,7 @@ def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     return rows
 
 
-@kind("runtime_max_batch", {"cache": REQUIRED, "context": 4096, "chunk": 16, "new_tokens": 64, "probe_steps": 2,
+@kind("runtime_max_batch", {"cache": REQUIRED, "context": 4096, "chunk": 16, "new_tokens": NEW_TOKENS, "probe_steps": 2,
                             "reserve_gib": 4.0, "graph": True, "baseline": None}, check=_check)
 def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """The largest batch whose pool (slots of ``budget + chunk`` entries, SnapKV ``budget + new_tokens``) and decode
@@ -110,7 +114,7 @@ def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     tries = []
     while b >= 1:
         r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, ctx_len, case.get("probe_steps"), 1, 1, chunk,
-                                        case.get("graph")), ctx.device, batch=b)
+                                        case.get("graph"), case.get("new_tokens")), ctx.device, batch=b)
         tries.append({"batch": b, "oom": bool(r.get("oom"))})
         if not r.get("oom"):
             row = {"max_batch": b, "slot_bytes": slot, "tries": tries}
@@ -118,3 +122,34 @@ def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
             return [row]
         b = b - max(1, b // 16)
     return [{"max_batch": 0, "slot_bytes": slot, "tries": tries}]
+
+
+@kind("runtime_profile", {"cache": REQUIRED, "batch": 64, "context": 4096, "chunk": 16, "steps": 8, "top": 15,
+                          "baseline": None}, check=_check)
+def runtime_profile(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """Where a runtime decode step's GPU time goes: ``steps`` replayed steps at ``batch`` under ``torch.profiler``;
+    the ``top`` kernels by total device time (microseconds per step) and the device time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b, steps = case.get("batch"), case.get("steps")
+    rt, slots, _ = _runtime(ctx, case.get("cache"), b, case.get("context"), case.get("chunk"), NEW_TOKENS,
+                            case.get("graph") if "graph" in case.settings else True)
+    ids = torch.randint(0, ctx.model.config.vocab_size, (b,), device=ctx.device)  # [B]
+    for _ in range(3):
+        ids = rt.step(slots, ids).argmax(-1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _cuda(ctx.device) else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            ids = rt.step(slots, ids).argmax(-1)
+        if _cuda(ctx.device):
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    rows = [{"kernel": e.key[:120], "us_per_step": e.device_time_total / steps, "calls_per_step": e.count / steps}
+            for e in events[:case.get("top")]]
+    row = {"batch": b, "device_us_per_step": total / steps, "top": rows}
+    ctx.progress(case, {"batch": b, "device_us_per_step": row["device_us_per_step"]})
+    rt = None
+    free(ctx.device)
+    return [row]

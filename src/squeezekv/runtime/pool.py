@@ -203,23 +203,23 @@ class KVPool:
         self.lengths[layer, slot].fill_(k)
         self.host_lengths[layer][slot] = k
 
-    def keep_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor, rows_per_copy: int = 64) -> None:
+    def keep_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor, rows_per_copy: int = 128) -> None:
         """:meth:`keep` for several slots at once: ``slots`` ``[n]`` int64 (distinct, on the pool's device), ``idx``
-        ``[n, H, k]`` ascending entries of each; at most ``rows_per_copy`` slots' rows are copied at a time (the
-        transient memory of a compaction is ``rows_per_copy`` slots of one layer)."""
+        ``[n, H, k]`` ascending entries of each (all below the slots' fill count ``m``); only the first ``m`` entries
+        of each slot are read and the first ``k`` written, ``rows_per_copy`` slots at a time (the transient memory of
+        a compaction)."""
         n, h, k = idx.shape
         d = self.head_dim
+        m = int(idx.max()) + 1  # entries read: the kept ones are among the first m
         for start in range(0, n, rows_per_copy):
-            sl, ix = slots[start:start + rows_per_copy], idx[start:start + rows_per_copy].long()  # [m], [m, H, k]
-            m = sl.shape[0]
+            sl, ix = slots[start:start + rows_per_copy], idx[start:start + rows_per_copy].long()  # [r], [r, H, k]
+            r = sl.shape[0]
             for bufs in (self.keys, self.values):
-                rows = bufs[layer].index_select(0, sl)  # [m, H, C, D]
-                rows[:, :, :k].copy_(rows.gather(2, ix[..., None].expand(m, h, k, d)))
-                bufs[layer].index_copy_(0, sl, rows)
+                held = bufs[layer][sl, :, :m]  # [r, H, m, D] (a copy)
+                bufs[layer][sl, :, :k] = held.gather(2, ix[..., None].expand(r, h, k, d))
             for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
-                rows = bufs[layer].index_select(0, sl)  # [m, H, C]
-                rows[:, :, :k].copy_(rows.gather(2, ix))
-                bufs[layer].index_copy_(0, sl, rows)
+                held = bufs[layer][sl, :, :m]  # [r, H, m]
+                bufs[layer][sl, :, :k] = held.gather(2, ix)
         self.lengths[layer].index_fill_(0, slots, k)
         self.host_lengths[layer][slots.cpu().numpy()] = k
 
