@@ -211,6 +211,22 @@ class KVPool:
         n, h, k = idx.shape
         d = self.head_dim
         m = int(idx.max()) + 1  # entries read: the kept ones are among the first m
+        host = slots.cpu().numpy()
+        if n > 1 and (host[1:] - host[:-1] == 1).all():  # consecutive slots: views and plain copies, no indexing
+            a, b = int(host[0]), int(host[-1]) + 1
+            for start in range(a, b, rows_per_copy):
+                stop = min(b, start + rows_per_copy)
+                ix = idx[start - a:stop - a].long()  # [r, H, k]
+                for bufs in (self.keys, self.values):
+                    held = bufs[layer][start:stop, :, :m]  # [r, H, m, D] view
+                    kept = held.gather(2, ix[..., None].expand(stop - start, h, k, d))  # [r, H, k, D]
+                    bufs[layer][start:stop, :, :k].copy_(kept)
+                for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
+                    held = bufs[layer][start:stop, :, :m]  # [r, H, m] view
+                    bufs[layer][start:stop, :, :k].copy_(held.gather(2, ix))
+            self.lengths[layer, a:b].fill_(k)
+            self.host_lengths[layer][host] = k
+            return
         for start in range(0, n, rows_per_copy):
             sl, ix = slots[start:start + rows_per_copy], idx[start:start + rows_per_copy].long()  # [r], [r, H, k]
             r = sl.shape[0]
@@ -221,7 +237,7 @@ class KVPool:
                 held = bufs[layer][sl, :, :m]  # [r, H, m]
                 bufs[layer][sl, :, :k] = held.gather(2, ix)
         self.lengths[layer].index_fill_(0, slots, k)
-        self.host_lengths[layer][slots.cpu().numpy()] = k
+        self.host_lengths[layer][host] = k
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
