@@ -30,7 +30,8 @@ def plot_suite(report: dict[str, Any], out: Path) -> list[Path]:
     """The figures of one suite result; returns their paths."""
     name, written = report["suite"], []
     gpu = report["device"].get("gpu") or report["device"]["device"]
-    decode = {k: v for k, v in _rows(report, ("decode", "kvpress_decode")).items() if v}
+    decode = {k: v for k, v in _rows(report, ("decode", "kvpress_decode", "static_decode", "runtime_decode")).items()
+              if v}
     if decode:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for case, rows in decode.items():
@@ -39,7 +40,7 @@ def plot_suite(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"{name} ({gpu})")
         ax.legend(fontsize=7)
         written.append(out / f"{name}_decode.png")
-    mb = {k: v[0]["max_batch"] for k, v in _rows(report, ("max_batch",)).items() if v}
+    mb = {k: v[0]["max_batch"] for k, v in _rows(report, ("max_batch", "runtime_max_batch")).items() if v}
     if mb:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.bar(list(mb), list(mb.values()))

@@ -35,6 +35,8 @@ from benchmarks.suite import Case, Suite, load_suite, model_config, suite_names 
 def git_commit() -> dict[str, Any]:
     """squeezekv's git commit (and whether the tree had changes); ``$SQUEEZEKV_GIT_COMMIT`` where the working tree
     is a copy without ``.git`` (a device machine)."""
+    if os.environ.get("SQUEEZEKV_GIT_COMMIT"):  # given by the caller: a device copy's .git may be stale
+        return {"commit": os.environ["SQUEEZEKV_GIT_COMMIT"], "dirty": None}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
