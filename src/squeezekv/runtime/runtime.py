@@ -152,6 +152,7 @@ class _Bucket:
     cache: PoolCache
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     logits: torch.Tensor | None = None  # [B, vocab], written by the graph
+    fed: tuple[int, ...] | None = None  # the slots rows.slots holds (a host-to-device copy only when they change)
 
 
 class DecodeRuntime:
@@ -274,10 +275,13 @@ class DecodeRuntime:
         bucket = self._bucket(self.bucket_size(len(slots)))
         n = len(slots)
         rows = bucket.rows
-        rows.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-        rows.slots[n:].fill_(pool.scratch)
+        if bucket.fed != tuple(slots):  # steady decoding feeds the same slots: no copy, no host wait
+            rows.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+            rows.slots[n:].fill_(pool.scratch)
+            bucket.fed = tuple(slots)
         rows.ids[:n, 0].copy_(ids, non_blocking=True)
-        rows.ids[n:].zero_()
+        if n < rows.ids.shape[0]:
+            rows.ids[n:].zero_()
         if bucket.graph is not None:
             bucket.graph.replay()
             logits = bucket.logits[:n].clone()
