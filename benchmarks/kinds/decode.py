@@ -147,6 +147,17 @@ def _skip(ctx: Any, case: Case) -> list[dict[str, Any]] | None:
     return None
 
 
+def batches_of(ctx: Any, case: Case) -> list[int]:
+    """A decode case's batches, sorted, plus the max batch its ``at_max_batch_of`` case found (when it ran)."""
+    batches = list(case.get("batches"))
+    mb_case = case.get("at_max_batch_of")
+    if mb_case:
+        mb = next((r.get("max_batch") for r in ctx.rows_of(mb_case)), None)
+        if mb and mb not in batches:
+            batches.append(mb)
+    return sorted(batches)
+
+
 def _check_decode(settings: dict[str, Any], where: str) -> None:
     _check_kernel(settings, where)
     if settings["fill"] not in ("random", "prefill"):
@@ -162,15 +173,10 @@ def decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     skipped = _skip(ctx, case)
     if skipped:
         return skipped
-    batches = list(case.get("batches"))
-    mb_case = case.get("at_max_batch_of")
-    if mb_case:
-        mb = next((r.get("max_batch") for r in ctx.rows_of(mb_case)), None)
-        if mb and mb not in batches:
-            batches.append(mb)
+    batches = batches_of(ctx, case)
     rows = []
     with kernel_settings(case.get("kernel")):
-        for b in sorted(batches):
+        for b in batches:
             r = or_oom(lambda: decode_once(ctx, case.get("cache"), b, case.get("context"), case.get("steps"),
                                            case.get("warmup"), case.get("reps"), case.get("fill"),
                                            case.get("graph")), ctx.device, batch=b)

@@ -13,7 +13,7 @@ from squeezekv.bench import free, or_oom, timed, weight_bytes
 from ..caches import cache_spec, filled_cache, is_full, kv_bytes
 from ..suite import Case
 from . import REQUIRED, kind
-from .decode import TIMING, _cuda, hbm_bandwidth
+from .decode import TIMING, _cuda, batches_of, hbm_bandwidth
 
 #: tokens a slot is sized to decode (SnapKV's pool capacity is its budget plus these; the max batch uses the same)
 NEW_TOKENS = 128
@@ -79,14 +79,8 @@ def _check(settings: dict[str, Any], where: str) -> None:
 def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """Decode tokens/s through the runtime at each batch (``at_max_batch_of``: also at the max batch a
     ``runtime_max_batch`` case found); out-of-memory recorded as ``oom``."""
-    batches = list(case.get("batches"))
-    mb_case = case.get("at_max_batch_of")
-    if mb_case:
-        mb = next((r.get("max_batch") for r in ctx.rows_of(mb_case)), None)
-        if mb and mb not in batches:
-            batches.append(mb)
     rows = []
-    for b in sorted(batches):
+    for b in batches_of(ctx, case):
         r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, case.get("context"), case.get("steps"),
                                         case.get("warmup"), case.get("reps"), case.get("chunk"), case.get("graph")),
                    ctx.device, batch=b)

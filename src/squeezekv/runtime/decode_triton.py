@@ -55,6 +55,24 @@ def default_block_n(dtype: torch.dtype) -> int:
 
 
 @triton.jit
+def _row_head(Q, SLOTS, LENS, pid_bh, H, sl_b, sl_h, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+              BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """What a (row, KV head) program starts from: the head ``h``, the row's pool ``slot``, its fill count ``n`` and
+    the G query heads of this KV head ``[BLOCK_G, BLOCK_D]`` (padded rows/channels are 0)."""
+    b = pid_bh // H
+    h = (pid_bh % H).to(tl.int64)
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    n = tl.load(LENS + b * sl_b + h * sl_h)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + pid_bh.to(tl.int64) * (G * D) + offs_g[:, None] * D + offs_d[None, :],
+                mask=(offs_g < G)[:, None] & (offs_d < D)[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return h, slot, n, q
+
+
+@triton.jit
 def _split_kernel(Q, K, V, SLOTS, LENS, MO, LO, AO, OUT,
                   H, split_len, scale,
                   sk_s, sk_h, sk_n, sv_s, sv_h, sv_n, sl_b, sl_h,
@@ -63,20 +81,12 @@ def _split_kernel(Q, K, V, SLOTS, LENS, MO, LO, AO, OUT,
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    b = pid_bh // H
-    h = (pid_bh % H).to(tl.int64)
-    slot = tl.load(SLOTS + b).to(tl.int64)
-    n = tl.load(LENS + b * sl_b + h * sl_h)
+    h, slot, n, q = _row_head(Q, SLOTS, LENS, pid_bh, H, sl_b, sl_h, G, D, BLOCK_G, BLOCK_D, UPCAST)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     gmask = offs_g < G
     dmask = offs_d < D
-    # the G query heads of this KV head: [BLOCK_G, BLOCK_D] (padded rows/channels are 0)
-    q = tl.load(Q + pid_bh.to(tl.int64) * (G * D) + offs_g[:, None] * D + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     k_ptr = K + slot * sk_s + h * sk_h
     v_ptr = V + slot * sv_s + h * sv_h
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -149,19 +159,12 @@ def _scores_kernel(Q, K, SLOTS, LENS, M, L, SC,
     # H2O: add the normalised weights exp(s - m) / l, summed over the query group, to the slot's scores
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = (pid_bh % H).to(tl.int64)
-    slot = tl.load(SLOTS + b).to(tl.int64)
-    n = tl.load(LENS + b * sl_b + h * sl_h)
+    h, slot, n, q = _row_head(Q, SLOTS, LENS, pid_bh, H, sl_b, sl_h, G, D, BLOCK_G, BLOCK_D, UPCAST)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     gmask = offs_g < G
     dmask = offs_d < D
-    q = tl.load(Q + pid_bh.to(tl.int64) * (G * D) + offs_g[:, None] * D + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     m = tl.load(M + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=0.0)
     inv_l = tl.where(gmask, 1.0 / tl.load(L + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=1.0), 0.0)
     k_ptr = K + slot * sk_s + h * sk_h
