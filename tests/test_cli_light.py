@@ -109,3 +109,13 @@ def test_import_squeezekv_is_light_and_names_load_on_use():
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "True", "5"], (out.stdout, out.stderr, time.perf_counter() - t0)
+
+
+@pytest.mark.parametrize("command", [c for c in __import__("squeezekv.cli", fromlist=["COMMANDS"]).COMMANDS
+                                     if c != "methods"])
+def test_every_commands_help_imports_neither_torch_nor_transformers(command):
+    """``squeezekv COMMAND --help`` is instant: the command's arguments are added without importing torch."""
+    code = ("import sys\nfrom squeezekv.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))" % command)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

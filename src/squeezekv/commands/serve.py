@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..spec import CacheSpec
-from ..store import DiskTier, FolderInUse, KVStore, MemoryTier, Tier, namespace, parse_bytes
 from .cache_args import HelpFormatter, add_cache_arguments, cache_spec, given
+
+if TYPE_CHECKING:
+    from ..store import Tier
 
 #: environment variable with API keys, comma-separated
 KEYS_ENV = "SQUEEZEKV_API_KEYS"
@@ -79,6 +81,8 @@ def api_keys(keys: list[str] | None, key_file: str | None, environ: dict[str, st
 
 def build_tiers(gpu: str, cpu: str, disk: str | None, device: str) -> list[Tier]:
     """Tiers from the command line: a GPU tier only on a CUDA device, a host tier, an optional disk tier."""
+    from ..store import DiskTier, FolderInUse, MemoryTier, parse_bytes  # torch: imported when the server starts
+
     tiers: list[Tier] = []
     if device.startswith("cuda"):
         tiers.append(MemoryTier("gpu", parse_bytes(gpu), device))
@@ -199,6 +203,8 @@ def main(args: argparse.Namespace) -> int:
                           max_active=args.max_active, max_queue=args.max_queue, max_new_tokens=args.max_tokens,
                           truncation=args.truncation)
     config.validate()
+    from ..store import KVStore, namespace
+
     root = namespace(model=str(path), dtype=str(next(model.parameters()).dtype),
                      cache=None if spec is None else spec.to_text())
     store = KVStore(tiers, root, block=args.block)

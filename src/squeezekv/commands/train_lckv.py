@@ -10,7 +10,7 @@ import sys
 import typing
 from typing import Any
 
-from ..crosslayer.lckv.train import TrainConfig
+from ..lckv_config import TrainConfig
 
 
 def _flag_type(tp: Any) -> Any:
