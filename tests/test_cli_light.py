@@ -115,7 +115,7 @@ def test_import_squeezekv_is_light_and_names_load_on_use():
                                      if c != "methods"])
 def test_every_commands_help_imports_neither_torch_nor_transformers(command):
     """``squeezekv COMMAND --help`` is instant: the command's arguments are added without importing torch."""
-    code = ("import sys\nfrom squeezekv.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))" % command)
+    code = (f"import sys\nfrom squeezekv.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

@@ -188,26 +188,11 @@ class KVPool:
         self.host_lengths[:, slots] += 1
         self.host_seen[slots] += 1
 
-    def keep(self, layer: int, slot: int, idx: torch.Tensor) -> None:
-        """Keep the filled entries ``idx`` ``[H, k]`` (ascending) of ``slot`` in ``layer``, compacted in place at the
-        front of the slot's storage (the buffers' addresses never change)."""
-        h, k = idx.shape
-        d = self.head_dim
-        for bufs in (self.keys, self.values):
-            row = bufs[layer][slot]  # [H, C, D]
-            row[:, :k].copy_(row.gather(1, idx[..., None].expand(h, k, d).long()))
-        tensors = [self.positions] + ([self.scores] if self.scores is not None else [])
-        for bufs in tensors:
-            row = bufs[layer][slot]  # [H, C]
-            row[:, :k].copy_(row.gather(1, idx.long()))
-        self.lengths[layer, slot].fill_(k)
-        self.host_lengths[layer][slot] = k
-
     def keep_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor, rows_per_copy: int = 128) -> None:
-        """:meth:`keep` for several slots at once: ``slots`` ``[n]`` int64 (distinct, on the pool's device), ``idx``
-        ``[n, H, k]`` ascending entries of each (all below the slots' fill count ``m``); only the first ``m`` entries
-        of each slot are read and the first ``k`` written, ``rows_per_copy`` slots at a time (the transient memory of
-        a compaction)."""
+        """Keep the filled entries ``idx`` ``[n, H, k]`` (ascending) of each of ``slots`` ``[n]`` int64 (distinct, on
+        the pool's device) in ``layer``, compacted in place at the front of each slot's storage (the buffers' addresses
+        never change). Only the first ``m = idx.max() + 1`` entries of each slot are read and the first ``k`` written,
+        ``rows_per_copy`` slots at a time (that bounds the transient memory of a compaction)."""
         n, h, k = idx.shape
         d = self.head_dim
         m = int(idx.max()) + 1  # entries read: the kept ones are among the first m

@@ -195,8 +195,8 @@ class DecodeRuntime:
         self.use_graph = (pool.device.type == "cuda") if use_graph is None else use_graph
         if self.use_graph and pool.device.type != "cuda":
             raise ValueError("CUDA graphs need the pool on a CUDA device")
-        self._budgets: dict[int, list[int | None]] = {}  # slot -> each layer's decode budget (None: only grows)
-        # [L, S] the same as an array: -1 where a layer only grows (snapkv, none, budget 1.0) or the slot is free
+        self._joined: set[int] = set()  # slots holding a request of this runtime
+        # [L, S] each joined slot's decode budget per layer: -1 where a layer only grows (snapkv, none, budget 1.0)
         self._budget_array = np.full((pool.num_layers, pool.max_seqs + 1), -1, dtype=np.int64)
         self._buckets: dict[int, _Bucket] = {}
         AttentionInterface.register(ATTN_NAME, runtime_attention)
@@ -222,21 +222,21 @@ class DecodeRuntime:
         except Exception:
             self.pool.release(slot)
             raise
-        self._budgets[slot] = budgets
+        self._joined.add(slot)
         self._budget_array[:, slot] = [-1 if b is None else b for b in budgets]
         return slot
 
     def leave(self, slot: int) -> None:
         """Release ``slot`` (its request is done); the other slots are untouched."""
-        if slot not in self._budgets:
+        if slot not in self._joined:
             raise ValueError(f"slot {slot!r} holds no request of this runtime")
-        del self._budgets[slot]
+        self._joined.discard(slot)
         self._budget_array[:, slot] = -1
         self.pool.release(slot)
 
     def kept_positions(self, slot: int, layer: int) -> torch.Tensor:
         """Logical positions ``[H, n]`` of the entries that ``slot`` holds in ``layer`` (the eager ``token_idx``)."""
-        if slot not in self._budgets:
+        if slot not in self._joined:
             raise ValueError(f"slot {slot!r} holds no request of this runtime")
         n = self.pool.host_lengths[layer][slot]
         return self.pool.positions[layer][slot, :, :n]
@@ -261,7 +261,7 @@ class DecodeRuntime:
         if ids.shape[0] != len(slots):
             raise ValueError(f"{ids.shape[0]} tokens for {len(slots)} slots")
         for s in slots:
-            if s not in self._budgets:
+            if s not in self._joined:
                 raise ValueError(f"slot {s} holds no request of this runtime: join() it first")
         idx = np.asarray(slots, dtype=np.int64)  # [n]
         if int(pool.host_seen[idx].max()) + 1 > self.max_context:
