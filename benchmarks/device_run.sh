@@ -15,7 +15,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels: install exactly the carried ones
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 fi
-if [ -d .kvp ]; then
+if [ -d .kvp ]; then  # built by benchmarks/make_kvp_env.sh
+    rm -rf /tmp/kvsite
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvsite .kvp/whl/*.whl \
         || exit 1
     printf '#!/bin/sh\nPYTHONPATH=/tmp/kvsite:%s/.kvp/stubs exec python3 "$@"\n' "$PWD" > /tmp/kvpy

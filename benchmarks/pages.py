@@ -300,7 +300,8 @@ def render_json(data: Any, level: int = 3) -> list[str]:
 
 def render_suite(report: dict[str, Any]) -> list[str]:
     """A suite runner report: its config, versions and device, then each case's rows (``*_vs_baseline`` against the
-    case's baseline, recorded by the runner)."""
+    case's baseline and ``*_vs_<case>`` against each case it is compared with, e.g. the runtime over kvpress,
+    recorded by the runner)."""
     cfg = report.get("config", {})
     lines = [f"{cfg.get('description', '')}", ""] if cfg.get("description") else []
     lines += _meta(report) + [f"- model: `{json.dumps(cfg.get('model'), sort_keys=True)}`",
@@ -310,9 +311,12 @@ def render_suite(report: dict[str, Any]) -> list[str]:
         settings = case.get("settings", {})
         head = f"### {name} ({case.get('kind')})"
         lines += [head, ""]
+        compared = "".join(f"; `*_vs_{c}`: over {c}" for c in settings.get("compare") or [])
         if settings.get("cache") is not None:
             lines += [f"cache: `{json.dumps(settings['cache'], sort_keys=True)}`"
-                      + (f"; baseline: {settings['baseline']}" if settings.get("baseline") else ""), ""]
+                      + (f"; baseline: {settings['baseline']}" if settings.get("baseline") else "") + compared, ""]
+        elif compared:
+            lines += [compared[2:], ""]
         rows = case.get("rows") or []
         lines += table(rows) if rows else [f"no rows ({fmt(case.get('error') or case.get('skipped'))})", ""]
     return lines

@@ -135,21 +135,25 @@ class Context:
 
 def add_ratios(cases: dict[str, dict[str, Any]]) -> None:
     """Each row of a case with a ``baseline`` gets ``<metric>_vs_baseline`` against the baseline's row of the same
-    batch/context (tokens/s, KV bytes, max batch, quality KV fraction)."""
+    batch/context (tokens/s, KV bytes, max batch, quality KV fraction); with ``compare`` (case names), also
+    ``<metric>_vs_<case>`` against each of those cases' rows (e.g. ``tokens_per_s_vs_kvpress-snapkv``)."""
     keys = ("batch", "context", "prefill_chunk", "history", "turn")
     metrics = ("tokens_per_s", "kv_bytes_start", "max_batch", "prefill_s", "kv_bytes", "peak_bytes_over_weights")
     for res in cases.values():
         base = res["settings"].get("baseline")
-        if not base or base not in cases:
-            continue
-        for row in res["rows"]:
-            match = next((b for b in cases[base]["rows"] if all(b.get(k) == row.get(k) for k in keys)
-                          and not b.get("oom")), None)
-            if match is None or row.get("oom"):
+        others = [(base, "baseline")] if base else []
+        others += [(name, name) for name in res["settings"].get("compare") or []]
+        for other, suffix in others:
+            if other not in cases:
                 continue
-            for m in metrics:
-                if isinstance(row.get(m), (int, float)) and isinstance(match.get(m), (int, float)) and match[m]:
-                    row[f"{m}_vs_baseline"] = row[m] / match[m]
+            for row in res["rows"]:
+                match = next((b for b in cases[other]["rows"] if all(b.get(k) == row.get(k) for k in keys)
+                              and not b.get("oom")), None)
+                if match is None or row.get("oom"):
+                    continue
+                for m in metrics:
+                    if isinstance(row.get(m), (int, float)) and isinstance(match.get(m), (int, float)) and match[m]:
+                        row[f"{m}_vs_{suffix}"] = row[m] / match[m]
 
 
 def run_suite(name: str, out: Path, device: str | None = None, cases: list[str] | None = None,

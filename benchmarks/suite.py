@@ -186,6 +186,10 @@ def parse_suite(raw: dict[str, Any], name: str) -> Suite:
         base = case.settings.get("baseline")
         if base is not None and base not in seen:
             raise ValueError(f"suite {name!r}, case {case.name!r}: baseline {base!r} is not a case of the suite")
+        for other in case.settings.get("compare") or []:
+            if other not in seen or other == case.name:
+                raise ValueError(f"suite {name!r}, case {case.name!r}: compare names {other!r}, which is not another "
+                                 "case of the suite")
     return Suite(name, str(raw.get("description", "")), model, str(raw.get("device", "cuda")), tuple(cases), raw)
 
 

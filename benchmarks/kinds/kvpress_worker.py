@@ -12,6 +12,7 @@ exactly that shape filled with random keys/values at each batch (the ``decode`` 
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import statistics
 import sys
@@ -27,6 +28,14 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _dist_version(name: str) -> str:
+    """The installed distribution's version (kvpress 0.5.5 has no ``__version__``)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -91,7 +100,7 @@ def main(job_path: str, out_path: str) -> None:
         rows.append(r)
         print("kvpress", json.dumps(r), flush=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "kvpress": getattr(kvpress, "__version__", "unknown")}
+                "kvpress": getattr(kvpress, "__version__", None) or _dist_version("kvpress")}
     Path(out_path).write_text(json.dumps({"rows": rows, "versions": versions}))
 
 

@@ -72,13 +72,17 @@ def _check(settings: dict[str, Any], where: str) -> None:
                          "'static_decode'")
     if not isinstance(settings["chunk"], int) or settings["chunk"] < 1:
         raise ValueError(f"{where}: chunk={settings['chunk']!r} is out of range: an integer >= 1")
+    compare = settings.get("compare", [])
+    if not isinstance(compare, list) or not all(isinstance(c, str) for c in compare):
+        raise TypeError(f"{where}: compare={compare!r} must be a list of case names")
 
 
 @kind("runtime_decode", {"cache": REQUIRED, "batches": [1, 16, 64], "context": 4096, **TIMING, "chunk": 16,
-                         "graph": True, "baseline": None, "at_max_batch_of": None}, check=_check)
+                         "graph": True, "baseline": None, "at_max_batch_of": None, "compare": []}, check=_check)
 def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """Decode tokens/s through the runtime at each batch (``at_max_batch_of``: also at the max batch a
-    ``runtime_max_batch`` case found); out-of-memory recorded as ``oom``."""
+    ``runtime_max_batch`` case found); out-of-memory recorded as ``oom``. ``compare``: other cases of the suite
+    (e.g. a ``kvpress_decode`` one) whose rows of the same batch give ``tokens_per_s_vs_<case>``."""
     rows = []
     for b in batches_of(ctx, case):
         r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, case.get("context"), case.get("steps"),
