@@ -126,3 +126,72 @@ def test_datasets_stand_in_raises_naming_itself() -> None:
         mod.load_dataset("kmfoda/booksum")
     with pytest.raises(RuntimeError, match=r"datasets.Dataset is not available"):
         mod.Dataset  # noqa: B018
+
+
+# -- squeezekv bench through the decode runtime -------------------------------------------------------------------
+
+MICRO = json.loads((ROOT / "benchmarks" / "models" / "micro.json").read_text())
+CONTEXT, BUDGET, STEPS, WARMUP, REPS = 64, 0.25, 2, 1, 2
+
+
+def _bench(tmp_path: Path, caches: list, *extra: str) -> dict:
+    from squeezekv.cli import main
+
+    cfg = {"model": MICRO, "dtype": "float32", "context": CONTEXT, "budget": BUDGET, "batches": [1, 3],
+           "decode_steps": STEPS, "warmup": WARMUP, "reps": REPS, "caches": caches}
+    cfg_path, out = tmp_path / "bench.json", tmp_path / "out.json"
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["bench", "--config", str(cfg_path), "--out", str(out), "--device", "cpu", "--only", "decode",
+                 *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_decodes_runtime_capable_caches_through_the_runtime(tmp_path: Path) -> None:
+    report = _bench(tmp_path, ["full", "method=snapkv", "method=h2o evict_every=4"])
+    rows = {(r["method"], r["batch"]): r for r in report["decode"]}
+    assert [(r["method"], r["decoder"]) for r in report["decode"] if r["batch"] == 1] == [
+        ("full", "eager"), ("method=snapkv", "runtime"), ("method=snapkv decoder=eager", "eager"),
+        ("method=h2o evict_every=4", "runtime"), ("method=h2o evict_every=4 decoder=eager", "eager")]
+    m, n = MICRO, int(round(BUDGET * CONTEXT))
+    layers, heads, dim = m["num_hidden_layers"], m["num_key_value_heads"], m["head_dim"]
+    for b in (1, 3):
+        for name, capacity, scores in (("method=snapkv", n + WARMUP + STEPS * REPS, 4),
+                                       ("method=h2o evict_every=4", n + 4, 4)):
+            rt, eager = rows[(name, b)], rows[(f"{name} decoder=eager", b)]
+            assert rt["graph"] is False and rt["tokens_per_s"] == b / (rt["ms_per_step"] / 1e3)
+            # the same cache at the same batch: the runtime's requests hold what the eager batch holds
+            assert rt["kv_bytes_start"] == eager["kv_bytes_start"]
+            slot = layers * heads * capacity * (2 * dim * 4 + 4 + scores) + layers * heads * 4 + 8
+            assert rt["pool_bytes"] == (b + 1) * slot  # the pool of b slots (and the scratch row) it decoded
+    assert "pool_bytes" not in rows[("full", 1)]
+
+
+def test_bench_runtime_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    only_runtime = _bench(tmp_path, ["method=window evict_every=4"], "--no-eager-reference")
+    assert [(r["method"], r["decoder"]) for r in only_runtime["decode"]] == [("method=window evict_every=4",
+                                                                              "runtime")] * 2
+    eager = _bench(tmp_path, ["method=window evict_every=4"], "--no-runtime")
+    assert [(r["method"], r["decoder"]) for r in eager["decode"]] == [("method=window evict_every=4", "eager")] * 2
+    assert all("pool_bytes" not in r for r in eager["decode"])
+    from squeezekv.cli import main
+
+    assert main(["bench", "--config", str(tmp_path / "bench.json"), "--out", str(tmp_path / "x.json"), "--device",
+                 "cpu"]) == 2
+    assert "on the CPU only the decode part runs" in capsys.readouterr().err
+
+
+def test_runtime_unavailable_names_why() -> None:
+    from squeezekv.bench import BenchCache, runtime_unavailable
+
+    class Model:
+        class config:  # noqa: N801 - stands in for a model's config
+            sliding_window = None
+            layer_types = ["full_attention"]
+
+    assert runtime_unavailable(Model, BenchCache.parse("method=snapkv")) is None
+    assert runtime_unavailable(Model, BenchCache.parse("full")) == "the full cache decodes eagerly"
+    assert "no channel or cross-layer" in runtime_unavailable(Model, BenchCache.parse("method=snapkv channel=kivi"))
+    graph = BenchCache.parse({"cache": "method=window evict_every=16", "decoder": "graph"})
+    assert runtime_unavailable(Model, graph) == "decoder='graph' is its own path"
+    Model.config.layer_types = ["full_attention", "sliding_attention"]
+    assert "every layer is full attention" in runtime_unavailable(Model, BenchCache.parse("method=snapkv"))

@@ -12,7 +12,12 @@ of ``reps`` repetitions):
   compression overhead (prefill time with the compressed cache over the full cache's, minus one);
 * decode tokens/s at several batch sizes at ``context`` tokens: the cache is filled directly with random keys/values
   of the right shapes (the full cache: ``context`` tokens; a compressed one: its budget, as right after the prompt's
-  compression), then ``decode_steps`` greedy steps are timed;
+  compression), then ``decode_steps`` greedy steps are timed. A compressed cache the decode runtime can run
+  (:func:`runtime_unavailable` is None: its policies, no channel or cross-layer method, eager decoder) decodes through
+  :class:`~squeezekv.runtime.runtime.DecodeRuntime` (rows ``"decoder": "runtime"``: one random request of the budget's
+  shape admitted into every slot of a pool of ``batch`` slots; a CUDA graph per batch), next to a reference row of the
+  eager path (``"decoder": "eager"``, method ``<name> decoder=eager``; config ``eager_reference: false`` or
+  ``--no-eager-reference`` drops it; ``runtime: false`` or ``--no-runtime`` decodes every cache eagerly as before);
 * max batch that fits (doubling then bisection, out-of-memory caught and memory released between tries);
 * fraction of the memory-bandwidth roofline: (weight bytes + live KV bytes) / bandwidth over the measured step time.
 """
@@ -121,6 +126,25 @@ class BenchCache:
         return cls(name, spec, decoder)
 
 
+def runtime_unavailable(model: Any, entry: BenchCache) -> str | None:
+    """Why ``entry`` decodes on the eager path rather than through the decode runtime (None: the runtime runs it)."""
+    from .runtime.runtime import SUPPORTED_POLICIES
+
+    if entry.spec is None:
+        return "the full cache decodes eagerly"
+    if entry.decoder != "eager":
+        return f"decoder={entry.decoder!r} is its own path"
+    if entry.spec.method not in SUPPORTED_POLICIES:
+        return f"the runtime runs the policies {SUPPORTED_POLICIES}, not {entry.spec.method!r}"
+    if entry.spec.channel is not None or entry.spec.crosslayer is not None:
+        return "the runtime's pool holds plain squeezekv layers (no channel or cross-layer method)"
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None)
+                                                   or []):
+        return "the runtime supports models whose every layer is full attention"
+    return None
+
+
 def make_cache(model: Any, entry: BenchCache | str, budget_tokens: int, batch: int, context: int, fill: bool,
                device: str = "cuda") -> Any:
     """A cache as it stands right after a ``context``-token prompt: full, or compressed to ``budget_tokens`` per layer
@@ -214,28 +238,70 @@ def prefill(model: Any, method: BenchCache, context: int, budget: float, reps: i
     return res
 
 
+def _cuda_figures(model: Any, live: int, per_step: float, device: str) -> dict[str, Any]:
+    """Roofline fraction and peak memory of a decode measurement (CUDA only: none on a CPU check)."""
+    if not str(device).startswith("cuda"):
+        return {}
+    return {"roofline_fraction": (weight_bytes(model) + live) / hbm_bandwidth() / per_step,
+            "peak_allocated": torch.cuda.max_memory_allocated()}
+
+
 @torch.no_grad()
 def decode(model: Any, method: BenchCache, batch: int, context: int, budget_tokens: int, steps: int, warmup: int,
-           reps: int) -> dict[str, Any]:
-    torch.cuda.reset_peak_memory_stats()
-    cache = make_cache(model, method, budget_tokens, batch, context, fill=True)
+           reps: int, device: str = "cuda") -> dict[str, Any]:
+    """Decode of the model step by step on ``method``'s cache (eager, or its GraphDecoder), filled at ``batch``."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    cache = make_cache(model, method, budget_tokens, batch, context, fill=True, device=device)
     live = kv_bytes(cache)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)  # [B, 1]
     graph = None
     if method.decoder == "graph":
         from .graphs import GraphDecoder
 
         graph = GraphDecoder(model, cache, chunk=method.spec.evict_every)
 
-    per_step, _ = greedy_decode(model, cache, ids, steps, warmup, reps,
+    per_step, _ = greedy_decode(model, cache, ids, steps, warmup, reps, device,
                                 step=None if graph is None else lambda x: graph.step(x).argmax(-1, keepdim=True))
-    wbytes = weight_bytes(model)
-    res = {"method": method.name, "batch": batch, "context": context, "ms_per_step": 1e3 * per_step,
-           "tokens_per_s": batch / per_step, "kv_bytes_start": live, "kv_bytes_end": kv_bytes(cache),
-           "roofline_fraction": (wbytes + live) / hbm_bandwidth() / per_step,
-           "peak_allocated": torch.cuda.max_memory_allocated()}
+    res = {"method": method.name, "decoder": method.decoder, "batch": batch, "context": context,
+           "ms_per_step": 1e3 * per_step, "tokens_per_s": batch / per_step, "kv_bytes_start": live,
+           "kv_bytes_end": kv_bytes(cache), **_cuda_figures(model, live, per_step, device)}
     cache = graph = None  # released before free()
-    free()
+    free(device)
+    return res
+
+
+@torch.no_grad()
+def decode_runtime(model: Any, method: BenchCache, batch: int, context: int, budget_tokens: int, steps: int,
+                   warmup: int, reps: int, device: str = "cuda") -> dict[str, Any]:
+    """Decode through :class:`~squeezekv.runtime.runtime.DecodeRuntime`: one request filled with random keys/values
+    of the budget's shape (:func:`make_cache`, batch 1, as right after its prompt's compression) admitted into every
+    slot of a pool of ``batch`` slots sized for the timed steps (a CUDA graph per batch on CUDA), then ``steps``
+    batched greedy steps timed as :func:`decode` times them. ``kv_bytes_start``: ``batch`` times the request's
+    bytes (what :func:`decode` reports for the same cache at ``batch``); ``pool_bytes``: what the pool allocated."""
+    from .runtime.pool import KVPool
+    from .runtime.runtime import DecodeRuntime
+
+    why = runtime_unavailable(model, method)
+    if why is not None:
+        raise ValueError(f"{method.name!r} cannot decode through the runtime: {why}")
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    request = make_cache(model, method, budget_tokens, 1, context, fill=True, device=device)
+    live = kv_bytes(request) * batch
+    pool = KVPool.for_cache(request, max_seqs=batch, max_new_tokens=warmup + steps * reps)
+    rt = DecodeRuntime(model, pool, request.policy, request.evict_every, use_graph=cuda)
+    slots = [rt.join(request) for _ in range(batch)]
+    request = None
+    ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)  # [B]
+    per_step, _ = greedy_decode(model, None, ids, steps, warmup, reps, device,
+                                step=lambda x: rt.step(slots, x).argmax(-1))  # [B] -> [B]
+    res = {"method": method.name, "decoder": "runtime", "batch": batch, "context": context,
+           "ms_per_step": 1e3 * per_step, "tokens_per_s": batch / per_step, "kv_bytes_start": live,
+           "pool_bytes": pool.nbytes(), "graph": rt.use_graph, **_cuda_figures(model, live, per_step, device)}
+    rt = pool = None  # released before free()
+    free(device)
     return res
 
 
@@ -286,7 +352,10 @@ def max_batch(model: Any, method: BenchCache, context: int, budget_tokens: int, 
 
 def run(args: argparse.Namespace) -> None:
     """Run the parts of the benchmark that ``args`` names and write the JSON report to ``args.out``."""
-    if not torch.cuda.is_available():
+    device = getattr(args, "device", "cuda") or "cuda"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device!r} is not supported: 'cuda', or 'cpu' for a check of the decode part")
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("squeezekv bench measures GPU throughput and needs a CUDA device; none is available here")
     config_path = Path(args.config)
     if not config_path.is_file():
@@ -296,6 +365,9 @@ def run(args: argparse.Namespace) -> None:
     # eager decoding of growing caches look slower than it is in a warm server. Both sides turn it off.
     torch.backends.cuda.enable_cudnn_sdp(cfg.get("cudnn_sdpa", False))
     parts = set(args.only.split(",")) if args.only else {"prefill", "decode", "maxbatch"}
+    if device == "cpu" and parts != {"decode"}:
+        raise ValueError(f"on the CPU only the decode part runs (a check with a small model): pass --only decode, "
+                         f"not {','.join(sorted(parts))}")
     if args.caches:
         cfg["caches"] = [c.strip() for c in args.caches.split(";") if c.strip()]
     if "caches" not in cfg:
@@ -307,9 +379,20 @@ def run(args: argparse.Namespace) -> None:
         cfg["prefill_contexts"] = [int(c) for c in args.prefill_contexts.split(",")]
     if args.decode_steps:
         cfg["decode_steps"] = args.decode_steps
-    model = build_model(cfg)
+    if getattr(args, "no_runtime", False):
+        cfg["runtime"] = False
+    if getattr(args, "no_eager_reference", False):
+        cfg["eager_reference"] = False
+    cfg.setdefault("runtime", True)
+    cfg.setdefault("eager_reference", True)
+    for key in ("runtime", "eager_reference"):
+        if not isinstance(cfg[key], bool):
+            raise TypeError(f"benchmark config {key}={cfg[key]!r} must be true or false")
+    if device == "cpu" and any(e.decoder == "graph" for e in entries):
+        raise ValueError("decoder='graph' replays CUDA graphs: it needs --device cuda")
+    model = build_model(cfg, device)
     report: dict[str, Any] = {
-        "config": cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "config": cfg, "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
         "transformers": transformers.__version__, "squeezekv": squeezekv.__version__,
         "weight_bytes": weight_bytes(model), "prefill": [], "decode": [], "max_batch": {},
     }
@@ -344,13 +427,24 @@ def run(args: argparse.Namespace) -> None:
             mb = report["max_batch"].get(method.name)
             if mb and mb not in batches:
                 batches.append(mb)
+            through_runtime = cfg["runtime"] and runtime_unavailable(model, method) is None
+            reference = BenchCache(f"{method.name} decoder=eager", method.spec, "eager")
             for b in sorted(batches):
                 if mb is not None and b > mb:
                     continue
-                r = or_oom(lambda: decode(model, method, b, context, budget_tokens, cfg["decode_steps"],
-                                          cfg["warmup"], cfg["reps"]), method=method.name, batch=b)
-                report["decode"].append(r)
-                print("decode", json.dumps(r), flush=True)
+                timing = (b, context, budget_tokens, cfg["decode_steps"], cfg["warmup"], cfg["reps"], device)
+                if through_runtime:
+                    rows = [or_oom(lambda: decode_runtime(model, method, *timing), device, method=method.name,
+                                   decoder="runtime", batch=b)]
+                    if cfg["eager_reference"]:
+                        rows.append(or_oom(lambda: decode(model, reference, *timing), device, method=reference.name,
+                                           decoder="eager", batch=b))
+                else:
+                    rows = [or_oom(lambda: decode(model, method, *timing), device, method=method.name,
+                                   decoder=method.decoder, batch=b)]
+                for r in rows:
+                    report["decode"].append(r)
+                    print("decode", json.dumps(r), flush=True)
                 save()
     save()
 
