@@ -221,19 +221,16 @@ def test_runtime_refuses_what_it_cannot_do(make_model, make_ids, method_params):
         rt.step([0 if slot else 1], tok)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv"])
-def test_cuda_graph_runtime_equals_eager(method, make_model, make_ids, method_params):
-    """On the GPU: each bucket's step captured as a CUDA graph (the Triton kernel when triton is installed) equals
-    the eager path."""
-    model = make_model("llama").cuda()
-    reqs = [_prefill(model, make_ids(1, n, seed=10 + n).cuda(), method, method_params) for n in PROMPTS]
+def _graph_or_compiled_equals_eager(method, make_model, make_ids, method_params, device, compile):
+    """Each bucket's step (captured as a CUDA graph on CUDA; compiled with torch.compile if ``compile``) equals the
+    eager path, over a compaction and a request leaving (buckets 4 then 2)."""
+    model = make_model("llama").to(device)
+    reqs = [_prefill(model, make_ids(1, n, seed=10 + n).to(device), method, method_params) for n in PROMPTS]
     cache0 = reqs[0][0]
     caps = pool_capacities(cache0.plan, CHUNK, cache0.evicts_while_decoding, STEPS + 2)
-    pool = KVPool(caps, 4, kv_heads=2, head_dim=16, device="cuda", with_scores=cache0.policy.uses_scores)
-    rt = DecodeRuntime(model, pool, cache0.policy, CHUNK)
-    assert rt.use_graph
+    pool = KVPool(caps, 4, kv_heads=2, head_dim=16, device=device, with_scores=cache0.policy.uses_scores)
+    rt = DecodeRuntime(model, pool, cache0.policy, CHUNK, compile=compile)
+    assert rt.use_graph == (device == "cuda")
     slots = [rt.join(cache) for cache, _ in reqs]
     eager = [logits for _, logits in reqs]
     got = torch.cat(eager)
@@ -250,7 +247,23 @@ def test_cuda_graph_runtime_equals_eager(method, make_model, make_ids, method_pa
             eager[r] = _eager_step(model, cache, toks[i])
             torch.testing.assert_close(got[i:i + 1], eager[r], rtol=0, atol=1e-4)
             _same_state(rt, slots[r], cache)
-    assert sorted(rt._buckets) == [2, 4] and all(b.graph is not None for b in rt._buckets.values())
+    assert sorted(rt._buckets) == [2, 4] and all((b.graph is not None) == rt.use_graph for b in rt._buckets.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("method", ["streamingllm", "h2o", "snapkv"])
+def test_cuda_graph_runtime_equals_eager(method, compile, make_model, make_ids, method_params):
+    """On the GPU: each bucket's step captured as a CUDA graph (the Triton kernels when triton is installed), compiled
+    or not, equals the eager path."""
+    _graph_or_compiled_equals_eager(method, make_model, make_ids, method_params, "cuda", compile)
+
+
+def test_compiled_runtime_equals_eager(make_model, make_ids, method_params):
+    """On the CPU: the step compiled with torch.compile (one compilation: the batch dimension is dynamic) equals the
+    eager path for H2O (its scores written inside the step) over a compaction and a change of bucket."""
+    _graph_or_compiled_equals_eager("h2o", make_model, make_ids, method_params, "cpu", True)
 
 
 def test_batch_buckets():

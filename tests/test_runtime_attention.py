@@ -215,3 +215,27 @@ def test_kernels_compile_for_sm90(kernel, dtype, g, d):
         pytest.skip(f"cannot compile for CUDA here: {e}")
     assert "ld.global" in compiled.asm["ptx"] or "cp.async" in compiled.asm["ptx"]
     assert compiled.metadata.shared < 100 * 1024
+
+
+@pytest.mark.parametrize("with_scores,dtype,d", [(True, torch.float32, 16), (False, torch.bfloat16, 24)])
+def test_pool_write_kernel_equals_indexing(dt, with_scores, dtype, d):
+    """The one-launch pool write (KVPool.write, backend 'triton', interpreted) leaves every pool tensor bit for bit as
+    the indexing path does and returns the same lengths, for new keys/values given as transposed views."""
+    from squeezekv.runtime.pool import KVPool
+
+    gen = torch.Generator().manual_seed(d)
+    pools = [KVPool([9, 6], 5, 2, d, dtype=dtype, with_scores=with_scores) for _ in range(2)]
+    for pool in pools:
+        for t in pool.tensors():
+            t.copy_(torch.randint(0, 50, t.shape, generator=torch.Generator().manual_seed(t.numel())).to(t.dtype))
+        pool.lengths[0].copy_(torch.tensor([[0, 3], [8, 5], [2, 2], [7, 0], [4, 1], [0, 0]]))
+        pool.lengths[1].copy_(torch.tensor([[5, 0], [1, 2], [3, 3], [0, 5], [2, 4], [0, 0]]))
+    slots = torch.tensor([3, 0, 1, 5])  # the last row: the scratch slot
+    for layer in (0, 1):
+        k_new = torch.randn(4, 1, 2, d, generator=gen).to(dtype).transpose(1, 2)  # [B, H, 1, D] as a view
+        v_new = torch.randn(4, 1, 2, d, generator=gen).to(dtype).transpose(1, 2)
+        ref = pools[0].write(layer, slots, k_new, v_new, backend="torch")
+        got = pools[1].write(layer, slots, k_new, v_new, backend="triton")
+        assert got.dtype == torch.int32 and torch.equal(got, ref)
+    for a, b in zip(pools[0].tensors(), pools[1].tensors()):
+        assert torch.equal(a, b)

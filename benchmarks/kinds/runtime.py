@@ -20,7 +20,7 @@ NEW_TOKENS = 128
 
 
 def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: int, new_tokens: int,
-             graph: bool) -> tuple[Any, list[int], int]:
+             graph: bool, compile: bool = False) -> tuple[Any, list[int], int]:
     from squeezekv.runtime.pool import KVPool
     from squeezekv.runtime.runtime import DecodeRuntime
 
@@ -28,20 +28,20 @@ def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: i
     first = filled_cache(ctx.model, spec.to_dict(), 1, context, ctx.device)  # one request, right after its prompt
     live = kv_bytes(first)
     pool = KVPool.for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
-    rt = DecodeRuntime(ctx.model, pool, first.policy, chunk, use_graph=graph and _cuda(ctx.device))
+    rt = DecodeRuntime(ctx.model, pool, first.policy, chunk, use_graph=graph and _cuda(ctx.device), compile=compile)
     slots = [rt.join(first) for _ in range(batch)]
     return rt, slots, live
 
 
 @torch.no_grad()
 def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, steps: int, warmup: int, reps: int,
-                 chunk: int, graph: bool, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+                 chunk: int, graph: bool, new_tokens: int = NEW_TOKENS, compile: bool = False) -> dict[str, Any]:
     model, device = ctx.model, ctx.device
     if _cuda(device):
         torch.cuda.reset_peak_memory_stats()
     if warmup + steps * reps + 2 > new_tokens:
         raise ValueError(f"{warmup} + {reps} x {steps} decode steps do not fit in new_tokens={new_tokens}")
-    rt, slots, live_one = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph)
+    rt, slots, live_one = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph, compile)
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)  # [B]
     state = {"ids": ids}
 
@@ -49,11 +49,12 @@ def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, step
         for _ in range(n):
             state["ids"] = rt.step(slots, state["ids"]).argmax(-1)  # [B]
 
-    run_steps(warmup)
+    warmup_s = timed(lambda: run_steps(warmup), 1, device)[0]  # the bucket's compilation and capture included
     times = timed(lambda: run_steps(steps), reps, device)
     per_step = sorted(times)[len(times) // 2] / steps
     live = live_one * batch
-    res = {"batch": batch, "context": context, "chunk": chunk, "graph": rt.use_graph, "ms_per_step": 1e3 * per_step,
+    res = {"batch": batch, "context": context, "chunk": chunk, "graph": rt.use_graph, "compile": rt.compile,
+           "warmup_s": warmup_s, "ms_per_step": 1e3 * per_step,
            "tokens_per_s": batch / per_step, "times": times, "kv_bytes_start": live,
            "pool_bytes": rt.pool.nbytes(), "slot_bytes": rt.pool.slot_nbytes()}
     if _cuda(device):
@@ -70,6 +71,8 @@ def _check(settings: dict[str, Any], where: str) -> None:
     if is_full(settings["cache"]):
         raise ValueError(f"{where}: the runtime decodes compressed caches; time the full cache with 'decode' or "
                          "'static_decode'")
+    if not isinstance(settings.get("compile", False), bool):
+        raise TypeError(f"{where}: compile={settings['compile']!r} must be true or false")
     if not isinstance(settings["chunk"], int) or settings["chunk"] < 1:
         raise ValueError(f"{where}: chunk={settings['chunk']!r} is out of range: an integer >= 1")
     compare = settings.get("compare", [])
@@ -78,7 +81,8 @@ def _check(settings: dict[str, Any], where: str) -> None:
 
 
 @kind("runtime_decode", {"cache": REQUIRED, "batches": [1, 16, 64], "context": 4096, **TIMING, "chunk": 16,
-                         "graph": True, "baseline": None, "at_max_batch_of": None, "compare": []}, check=_check)
+                         "graph": True, "compile": False, "baseline": None, "at_max_batch_of": None, "compare": []},
+      check=_check)
 def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """Decode tokens/s through the runtime at each batch (``at_max_batch_of``: also at the max batch a
     ``runtime_max_batch`` case found); out-of-memory recorded as ``oom``. ``compare``: other cases of the suite
@@ -86,7 +90,8 @@ def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     rows = []
     for b in batches_of(ctx, case):
         r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, case.get("context"), case.get("steps"),
-                                        case.get("warmup"), case.get("reps"), case.get("chunk"), case.get("graph")),
+                                        case.get("warmup"), case.get("reps"), case.get("chunk"), case.get("graph"),
+                                        compile=case.get("compile")),
                    ctx.device, batch=b)
         rows.append(r)
         ctx.progress(case, r)
@@ -94,7 +99,7 @@ def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
 
 
 @kind("runtime_max_batch", {"cache": REQUIRED, "context": 4096, "chunk": 16, "new_tokens": NEW_TOKENS, "probe_steps": 2,
-                            "reserve_gib": 4.0, "graph": True, "baseline": None}, check=_check)
+                            "reserve_gib": 4.0, "graph": True, "compile": False, "baseline": None}, check=_check)
 def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """The largest batch whose pool (slots of ``budget + chunk`` entries, SnapKV ``budget + new_tokens``) and decode
     step fit: from free memory (less ``reserve_gib`` for activations and graphs) over one slot's bytes, shrunk by
@@ -112,7 +117,8 @@ def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     tries = []
     while b >= 1:
         r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, ctx_len, case.get("probe_steps"), 1, 1, chunk,
-                                        case.get("graph"), case.get("new_tokens")), ctx.device, batch=b)
+                                        case.get("graph"), case.get("new_tokens"), case.get("compile")), ctx.device,
+                   batch=b)
         tries.append({"batch": b, "oom": bool(r.get("oom"))})
         if not r.get("oom"):
             row = {"max_batch": b, "slot_bytes": slot, "tries": tries}
@@ -123,7 +129,7 @@ def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
 
 
 @kind("runtime_profile", {"cache": REQUIRED, "batch": 64, "context": 4096, "chunk": 16, "steps": 8, "top": 15,
-                          "baseline": None}, check=_check)
+                          "graph": True, "compile": False, "baseline": None}, check=_check)
 def runtime_profile(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """Where a runtime decode step's GPU time goes: ``steps`` replayed steps at ``batch`` under ``torch.profiler``;
     the ``top`` kernels by total device time (microseconds per step) and the device time per step."""
@@ -131,7 +137,7 @@ def runtime_profile(ctx: Any, case: Case) -> list[dict[str, Any]]:
 
     b, steps = case.get("batch"), case.get("steps")
     rt, slots, _ = _runtime(ctx, case.get("cache"), b, case.get("context"), case.get("chunk"), NEW_TOKENS,
-                            case.get("graph") if "graph" in case.settings else True)
+                            case.get("graph"), case.get("compile"))
     ids = torch.randint(0, ctx.model.config.vocab_size, (b,), device=ctx.device)  # [B]
     for _ in range(3):
         ids = rt.step(slots, ids).argmax(-1)

@@ -89,8 +89,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if use_kernel:
         why = kernel_supports(q)
         if why is None:
-            kernel = importlib.import_module(f"{__package__}.decode_triton")
-            return kernel.decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores=scores)
+            ops = importlib.import_module(f"{__package__}.ops")  # the kernel as a custom operator
+            return ops.decode_attention(q, k_pool, v_pool, slots, lengths, float(scale), scores)
         if backend == "triton":
             raise ValueError(f"the Triton decode kernel cannot run: {why}")
     return reference_decode_attention(q, k_pool, v_pool, slots, lengths, scale, scores)

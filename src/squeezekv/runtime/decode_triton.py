@@ -182,6 +182,51 @@ def _scores_kernel(Q, K, SLOTS, LENS, M, L, SC,
         tl.store(sc_ptr + pos, old + w, mask=nmask)
 
 
+@triton.jit
+def _write_kernel(KN, VN, K, V, POS, SC, SLOTS, LENS, SEEN, NEW_LENS,
+                  H, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sk_n, sv_s, sv_h, sv_n, sp_s, sp_h, ss_s, ss_h,
+                  sl_s, sl_h, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCORES: tl.constexpr):
+    # one program per (row, KV head): append the row's new key/value at entry n = LENS[slot, h] of its slot, with
+    # its logical position SEEN[slot] (and a zero score), and write n + 1 to NEW_LENS[row, h]
+    pid = tl.program_id(0)
+    b = pid // H
+    h = (pid % H).to(tl.int64)
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    n = tl.load(LENS + slot * sl_s + h * sl_h).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    k = tl.load(KN + b.to(tl.int64) * skn_b + h * skn_h + offs_d, mask=dmask)
+    v = tl.load(VN + b.to(tl.int64) * svn_b + h * svn_h + offs_d, mask=dmask)
+    tl.store(K + slot * sk_s + h * sk_h + n * sk_n + offs_d, k, mask=dmask)
+    tl.store(V + slot * sv_s + h * sv_h + n * sv_n + offs_d, v, mask=dmask)
+    tl.store(POS + slot * sp_s + h * sp_h + n, tl.load(SEEN + slot).to(tl.int32))
+    if HAS_SCORES:
+        tl.store(SC + slot * ss_s + h * ss_h + n, 0.0)
+    tl.store(NEW_LENS + pid, (n + 1).to(tl.int32))
+
+
+def pool_write(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+               positions: torch.Tensor, scores: torch.Tensor | None, lengths: torch.Tensor, seen: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+    """:meth:`squeezekv.runtime.pool.KVPool.write` in one launch (shapes checked there): ``k_new``/``v_new``
+    ``[B, H, 1, D]`` go to entry ``lengths[slots[b], h]`` of ``k_pool``/``v_pool`` ``[S, H, C, D]``; returns the
+    lengths after the write ``[B, H]`` int32."""
+    b, h, _, d = k_new.shape
+    if k_new.stride(-1) != 1:
+        k_new = k_new.contiguous()
+    if v_new.stride(-1) != 1:
+        v_new = v_new.contiguous()
+    new_lens = torch.empty((b, h), device=k_new.device, dtype=torch.int32)
+    sc = positions if scores is None else scores  # not read without scores
+    _write_kernel[(b * h,)](
+        k_new, v_new, k_pool, v_pool, positions, sc, slots, lengths, seen, new_lens,
+        h, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        positions.stride(0), positions.stride(1), sc.stride(0), sc.stride(1), lengths.stride(0), lengths.stride(1),
+        D=d, BLOCK_D=triton.next_power_of_2(d), HAS_SCORES=scores is not None, num_warps=1)
+    return new_lens
+
+
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float, *, scores: torch.Tensor | None = None,
                      splits: int | None = None, block_n: int | None = None,

@@ -21,6 +21,7 @@ that the runtime decides when to evict without reading the device.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Sequence
 
 import numpy as np
@@ -175,6 +176,38 @@ class KVPool:
         self.host_seen[slot] = seen
 
     # -- after a decode step / eviction ---------------------------------------------------------------------------
+    def write(self, layer: int, slots: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+              backend: str = "auto") -> torch.Tensor:
+        """Append one new entry per (row, KV head) to ``layer`` of the rows' slots, inside a decode step (tensor ops
+        only, capturable): ``key_states``/``value_states`` ``[B, H, 1, D]`` go to entry ``lengths[layer, slots[b], h]``
+        with logical position ``seen[slots[b]]`` (and a zero score). Returns the lengths after the write ``[B, H]``
+        int32 (the pool's own lengths grow in :meth:`advance`, after the whole step). ``backend``: ``"triton"`` (one
+        kernel launch, :func:`~squeezekv.runtime.decode_triton.pool_write`), ``"torch"`` (indexing), ``"auto"``
+        (the kernel on CUDA when triton is importable)."""
+        b, h, t, d = key_states.shape
+        if t != 1 or h != self.kv_heads or d != self.head_dim or value_states.shape != key_states.shape:
+            raise ValueError(f"key/value states {tuple(key_states.shape)}/{tuple(value_states.shape)} must be "
+                             f"[B, {self.kv_heads}, 1, {self.head_dim}] alike")
+        if slots.shape != (b,):
+            raise ValueError(f"slots {tuple(slots.shape)} must be [B={b}]")
+        lengths = self.lengths[layer]  # [S, H]
+        scores = None if self.scores is None else self.scores[layer]
+        if backend == "triton" or (backend == "auto" and key_states.is_cuda and _triton_available()):
+            from .ops import pool_write
+
+            return pool_write(key_states, value_states, self.keys[layer], self.values[layer], self.positions[layer],
+                              scores, lengths, self.seen, slots)
+        lens = lengths.index_select(0, slots)  # [B, H] int32: where the new entries go
+        heads = torch.arange(h, device=slots.device)
+        at = (slots[:, None].expand(b, h), heads[None, :].expand(b, h), lens.long())
+        self.keys[layer].index_put_(at, key_states[:, :, 0])  # [B, H, D]
+        self.values[layer].index_put_(at, value_states[:, :, 0])
+        pos = self.seen.index_select(0, slots).to(torch.int32)  # [B]: logical position of the new token
+        self.positions[layer].index_put_(at, pos[:, None].expand(b, h))
+        if scores is not None:
+            scores.index_put_(at, torch.zeros((), device=pos.device))
+        return lens + 1
+
     def advance(self, slots: torch.Tensor) -> None:
         """Device side of a decode step over the rows ``slots`` ``[B]`` (tensor ops only, captured with the step):
         every layer's lengths and ``seen`` grow by one; the scratch row stays empty."""
@@ -241,3 +274,7 @@ class KVPool:
         """Every tensor the pool allocated."""
         out = [*self.keys, *self.values, *self.positions, self.lengths, self.seen]
         return out + (list(self.scores) if self.scores is not None else [])
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None

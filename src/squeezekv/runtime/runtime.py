@@ -53,7 +53,6 @@ class _Rows:
 
     slots: torch.Tensor  # [B] int64: pool row of each batch row (scratch for padding rows)
     ids: torch.Tensor  # [B, 1] int64: the tokens fed
-    heads: torch.Tensor  # [H] int64
 
 
 class PoolLayer(CacheLayerMixin):
@@ -78,19 +77,11 @@ class PoolLayer(CacheLayerMixin):
         pool, rows, layer = self.runtime.pool, self.rows, self.layer_idx
         if key_states.shape[2] != 1:
             raise ValueError(f"the decode runtime feeds one token per row, got {key_states.shape[2]}")
-        b, h = key_states.shape[:2]
-        lens = pool.lengths[layer].index_select(0, rows.slots)  # [B, H] int32: where the new entries go
-        at = (rows.slots[:, None].expand(b, h), rows.heads[None, :].expand(b, h), lens.long())
-        pool.keys[layer].index_put_(at, key_states[:, :, 0])  # [B, H, D]
-        pool.values[layer].index_put_(at, value_states[:, :, 0])
-        pos = pool.seen.index_select(0, rows.slots).to(torch.int32)  # [B]: logical position of the new token
-        pool.positions[layer].index_put_(at, pos[:, None].expand(b, h))
-        if pool.scores is not None:
-            pool.scores[layer].index_put_(at, torch.zeros((), device=pos.device))
+        lens = pool.write(layer, rows.slots, key_states, value_states, self.runtime.backend)  # [B, H] after
         model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
             model_kwargs["squeezekv_pool_layer"] = self
-            model_kwargs["squeezekv_pool_lengths"] = lens + 1  # [B, H]: filled entries after this write
+            model_kwargs["squeezekv_pool_lengths"] = lens  # [B, H]: filled entries after this write
         return pool.keys[layer], pool.values[layer]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -167,7 +158,7 @@ class DecodeRuntime:
     slot ``slots[i]`` and returns the next-token logits ``[len(slots), vocab]``; ``leave(slot)`` releases a slot."""
 
     def __init__(self, model: Any, pool: KVPool, policy: Any, chunk: int, *, use_graph: bool | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", compile: bool = False):
         if not isinstance(pool, KVPool):
             raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
         if not isinstance(chunk, int) or chunk < 1:
@@ -199,6 +190,13 @@ class DecodeRuntime:
         # [L, S] each joined slot's decode budget per layer: -1 where a layer only grows (snapkv, none, budget 1.0)
         self._budget_array = np.full((pool.num_layers, pool.max_seqs + 1), -1, dtype=np.int64)
         self._buckets: dict[int, _Bucket] = {}
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile={compile!r} must be True or False")
+        self.compile = compile
+        # torch.compile of the model step (norms, RoPE, activations fused; the pool write and the attention stay
+        # one custom operator each): compiled at the first step of a bucket, before its graph is captured; the
+        # batch dimension is dynamic, so buckets of 2 rows and more share one compilation (1 is its own)
+        self._compiled = torch.compile(self._forward, fullgraph=True) if compile else None
         AttentionInterface.register(ATTN_NAME, runtime_attention)
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -287,13 +285,17 @@ class DecodeRuntime:
             logits = bucket.logits[:n].clone()
         else:
             with self._attention():
-                logits = self._forward(bucket)[:n]
+                logits = self._run(bucket)[:n]
         pool.advance_host(idx)
         budgets = self._budget_array[:, idx]  # [L, n]
         due = (budgets >= 0) & (pool.host_lengths[:, idx] >= budgets + self.chunk)  # [L, n]
         for layer in np.nonzero(due.any(axis=1))[0]:
             self._evict(int(layer), idx[due[layer]], budgets[layer][due[layer]])
         return logits
+
+    def _run(self, bucket: _Bucket) -> torch.Tensor:
+        """One model step of ``bucket`` (compiled when the runtime compiles)."""
+        return self._forward(bucket) if self._compiled is None else self._compiled(bucket)
 
     def _forward(self, bucket: _Bucket) -> torch.Tensor:
         rows = bucket.rows
@@ -332,8 +334,10 @@ class DecodeRuntime:
         if bucket is None:
             dev = self.pool.device
             rows = _Rows(slots=torch.full((size,), self.pool.scratch, dtype=torch.int64, device=dev),
-                         ids=torch.zeros((size, 1), dtype=torch.int64, device=dev),
-                         heads=torch.arange(self.pool.kv_heads, device=dev))
+                         ids=torch.zeros((size, 1), dtype=torch.int64, device=dev))
+            if self.compile and size > 1:
+                torch._dynamo.mark_dynamic(rows.slots, 0)
+                torch._dynamo.mark_dynamic(rows.ids, 0)
             bucket = _Bucket(rows=rows, cache=PoolCache(self, rows))
             if self.use_graph:
                 self._capture(bucket)
@@ -350,8 +354,8 @@ class DecodeRuntime:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._forward(bucket)
+                    self._run(bucket)
             torch.cuda.current_stream().wait_stream(stream)
             bucket.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(bucket.graph):
-                bucket.logits = self._forward(bucket)
+                bucket.logits = self._run(bucket)
