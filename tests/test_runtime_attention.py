@@ -141,8 +141,10 @@ def test_kernel_grid_does_not_depend_on_lengths(dt, monkeypatch):
     assert len(set(launches)) == 1 and launches[0][1] > 1
 
 
-def test_runtime_with_the_kernel_equals_eager(dt, make_model, make_ids):
-    """The decode runtime running the (interpreted) kernel, h2o scores included, equals the eager path."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_runtime_with_the_kernel_equals_eager(dt, compile, make_model, make_ids):
+    """The decode runtime running the (interpreted) kernels, h2o scores included, equals the eager path; also with
+    the step compiled by torch.compile (the kernels are custom operators in the compiled graph)."""
     import squeezekv
     from squeezekv.runtime.pool import KVPool, pool_capacities
     from squeezekv.runtime.runtime import DecodeRuntime
@@ -154,7 +156,9 @@ def test_runtime_with_the_kernel_equals_eager(dt, make_model, make_ids):
         cache = squeezekv.make_cache(model, "h2o", budget, "uniform", evict_every=chunk)
         reqs.append([cache, model(make_ids(1, n, seed=n), cache=cache).logits[:, -1]])
     caps = pool_capacities(reqs[0][0].plan, chunk, True, 0)
-    rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=True), "h2o", chunk, backend="triton")
+    rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=True), "h2o", chunk, backend="triton",
+                       compile=compile)
+    assert rt.resolved_backend == "triton"
     slots = [rt.join(cache) for cache, _ in reqs]
     for _ in range(chunk + 1):  # one compaction
         toks = torch.cat([logits for _, logits in reqs]).argmax(-1)

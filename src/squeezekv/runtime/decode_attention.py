@@ -60,8 +60,12 @@ def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 
+#: whether triton is importable, decided once (a compiled step must not call the import machinery)
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def kernel_supports(q: torch.Tensor) -> str | None:

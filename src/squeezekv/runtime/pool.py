@@ -276,5 +276,9 @@ class KVPool:
         return out + (list(self.scores) if self.scores is not None else [])
 
 
+#: whether triton is importable, decided once (a compiled step must not call the import machinery)
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON

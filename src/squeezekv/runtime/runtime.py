@@ -28,6 +28,7 @@ cross-layer method), batch-1 requests without padding. The runtime switches the 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -39,7 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..cache import SqueezeCache
 from ..generation import cache_kwargs
 from ..registry import make_policy
-from .decode_attention import BACKENDS, decode_attention
+from .decode_attention import BACKENDS, kernel_supports, reference_decode_attention, triton_available
 from .pool import KVPool
 
 ATTN_NAME = "squeezekv_runtime"
@@ -77,7 +78,7 @@ class PoolLayer(CacheLayerMixin):
         pool, rows, layer = self.runtime.pool, self.rows, self.layer_idx
         if key_states.shape[2] != 1:
             raise ValueError(f"the decode runtime feeds one token per row, got {key_states.shape[2]}")
-        lens = pool.write(layer, rows.slots, key_states, value_states, self.runtime.backend)  # [B, H] after
+        lens = pool.write(layer, rows.slots, key_states, value_states, self.runtime.resolved_backend)  # [B, H] after
         model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
             model_kwargs["squeezekv_pool_layer"] = self
@@ -118,8 +119,11 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     runtime = layer.runtime
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = runtime.pool.scores[layer.layer_idx] if runtime.observes_weights else None
-    out = decode_attention(query, key, value, layer.rows.slots, kwargs["squeezekv_pool_lengths"], scale,
-                           scores=scores, backend=runtime.backend)  # [B, Hq, 1, D]
+    lengths = kwargs["squeezekv_pool_lengths"]  # [B, Hkv]
+    if runtime.kernels is not None:  # the Triton kernel (support checked when the runtime was built)
+        out = runtime.kernels.decode_attention(query, key, value, layer.rows.slots, lengths, float(scale), scores)
+    else:
+        out = reference_decode_attention(query, key, value, layer.rows.slots, lengths, scale, scores)  # [B, Hq, 1, D]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -179,6 +183,14 @@ class DecodeRuntime:
             raise ValueError(f"the model has {config.num_hidden_layers} layers of {heads} KV heads of dim {head_dim}; "
                              f"the pool {pool.num_layers} of {pool.kv_heads} of dim {pool.head_dim}")
         self.model, self.pool, self.chunk, self.backend = model, pool, chunk, backend
+        # the backend decided once, outside any step (a compiled step calls the kernels' custom operators directly)
+        probe = torch.empty((1, 1, 1, pool.head_dim), dtype=pool.dtype, device=pool.device)
+        why = kernel_supports(probe) if backend == "triton" or (backend == "auto" and pool.device.type == "cuda"
+                                                                 and triton_available()) else "torch"
+        if backend == "triton" and why is not None:
+            raise ValueError(f"backend='triton': the Triton decode kernels cannot run: {why}")
+        self.resolved_backend = "triton" if why is None else "torch"
+        self.kernels: Any = importlib.import_module(f"{__package__}.ops") if why is None else None
         self.max_context = int(getattr(config, "max_position_embeddings", 1 << 62) or (1 << 62))
         self.observes_weights = bool(self.policy.wants_weights(None, 1))  # H2O: every decode query's weights
         if self.observes_weights and not pool.with_scores:
