@@ -141,10 +141,11 @@ def test_kernel_grid_does_not_depend_on_lengths(dt, monkeypatch):
     assert len(set(launches)) == 1 and launches[0][1] > 1
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_runtime_with_the_kernel_equals_eager(dt, compile, make_model, make_ids):
+@pytest.mark.parametrize("method,compile", [("h2o", False), ("h2o", True), ("snapkv", True)])
+def test_runtime_with_the_kernel_equals_eager(dt, method, compile, make_model, make_ids):
     """The decode runtime running the (interpreted) kernels, h2o scores included, equals the eager path; also with
-    the step compiled by torch.compile (the kernels are custom operators in the compiled graph)."""
+    the step compiled by torch.compile (the kernels are custom operators in the compiled graph; snapkv: the operators
+    without scores, which inductor once refused as an optional mutated argument)."""
     import squeezekv
     from squeezekv.runtime.pool import KVPool, pool_capacities
     from squeezekv.runtime.runtime import DecodeRuntime
@@ -153,10 +154,11 @@ def test_runtime_with_the_kernel_equals_eager(dt, compile, make_model, make_ids)
     model = make_model("llama", layers=2)
     reqs = []
     for n in (20, 27):
-        cache = squeezekv.make_cache(model, "h2o", budget, "uniform", evict_every=chunk)
+        cache = squeezekv.make_cache(model, method, budget, "uniform", evict_every=chunk)
         reqs.append([cache, model(make_ids(1, n, seed=n), cache=cache).logits[:, -1]])
-    caps = pool_capacities(reqs[0][0].plan, chunk, True, 0)
-    rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=True), "h2o", chunk, backend="triton",
+    scored = method == "h2o"
+    caps = pool_capacities(reqs[0][0].plan, chunk, scored, 0 if scored else chunk + 1)
+    rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=scored), method, chunk, backend="triton",
                        compile=compile)
     assert rt.resolved_backend == "triton"
     slots = [rt.join(cache) for cache, _ in reqs]
@@ -168,8 +170,9 @@ def test_runtime_with_the_kernel_equals_eager(dt, compile, make_model, make_ids)
             torch.testing.assert_close(got[r:r + 1], req[1], rtol=0, atol=1e-4)
             for i, layer in enumerate(req[0].layers):
                 assert torch.equal(rt.kept_positions(slots[r], i), layer.token_idx[0])
-                torch.testing.assert_close(rt.pool.scores[i][slots[r], :, :layer.physical_length], layer.scores[0],
-                                           rtol=0, atol=1e-5)
+                if scored:
+                    torch.testing.assert_close(rt.pool.scores[i][slots[r], :, :layer.physical_length],
+                                               layer.scores[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu
