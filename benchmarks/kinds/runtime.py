@@ -41,6 +41,10 @@ def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, step
         torch.cuda.reset_peak_memory_stats()
     if warmup + steps * reps + 2 > new_tokens:
         raise ValueError(f"{warmup} + {reps} x {steps} decode steps do not fit in new_tokens={new_tokens}")
+    if compile:
+        # each batch builds a new runtime, hence a new compilation of its step: without a reset, dynamo's
+        # recompilation limit (8) would silently run the later cases of a suite uncompiled
+        torch._dynamo.reset()
     rt, slots, live_one = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph, compile)
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)  # [B]
     state = {"ids": ids}
