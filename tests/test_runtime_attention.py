@@ -141,11 +141,12 @@ def test_kernel_grid_does_not_depend_on_lengths(dt, monkeypatch):
     assert len(set(launches)) == 1 and launches[0][1] > 1
 
 
-@pytest.mark.parametrize("method,compile", [("h2o", False), ("h2o", True), ("snapkv", True)])
+@pytest.mark.parametrize("method,compile", [("h2o", False), ("h2o", True), ("snapkv", True), ("streamingllm", True)])
 def test_runtime_with_the_kernel_equals_eager(dt, method, compile, make_model, make_ids):
     """The decode runtime running the (interpreted) kernels, h2o scores included, equals the eager path; also with
-    the step compiled by torch.compile (the kernels are custom operators in the compiled graph; snapkv: the operators
-    without scores, which inductor once refused as an optional mutated argument)."""
+    the step compiled by torch.compile (the kernels are custom operators in the compiled graph; snapkv: the attention
+    operator without scores beside the write with scores, the case inductor refused as an optional mutated argument;
+    streamingllm: both operators without scores)."""
     import squeezekv
     from squeezekv.runtime.pool import KVPool, pool_capacities
     from squeezekv.runtime.runtime import DecodeRuntime
@@ -156,8 +157,9 @@ def test_runtime_with_the_kernel_equals_eager(dt, method, compile, make_model, m
     for n in (20, 27):
         cache = squeezekv.make_cache(model, method, budget, "uniform", evict_every=chunk)
         reqs.append([cache, model(make_ids(1, n, seed=n), cache=cache).logits[:, -1]])
-    scored = method == "h2o"
-    caps = pool_capacities(reqs[0][0].plan, chunk, scored, 0 if scored else chunk + 1)
+    first = reqs[0][0]
+    scored = first.policy.uses_scores
+    caps = pool_capacities(first.plan, chunk, first.evicts_while_decoding, chunk + 1)
     rt = DecodeRuntime(model, KVPool(caps, 2, 2, 16, with_scores=scored), method, chunk, backend="triton",
                        compile=compile)
     assert rt.resolved_backend == "triton"
