@@ -37,9 +37,12 @@ def _same_state(rt, slot, cache):
     for i, layer in enumerate(cache.layers):
         assert torch.equal(rt.kept_positions(slot, i), layer.token_idx[0]), (i, slot)
         n = layer.physical_length
-        torch.testing.assert_close(rt.pool.keys[i][slot, :, :n], layer.keys[0], rtol=0, atol=1e-5)
+        order = rt.pool.temporal_order(i, torch.tensor([slot]), n)[0][0]  # [H, n]: the entries by position
+        keys = rt.pool.keys[i][slot, :, :n].gather(1, order[..., None].expand(-1, -1, layer.keys.shape[-1]))
+        torch.testing.assert_close(keys, layer.keys[0], rtol=0, atol=1e-5)
         if rt.pool.scores is not None:  # h2o: accumulated every step; snapkv: the prompt's votes, 0 for new tokens
-            torch.testing.assert_close(rt.pool.scores[i][slot, :, :n], layer.scores[0], rtol=0, atol=1e-5)
+            scores = rt.pool.scores[i][slot, :, :n].gather(1, order)
+            torch.testing.assert_close(scores, layer.scores[0], rtol=0, atol=1e-5)
     assert rt.pool.host_seen[slot] == cache.layers[0].seen == int(rt.pool.seen[slot])
 
 
@@ -85,6 +88,43 @@ def test_pool_slots_are_taken_and_released_without_reallocation():
         KVPool([8, 0], 2, 2, 16)
     with pytest.raises(ValueError, match="max_seqs"):
         KVPool([8], 0, 2, 16)
+
+
+@pytest.mark.parametrize("slots", [(0, 1, 2), (3, 1)])
+def test_keep_rows_fills_the_holes_and_moves_only_the_entries_past_the_budget(slots):
+    """Hole filling: the kept set survives bit for bit (as a set per slot and head), entries below k that were
+    kept stay in place, lengths drop to k, other slots and the entries past the new length are not read again."""
+    caps, h, d, n, k = [12], 3, 4, 11, 7
+    pool = KVPool(caps, 4, h, d, with_scores=True)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(4):
+        pool.acquire()
+    for t in (pool.keys[0], pool.values[0], pool.scores[0]):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    pool.positions[0].copy_(torch.randperm(5 * h * 12, generator=gen)[: 5 * h * 12].view(5, h, 12).int())
+    pool.host_lengths[0][:] = n
+    pool.lengths[0].fill_(n)
+    before = [t.clone() for t in (pool.keys[0], pool.values[0], pool.positions[0], pool.scores[0])]
+    idx = torch.stack([torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(h)]) for _ in slots])
+    pool.keep_rows(0, list(slots), idx)
+    for r, s in enumerate(slots):
+        assert pool.host_lengths[0][s] == k and torch.equal(pool.lengths[0, s], torch.full((h,), k, dtype=torch.int32))
+        for j in range(h):
+            want = sorted(idx[r, j].tolist())
+            for old, new in zip(before, (pool.keys[0], pool.values[0], pool.positions[0], pool.scores[0])):
+                got = new[s, j, :k]
+                ref = old[s, j, want]
+                # same entries as a set: match them up by their (distinct) positions
+                perm = pool.positions[0][s, j, :k].argsort()
+                refperm = before[2][s, j, want].argsort()
+                assert torch.equal(got[perm], ref[refperm])
+            stayed = [e for e in want if e < k]
+            assert torch.equal(pool.keys[0][s, j, stayed], before[0][s, j, stayed])  # kept below k: not moved
+    for s in set(range(5)) - set(slots):
+        assert torch.equal(pool.keys[0][s], before[0][s]) and pool.host_lengths[0][s] == n
+    with pytest.raises(ValueError, match="same number"):
+        pool.host_lengths[0][0] = 9
+        pool.keep_rows(0, [0, 2], idx[:2])
 
 
 def test_admit_copies_the_request_and_leaves_other_slots_alone(make_model, make_ids, method_params):

@@ -221,41 +221,65 @@ class KVPool:
         self.host_lengths[:, slots] += 1
         self.host_seen[slots] += 1
 
-    def keep_rows(self, layer: int, slots: torch.Tensor, idx: torch.Tensor, rows_per_copy: int = 128) -> None:
-        """Keep the filled entries ``idx`` ``[n, H, k]`` (ascending) of each of ``slots`` ``[n]`` int64 (distinct, on
-        the pool's device) in ``layer``, compacted in place at the front of each slot's storage (the buffers' addresses
-        never change). Only the first ``m = idx.max() + 1`` entries of each slot are read and the first ``k`` written,
-        ``rows_per_copy`` slots at a time (that bounds the transient memory of a compaction)."""
-        n, h, k = idx.shape
-        d = self.head_dim
-        m = int(idx.max()) + 1  # entries read: the kept ones are among the first m
-        host = slots.cpu().numpy()
-        if n > 1 and (host[1:] - host[:-1] == 1).all():  # consecutive slots: views and plain copies, no indexing
-            a, b = int(host[0]), int(host[-1]) + 1
-            for start in range(a, b, rows_per_copy):
-                stop = min(b, start + rows_per_copy)
-                ix = idx[start - a:stop - a].long()  # [r, H, k]
-                for bufs in (self.keys, self.values):
-                    held = bufs[layer][start:stop, :, :m]  # [r, H, m, D] view
-                    kept = held.gather(2, ix[..., None].expand(stop - start, h, k, d))  # [r, H, k, D]
-                    bufs[layer][start:stop, :, :k].copy_(kept)
-                for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
-                    held = bufs[layer][start:stop, :, :m]  # [r, H, m] view
-                    bufs[layer][start:stop, :, :k].copy_(held.gather(2, ix))
-            self.lengths[layer, a:b].fill_(k)
-            self.host_lengths[layer][host] = k
-            return
-        for start in range(0, n, rows_per_copy):
-            sl, ix = slots[start:start + rows_per_copy], idx[start:start + rows_per_copy].long()  # [r], [r, H, k]
-            r = sl.shape[0]
+    def keep_rows(self, layer: int, slots: Sequence[int] | np.ndarray, idx: torch.Tensor) -> None:
+        """Keep the filled entries ``idx`` ``[r, H, k]`` (distinct, any order, on the pool's device) of each of ``slots``
+        (``r`` distinct slots, host integers, that hold the same number ``n`` of entries in ``layer``) and drop the
+        others, in place: the buffers' addresses never change.
+
+        Hole filling: a kept entry at index ``< k`` stays where it is; each kept entry at index ``>= k`` moves into one
+        of the dropped entries below ``k`` (the ``j``-th mover, ascending, into the ``j``-th hole). At most ``n - k``
+        entries move per (slot, head) -- the decode chunk, when a policy evicts ``budget + chunk`` down to ``budget``
+        -- instead of a gather and copy of all ``k``. The entries of a slot are then no longer in temporal order: the
+        decode attention does not depend on their order, and :meth:`temporal_order` sorts them by position for a
+        policy's selection."""
+        host = np.asarray(slots, dtype=np.int64).reshape(-1)  # [r]
+        r, h, k = idx.shape
+        if r != host.shape[0] or h != self.kv_heads or r == 0:
+            raise ValueError(f"idx {tuple(idx.shape)} must be [{host.shape[0]} slots, {self.kv_heads} heads, k]")
+        held = np.unique(self.host_lengths[layer][host])
+        if held.shape[0] != 1:
+            raise ValueError(f"slots {host.tolist()} hold {held.tolist()} entries in layer {layer}: keep rows of "
+                             "slots that hold the same number at once")
+        n = int(held[0])
+        if k > n:
+            raise ValueError(f"cannot keep {k} of the {n} entries that layer {layer} of slots {host.tolist()} hold")
+        p = n - k  # entries dropped per (slot, head): holes below k and movers at or above k, as many of each
+        if p > 0:
+            dev = self.device
+            idx = idx.long()
+            kept = torch.zeros((r, h, n), dtype=torch.bool, device=dev)
+            kept.scatter_(2, idx, True)  # [r, H, n]
+            spare = (k + torch.arange(p + 1, device=dev)).clamp_(max=n - 1).expand(r, h, p + 1)  # [r, H, p + 1]
+            # j-th hole below k -> column j of dst; j-th kept entry at or above k -> column j of src; columns past
+            # the (slot, head)'s count stay spare self-copies of dropped entries (harmless: past the new length);
+            # column p is where everything else goes, and is cut
+            hole = ~kept[:, :, :k]  # [r, H, k]
+            dst = spare.clone().scatter_(2, torch.where(hole, hole.long().cumsum(2) - 1, p),
+                                         torch.arange(k, device=dev).expand(r, h, k))[:, :, :p]  # [r, H, p]
+            mover = kept[:, :, k:]  # [r, H, p]
+            src = spare.clone().scatter_(2, torch.where(mover, mover.long().cumsum(2) - 1, p),
+                                         torch.arange(k, n, device=dev).expand(r, h, p))[:, :, :p]  # [r, H, p]
+            cap = self.capacities[layer]
+            base = (torch.as_tensor(host, device=dev)[:, None] * h + torch.arange(h, device=dev)) * cap  # [r, H]
+            src_flat = (base[:, :, None] + src).reshape(-1)  # [r * H * p] into the flattened [S * H * C]
+            dst_flat = (base[:, :, None] + dst).reshape(-1)
             for bufs in (self.keys, self.values):
-                held = bufs[layer][sl, :, :m]  # [r, H, m, D] (a copy)
-                bufs[layer][sl, :, :k] = held.gather(2, ix[..., None].expand(r, h, k, d))
+                flat = bufs[layer].view(-1, self.head_dim)  # [S * H * C, D]
+                flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
             for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
-                held = bufs[layer][sl, :, :m]  # [r, H, m]
-                bufs[layer][sl, :, :k] = held.gather(2, ix)
-        self.lengths[layer].index_fill_(0, slots, k)
+                flat = bufs[layer].view(-1)  # [S * H * C]
+                flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
+        rows = torch.as_tensor(host, device=self.device)
+        self.lengths[layer].index_fill_(0, rows, k)
         self.host_lengths[layer][host] = k
+
+    def temporal_order(self, layer: int, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` entries of ``layer`` of ``slots`` ``[r]`` in temporal order: ``(order, positions)``, both
+        ``[r, H, n]`` (``order[..., j]``: the entry holding the ``j``-th oldest kept token; ``positions``: the sorted
+        logical positions, what the eager path's ``token_idx`` holds)."""
+        pos = self.positions[layer].index_select(0, slots)[:, :, :n]  # [r, H, n]
+        sorted_pos, order = pos.sort(dim=-1)  # positions of one sequence are distinct
+        return order, sorted_pos
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:

@@ -14,7 +14,9 @@ position is its own sequence's logical position (``pool.seen``).
 
 Eviction, outside the graph, follows the eager path's rule exactly (``SqueezeLayer.after_attention`` with
 ``evict_every = chunk``): a layer of a slot that holds ``budget + chunk`` entries after a step evicts down to its
-budget with the policy's own selection (``EvictionPolicy.select``) and is compacted in place, the buffers never move.
+budget with the policy's own selection (``EvictionPolicy.select``, over the entries sorted by position) and is
+compacted in place by hole filling (the kept entries past the budget move into the dropped ones below it: at most
+``chunk`` per row and head), the buffers never move.
 The budget is the admitted request's ``SqueezeLayer.decode_budget()``: window, streamingllm and h2o evict to the plan's
 budget every ``chunk`` steps; snapkv (and 'none', and budget 1.0) never evicts while decoding, so its pool capacity is
 ``budget + max_new_tokens`` (:func:`~squeezekv.runtime.pool.pool_capacities`) and a step on a full slot raises.
@@ -129,14 +131,16 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 class _SlotView:
     """What ``EvictionPolicy.select`` reads of a layer, for slots of the pool that hold the same number ``n`` of
-    entries and have seen the same number of tokens (a batch of ``len(slots)``)."""
+    entries and have seen the same number of tokens (a batch of ``len(slots)``), in temporal order as the eager
+    layer holds them (``order`` maps back to the pool's entries, which hole-filling compaction leaves unordered)."""
 
     valid = None
     sliding_window = None
 
     def __init__(self, pool: KVPool, layer: int, slots: torch.Tensor, n: int, seen: int):
-        self.token_idx = pool.positions[layer].index_select(0, slots)[:, :, :n]  # [m, H, n]
-        self.scores = None if pool.scores is None else pool.scores[layer].index_select(0, slots)[:, :, :n]
+        self.order, self.token_idx = pool.temporal_order(layer, slots, n)  # [m, H, n] each
+        self.scores = (None if pool.scores is None
+                       else pool.scores[layer].index_select(0, slots)[:, :, :n].gather(2, self.order))
         self.seen = seen
         self.physical_length = n
 
@@ -245,11 +249,13 @@ class DecodeRuntime:
         self.pool.release(slot)
 
     def kept_positions(self, slot: int, layer: int) -> torch.Tensor:
-        """Logical positions ``[H, n]`` of the entries that ``slot`` holds in ``layer`` (the eager ``token_idx``)."""
+        """Logical positions ``[H, n]`` of the entries that ``slot`` holds in ``layer``, ascending (the eager
+        ``token_idx``; the pool's own entries are in no particular order after a compaction)."""
         if slot not in self._joined:
             raise ValueError(f"slot {slot!r} holds no request of this runtime")
-        n = self.pool.host_lengths[layer][slot]
-        return self.pool.positions[layer][slot, :, :n]
+        n = int(self.pool.host_lengths[layer][slot])
+        rows = torch.tensor([slot], device=self.pool.device)
+        return self.pool.temporal_order(layer, rows, n)[1][0]
 
     # -- stepping -------------------------------------------------------------------------------------------------
     def bucket_size(self, n: int) -> int:
@@ -328,8 +334,8 @@ class DecodeRuntime:
             n, seen, budget = (int(x) for x in groups[:, g])
             members = torch.as_tensor(slots[inverse.reshape(-1) == g], device=pool.device)  # [m]
             view = _SlotView(pool, layer, members, n, seen)
-            keep = self.policy.select(view, budget)  # [m, H, k] ascending
-            pool.keep_rows(layer, members, keep)
+            keep = self.policy.select(view, budget)  # [m, H, k]: indices into the temporal order
+            pool.keep_rows(layer, slots[inverse.reshape(-1) == g], view.order.gather(2, keep))
 
     @contextlib.contextmanager
     def _attention(self) -> Iterator[None]:
