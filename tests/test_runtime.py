@@ -97,7 +97,7 @@ def test_keep_rows_fills_the_holes_and_moves_only_the_entries_past_the_budget(sl
     caps, h, d, n, k = [12], 3, 4, 11, 7
     pool = KVPool(caps, 4, h, d, with_scores=True)
     gen = torch.Generator().manual_seed(0)
-    for s in range(4):
+    for _ in range(4):
         pool.acquire()
     for t in (pool.keys[0], pool.values[0], pool.scores[0]):
         t.copy_(torch.randn(t.shape, generator=gen))

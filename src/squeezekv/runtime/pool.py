@@ -222,9 +222,9 @@ class KVPool:
         self.host_seen[slots] += 1
 
     def keep_rows(self, layer: int, slots: Sequence[int] | np.ndarray, idx: torch.Tensor) -> None:
-        """Keep the filled entries ``idx`` ``[r, H, k]`` (distinct, any order, on the pool's device) of each of ``slots``
-        (``r`` distinct slots, host integers, that hold the same number ``n`` of entries in ``layer``) and drop the
-        others, in place: the buffers' addresses never change.
+        """Keep the filled entries ``idx`` ``[r, H, k]`` (distinct, any order, on the pool's device) of each of
+        ``slots`` (``r`` distinct slots, host integers, that hold the same number ``n`` of entries in ``layer``) and
+        drop the others, in place: the buffers' addresses never change.
 
         Hole filling: a kept entry at index ``< k`` stays where it is; each kept entry at index ``>= k`` moves into one
         of the dropped entries below ``k`` (the ``j``-th mover, ascending, into the ``j``-th hole). At most ``n - k``
