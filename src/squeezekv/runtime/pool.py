@@ -244,6 +244,7 @@ class KVPool:
         if k > n:
             raise ValueError(f"cannot keep {k} of the {n} entries that layer {layer} of slots {host.tolist()} hold")
         p = n - k  # entries dropped per (slot, head): holes below k and movers at or above k, as many of each
+        rows = torch.as_tensor(host, device=self.device)  # [r]
         if p > 0:
             dev = self.device
             idx = idx.long()
@@ -260,7 +261,7 @@ class KVPool:
             src = spare.clone().scatter_(2, torch.where(mover, mover.long().cumsum(2) - 1, p),
                                          torch.arange(k, n, device=dev).expand(r, h, p))[:, :, :p]  # [r, H, p]
             cap = self.capacities[layer]
-            base = (torch.as_tensor(host, device=dev)[:, None] * h + torch.arange(h, device=dev)) * cap  # [r, H]
+            base = (rows[:, None] * h + torch.arange(h, device=dev)) * cap  # [r, H]
             src_flat = (base[:, :, None] + src).reshape(-1)  # [r * H * p] into the flattened [S * H * C]
             dst_flat = (base[:, :, None] + dst).reshape(-1)
             for bufs in (self.keys, self.values):
@@ -269,7 +270,6 @@ class KVPool:
             for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
                 flat = bufs[layer].view(-1)  # [S * H * C]
                 flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
-        rows = torch.as_tensor(host, device=self.device)
         self.lengths[layer].index_fill_(0, rows, k)
         self.host_lengths[layer][host] = k
 

@@ -332,10 +332,10 @@ class DecodeRuntime:
         groups, inverse = np.unique(key, axis=1, return_inverse=True)
         for g in range(groups.shape[1]):
             n, seen, budget = (int(x) for x in groups[:, g])
-            members = torch.as_tensor(slots[inverse.reshape(-1) == g], device=pool.device)  # [m]
-            view = _SlotView(pool, layer, members, n, seen)
+            host = slots[inverse.reshape(-1) == g]  # [m]
+            view = _SlotView(pool, layer, torch.as_tensor(host, device=pool.device), n, seen)
             keep = self.policy.select(view, budget)  # [m, H, k]: indices into the temporal order
-            pool.keep_rows(layer, slots[inverse.reshape(-1) == g], view.order.gather(2, keep))
+            pool.keep_rows(layer, host, view.order.gather(2, keep))
 
     @contextlib.contextmanager
     def _attention(self) -> Iterator[None]:
