@@ -254,12 +254,14 @@ class KVPool:
             # j-th hole below k -> column j of dst; j-th kept entry at or above k -> column j of src; columns past
             # the (slot, head)'s count stay spare self-copies of dropped entries (harmless: past the new length);
             # column p is where everything else goes, and is cut
-            hole = ~kept[:, :, :k]  # [r, H, k]
-            dst = spare.clone().scatter_(2, torch.where(hole, hole.long().cumsum(2) - 1, p),
-                                         torch.arange(k, device=dev).expand(r, h, k))[:, :, :p]  # [r, H, p]
-            mover = kept[:, :, k:]  # [r, H, p]
-            src = spare.clone().scatter_(2, torch.where(mover, mover.long().cumsum(2) - 1, p),
-                                         torch.arange(k, n, device=dev).expand(r, h, p))[:, :, :p]  # [r, H, p]
+            def ranked(mask: torch.Tensor, first: int) -> torch.Tensor:  # [r, H, w] -> [r, H, p]
+                """The entry indices ``first + i`` where ``mask`` is set, ascending, in the first columns."""
+                at = torch.where(mask, mask.long().cumsum(2) - 1, p)
+                entries = torch.arange(first, first + mask.shape[2], device=dev).expand(mask.shape)
+                return spare.clone().scatter_(2, at, entries)[:, :, :p]
+
+            dst = ranked(~kept[:, :, :k], 0)  # the holes below k
+            src = ranked(kept[:, :, k:], k)  # the kept entries at or above k
             cap = self.capacities[layer]
             base = (rows[:, None] * h + torch.arange(h, device=dev)) * cap  # [r, H]
             src_flat = (base[:, :, None] + src).reshape(-1)  # [r * H * p] into the flattened [S * H * C]
