@@ -17,8 +17,8 @@ PROMPTS = (24, 30, 37)  # different prompt lengths, all longer than the budget
 STEPS = 3 * CHUNK  # three compactions for the policies that evict while decoding
 
 
-def _prefill(model, ids, method, method_params):
-    cache = squeezekv.make_cache(model, method, BUDGET, "uniform", evict_every=CHUNK,
+def _prefill(model, ids, method, method_params, allocation="uniform"):
+    cache = squeezekv.make_cache(model, method, BUDGET, allocation, evict_every=CHUNK,
                                  method_params=method_params(method))
     logits = model(ids, cache=cache).logits[:, -1]  # [1, vocab]
     return cache, logits
@@ -37,7 +37,7 @@ def _same_state(rt, slot, cache):
     for i, layer in enumerate(cache.layers):
         assert torch.equal(rt.kept_positions(slot, i), layer.token_idx[0]), (i, slot)
         n = layer.physical_length
-        order = rt.pool.temporal_order(i, torch.tensor([slot]), n)[0][0]  # [H, n]: the entries by position
+        order = rt.pool.temporal_order(i, [slot], n)[0][0]  # [H, n]: the entries by position
         keys = rt.pool.keys[i][slot, :, :n].gather(1, order[..., None].expand(-1, -1, layer.keys.shape[-1]))
         torch.testing.assert_close(keys, layer.keys[0], rtol=0, atol=1e-5)
         if rt.pool.scores is not None:  # h2o: accumulated every step; snapkv: the prompt's votes, 0 for new tokens
@@ -175,13 +175,17 @@ def test_admit_refuses_what_it_cannot_hold(make_model, make_ids, make_left_padde
 # -- the runtime equals the eager path -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS, (30, 30, 30)], ids=["different-lengths", "same-length"])
+@pytest.mark.parametrize("prompts,allocation", [(PROMPTS, "uniform"), ((30, 30, 30), "uniform"),
+                                                ((30, 30, 30), "pyramid")],
+                         ids=["different-lengths", "same-length", "same-length-pyramid"])
 @pytest.mark.parametrize("method", ["window", "streamingllm", "h2o", "snapkv"])
-def test_runtime_equals_eager(method, prompts, make_model, make_ids, method_params):
-    """Requests of the same length evict together (one selection and one compaction for the group), of different
-    lengths separately; either way each row equals its own eager decoding."""
+def test_runtime_equals_eager(method, prompts, allocation, make_model, make_ids, method_params):
+    """Requests of the same length evict together (one selection and one compaction for every layer of one capacity
+    and all the group's slots), of different lengths separately; with per-layer budgets (pyramid) each capacity
+    apart; either way each row equals its own eager decoding."""
     model = make_model("llama")
-    reqs = [_prefill(model, make_ids(1, n, seed=10 + n + i), method, method_params) for i, n in enumerate(prompts)]
+    reqs = [_prefill(model, make_ids(1, n, seed=10 + n + i), method, method_params, allocation)
+            for i, n in enumerate(prompts)]
     pool = _pool_for(reqs[0][0], max_seqs=4)
     rt = DecodeRuntime(model, pool, reqs[0][0].policy, CHUNK)
     slots = [rt.join(cache) for cache, _ in reqs]
@@ -198,9 +202,11 @@ def test_runtime_equals_eager(method, prompts, make_model, make_ids, method_para
             eager[r] = _eager_step(model, cache, toks[r])
             torch.testing.assert_close(got[r:r + 1], eager[r], rtol=0, atol=1e-4)
             _same_state(rt, slots[r], cache)
-        compactions += rt.pool.host_lengths[0][slots[0]] == BUDGET
+        compactions += method != "snapkv" and rt.pool.host_lengths[0][slots[0]] == pool.capacities[0] - CHUNK
+    if allocation == "pyramid":
+        assert len(set(pool.capacities)) > 1  # layers of several capacities
     if method == "snapkv":  # nothing evicted while decoding: the slot grows by one per step
-        assert rt.pool.host_lengths[0][slots[0]] == BUDGET + STEPS and compactions == 0
+        assert rt.pool.host_lengths[0][slots[0]] == reqs[0][0].layers[0].physical_length and compactions == 0
     else:
         assert compactions == 3
 

@@ -174,7 +174,7 @@ def test_runtime_with_the_kernel_equals_eager(dt, method, compile, make_model, m
                 assert torch.equal(rt.kept_positions(slots[r], i), layer.token_idx[0])
                 if scored:  # the pool's entries by position (hole filling leaves them unordered)
                     n = layer.physical_length
-                    order = rt.pool.temporal_order(i, torch.tensor([slots[r]]), n)[0][0]  # [H, n]
+                    order = rt.pool.temporal_order(i, [slots[r]], n)[0][0]  # [H, n]
                     torch.testing.assert_close(rt.pool.scores[i][slots[r], :, :n].gather(1, order),
                                                layer.scores[0], rtol=0, atol=1e-5)
 

@@ -66,11 +66,21 @@ class KVPool:
         rows = max_seqs + 1
         self.scratch = max_seqs  # the padding rows' slot
         f = dict(device=self.device)
-        self.keys = [torch.zeros((rows, kv_heads, c, head_dim), dtype=dtype, **f) for c in capacities]
-        self.values = [torch.zeros((rows, kv_heads, c, head_dim), dtype=dtype, **f) for c in capacities]
-        self.positions = [torch.zeros((rows, kv_heads, c), dtype=torch.int32, **f) for c in capacities]
-        self.scores = ([torch.zeros((rows, kv_heads, c), dtype=torch.float32, **f) for c in capacities]
-                       if with_scores else None)
+        # the layers of one capacity share one buffer per field, [Lg, S, H, C(, D)]; each layer's tensor is a view
+        # of it, so one compaction (or selection) covers every layer that evicts at a step
+        caps = sorted(set(capacities))
+        self._stack_of = [(caps.index(c), sum(1 for x in capacities[:i] if x == c)) for i, c in enumerate(capacities)]
+        counts = [sum(1 for x in capacities if x == c) for c in caps]
+
+        def stacked(tail: tuple[int, ...], dt: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            stacks = [torch.zeros((n, rows, kv_heads, c, *tail), dtype=dt, **f) for n, c in zip(counts, caps)]
+            return stacks, [stacks[g][j] for g, j in self._stack_of]
+
+        self._key_stacks, self.keys = stacked((head_dim,), dtype)
+        self._value_stacks, self.values = stacked((head_dim,), dtype)
+        self._position_stacks, self.positions = stacked((), torch.int32)
+        self._score_stacks, scores = stacked((), torch.float32) if with_scores else ([], [])
+        self.scores = scores if with_scores else None
         self.lengths = torch.zeros((len(capacities), rows, kv_heads), dtype=torch.int32, **f)  # [L, S, H]
         self.seen = torch.zeros(rows, dtype=torch.int64, **f)  # [S]
         # host mirror (numpy, so a step's checks are array operations): per layer and slot the heads' fill count;
@@ -78,6 +88,7 @@ class KVPool:
         self.host_lengths = np.zeros((len(capacities), rows), dtype=np.int64)  # [L, S]
         self.host_seen = np.zeros(rows, dtype=np.int64)  # [S]
         self.host_capacities = np.asarray(self.capacities, dtype=np.int64)  # [L]
+        self.capacity_groups = np.asarray([g for g, _ in self._stack_of], dtype=np.int64)  # [L]: shared buffer
         self._free = list(range(max_seqs - 1, -1, -1))  # a stack: acquire() hands out slot 0 first
         self._used: set[int] = set()
 
@@ -221,30 +232,50 @@ class KVPool:
         self.host_lengths[:, slots] += 1
         self.host_seen[slots] += 1
 
-    def keep_rows(self, layer: int, slots: Sequence[int] | np.ndarray, idx: torch.Tensor) -> None:
-        """Keep the filled entries ``idx`` ``[r, H, k]`` (distinct, any order, on the pool's device) of each of
-        ``slots`` (``r`` distinct slots, host integers, that hold the same number ``n`` of entries in ``layer``) and
-        drop the others, in place: the buffers' addresses never change.
+    def stacked_rows(self, layers: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor
+                     ) -> tuple[int, torch.Tensor]:
+        """Where the pairs ``(layers[i], slots[i])`` (or ``layer`` with every slot) live in the shared buffers of one
+        capacity: ``(g, rows)``, ``rows`` ``[r]`` int64 on the pool's device indexing the ``Lg * S`` rows of buffer
+        ``g`` (``j * S + slot`` for the layer's index ``j`` in it). Raises when the layers differ in capacity."""
+        s = self.max_seqs + 1
+        if isinstance(layers, (int, np.integer)):
+            g, j = self._stack_of[int(layers)]
+            rows = torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
+            return g, rows + j * s if j else rows
+        lay = np.asarray(layers, dtype=np.int64).reshape(-1)
+        where = np.asarray([self._stack_of[i] for i in lay], dtype=np.int64).reshape(-1, 2)  # [r, (g, j)]
+        if np.unique(where[:, 0]).shape[0] > 1:
+            raise ValueError(f"layers {sorted(set(lay.tolist()))} differ in capacity: handle each capacity apart")
+        host = np.asarray(slots, dtype=np.int64).reshape(-1)
+        return int(where[0, 0]), torch.as_tensor(where[:, 1] * s + host, device=self.device)
+
+    def keep_rows(self, layer: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray,
+                  idx: torch.Tensor) -> None:
+        """Keep the filled entries ``idx`` ``[r, H, k]`` (distinct, any order, on the pool's device) of each row and
+        drop the others, in place: the buffers' addresses never change. A row is ``(layer, slots[i])`` (one layer)
+        or ``(layer[i], slots[i])`` (layers of one capacity, e.g. every layer that evicts at a step: one compaction
+        for all of them); every row must hold the same number ``n`` of entries and the pairs must be distinct.
 
         Hole filling: a kept entry at index ``< k`` stays where it is; each kept entry at index ``>= k`` moves into one
         of the dropped entries below ``k`` (the ``j``-th mover, ascending, into the ``j``-th hole). At most ``n - k``
-        entries move per (slot, head) -- the decode chunk, when a policy evicts ``budget + chunk`` down to ``budget``
+        entries move per (row, head) -- the decode chunk, when a policy evicts ``budget + chunk`` down to ``budget``
         -- instead of a gather and copy of all ``k``. The entries of a slot are then no longer in temporal order: the
         decode attention does not depend on their order, and :meth:`temporal_order` sorts them by position for a
         policy's selection."""
         host = np.asarray(slots, dtype=np.int64).reshape(-1)  # [r]
+        lay = np.broadcast_to(np.asarray(layer, dtype=np.int64), host.shape)  # [r]
         r, h, k = idx.shape
         if r != host.shape[0] or h != self.kv_heads or r == 0:
-            raise ValueError(f"idx {tuple(idx.shape)} must be [{host.shape[0]} slots, {self.kv_heads} heads, k]")
-        held = np.unique(self.host_lengths[layer][host])
+            raise ValueError(f"idx {tuple(idx.shape)} must be [{host.shape[0]} rows, {self.kv_heads} heads, k]")
+        held = np.unique(self.host_lengths[lay, host])
         if held.shape[0] != 1:
-            raise ValueError(f"slots {host.tolist()} hold {held.tolist()} entries in layer {layer}: keep rows of "
-                             "slots that hold the same number at once")
+            raise ValueError(f"slots {host.tolist()} hold {held.tolist()} entries in layers {sorted(set(lay.tolist()))}"
+                             ": keep rows that hold the same number at once")
         n = int(held[0])
         if k > n:
-            raise ValueError(f"cannot keep {k} of the {n} entries that layer {layer} of slots {host.tolist()} hold")
-        p = n - k  # entries dropped per (slot, head): holes below k and movers at or above k, as many of each
-        rows = torch.as_tensor(host, device=self.device)  # [r]
+            raise ValueError(f"cannot keep {k} of the {n} entries that slots {host.tolist()} hold")
+        p = n - k  # entries dropped per (row, head): holes below k and movers at or above k, as many of each
+        g, rows = self.stacked_rows(int(layer) if isinstance(layer, (int, np.integer)) else lay, host)
         if p > 0:
             dev = self.device
             idx = idx.long()
@@ -252,7 +283,7 @@ class KVPool:
             kept.scatter_(2, idx, True)  # [r, H, n]
             spare = (k + torch.arange(p + 1, device=dev)).clamp_(max=n - 1).expand(r, h, p + 1)  # [r, H, p + 1]
             # j-th hole below k -> column j of dst; j-th kept entry at or above k -> column j of src; columns past
-            # the (slot, head)'s count stay spare self-copies of dropped entries (harmless: past the new length);
+            # the (row, head)'s count stay spare self-copies of dropped entries (harmless: past the new length);
             # column p is where everything else goes, and is cut
             def ranked(mask: torch.Tensor, first: int) -> torch.Tensor:  # [r, H, w] -> [r, H, p]
                 """The entry indices ``first + i`` where ``mask`` is set, ascending, in the first columns."""
@@ -262,26 +293,39 @@ class KVPool:
 
             dst = ranked(~kept[:, :, :k], 0)  # the holes below k
             src = ranked(kept[:, :, k:], k)  # the kept entries at or above k
-            cap = self.capacities[layer]
+            cap = self._key_stacks[g].shape[3]
             base = (rows[:, None] * h + torch.arange(h, device=dev)) * cap  # [r, H]
-            src_flat = (base[:, :, None] + src).reshape(-1)  # [r * H * p] into the flattened [S * H * C]
+            src_flat = (base[:, :, None] + src).reshape(-1)  # [r * H * p] into the flattened [Lg * S * H * C]
             dst_flat = (base[:, :, None] + dst).reshape(-1)
-            for bufs in (self.keys, self.values):
-                flat = bufs[layer].view(-1, self.head_dim)  # [S * H * C, D]
-                flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
-            for bufs in [self.positions] + ([self.scores] if self.scores is not None else []):
-                flat = bufs[layer].view(-1)  # [S * H * C]
-                flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
-        self.lengths[layer].index_fill_(0, rows, k)
-        self.host_lengths[layer][host] = k
+            for stacks, width in ((self._key_stacks, self.head_dim), (self._value_stacks, self.head_dim),
+                                  (self._position_stacks, 1), (self._score_stacks, 1)):
+                if stacks:
+                    flat = stacks[g].view(-1, width)  # [Lg * S * H * C, D or 1]
+                    flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
+        length_rows = torch.as_tensor(lay * (self.max_seqs + 1) + host, device=self.device)  # into [L * S]
+        self.lengths.view(-1, self.kv_heads).index_fill_(0, length_rows, k)
+        self.host_lengths[lay, host] = k
 
-    def temporal_order(self, layer: int, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``n`` entries of ``layer`` of ``slots`` ``[r]`` in temporal order: ``(order, positions)``, both
-        ``[r, H, n]`` (``order[..., j]``: the entry holding the ``j``-th oldest kept token; ``positions``: the sorted
-        logical positions, what the eager path's ``token_idx`` holds)."""
-        pos = self.positions[layer].index_select(0, slots)[:, :, :n]  # [r, H, n]
+    def temporal_order(self, layer: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor,
+                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` entries of the rows ``(layer, slots[i])`` (or ``(layer[i], slots[i])``, layers of one
+        capacity) in temporal order: ``(order, positions)``, both ``[r, H, n]`` (``order[..., j]``: the entry holding
+        the ``j``-th oldest kept token; ``positions``: the sorted logical positions, what the eager path's
+        ``token_idx`` holds)."""
+        g, rows = self.stacked_rows(layer, slots)
+        stack = self._position_stacks[g]
+        pos = stack.view(-1, *stack.shape[2:]).index_select(0, rows)[:, :, :n]  # [r, H, n]
         sorted_pos, order = pos.sort(dim=-1)  # positions of one sequence are distinct
         return order, sorted_pos
+
+    def stacked_scores(self, layer: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor,
+                       n: int) -> torch.Tensor:
+        """Scores ``[r, H, n]`` of the first ``n`` entries of the rows (as :meth:`temporal_order`), in entry order."""
+        if self.scores is None:
+            raise ValueError("the pool keeps no scores (with_scores=False)")
+        g, rows = self.stacked_rows(layer, slots)
+        stack = self._score_stacks[g]
+        return stack.view(-1, *stack.shape[2:]).index_select(0, rows)[:, :, :n]
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:

@@ -130,17 +130,17 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 class _SlotView:
-    """What ``EvictionPolicy.select`` reads of a layer, for slots of the pool that hold the same number ``n`` of
-    entries and have seen the same number of tokens (a batch of ``len(slots)``), in temporal order as the eager
-    layer holds them (``order`` maps back to the pool's entries, which hole-filling compaction leaves unordered)."""
+    """What ``EvictionPolicy.select`` reads of the rows ``(layers[i], slots[i])`` of the pool (layers of one
+    capacity) that hold the same number ``n`` of entries and have seen the same number of tokens, stacked as a batch
+    of ``len(slots)`` rows, in temporal order as the eager layer holds them (``order`` maps back to the pool's
+    entries, which hole-filling compaction leaves unordered)."""
 
     valid = None
     sliding_window = None
 
-    def __init__(self, pool: KVPool, layer: int, slots: torch.Tensor, n: int, seen: int):
-        self.order, self.token_idx = pool.temporal_order(layer, slots, n)  # [m, H, n] each
-        self.scores = (None if pool.scores is None
-                       else pool.scores[layer].index_select(0, slots)[:, :, :n].gather(2, self.order))
+    def __init__(self, pool: KVPool, layers: np.ndarray, slots: np.ndarray, n: int, seen: int):
+        self.order, self.token_idx = pool.temporal_order(layers, slots, n)  # [m, H, n] each
+        self.scores = None if pool.scores is None else pool.stacked_scores(layers, slots, n).gather(2, self.order)
         self.seen = seen
         self.physical_length = n
 
@@ -254,8 +254,7 @@ class DecodeRuntime:
         if slot not in self._joined:
             raise ValueError(f"slot {slot!r} holds no request of this runtime")
         n = int(self.pool.host_lengths[layer][slot])
-        rows = torch.tensor([slot], device=self.pool.device)
-        return self.pool.temporal_order(layer, rows, n)[1][0]
+        return self.pool.temporal_order(layer, [slot], n)[1][0]
 
     # -- stepping -------------------------------------------------------------------------------------------------
     def bucket_size(self, n: int) -> int:
@@ -307,8 +306,8 @@ class DecodeRuntime:
         pool.advance_host(idx)
         budgets = self._budget_array[:, idx]  # [L, n]
         due = (budgets >= 0) & (pool.host_lengths[:, idx] >= budgets + self.chunk)  # [L, n]
-        for layer in np.nonzero(due.any(axis=1))[0]:
-            self._evict(int(layer), idx[due[layer]], budgets[layer][due[layer]])
+        if due.any():
+            self._evict(due, idx, budgets)
         return logits
 
     def _run(self, bucket: _Bucket) -> torch.Tensor:
@@ -323,19 +322,25 @@ class DecodeRuntime:
         self.pool.advance(rows.slots)
         return out.logits[:, -1]  # [B, vocab]
 
-    def _evict(self, layer: int, slots: np.ndarray, budgets: np.ndarray) -> None:
-        """Evict ``layer`` of ``slots`` down to their ``budgets`` with the policy's selection: one selection and one
-        compaction for each group of slots holding the same number of entries, seen tokens and budget (the slots
-        of requests that joined together evict together)."""
+    def _evict(self, due: np.ndarray, idx: np.ndarray, budgets: np.ndarray) -> None:
+        """Evict the rows ``(layer, slot)`` where ``due`` ``[L, n]`` is set (``idx`` ``[n]``: the step's slots) down to
+        their ``budgets`` ``[L, n]`` with the policy's selection: one selection and one compaction for each group of
+        rows of one capacity holding the same number of entries, seen tokens and budget -- so every layer of the
+        requests that joined together evicts in one go (a per-layer loop would pay its host-side launches once per
+        layer while the GPU waits)."""
         pool = self.pool
-        key = np.stack([pool.host_lengths[layer][slots], pool.host_seen[slots], budgets])  # [3, n]
+        lay, col = np.nonzero(due)  # [m] each: the due rows
+        slots = idx[col]
+        key = np.stack([pool.capacity_groups[lay], pool.host_lengths[lay, slots], pool.host_seen[slots],
+                        budgets[lay, col]])  # [4, m]
         groups, inverse = np.unique(key, axis=1, return_inverse=True)
+        inverse = inverse.reshape(-1)
         for g in range(groups.shape[1]):
-            n, seen, budget = (int(x) for x in groups[:, g])
-            host = slots[inverse.reshape(-1) == g]  # [m]
-            view = _SlotView(pool, layer, torch.as_tensor(host, device=pool.device), n, seen)
-            keep = self.policy.select(view, budget)  # [m, H, k]: indices into the temporal order
-            pool.keep_rows(layer, host, view.order.gather(2, keep))
+            _, n, seen, budget = (int(x) for x in groups[:, g])
+            rows = inverse == g
+            view = _SlotView(pool, lay[rows], slots[rows], n, seen)
+            keep = self.policy.select(view, budget)  # [r, H, k]: indices into the temporal order
+            pool.keep_rows(lay[rows], slots[rows], view.order.gather(2, keep))
 
     @contextlib.contextmanager
     def _attention(self) -> Iterator[None]:
