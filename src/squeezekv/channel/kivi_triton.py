@@ -89,8 +89,21 @@ def supports(device: torch.device, d: int, dv: int, bits: int, group_size: int,
 
 
 @triton.jit
+def _row_of(pid_bh, H, SLOTS, NQ, nq, HAS_SLOTS: tl.constexpr):
+    """(storage row, KV head, quantised positions) of program row ``pid_bh``: row ``pid_bh // H`` of the batch and
+    the call's ``nq``; with ``HAS_SLOTS`` (a runtime pool, :func:`pool_decode_attend`) the row's pool slot
+    ``SLOTS[b]`` and that slot's own count ``NQ[slot]``."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    if HAS_SLOTS:
+        b = tl.load(SLOTS + b).to(tl.int64)
+        nq = tl.load(NQ + b)
+    return b, h, nq
+
+
+@triton.jit
 def _split_kernel(
-    Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO,
+    Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO, SLOTS, NQ,
     nq, H, split_len, scaling,
     skc_b, skc_h, skc_n,
     svc_b, svc_h, svc_n,
@@ -101,6 +114,7 @@ def _split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_V: tl.constexpr, KEY_ROWS: tl.constexpr, VALUE_ROWS: tl.constexpr,
+    HAS_SLOTS: tl.constexpr = False,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     BLOCK_D: tl.constexpr = BLOCK_PK * PER
@@ -109,8 +123,7 @@ def _split_kernel(
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, nq = _row_of(pid_bh, H, SLOTS, NQ, nq, HAS_SLOTS)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -256,7 +269,7 @@ def _pv(p, v, DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _split_kernel_planes(
-    Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO,
+    Q, KC, VC, KS, KZ, VS, VZ, KGID, MO, LO, AO, SLOTS, NQ,
     nq, H, split_len, scaling,
     skc_b, skc_h, skc_n,
     svc_b, svc_h, svc_n,
@@ -266,7 +279,7 @@ def _split_kernel_planes(
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PK: tl.constexpr, BLOCK_PV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GID: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ONE_GROUP: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, HAS_SLOTS: tl.constexpr = False,
 ):
     # the "planes" variant: bit plane I of a byte row holds channels j * PER + I (j = byte); each plane is its own
     # [BLOCK_N, D / PER] operand (a dot over D / PER channels per plane, PER dots summed), so the codes are never
@@ -275,8 +288,7 @@ def _split_kernel_planes(
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, nq = _row_of(pid_bh, H, SLOTS, NQ, nq, HAS_SLOTS)
     offs_g = tl.arange(0, BLOCK_G)
     offs_pk = tl.arange(0, BLOCK_PK)
     offs_pv = tl.arange(0, BLOCK_PV)
@@ -400,6 +412,9 @@ def _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, 
         m_max = tl.maximum(m_max, tl.load(MO + (base + s0 + offs_s) * G + g, mask=smask, other=float("-inf"),
                                           cache_modifier=".cg"))
     m_i = tl.max(m_max, 0)
+    # no quantised position at all (a runtime slot whose prompt fits in the residual): a very small finite max, so
+    # the empty states weigh 0 and the residual's first block takes over (alpha = 0)
+    m_i = tl.where(m_i == float("-inf"), -1e30, m_i)
     l_vec = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([BLOCK_DV], tl.float32)
     for s0 in range(0, S, BLOCK_S):
@@ -447,6 +462,24 @@ def _finish_kernel(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling,
     g = pid % G
     _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, bh, g,
                 (bh // H).to(tl.int64), (bh % H).to(tl.int64), G, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_R)
+
+
+@triton.jit
+def _finish_slots_kernel(MO, LO, AO, Q, RK, RV, OUT, S, SLOTS, LENS, scaling,
+                         srk_s, srk_h, srk_n, srv_s, srv_h, srv_n, sl_b, sl_h, H,
+                         G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    # :func:`_finish_kernel` over a runtime pool: the residual of row b is the first LENS[b, h] entries of its
+    # slot SLOTS[b] (full-precision pool keys/values [S, H, C, D])
+    pid = tl.program_id(0)
+    bh = pid // G
+    g = pid % G
+    b = bh // H
+    h = (bh % H).to(tl.int64)
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    r = tl.load(LENS + b * sl_b + h * sl_h)
+    _finish_row(MO, LO, AO, Q, RK, RV, OUT, S, r, scaling, srk_s, srk_h, srk_n, srv_s, srv_h, srv_n, bh, g, slot, h,
+                G, D, DV, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_R)
 
 
 @functools.cache
@@ -563,7 +596,8 @@ def _split_partials(q, kcode, vcode, kscale, kzero, vscale, vzero, kgid, bits, g
     m_part, l_part = part[:bh * splits * g].view(bh, splits, g), part[n_ml:n_ml + bh * splits * g].view(bh, splits, g)
     a_part = part[2 * n_ml:].view(bh, splits, g, dv)
     kc, vc, ks, kz, vs, vz, gid = store
-    kernel[(bh, splits)](q, kc, vc, ks, kz, vs, vz, kc if gid is None else gid, m_part, l_part, a_part, *grid_args,
+    kernel[(bh, splits)](q, kc, vc, ks, kz, vs, vz, kc if gid is None else gid, m_part, l_part, a_part, kc, kc,
+                         *grid_args,
                          **kw)
     return m_part, l_part, a_part, splits
 
@@ -642,4 +676,53 @@ def decode_attend(
         *rvalues.stride()[:3], h, G=g, D=d, DV=dv, BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_DV=triton.next_power_of_2(dv), BLOCK_R=config.block_r, num_warps=4,
     )  # [B, H, G, Dv]
+    return out
+
+
+def pool_decode_attend(
+    q: torch.Tensor,
+    kcode: torch.Tensor,
+    vcode: torch.Tensor,
+    kscale: torch.Tensor,
+    kzero: torch.Tensor,
+    vscale: torch.Tensor,
+    vzero: torch.Tensor,
+    slots: torch.Tensor,
+    nq: torch.Tensor,
+    rkeys: torch.Tensor,
+    rvalues: torch.Tensor,
+    lengths: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scaling: float,
+    config: KiviKernelConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """:func:`decode_attend` over the slots of a runtime pool (:class:`squeezekv.runtime.kivi_pool.KiviPool`): row
+    ``b`` of ``q`` ``[B, H, G, D]`` attends to the first ``nq[slots[b]]`` quantised positions of its slot (codes
+    ``[S, H, Cq, D*bits/8]``, key scales/zeros ``[S, H, Cq/group_size, D]``, value scales/zeros
+    ``[S, H, Cq, Dv/group_size]``; groups in storage order) and then to the first ``lengths[b, h]`` full-precision
+    entries of its slot in ``rkeys``/``rvalues`` ``[S, H, C, D]``. ``slots`` ``[B]`` int64, ``nq`` ``[S]`` int32 (a
+    slot may hold none), ``lengths`` ``[B, H]`` int32 (at least 1). The grid depends on ``Cq`` and ``B * H`` only,
+    never on the counts (no host synchronisation: the step can be captured as a CUDA graph). Returns ``[B, H, G, Dv]``
+    in ``q``'s dtype."""
+    b, h, g, d = q.shape
+    cq = kcode.shape[2]
+    dv = vcode.shape[-1] * 8 // bits
+    kernel, splits, split_len, kw = _launch_config(b, h, g, d, dv, cq, bits, group_size, False, q.dtype, q.device,
+                                                   None, config)
+    q = q.contiguous()
+    f32 = dict(device=q.device, dtype=torch.float32)
+    m_part = torch.empty((b * h, splits, g), **f32)
+    l_part = torch.empty_like(m_part)
+    a_part = torch.empty((b * h, splits, g, dv), **f32)
+    kernel[(b * h, splits)](q, kcode, vcode, kscale, kzero, vscale, vzero, kcode, m_part, l_part, a_part, slots, nq,
+                            cq, h, split_len, float(scaling), *kcode.stride()[:3], *vcode.stride()[:3],
+                            *kscale.stride()[:3], *vscale.stride()[:3], 0, 0, 0, HAS_SLOTS=True, **kw)
+    out = torch.empty((b, h, g, dv), device=q.device, dtype=q.dtype)
+    _finish_slots_kernel[(b * h * g,)](
+        m_part, l_part, a_part, q, rkeys, rvalues, out, splits, slots, lengths, float(scaling),
+        *rkeys.stride()[:3], *rvalues.stride()[:3], lengths.stride(0), lengths.stride(1), h, G=g, D=d, DV=dv,
+        BLOCK_S=16, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv), BLOCK_R=config.block_r,
+        num_warps=4,
+    )
     return out

@@ -4,6 +4,7 @@ compiled with ``torch.compile`` (``DecodeRuntime(compile=True)``) treats each la
 
 * ``squeezekv::runtime_decode_attention`` / ``squeezekv::runtime_decode_attention_scores`` (mutates ``scores``:
   H2O): :func:`squeezekv.runtime.decode_triton.decode_attention`;
+* ``squeezekv::runtime_kivi_attention``: :func:`squeezekv.channel.kivi_triton.pool_decode_attend` (a KIVI pool);
 * ``squeezekv::runtime_pool_write`` / ``squeezekv::runtime_pool_write_scores``:
   :func:`squeezekv.runtime.decode_triton.pool_write` (mutates the layer's keys, values, positions, and scores).
 
@@ -84,3 +85,22 @@ def pool_write(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v
     if scores is None:
         return _write(k_new, v_new, k_pool, v_pool, positions, lengths, seen, slots)
     return _write_scores(k_new, v_new, k_pool, v_pool, positions, scores, lengths, seen, slots)
+
+
+@torch.library.custom_op("squeezekv::runtime_kivi_attention", mutates_args=())
+def kivi_attention(q: torch.Tensor, kcode: torch.Tensor, vcode: torch.Tensor, kscale: torch.Tensor,
+                   kzero: torch.Tensor, vscale: torch.Tensor, vzero: torch.Tensor, slots: torch.Tensor,
+                   nq: torch.Tensor, rkeys: torch.Tensor, rvalues: torch.Tensor, lengths: torch.Tensor, bits: int,
+                   group_size: int, scale: float) -> torch.Tensor:
+    """``[B, H, G, D]``: :func:`squeezekv.channel.kivi_triton.pool_decode_attend` (a KIVI pool's decode attention)."""
+    from ..channel import kivi_triton
+
+    return kivi_triton.pool_decode_attend(q, kcode, vcode, kscale, kzero, vscale, vzero, slots, nq, rkeys, rvalues,
+                                          lengths.to(torch.int32), bits, group_size, scale)
+
+
+@kivi_attention.register_fake
+def _(q: torch.Tensor, kcode: torch.Tensor, vcode: torch.Tensor, kscale: torch.Tensor, kzero: torch.Tensor,
+      vscale: torch.Tensor, vzero: torch.Tensor, slots: torch.Tensor, nq: torch.Tensor, rkeys: torch.Tensor,
+      rvalues: torch.Tensor, lengths: torch.Tensor, bits: int, group_size: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

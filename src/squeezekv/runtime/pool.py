@@ -50,6 +50,43 @@ def pool_capacities(plan: BudgetPlan, chunk: int, evicts_while_decoding: bool, m
     return out
 
 
+class LayerStacks:
+    """Buffers shared by the layers of one capacity: buffer ``g`` holds the ``Lg`` layers of the ``g``-th smallest
+    capacity as ``[Lg, S, ...]``, layer ``l`` is its view ``[S, ...]`` at index ``j`` (``where[l] = (g, j)``), so an
+    operation over rows of several layers of one capacity is one indexing of ``[Lg * S, ...]``."""
+
+    def __init__(self, capacities: Sequence[int], rows: int, device: torch.device):
+        self.capacities = sorted(set(capacities))
+        self.where = [(self.capacities.index(c), sum(1 for x in capacities[:i] if x == c))
+                      for i, c in enumerate(capacities)]
+        self.counts = [sum(1 for x in capacities if x == c) for c in self.capacities]
+        self.groups = np.asarray([g for g, _ in self.where], dtype=np.int64)  # [L]
+        self.num_rows, self.device = rows, device
+
+    def zeros(self, tail: Any, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(buffers, per-layer views)``: buffer ``g`` is ``[Lg, S, *tail(capacity_g)]`` zeros."""
+        stacks = [torch.zeros((n, self.num_rows, *tail(c)), dtype=dtype, device=self.device)
+                  for n, c in zip(self.counts, self.capacities)]
+        return stacks, [stacks[g][j] for g, j in self.where]
+
+    def rows(self, layers: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor
+             ) -> tuple[int, torch.Tensor]:
+        """Where the pairs ``(layers[i], slots[i])`` (or ``layers``, one layer, with every slot) live: ``(g, rows)``,
+        ``rows`` ``[r]`` int64 on the device indexing the ``Lg * S`` rows of buffer ``g`` (``j * S + slot``). Raises
+        when the layers differ in capacity."""
+        s = self.num_rows
+        if isinstance(layers, (int, np.integer)):
+            g, j = self.where[int(layers)]
+            rows = torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
+            return g, rows + j * s if j else rows
+        lay = np.asarray(layers, dtype=np.int64).reshape(-1)
+        where = np.asarray([self.where[i] for i in lay], dtype=np.int64).reshape(-1, 2)  # [r, (g, j)]
+        if np.unique(where[:, 0]).shape[0] > 1:
+            raise ValueError(f"layers {sorted(set(lay.tolist()))} differ in capacity: handle each capacity apart")
+        host = np.asarray(slots, dtype=np.int64).reshape(-1)
+        return int(where[0, 0]), torch.as_tensor(where[:, 1] * s + host, device=self.device)
+
+
 class KVPool:
     """Preallocated per-layer KV storage for ``max_seqs`` sequences (see the module docstring for the layout)."""
 
@@ -68,18 +105,12 @@ class KVPool:
         f = dict(device=self.device)
         # the layers of one capacity share one buffer per field, [Lg, S, H, C(, D)]; each layer's tensor is a view
         # of it, so one compaction (or selection) covers every layer that evicts at a step
-        caps = sorted(set(capacities))
-        self._stack_of = [(caps.index(c), sum(1 for x in capacities[:i] if x == c)) for i, c in enumerate(capacities)]
-        counts = [sum(1 for x in capacities if x == c) for c in caps]
-
-        def stacked(tail: tuple[int, ...], dt: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            stacks = [torch.zeros((n, rows, kv_heads, c, *tail), dtype=dt, **f) for n, c in zip(counts, caps)]
-            return stacks, [stacks[g][j] for g, j in self._stack_of]
-
-        self._key_stacks, self.keys = stacked((head_dim,), dtype)
-        self._value_stacks, self.values = stacked((head_dim,), dtype)
-        self._position_stacks, self.positions = stacked((), torch.int32)
-        self._score_stacks, scores = stacked((), torch.float32) if with_scores else ([], [])
+        self.stacks = LayerStacks(capacities, rows, self.device)
+        self._key_stacks, self.keys = self.stacks.zeros(lambda c: (kv_heads, c, head_dim), dtype)
+        self._value_stacks, self.values = self.stacks.zeros(lambda c: (kv_heads, c, head_dim), dtype)
+        self._position_stacks, self.positions = self.stacks.zeros(lambda c: (kv_heads, c), torch.int32)
+        self._score_stacks, scores = (self.stacks.zeros(lambda c: (kv_heads, c), torch.float32) if with_scores
+                                      else ([], []))
         self.scores = scores if with_scores else None
         self.lengths = torch.zeros((len(capacities), rows, kv_heads), dtype=torch.int32, **f)  # [L, S, H]
         self.seen = torch.zeros(rows, dtype=torch.int64, **f)  # [S]
@@ -88,7 +119,7 @@ class KVPool:
         self.host_lengths = np.zeros((len(capacities), rows), dtype=np.int64)  # [L, S]
         self.host_seen = np.zeros(rows, dtype=np.int64)  # [S]
         self.host_capacities = np.asarray(self.capacities, dtype=np.int64)  # [L]
-        self.capacity_groups = np.asarray([g for g, _ in self._stack_of], dtype=np.int64)  # [L]: shared buffer
+        self.capacity_groups = self.stacks.groups  # [L]: the shared buffer of each layer
         self._free = list(range(max_seqs - 1, -1, -1))  # a stack: acquire() hands out slot 0 first
         self._used: set[int] = set()
 
@@ -98,6 +129,10 @@ class KVPool:
         KV heads, head dim, dtype and device; scores when its policy scores."""
         if cache.plan is None or not cache.layers or not cache.layers[0].is_initialized:
             raise ValueError("prefill the cache before shaping a pool after it")
+        if getattr(cache.layers[0], "method_name", None) == "kivi":  # quantised slots (squeezekv.runtime.kivi_pool)
+            from .kivi_pool import KiviPool
+
+            return KiviPool.for_cache(cache, max_seqs, max_new_tokens)
         keys = cache.layers[0].keys  # [1, H, n, D]
         caps = pool_capacities(cache.plan, cache.evict_every, cache.evicts_while_decoding, max_new_tokens)
         return cls(caps, max_seqs, keys.shape[1], keys.shape[-1], dtype=keys.dtype, device=keys.device,
@@ -227,6 +262,18 @@ class KVPool:
         self.lengths[:, self.scratch].zero_()  # views, zeroed on the device (no host value: capturable)
         self.seen[self.scratch:self.scratch + 1].zero_()
 
+    def check_room(self, slots: np.ndarray) -> None:
+        """Raise before a decode step of ``slots`` (distinct, host integers) that a layer of one has no room for."""
+        full = self.host_lengths[:, slots] + 1 > self.host_capacities[:, None]  # [L, n]
+        if full.any():
+            i, j = (int(x[0]) for x in np.nonzero(full))
+            raise ValueError(f"slot {int(slots[j])} is full in layer {i} ({self.capacities[i]} entries): its policy "
+                             "does not evict while decoding; build the pool for more new tokens")
+
+    def after_step(self, slots: np.ndarray) -> None:
+        """Host-driven work after a decode step of ``slots`` (and its evictions): none for a plain pool (a KIVI pool
+        quantises its full residuals here)."""
+
     def advance_host(self, slots: Sequence[int] | np.ndarray) -> None:
         """Host mirror of :meth:`advance` for the real rows (distinct slots)."""
         self.host_lengths[:, slots] += 1
@@ -234,20 +281,8 @@ class KVPool:
 
     def stacked_rows(self, layers: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor
                      ) -> tuple[int, torch.Tensor]:
-        """Where the pairs ``(layers[i], slots[i])`` (or ``layer`` with every slot) live in the shared buffers of one
-        capacity: ``(g, rows)``, ``rows`` ``[r]`` int64 on the pool's device indexing the ``Lg * S`` rows of buffer
-        ``g`` (``j * S + slot`` for the layer's index ``j`` in it). Raises when the layers differ in capacity."""
-        s = self.max_seqs + 1
-        if isinstance(layers, (int, np.integer)):
-            g, j = self._stack_of[int(layers)]
-            rows = torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
-            return g, rows + j * s if j else rows
-        lay = np.asarray(layers, dtype=np.int64).reshape(-1)
-        where = np.asarray([self._stack_of[i] for i in lay], dtype=np.int64).reshape(-1, 2)  # [r, (g, j)]
-        if np.unique(where[:, 0]).shape[0] > 1:
-            raise ValueError(f"layers {sorted(set(lay.tolist()))} differ in capacity: handle each capacity apart")
-        host = np.asarray(slots, dtype=np.int64).reshape(-1)
-        return int(where[0, 0]), torch.as_tensor(where[:, 1] * s + host, device=self.device)
+        """:meth:`LayerStacks.rows` of the pool's keys, values, positions and scores."""
+        return self.stacks.rows(layers, slots)
 
     def keep_rows(self, layer: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray,
                   idx: torch.Tensor) -> None:

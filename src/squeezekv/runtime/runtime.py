@@ -43,6 +43,7 @@ from ..cache import SqueezeCache
 from ..generation import cache_kwargs
 from ..registry import make_policy
 from .decode_attention import BACKENDS, kernel_supports, reference_decode_attention, triton_available
+from .kivi_pool import KiviPool
 from .pool import KVPool
 
 ATTN_NAME = "squeezekv_runtime"
@@ -122,7 +123,10 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = runtime.pool.scores[layer.layer_idx] if runtime.observes_weights else None
     lengths = kwargs["squeezekv_pool_lengths"]  # [B, Hkv]
-    if runtime.kernels is not None:  # the Triton kernel (support checked when the runtime was built)
+    if isinstance(runtime.pool, KiviPool):
+        out = runtime.pool.attend(layer.layer_idx, query, layer.rows.slots, lengths, float(scale),
+                                  runtime.kernels if runtime.kivi_kernel else None)
+    elif runtime.kernels is not None:  # the Triton kernel (support checked when the runtime was built)
         out = runtime.kernels.decode_attention(query, key, value, layer.rows.slots, lengths, float(scale), scores)
     else:
         out = reference_decode_attention(query, key, value, layer.rows.slots, lengths, scale, scores)  # [B, Hq, 1, D]
@@ -197,6 +201,19 @@ class DecodeRuntime:
         self.kernels: Any = importlib.import_module(f"{__package__}.ops") if why is None else None
         self.max_context = int(getattr(config, "max_position_embeddings", 1 << 62) or (1 << 62))
         self.observes_weights = bool(self.policy.wants_weights(None, 1))  # H2O: every decode query's weights
+        self.kivi_kernel = False  # a KIVI pool's decode attention by the fused kernels (else its reference)
+        if isinstance(pool, KiviPool):
+            if self.observes_weights:
+                raise ValueError(f"policy {self.policy.name!r} scores with attention weights: the KIVI pool "
+                                 "supports policies that do not evict while decoding (none, snapkv)")
+            if self.resolved_backend == "triton":
+                from ..channel import kivi_triton
+
+                why = kivi_triton.supports(pool.device, pool.head_dim, pool.head_dim, pool.bits, pool.group_size,
+                                           pool.dtype)
+                if why is not None and backend == "triton":
+                    raise ValueError(f"backend='triton': the fused KIVI kernels cannot run: {why}")
+                self.kivi_kernel = why is None
         if self.observes_weights and not pool.with_scores:
             raise ValueError(f"policy {self.policy.name!r} accumulates attention: build the pool with_scores=True")
         self.use_graph = (pool.device.type == "cuda") if use_graph is None else use_graph
@@ -223,6 +240,9 @@ class DecodeRuntime:
         if cache.policy.name != self.policy.name or vars(cache.policy) != vars(self.policy):
             raise ValueError(f"the request's policy {cache.policy!r} is not the runtime's {self.policy!r}")
         budgets = [layer.decode_budget() for layer in cache.layers]
+        if isinstance(self.pool, KiviPool) and any(b is not None for b in budgets):
+            raise ValueError("the request evicts while decoding: a KIVI pool holds requests whose policy does not "
+                             "(none, snapkv)")
         if any(b is not None for b in budgets) and cache.evict_every != self.chunk:
             raise ValueError(f"the request evicts every {cache.evict_every} steps, the runtime every {self.chunk}: "
                              "build its cache with evict_every equal to the runtime's chunk")
@@ -253,6 +273,8 @@ class DecodeRuntime:
         ``token_idx``; the pool's own entries are in no particular order after a compaction)."""
         if slot not in self._joined:
             raise ValueError(f"slot {slot!r} holds no request of this runtime")
+        if isinstance(self.pool, KiviPool):
+            raise ValueError("a KIVI pool keeps the positions of its full-precision residual only")
         n = int(self.pool.host_lengths[layer][slot])
         return self.pool.temporal_order(layer, [slot], n)[1][0]
 
@@ -282,11 +304,7 @@ class DecodeRuntime:
         if int(pool.host_seen[idx].max()) + 1 > self.max_context:
             s = int(idx[pool.host_seen[idx].argmax()])
             raise ValueError(f"slot {s}: the sequence would exceed the model's context of {self.max_context}")
-        full = pool.host_lengths[:, idx] + 1 > pool.host_capacities[:, None]  # [L, n]
-        if full.any():
-            i, j = (int(x[0]) for x in np.nonzero(full))
-            raise ValueError(f"slot {slots[j]} is full in layer {i} ({pool.capacities[i]} entries): its policy "
-                             "does not evict while decoding; build the pool for more new tokens")
+        pool.check_room(idx)
         bucket = self._bucket(self.bucket_size(len(slots)))
         n = len(slots)
         rows = bucket.rows
@@ -308,6 +326,7 @@ class DecodeRuntime:
         due = (budgets >= 0) & (pool.host_lengths[:, idx] >= budgets + self.chunk)  # [L, n]
         if due.any():
             self._evict(due, idx, budgets)
+        pool.after_step(idx)  # a KIVI pool quantises the full residuals
         return logits
 
     def _run(self, bucket: _Bucket) -> torch.Tensor:
