@@ -145,6 +145,16 @@ TOPICS: tuple[Topic, ...] = (
           "perplexity.",
           ("channel/eval_gpu_smollm2/", "channel/eval_gpu_smollm2_cq32k/"),
           plots=("docs/img/channel_grid_quality_vs_bytes.png",), manual=("docs/channel.md",)),
+    Topic("kivi-pool-kernel-h200", "Exploratory: the KIVI pool's decode kernel alone, per launch setting (H200)",
+          "Milliseconds per launch of squeezekv.channel.kivi_triton.pool_decode_attend (one layer: 8 KV heads of dim "
+          "128, 4 query heads each, 8,192 quantised positions of 2 bits, groups of 32, plus a 129-token residual; "
+          "random codes) per split-kernel variant, tokens per block, warps and programs per multiprocessor; tb_s = "
+          "packed bytes read (codes, scales, zeros) per second. Script: runtime/probe/probe_kivi_pool.py (its "
+          "second version; the first run covered batches 16 and 64, the variants planes, interleaved and planes_fma, "
+          "4 or 8 warps and 4 or 16 programs per multiprocessor at the default block). Not run by the suite runner "
+          "and without a versions record: the torch 2.11 / triton of the device, commit c6ac7e4.",
+          ("runtime/probe/h200_kivi_pool_kernel_1.json", "runtime/probe/h200_kivi_pool_kernel_2.json"),
+          manual=("docs/runtime.md",)),
 )
 
 CONFIG_KEYS = ("config", "args", "settings", "options", "task_options", "specs", "plan", "layouts", "data",

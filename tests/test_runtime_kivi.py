@@ -69,23 +69,26 @@ def _same_quantised_state(pool, slot, cache, prompt_kept):
 
 
 def _decode_equals_eager(model, method, budget, method_params, *, device="cpu", backend="auto", compile=False,
-                         atol=1e-4, state=True, **kivi):
+                         atol=1e-4, state=True, steps=STEPS, **kivi):
+    """Both paths fed the eager path's greedy tokens; with ``state`` (float32) the runtime's own greedy tokens must
+    be the same and the quantised state is compared too."""
     reqs = [_prefill(model, n, method, budget, method_params, device, **kivi) for n in PROMPTS]
     kept = [cache.layers[0].physical_length for cache, _ in reqs]  # prompt tokens each request holds
-    pool = KVPool.for_cache(reqs[2][0], 4, STEPS + 1)
+    pool = KVPool.for_cache(reqs[2][0], 4, steps + 1)
     assert isinstance(pool, KiviPool)
     rt = DecodeRuntime(model, pool, reqs[0][0].policy, CHUNK, backend=backend, compile=compile)
     slots = [rt.join(cache) for cache, _ in reqs]
     eager = [logits for _, logits in reqs]
     got = torch.cat(eager)
     flushes = 0
-    for _ in range(STEPS):
-        toks = got.argmax(-1)  # [3]
+    for _ in range(steps):
+        toks = torch.cat(eager).argmax(-1)  # [3]
+        if state:
+            assert torch.equal(got.argmax(-1), toks)
         before = int(pool.host_nq[0][slots[1]])
         got = rt.step(slots, toks)
         flushes += int(pool.host_nq[0][slots[1]]) > before
         for r, (cache, _) in enumerate(reqs):
-            assert int(toks[r]) == int(eager[r].argmax(-1))
             eager[r] = model(toks[r].view(1, 1), cache=cache).logits[:, -1]
             torch.testing.assert_close(got[r:r + 1].float(), eager[r].float(), rtol=0, atol=atol)
             if state:
@@ -174,9 +177,9 @@ def test_pool_kernel_equals_reference(kernels):
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_kivi_runtime_equals_eager(compile, make_model, method_params):
     """On the GPU: the step captured as a CUDA graph with the fused KIVI kernels (compiled or not), bf16, KIVI's
-    paper defaults at a head dim of 128, equals the eager KIVI path within bf16 tolerance (greedy tokens equal)."""
+    groups of 32 at a head dim of 64, equals the eager KIVI path within bf16 tolerance over three flushes."""
     model = make_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=64).to("cuda", torch.bfloat16)
     rt = _decode_equals_eager(model, "none", 1.0, method_params, device="cuda", compile=compile, atol=3e-2,
-                              state=False, group_size=32, residual=8)
+                              state=False, steps=120, group_size=32, residual=8)
     assert rt.kivi_kernel and rt.use_graph
