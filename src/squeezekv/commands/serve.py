@@ -40,6 +40,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-active", type=int, default=8, help="requests running at once")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: HTTP 429)")
+    p.add_argument("--runtime-slots", type=int, default=0, metavar="N",
+                   help="decode compressed requests together in the decode runtime's KV pool of N slots (one "
+                        "batched step, CUDA graphs on the GPU; needs --cache; default 0: one by one)")
+    p.add_argument("--runtime-slot-tokens", type=int, default=4096, metavar="T",
+                   help="tokens a layer of a runtime slot holds (kept prompt tokens plus the decode chunk, or plus "
+                        "max_tokens for a policy that does not evict while decoding); larger requests decode alone")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--truncation", default="error", choices=["error", "rerotate"],
                    help="prompts longer than the context: reject, or drop the oldest tokens and re-rotate stored keys")
@@ -201,7 +207,8 @@ def main(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(path).name
     config = EngineConfig(model_name=name, cache=spec, device=device,
                           max_active=args.max_active, max_queue=args.max_queue, max_new_tokens=args.max_tokens,
-                          truncation=args.truncation)
+                          truncation=args.truncation, runtime_slots=args.runtime_slots,
+                          runtime_slot_tokens=args.runtime_slot_tokens)
     config.validate()
     from ..store import KVStore, namespace
 

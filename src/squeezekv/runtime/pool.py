@@ -221,6 +221,36 @@ class KVPool:
         self.seen[slot] = seen
         self.host_seen[slot] = seen
 
+    def export(self, slot: int, cache: Any) -> None:
+        """Write ``slot``'s state back into ``cache``, the batch-1 ``SqueezeCache`` that was admitted into it (the
+        inverse of :meth:`admit`): every layer's entries in temporal order (keys, values, ``token_idx``, scores) and
+        the tokens seen, as the eager path would hold them after the same steps -- so the request can be saved to
+        the store, or go on decoding on the eager path."""
+        from ..cache import SqueezeLayer
+
+        self._check_slot(slot)
+        layers = list(cache.layers)
+        if len(layers) != self.num_layers or any(type(x) is not SqueezeLayer for x in layers):
+            raise ValueError(f"export into the plain {self.num_layers}-layer SqueezeCache the slot was admitted from")
+        seen = int(self.host_seen[slot])
+        for i, layer in enumerate(layers):
+            n = int(self.host_lengths[i][slot])
+            order, pos = self.temporal_order(i, [slot], n)  # [1, H, n] each
+
+            def rows(t: torch.Tensor) -> torch.Tensor:  # [S, H, C(, D)] -> [1, H, n(, D)] in temporal order
+                row = t[slot:slot + 1, :, :n]
+                at = order if row.dim() == 3 else order[..., None].expand(-1, -1, -1, row.shape[-1])
+                return row.gather(2, at)
+
+            layer.keys, layer.values = rows(self.keys[i]), rows(self.values[i])
+            layer.token_idx = pos.to(torch.int32)
+            if layer.scores is not None:
+                layer.scores = (rows(self.scores[i]) if self.scores is not None
+                                else layer.scores.new_zeros(pos.shape))
+            layer._buffers = {}
+            layer.seen = seen
+            layer.compressed = layer.compressed or n < seen
+
     # -- after a decode step / eviction ---------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
               backend: str = "auto") -> torch.Tensor:

@@ -9,7 +9,13 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
 * Iteration-level scheduling (Orca, OSDI 2022): every engine iteration advances each running request by one step
   (its prefill, or one decode token), so new requests start between the decode steps of long ones; the decode steps
   of the running full-cache requests are batched into one forward (their KV left-padded and masked, each row at its
-  own position). Compressed caches (their layers hold different tokens per head) decode one by one.
+  own position). Compressed caches decode one by one -- unless the engine has a decode runtime
+  (``runtime_slots`` > 0): then every prefilled request whose cache the runtime supports (plain squeezekv caches of
+  window, StreamingLLM, H2O, SnapKV or none, see :mod:`squeezekv.runtime`) joins a slot of its KV pool, and the
+  running requests of all slots decode in ONE batched step (a CUDA graph per batch bucket on the GPU), joining and
+  leaving without touching the others' KV; a finished request's slot is exported back into its cache for the store.
+  A request the pool cannot hold (no free slot, a layer's kept tokens plus what it may generate over the slot's
+  ``runtime_slot_tokens``) decodes on its own as before (metric ``runtime_fallback_total``).
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
   the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
   one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
@@ -87,16 +93,23 @@ class EngineConfig:
     max_new_tokens: int = 512
     truncation: str = "error"
     batch_decode: bool = True
+    runtime_slots: int = 0
+    runtime_slot_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSpec):
             self.cache = CacheSpec.of(self.cache)
 
     def validate(self) -> None:
-        for name in ("max_active", "max_queue", "max_new_tokens"):
+        for name in ("max_active", "max_queue", "max_new_tokens", "runtime_slot_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
+        if not isinstance(self.runtime_slots, int) or isinstance(self.runtime_slots, bool) or self.runtime_slots < 0:
+            raise ValueError(f"runtime_slots={self.runtime_slots!r} is out of range: an integer >= 0 (0: no runtime)")
+        if self.runtime_slots and self.cache is None:
+            raise ValueError("runtime_slots > 0 needs a compressed cache (cache=...): the full cache decodes batched "
+                             "on its own path")
         if self.truncation not in ("error", "rerotate"):
             raise ValueError(f"truncation={self.truncation!r} is not supported: 'error' or 'rerotate'")
         if self.truncation == "rerotate" and self.cache is not None:
@@ -135,6 +148,7 @@ class GenRequest:
     reused_tokens: tuple[int, ...] = ()
     truncated: int = 0
     generator: torch.Generator | None = None
+    slot: int | None = None  # the decode runtime's slot holding this request's KV (None: its own cache)
 
 
 class Engine:
@@ -159,6 +173,9 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="squeezekv-engine", daemon=True)
         #: why finished requests are not saved for reuse (None: they are): the store refused the cache's layer type
         self.reuse_off: str | None = None
+        self.runtime: Any = None  # the DecodeRuntime, built at the first request that can join it
+        #: why requests do not decode on the runtime (None: they may)
+        self.runtime_off: str | None = None if config.runtime_slots else "runtime_slots=0"
         if config.cache is not None:
             from .. import make_cache
 
@@ -285,6 +302,7 @@ class Engine:
         self.metrics.inc("request_errors_total")
         if req in self.active:
             self.active.remove(req)
+        self._leave_runtime(req, export=False)
         req.cache = None
         self.store.dequeue(req.id)
         if isinstance(err, RequestRejected):
@@ -295,7 +313,16 @@ class Engine:
             req.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
 
     def _feed(self, items: list[tuple[GenRequest, int]]) -> None:
-        """Feed each request its sampled token: one batched forward for the full caches, one each otherwise."""
+        """Feed each request its sampled token: one runtime step for the requests in its slots, one batched forward
+        for the full caches, one each otherwise."""
+        pooled = [(r, t) for r, t in items if r.slot is not None]
+        if pooled:
+            try:
+                self._step_runtime(pooled)
+            except Exception as err:
+                for req, _ in pooled:
+                    self._fail(req, err)
+            items = [(r, t) for r, t in items if r.slot is None]
         batch = [(r, t) for r, t in items if _batchable(r.cache)] if self.config.batch_decode else []
         if len(batch) < 2:
             batch = []
@@ -341,6 +368,60 @@ class Engine:
             req.fed.append(tok)
         self.metrics.inc("batched_decode_steps")
         self.metrics.inc("batched_decode_rows", len(items))
+
+    def _step_runtime(self, items: list[tuple[GenRequest, int]]) -> None:
+        """One batched decode step of the runtime for the requests in its slots."""
+        ids = torch.tensor([t for _, t in items], device=self.device)  # [n]
+        logits = self.runtime.step([r.slot for r, _ in items], ids)  # [n, vocab]
+        for b, (req, tok) in enumerate(items):
+            req.logits = logits[b].float()
+            req.fed.append(tok)
+        self.metrics.inc("runtime_decode_steps")
+        self.metrics.inc("runtime_decode_rows", len(items))
+
+    def _join_runtime(self, req: GenRequest) -> None:
+        """Move a freshly prefilled request into a slot of the decode runtime when it can hold it (else it keeps
+        its own cache and decodes on its own); the runtime is built at the first request that can join."""
+        if self.runtime_off is not None:
+            return
+        from ..cache import SqueezeCache, SqueezeLayer
+
+        cache = req.cache
+        if not isinstance(cache, SqueezeCache) or any(type(x) is not SqueezeLayer for x in cache.layers):
+            self.runtime_off = f"the cache's layers are not plain squeezekv layers ({type(cache.layers[0]).__name__})"
+            log.info("requests decode one by one: %s", self.runtime_off)
+            return
+        cap = self.config.runtime_slot_tokens
+        need = [b + cache.evict_every if b is not None else x.physical_length + req.max_tokens
+                for b, x in ((x.decode_budget(), x) for x in cache.layers)]
+        if self.runtime is None:
+            from ..runtime.pool import KVPool
+            from ..runtime.runtime import DecodeRuntime
+
+            keys = cache.layers[0].keys  # [1, H, n, D]
+            try:
+                pool = KVPool([cap] * len(cache.layers), self.config.runtime_slots, keys.shape[1], keys.shape[-1],
+                              dtype=keys.dtype, device=keys.device, with_scores=cache.policy.uses_scores)
+                self.runtime = DecodeRuntime(self.model, pool, cache.policy, cache.evict_every)
+            except ValueError as err:  # a model or policy the runtime does not support
+                self.runtime_off = str(err)
+                log.info("requests decode one by one: %s", err)
+                return
+        if max(need) > cap or self.runtime.pool.free_slots() == 0:
+            self.metrics.inc("runtime_fallback_total")
+            return
+        req.slot = self.runtime.join(cache)
+
+    def _leave_runtime(self, req: GenRequest, export: bool) -> None:
+        """Release the request's slot; with ``export``, its KV goes back into ``req.cache`` first (for the store)."""
+        if req.slot is None:
+            return
+        slot, req.slot = req.slot, None
+        try:
+            if export and req.cache is not None:
+                self.runtime.pool.export(slot, req.cache)
+        finally:
+            self.runtime.leave(slot)
 
     def _forward(self, req: GenRequest, tokens: list[int]) -> None:
         ids = torch.tensor([tokens], device=self.device)  # [1, n]
@@ -389,6 +470,7 @@ class Engine:
                     f"this server's cache ({self.config.cache.to_text()}) cannot run "
                     f"this prompt of {len(prompt)} tokens: {err}", 400, "prompt_unsupported_by_cache",
                     "prompt") from None
+        self._join_runtime(req)
         self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))
         if req.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
@@ -436,6 +518,7 @@ class Engine:
     def _finish(self, req: GenRequest, reason: str) -> None:
         self.active.remove(req)
         self.store.dequeue(req.id)
+        self._leave_runtime(req, export=reason != "cancelled")
         if req.cache is not None and req.fed and self.reuse_off is None:
             # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
             try:

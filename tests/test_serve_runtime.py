@@ -1,0 +1,100 @@
+"""The serving engine on the decode runtime (``EngineConfig.runtime_slots``): compressed requests decode together in
+one batched step, and answer exactly what the engine without the runtime answers (greedy), across turns reusing the
+store (a finished slot is exported back into its cache and saved), with requests the pool cannot hold falling back
+to their own cache."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from squeezekv.serve import Engine, EngineConfig, GenRequest
+from squeezekv.serve.chartok import CharTokenizer
+from squeezekv.store import KVStore, MemoryTier, namespace
+
+MODEL = "tiny-llama"
+PROMPTS = ["The quick brown fox jumps over", "A long prompt about ships and stars and friends", "Hello there,",
+           "Numbers: one two three four five six"]
+
+
+def _engine(build_model, cache, **cfg):
+    model = build_model("llama", layers=2, max_position_embeddings=1024)
+    store = KVStore([MemoryTier("gpu", 1 << 20, "cpu"), MemoryTier("cpu", 4 << 20, "cpu")],
+                    namespace(model=MODEL, cache=cache), block=8)
+    return Engine(model, CharTokenizer(), store, EngineConfig(model_name=MODEL, cache=cache, max_new_tokens=64,
+                                                              **cfg)).start()
+
+
+def _run(engine, prompts, max_tokens=12):
+    """Submit every prompt at once (greedy) and wait: ``[(text, usage)]`` in prompt order."""
+    done = [threading.Event() for _ in prompts]
+    out: list[list] = [["", None] for _ in prompts]
+
+    def emit_for(i):
+        def emit(ev):
+            if ev["type"] == "delta":
+                out[i][0] += ev["text"]
+            elif ev["type"] == "done":
+                out[i][1] = ev["usage"]
+                done[i].set()
+            else:
+                out[i][1] = ev
+                done[i].set()
+        return emit
+
+    tok = CharTokenizer()
+    for i, p in enumerate(prompts):
+        engine.submit(GenRequest(prompt=tok(p)["input_ids"], max_tokens=max_tokens, emit=emit_for(i), user=str(i)))
+    for d in done:
+        assert d.wait(120)
+    for _, usage in out:
+        assert "message" not in usage, usage
+    return [tuple(x) for x in out]
+
+
+@pytest.mark.parametrize("cache", ["method=h2o budget=16 allocation=uniform evict_every=4",
+                                   "method=snapkv budget=16 allocation=uniform"])
+def test_runtime_engine_answers_what_the_engine_answers(cache, make_model):
+    ref = _engine(make_model, cache)
+    rt = _engine(make_model, cache, runtime_slots=4, runtime_slot_tokens=64)
+    try:
+        want, got = _run(ref, PROMPTS), _run(rt, PROMPTS)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        c = rt.metrics.counters
+        assert rt.runtime_off is None and c["runtime_decode_steps"] > 0
+        assert c["runtime_decode_rows"] > c["runtime_decode_steps"]  # rows decoded together
+        assert rt.runtime.pool.free_slots() == 4  # every slot released
+        # turn 2 of each conversation: its history (turn 1 as exported from the slot) comes from the store
+        for e in (ref, rt):
+            e.store.flush()
+        second = [p + t + " and then?" for p, (t, _) in zip(PROMPTS, want)]
+        want2, got2 = _run(ref, second), _run(rt, second)
+        assert [t for t, _ in got2] == [t for t, _ in want2]
+        assert [u["cached_tokens"] for _, u in got2] == [u["cached_tokens"] for _, u in want2]
+        assert all(u["cached_tokens"] > 0 for _, u in got2)
+    finally:
+        ref.shutdown()
+        rt.shutdown()
+
+
+def test_requests_the_pool_cannot_hold_decode_on_their_own(make_model):
+    cache = "method=snapkv budget=16 allocation=uniform"
+    ref = _engine(make_model, cache)
+    rt = _engine(make_model, cache, runtime_slots=2, runtime_slot_tokens=20)  # 16 kept + 12 new > 20
+    try:
+        want, got = _run(ref, PROMPTS[:3]), _run(rt, PROMPTS[:3])
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert rt.metrics.counters["runtime_fallback_total"] == 3 and rt.metrics.counters["runtime_decode_steps"] == 0
+    finally:
+        ref.shutdown()
+        rt.shutdown()
+
+
+def test_runtime_config_is_validated():
+    with pytest.raises(ValueError, match="runtime_slots"):
+        EngineConfig(runtime_slots=-1, cache="method=h2o budget=16").validate()
+    with pytest.raises(ValueError, match="compressed cache"):
+        EngineConfig(runtime_slots=2).validate()
+    with pytest.raises(ValueError, match="runtime_slot_tokens"):
+        EngineConfig(runtime_slots=2, runtime_slot_tokens=0, cache="method=h2o budget=16").validate()
