@@ -98,3 +98,22 @@ def test_runtime_config_is_validated():
         EngineConfig(runtime_slots=2).validate()
     with pytest.raises(ValueError, match="runtime_slot_tokens"):
         EngineConfig(runtime_slots=2, runtime_slot_tokens=0, cache="method=h2o budget=16").validate()
+
+
+def test_admission_counts_free_slots_not_max_active(make_model):
+    """max_active=1 bounds only the requests outside the pool: four conversations decode together in four slots;
+    with two slots, the others wait for a free one (none decodes on its own)."""
+    cache = "method=h2o budget=16 allocation=uniform evict_every=4"
+    ref = _engine(make_model, cache)
+    wide = _engine(make_model, cache, max_active=1, runtime_slots=4, runtime_slot_tokens=64)
+    narrow = _engine(make_model, cache, max_active=1, runtime_slots=2, runtime_slot_tokens=64)
+    try:
+        want = [t for t, _ in _run(ref, PROMPTS)]
+        for e in (wide, narrow):
+            assert [t for t, _ in _run(e, PROMPTS)] == want
+            c = e.metrics.counters
+            assert c["runtime_fallback_total"] == 0 and c["runtime_decode_rows"] == len(PROMPTS) * 11
+        assert wide.metrics.counters["runtime_decode_steps"] < narrow.metrics.counters["runtime_decode_steps"]
+    finally:
+        for e in (ref, wide, narrow):
+            e.shutdown()

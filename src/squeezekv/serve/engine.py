@@ -14,6 +14,8 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   window, StreamingLLM, H2O, SnapKV or none, see :mod:`squeezekv.runtime`) joins a slot of its KV pool, and the
   running requests of all slots decode in ONE batched step (a CUDA graph per batch bucket on the GPU), joining and
   leaving without touching the others' KV; a finished request's slot is exported back into its cache for the store.
+  Admission then counts free slots: ``max_active`` bounds only the requests outside the pool, and a request waits
+  while every slot is taken (:meth:`Engine._room`).
   A request the pool cannot hold (no free slot, a layer's kept tokens plus what it may generate over the slot's
   ``runtime_slot_tokens``) decodes on its own as before (metric ``runtime_fallback_total``).
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
@@ -257,9 +259,22 @@ class Engine:
         return self.n_waiting
 
     # -- the engine thread ------------------------------------------------------------------------------------
+    def _room(self) -> bool:
+        """Whether one more request may start. Without the runtime: fewer than ``max_active`` run. With it, the
+        requests in its slots do not count: fewer than ``max_active`` run outside them (prefilling, or decoding on
+        their own), and, once the pool exists, a free slot is left for each of them and the newcomer -- so the
+        server holds as many conversations as the pool has slots, and a full pool makes requests wait rather than
+        decode one by one."""
+        if self.runtime_off is not None:
+            return len(self.active) < self.config.max_active
+        outside = sum(1 for r in self.active if r.slot is None)
+        if outside >= self.config.max_active:
+            return False
+        return self.runtime is None or self.runtime.pool.free_slots() > outside or not self.active
+
     def _admit(self) -> None:
         with self._cv:
-            while self.waiting and len(self.active) < self.config.max_active:
+            while self.waiting and self._room():
                 user, q = next(iter(self.waiting.items()))
                 req = q.popleft()
                 self.n_waiting -= 1
