@@ -127,13 +127,16 @@ def _gib(x: float) -> int:
 
 @kind("serving_multiuser", {"cache": "full", "conversations": 64, "turns": 5, "history": 1024,
                             "turn_tokens": 64, "answer_tokens": 16, "max_active": 8, "gpu_gib": 2, "cpu_gib": 4,
-                            "disk_gib": 8, "time_limit": 240, "baseline": None})
+                            "disk_gib": 8, "time_limit": 240, "runtime_slots": 0, "runtime_slot_tokens": 4096,
+                            "baseline": None})
 def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``conversations`` users each hold a ``turns``-turn conversation (closed loop: turn k+1 is submitted when
     turn k finished; its prompt is the history, the generated answer and a new ``turn_tokens``-token message)
     through ``squeezekv.serve.Engine`` with a three-tier KVStore of the given capacities. ``cache``: ``"full"`` or a
     CacheSpec (the server's compressed cache). Reports hits per tier, misses, prefill tokens saved and
-    TTFT of turns >= 2 vs turn 1; every request's record goes to the records file."""
+    TTFT of turns >= 2 vs turn 1, and generated tokens/s end to end; every request's record goes to the records file.
+    ``runtime_slots`` > 0: compressed requests decode on the decode runtime's pool of that many slots of
+    ``runtime_slot_tokens`` entries per layer (``EngineConfig.runtime_slots``)."""
     from squeezekv.serve.engine import Engine, EngineConfig, GenRequest
 
     model, device = ctx.model, ctx.device
@@ -148,7 +151,8 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         tiers += [MemoryTier("cpu", _gib(a["cpu_gib"]), "cpu"), DiskTier(tmp / (method or "full"), _gib(a["disk_gib"]))]
         store = KVStore(tiers, namespace(bench="multiuser", cache=None if spec is None else spec.to_text()), block=16)
         cfg = EngineConfig(cache=spec, device=device, max_active=a["max_active"],
-                           max_queue=4 * a["conversations"], max_new_tokens=a["answer_tokens"])
+                           max_queue=4 * a["conversations"], max_new_tokens=a["answer_tokens"],
+                           runtime_slots=a["runtime_slots"], runtime_slot_tokens=a["runtime_slot_tokens"])
         engine = Engine(model, _Tokenizer(), store, cfg).start()
         vocab = int(model.config.vocab_size)
         g = torch.Generator().manual_seed(0)
@@ -175,6 +179,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
                             usage = ev["usage"]
                             records.append({"user": user, "turn": turn, "prompt_tokens": usage["prompt_tokens"],
                                             "cached_tokens": usage["cached_tokens"], "ttft_s": first.get("ttft"),
+                                            "completion_tokens": usage["completion_tokens"],
                                             "latency_s": time.perf_counter() - t0})
                             turns_left[user] -= 1
                             if turns_left[user] > 0:
@@ -196,6 +201,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
                     timed_out = True
                     break
         wall = time.perf_counter() - t_start
+        counters = dict(engine.metrics.counters)
         engine.shutdown()
         store.flush()
         stats = dict(store.stats)
@@ -226,6 +232,13 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         "ttft_turn2plus_median_s": statistics.median(later_ttft) if later_ttft else None,
         "ttft_turn2plus_p99_s": later_ttft[int(0.99 * (len(later_ttft) - 1))] if later_ttft else None,
         "store_stats": stats, "tier_usage_at_end": usage,
+        "generated_tokens": sum(r["completion_tokens"] for r in ok),
+        "generated_tokens_per_s": sum(r["completion_tokens"] for r in ok) / wall,
+        "runtime_slots": a["runtime_slots"],
+        "runtime_decode_steps": counters.get("runtime_decode_steps", 0),
+        "runtime_rows_per_step": (counters["runtime_decode_rows"] / counters["runtime_decode_steps"]
+                                  if counters.get("runtime_decode_steps") else None),
+        "runtime_fallback": counters.get("runtime_fallback_total", 0),
     }
     ctx.progress(case, row)
     return [row]
