@@ -11,8 +11,9 @@ kernels), never on the lengths: a batch bucket always launches the same grid, so
 graph. With ``S == 1`` the split kernel normalises and writes the output itself (one launch); else a second small
 kernel merges the ``S`` partial states per (row, KV head, query head) and writes the output in the query's dtype.
 
-H2O: with ``scores``, a third kernel recomputes each split's logits and adds the normalised weights, summed over the
-query group, to ``scores[slot, h, :n]`` (every entry belongs to one program: no atomics).
+H2O: with ``scores``, the split kernel also writes its scaled logits (float32 ``[B * Hkv, G, C]``, a few percent of
+the keys' bytes) and a third kernel turns them into the normalised weights, summed over the query group, and adds
+them to ``scores[slot, h, :n]`` (every entry belongs to one program: no atomics) -- the keys are read once a step.
 
 Numerics: bf16/fp16 products on tensor cores with float32 accumulation (the weights are cast to the inputs' dtype
 before ``P V``, as flash attention does); float32 inputs use IEEE float32 products (no TF32). In the CPU interpreter
@@ -73,11 +74,12 @@ def _row_head(Q, SLOTS, LENS, pid_bh, H, sl_b, sl_h, G: tl.constexpr, D: tl.cons
 
 
 @triton.jit
-def _split_kernel(Q, K, V, SLOTS, LENS, MO, LO, AO, OUT,
-                  H, split_len, scale,
+def _split_kernel(Q, K, V, SLOTS, LENS, MO, LO, AO, OUT, LG,
+                  H, split_len, scale, C,
                   sk_s, sk_h, sk_n, sv_s, sv_h, sv_n, sl_b, sl_h,
                   G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SINGLE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SINGLE: tl.constexpr,
+                  SAVE_LOGITS: tl.constexpr = False):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -100,6 +102,9 @@ def _split_kernel(Q, K, V, SLOTS, LENS, MO, LO, AO, OUT,
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + pos[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] float32
+        if SAVE_LOGITS:  # H2O: the scores kernel reads these instead of the keys again
+            tl.store(LG + (pid_bh.to(tl.int64) * G + offs_g)[:, None] * C + pos[None, :], s,
+                     mask=gmask[:, None] & nmask[None, :])
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -151,32 +156,30 @@ def _merge_kernel(MO, LO, AO, M, L, OUT, S, G: tl.constexpr, D: tl.constexpr, BL
 
 
 @triton.jit
-def _scores_kernel(Q, K, SLOTS, LENS, M, L, SC,
-                   H, split_len, scale,
-                   sk_s, sk_h, sk_n, sl_b, sl_h, ss_s, ss_h,
-                   G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # H2O: add the normalised weights exp(s - m) / l, summed over the query group, to the slot's scores
+def _scores_kernel(LG, SLOTS, LENS, M, L, SC,
+                   H, split_len, C, sl_b, sl_h, ss_s, ss_h,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    # H2O: add the normalised weights exp(s - m) / l, summed over the query group, to the slot's scores; s: the
+    # logits the split kernel saved [B * H, G, C]
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    h, slot, n, q = _row_head(Q, SLOTS, LENS, pid_bh, H, sl_b, sl_h, G, D, BLOCK_G, BLOCK_D, UPCAST)
+    b = pid_bh // H
+    h = (pid_bh % H).to(tl.int64)
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    n = tl.load(LENS + b * sl_b + h * sl_h)
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     gmask = offs_g < G
-    dmask = offs_d < D
     m = tl.load(M + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=0.0)
     inv_l = tl.where(gmask, 1.0 / tl.load(L + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=1.0), 0.0)
-    k_ptr = K + slot * sk_s + h * sk_h
+    lg_ptr = LG + (pid_bh.to(tl.int64) * G + offs_g)[:, None] * C
     sc_ptr = SC + slot * ss_s + h * ss_h
     start = pid_s * split_len
     end = tl.minimum(start + split_len, n)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         nmask = pos < end
-        k = tl.load(k_ptr + pos[:, None] * sk_n + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                    other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
+        s = tl.load(lg_ptr + pos[None, :], mask=gmask[:, None] & nmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_N]
         w = tl.sum(tl.exp(s - m[:, None]) * inv_l[:, None], 0)  # [BLOCK_N]
         old = tl.load(sc_ptr + pos, mask=nmask, other=0.0)
         tl.store(sc_ptr + pos, old + w, mask=nmask)
@@ -261,10 +264,12 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                   BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast)
     lens = lengths.to(torch.int32)
     slot_idx = slots.to(torch.int64)
+    logits = m_part if scores is None else torch.empty((b * h, g, c), **f32)  # [B*H, G, C]: H2O's logits
     _split_kernel[(b * h, splits)](
-        qc, k_pool, v_pool, slot_idx, lens, m_part, l_part, a_part, out, h, split_len, float(scale),
+        qc, k_pool, v_pool, slot_idx, lens, m_part, l_part, a_part, out, logits, h, split_len, float(scale), c,
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        lens.stride(0), lens.stride(1), SINGLE=splits == 1, num_warps=num_warps, **blocks)
+        lens.stride(0), lens.stride(1), SINGLE=splits == 1, SAVE_LOGITS=scores is not None, num_warps=num_warps,
+        **blocks)
     if splits == 1:
         m, l_sum = m_part, l_part  # [B*H, 1, G]: the whole state
     else:
@@ -274,7 +279,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                                     BLOCK_D=blocks["BLOCK_D"], num_warps=4)
     if scores is not None:
         _scores_kernel[(b * h, splits)](
-            qc, k_pool, slot_idx, lens, m, l_sum, scores, h, split_len, float(scale),
-            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), lens.stride(0), lens.stride(1),
-            scores.stride(0), scores.stride(1), num_warps=num_warps, **blocks)
+            logits, slot_idx, lens, m, l_sum, scores, h, split_len, c, lens.stride(0), lens.stride(1),
+            scores.stride(0), scores.stride(1), G=g, BLOCK_G=blocks["BLOCK_G"], BLOCK_N=block_n,
+            num_warps=num_warps)
     return out.reshape(b, hq, 1, d)
