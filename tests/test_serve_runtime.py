@@ -117,3 +117,23 @@ def test_admission_counts_free_slots_not_max_active(make_model):
     finally:
         for e in (ref, wide, narrow):
             e.shutdown()
+
+
+def test_chunked_prefill_runs_one_chunk_per_iteration(make_model):
+    """A cache specification with prefill_chunk: each new prompt is prefilled one chunk per engine iteration (the
+    running requests decode in between) and the answers equal those of the engine without the runtime (same
+    chunks); the chunks are counted."""
+    cache = "method=h2o budget=16 allocation=uniform evict_every=4 prefill_chunk=8"
+    ref = _engine(make_model, cache)
+    rt = _engine(make_model, cache, runtime_slots=4, runtime_slot_tokens=64)
+    prompts = PROMPTS + ["x" * 90]
+    try:
+        want, got = _run(ref, prompts), _run(rt, prompts)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        tok = CharTokenizer()
+        chunks = sum(-(-len(tok(p)["input_ids"]) // 8) for p in prompts)
+        assert rt.metrics.counters["prefill_chunks_total"] == ref.metrics.counters["prefill_chunks_total"] == chunks
+        assert rt.metrics.counters["runtime_decode_steps"] > 0
+    finally:
+        ref.shutdown()
+        rt.shutdown()

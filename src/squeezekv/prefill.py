@@ -11,21 +11,20 @@ prompt (the cache is told its length).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .cache import SqueezeCache
 
 
-@torch.no_grad()
-def chunked_prefill(
+def chunked_prefill_steps(
     model: Any, input_ids: torch.Tensor, cache: SqueezeCache, chunk_size: int,
     attention_mask: torch.Tensor | None = None, **model_kwargs: Any,
-) -> torch.Tensor:
-    """Prefill ``input_ids`` ``[B, T]`` into ``cache`` ``chunk_size`` tokens at a time; returns the logits of the last
-    position ``[B, vocab]``. ``attention_mask`` ``[B, T]`` (left padding) is sliced per chunk. Continue decoding with
-    the same cache (pass the full-length mask plus the new tokens, as usual)."""
+) -> Iterator[torch.Tensor | None]:
+    """:func:`chunked_prefill` one chunk at a time: a generator that runs the next chunk at each ``next()`` and
+    yields None after every chunk but the last, then the logits of the last position ``[B, vocab]`` (a caller, e.g.
+    the serving engine, runs other work between chunks). Arguments are checked at the first ``next()``."""
     if not isinstance(cache, SqueezeCache):
         raise TypeError(f"chunked_prefill needs a SqueezeCache (squeezekv.make_cache), got {type(cache).__name__}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -39,12 +38,27 @@ def chunked_prefill(
                          f"{tuple(input_ids.shape)}")
     total = input_ids.shape[1]
     cache.prompt_length_hint = total
-    logits = None
     for start in range(0, total, chunk_size):
         end = min(total, start + chunk_size)
         kwargs = dict(model_kwargs)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, :end]
-        logits = model(input_ids=input_ids[:, start:end], cache=cache, use_cache=True, logits_to_keep=1,
-                       **kwargs).logits[:, -1]
+        with torch.no_grad():
+            logits = model(input_ids=input_ids[:, start:end], cache=cache, use_cache=True, logits_to_keep=1,
+                           **kwargs).logits[:, -1]
+        yield logits if end == total else None
+
+
+@torch.no_grad()
+def chunked_prefill(
+    model: Any, input_ids: torch.Tensor, cache: SqueezeCache, chunk_size: int,
+    attention_mask: torch.Tensor | None = None, **model_kwargs: Any,
+) -> torch.Tensor:
+    """Prefill ``input_ids`` ``[B, T]`` into ``cache`` ``chunk_size`` tokens at a time; returns the logits of the last
+    position ``[B, vocab]``. ``attention_mask`` ``[B, T]`` (left padding) is sliced per chunk. Continue decoding with
+    the same cache (pass the full-length mask plus the new tokens, as usual)."""
+    logits = None
+    for logits in chunked_prefill_steps(model, input_ids, cache, chunk_size, attention_mask, **model_kwargs):
+        pass
+    assert logits is not None
     return logits

@@ -18,6 +18,8 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   while every slot is taken (:meth:`Engine._room`).
   A request the pool cannot hold (no free slot, a layer's kept tokens plus what it may generate over the slot's
   ``runtime_slot_tokens``) decodes on its own as before (metric ``runtime_fallback_total``).
+* Chunked prefill (a cache specification with ``prefill_chunk``): one chunk of a new prompt per engine iteration,
+  so the decode steps of the running requests go on between the chunks of a long prompt.
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
   the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
   one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
@@ -151,6 +153,8 @@ class GenRequest:
     truncated: int = 0
     generator: torch.Generator | None = None
     slot: int | None = None  # the decode runtime's slot holding this request's KV (None: its own cache)
+    prefilling: Any = None  # the chunked prefill still running (a chunked_prefill_steps generator), one chunk a step
+    prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds
 
 
 class Engine:
@@ -300,6 +304,10 @@ class Engine:
                         continue
                     if req.cache is None:
                         self._prefill(req)
+                    elif req.prefilling is not None:
+                        self._prefill_step(req)
+                    if req.prefilling is not None:
+                        continue  # its next chunk in the next iteration, after the others' decode step
                     tok = self._advance(req)
                     if tok is not None:
                         to_feed.append((req, tok))
@@ -318,7 +326,7 @@ class Engine:
         if req in self.active:
             self.active.remove(req)
         self._leave_runtime(req, export=False)
-        req.cache = None
+        req.cache = req.prefilling = None
         self.store.dequeue(req.id)
         if isinstance(err, RequestRejected):
             req.emit({"type": "error", "message": err.message, "status": err.status, "code": err.code,
@@ -442,14 +450,28 @@ class Engine:
         ids = torch.tensor([tokens], device=self.device)  # [1, n]
         spec = self.config.cache
         if spec is not None and spec.prefill_chunk is not None and not req.fed and len(tokens) > 1:
-            from ..prefill import chunked_prefill  # the spec's chunked prefill of a fresh prompt
+            from ..prefill import chunked_prefill_steps  # the spec's chunked prefill of a fresh prompt
 
-            req.logits = chunked_prefill(self.model, ids, req.cache, spec.prefill_chunk)[0].float()  # [vocab]
-            req.fed.extend(tokens)
+            # one chunk per engine iteration, so the running requests decode between the chunks
+            req.prefilling = chunked_prefill_steps(self.model, ids, req.cache, spec.prefill_chunk)
+            req.prefill_tokens = tokens
+            self._prefill_step(req)
             return
         out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, req.cache))
         req.logits = out.logits[0, -1].float()  # [vocab]
         req.fed.extend(tokens)
+
+    def _prefill_step(self, req: GenRequest) -> None:
+        """Run the next chunk of the request's chunked prefill; after the last, its logits are set and it is done."""
+        logits = next(req.prefilling)
+        self.metrics.inc("prefill_chunks_total")
+        if logits is None:
+            return
+        req.prefilling = None
+        req.logits = logits[0].float()  # [vocab]
+        req.fed.extend(req.prefill_tokens)
+        req.prefill_tokens = []
+        self._join_runtime(req)
 
     def _prefill(self, req: GenRequest) -> None:
         self.store.dequeue(req.id)
@@ -485,7 +507,8 @@ class Engine:
                     f"this server's cache ({self.config.cache.to_text()}) cannot run "
                     f"this prompt of {len(prompt)} tokens: {err}", 400, "prompt_unsupported_by_cache",
                     "prompt") from None
-        self._join_runtime(req)
+        if req.prefilling is None:
+            self._join_runtime(req)  # (a chunked prefill joins after its last chunk)
         self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))
         if req.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
@@ -532,6 +555,7 @@ class Engine:
 
     def _finish(self, req: GenRequest, reason: str) -> None:
         self.active.remove(req)
+        req.prefilling = None
         self.store.dequeue(req.id)
         self._leave_runtime(req, export=reason != "cancelled")
         if req.cache is not None and req.fed and self.reuse_off is None:
