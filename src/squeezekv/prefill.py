@@ -57,8 +57,6 @@ def chunked_prefill(
     """Prefill ``input_ids`` ``[B, T]`` into ``cache`` ``chunk_size`` tokens at a time; returns the logits of the last
     position ``[B, vocab]``. ``attention_mask`` ``[B, T]`` (left padding) is sliced per chunk. Continue decoding with
     the same cache (pass the full-length mask plus the new tokens, as usual)."""
-    logits = None
-    for logits in chunked_prefill_steps(model, input_ids, cache, chunk_size, attention_mask, **model_kwargs):
-        pass
-    assert logits is not None
+    *_, logits = chunked_prefill_steps(model, input_ids, cache, chunk_size, attention_mask, **model_kwargs)
+    assert logits is not None  # the last chunk's
     return logits
