@@ -1,6 +1,6 @@
-"""The serving engine on the decode runtime (``EngineConfig.runtime_slots``): compressed requests decode together in
-one batched step, and answer exactly what the engine without the runtime answers (greedy), across turns reusing the
-store (a finished slot is exported back into its cache and saved), with requests the pool cannot hold falling back
+"""The serving engine on the decode runtime (``EngineConfig.runtime_slots``): requests (full cache or compressed)
+decode together in one batched step, and answer exactly what the engine without the runtime answers (greedy),
+across turns reusing the store (a finished slot is exported back into its cache and saved), with requests the pool cannot hold falling back
 to their own cache."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _run(engine, prompts, max_tokens=12):
 
 
 @pytest.mark.parametrize("cache", ["method=h2o budget=16 allocation=uniform evict_every=4",
-                                   "method=snapkv budget=16 allocation=uniform"])
+                                   "method=snapkv budget=16 allocation=uniform", None])
 def test_runtime_engine_answers_what_the_engine_answers(cache, make_model):
     ref = _engine(make_model, cache)
     rt = _engine(make_model, cache, runtime_slots=4, runtime_slot_tokens=64)
@@ -94,8 +94,6 @@ def test_requests_the_pool_cannot_hold_decode_on_their_own(make_model):
 def test_runtime_config_is_validated():
     with pytest.raises(ValueError, match="runtime_slots"):
         EngineConfig(runtime_slots=-1, cache="method=h2o budget=16").validate()
-    with pytest.raises(ValueError, match="compressed cache"):
-        EngineConfig(runtime_slots=2).validate()
     with pytest.raises(ValueError, match="runtime_slot_tokens"):
         EngineConfig(runtime_slots=2, runtime_slot_tokens=0, cache="method=h2o budget=16").validate()
 

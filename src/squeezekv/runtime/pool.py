@@ -182,7 +182,11 @@ class KVPool:
     # -- admission ------------------------------------------------------------------------------------------------
     def admit(self, slot: int, cache: Any) -> None:
         """Copy a prefilled (and compressed) request, a ``SqueezeCache`` of batch 1 whose every layer is managed, into
-        ``slot``: its keys/values, token positions and scores, in place (no reallocation; other slots untouched)."""
+        ``slot``: its keys/values, token positions and scores, in place (no reallocation; other slots untouched). A
+        full cache (transformers' ``DynamicCache`` of ``DynamicLayer`` s, every token at its position) is admitted
+        too, for a runtime that does not evict (policy ``none``)."""
+        from transformers.cache_utils import DynamicLayer
+
         from ..cache import SqueezeLayer
 
         self._check_slot(slot)
@@ -190,15 +194,15 @@ class KVPool:
         if len(layers) != self.num_layers:
             raise ValueError(f"the cache has {len(layers)} layers but the pool {self.num_layers}")
         for i, layer in enumerate(layers):
-            if type(layer) is not SqueezeLayer:
-                raise ValueError(f"layer {i} is a {type(layer).__name__}: the pool admits plain SqueezeLayers only "
-                                 "(no channel or cross-layer method, every layer managed)")
-            if not layer.is_initialized or not layer.prefill_done:
+            if type(layer) not in (SqueezeLayer, DynamicLayer):
+                raise ValueError(f"layer {i} is a {type(layer).__name__}: the pool admits plain SqueezeLayers "
+                                 "(no channel or cross-layer method, every layer managed) or a full DynamicCache")
+            if not layer.is_initialized or not getattr(layer, "prefill_done", True) or layer.keys.dim() != 4:
                 raise ValueError(f"layer {i} holds no prefilled prompt: prefill the request before admitting it")
             b, h, n, d = layer.keys.shape
             if b != 1:
                 raise ValueError(f"layer {i} holds a batch of {b}: admit one request (batch 1) at a time")
-            if layer.valid is not None:
+            if getattr(layer, "valid", None) is not None:
                 raise ValueError(f"layer {i} holds padding: prefill the request without padding")
             if (h, d, layer.values.shape[-1]) != (self.kv_heads, self.head_dim, self.head_dim):
                 raise ValueError(f"layer {i} has {h} KV heads of dims {d}/{layer.values.shape[-1]}; the pool "
@@ -206,18 +210,21 @@ class KVPool:
             if n > self.capacities[i]:
                 raise ValueError(f"layer {i} holds {n} tokens, more than its pool capacity {self.capacities[i]}")
         for i, layer in enumerate(layers):
-            n = layer.physical_length
+            n = layer.keys.shape[2]
             self.keys[i][slot, :, :n].copy_(layer.keys[0])  # [H, n, D]
             self.values[i][slot, :, :n].copy_(layer.values[0])
-            self.positions[i][slot, :, :n].copy_(layer.token_idx[0])  # [H, n]
+            if isinstance(layer, SqueezeLayer):
+                self.positions[i][slot, :, :n].copy_(layer.token_idx[0])  # [H, n]
+            else:  # a full cache: token j at position j
+                self.positions[i][slot, :, :n].copy_(torch.arange(n, device=self.device, dtype=torch.int32))
             if self.scores is not None:
-                if layer.scores is None:
+                if getattr(layer, "scores", None) is None:
                     self.scores[i][slot, :, :n].zero_()
                 else:
                     self.scores[i][slot, :, :n].copy_(layer.scores[0])
             self.lengths[i, slot].fill_(n)
             self.host_lengths[i][slot] = n
-        seen = layers[0].seen
+        seen = getattr(layers[0], "seen", layers[0].keys.shape[2])
         self.seen[slot] = seen
         self.host_seen[slot] = seen
 
@@ -226,12 +233,15 @@ class KVPool:
         inverse of :meth:`admit`): every layer's entries in temporal order (keys, values, ``token_idx``, scores) and
         the tokens seen, as the eager path would hold them after the same steps -- so the request can be saved to
         the store, or go on decoding on the eager path."""
+        from transformers.cache_utils import DynamicLayer
+
         from ..cache import SqueezeLayer
 
         self._check_slot(slot)
         layers = list(cache.layers)
-        if len(layers) != self.num_layers or any(type(x) is not SqueezeLayer for x in layers):
-            raise ValueError(f"export into the plain {self.num_layers}-layer SqueezeCache the slot was admitted from")
+        if len(layers) != self.num_layers or any(type(x) not in (SqueezeLayer, DynamicLayer) for x in layers):
+            raise ValueError(f"export into the plain {self.num_layers}-layer SqueezeCache (or full DynamicCache) the "
+                             "slot was admitted from")
         seen = int(self.host_seen[slot])
         for i, layer in enumerate(layers):
             n = int(self.host_lengths[i][slot])
@@ -243,6 +253,8 @@ class KVPool:
                 return row.gather(2, at)
 
             layer.keys, layer.values = rows(self.keys[i]), rows(self.values[i])
+            if not isinstance(layer, SqueezeLayer):
+                continue  # a full cache holds keys and values only
             layer.token_idx = pos.to(torch.int32)
             if layer.scores is not None:
                 layer.scores = (rows(self.scores[i]) if self.scores is not None

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from ..cache import SqueezeCache
 from ..generation import cache_kwargs
@@ -233,17 +233,24 @@ class DecodeRuntime:
         AttentionInterface.register(ATTN_NAME, runtime_attention)
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def join(self, cache: SqueezeCache) -> int:
-        """Admit a prefilled request (a batch-1 ``SqueezeCache``, see :meth:`KVPool.admit`) into a free slot."""
-        if not isinstance(cache, SqueezeCache):
-            raise TypeError(f"join needs a prefilled SqueezeCache, got {type(cache).__name__}")
-        if cache.policy.name != self.policy.name or vars(cache.policy) != vars(self.policy):
+    def join(self, cache: Any) -> int:
+        """Admit a prefilled request (a batch-1 ``SqueezeCache``, or a full ``DynamicCache`` into a runtime of
+        policy ``none``; see :meth:`KVPool.admit`) into a free slot."""
+        if isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers):
+            if self.policy.name != "none":  # a full cache: every token kept, nothing evicted
+                raise ValueError(f"a full DynamicCache joins a runtime of policy 'none', not {self.policy.name!r}")
+            budgets: list[int | None] = [None] * len(cache.layers)
+        elif not isinstance(cache, SqueezeCache):
+            raise TypeError(f"join needs a prefilled SqueezeCache (or a full DynamicCache), got "
+                            f"{type(cache).__name__}")
+        elif cache.policy.name != self.policy.name or vars(cache.policy) != vars(self.policy):
             raise ValueError(f"the request's policy {cache.policy!r} is not the runtime's {self.policy!r}")
-        budgets = [layer.decode_budget() for layer in cache.layers]
+        else:
+            budgets = [layer.decode_budget() for layer in cache.layers]
         if isinstance(self.pool, KiviPool) and any(b is not None for b in budgets):
             raise ValueError("the request evicts while decoding: a KIVI pool holds requests whose policy does not "
                              "(none, snapkv)")
-        if any(b is not None for b in budgets) and cache.evict_every != self.chunk:
+        if any(b is not None for b in budgets) and getattr(cache, "evict_every", self.chunk) != self.chunk:
             raise ValueError(f"the request evicts every {cache.evict_every} steps, the runtime every {self.chunk}: "
                              "build its cache with evict_every equal to the runtime's chunk")
         for i, b in enumerate(budgets):

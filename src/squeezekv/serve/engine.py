@@ -10,8 +10,9 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   (its prefill, or one decode token), so new requests start between the decode steps of long ones; the decode steps
   of the running full-cache requests are batched into one forward (their KV left-padded and masked, each row at its
   own position). Compressed caches decode one by one -- unless the engine has a decode runtime
-  (``runtime_slots`` > 0): then every prefilled request whose cache the runtime supports (plain squeezekv caches of
-  window, StreamingLLM, H2O, SnapKV or none, see :mod:`squeezekv.runtime`) joins a slot of its KV pool, and the
+  (``runtime_slots`` > 0): then every prefilled request whose cache the runtime supports (the full cache, plain
+  squeezekv caches of window, StreamingLLM, H2O, SnapKV or none, see :mod:`squeezekv.runtime`) joins a slot of its
+  KV pool, and the
   running requests of all slots decode in ONE batched step (a CUDA graph per batch bucket on the GPU), joining and
   leaving without touching the others' KV; a finished request's slot is exported back into its cache for the store.
   Admission then counts free slots: ``max_active`` bounds only the requests outside the pool, and a request waits
@@ -111,9 +112,6 @@ class EngineConfig:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
         if not isinstance(self.runtime_slots, int) or isinstance(self.runtime_slots, bool) or self.runtime_slots < 0:
             raise ValueError(f"runtime_slots={self.runtime_slots!r} is out of range: an integer >= 0 (0: no runtime)")
-        if self.runtime_slots and self.cache is None:
-            raise ValueError("runtime_slots > 0 needs a compressed cache (cache=...): the full cache decodes batched "
-                             "on its own path")
         if self.truncation not in ("error", "rerotate"):
             raise ValueError(f"truncation={self.truncation!r} is not supported: 'error' or 'rerotate'")
         if self.truncation == "rerotate" and self.cache is not None:
@@ -410,22 +408,28 @@ class Engine:
         from ..cache import SqueezeCache, SqueezeLayer
 
         cache = req.cache
-        if not isinstance(cache, SqueezeCache) or any(type(x) is not SqueezeLayer for x in cache.layers):
+        cap = self.config.runtime_slot_tokens
+        if isinstance(cache, SqueezeCache) and all(type(x) is SqueezeLayer for x in cache.layers):
+            policy, chunk = cache.policy, cache.evict_every
+            need = [b + chunk if b is not None else x.physical_length + req.max_tokens
+                    for b, x in ((x.decode_budget(), x) for x in cache.layers)]
+        elif self.config.cache is None and _batchable(cache):  # the full cache: a pool that never evicts
+            policy, chunk = "none", 1
+            need = [x.keys.shape[2] + req.max_tokens for x in cache.layers]
+        else:
             self.runtime_off = f"the cache's layers are not plain squeezekv layers ({type(cache.layers[0]).__name__})"
             log.info("requests decode one by one: %s", self.runtime_off)
             return
-        cap = self.config.runtime_slot_tokens
-        need = [b + cache.evict_every if b is not None else x.physical_length + req.max_tokens
-                for b, x in ((x.decode_budget(), x) for x in cache.layers)]
         if self.runtime is None:
             from ..runtime.pool import KVPool
             from ..runtime.runtime import DecodeRuntime
 
             keys = cache.layers[0].keys  # [1, H, n, D]
+            scored = policy != "none" and policy.uses_scores
             try:
                 pool = KVPool([cap] * len(cache.layers), self.config.runtime_slots, keys.shape[1], keys.shape[-1],
-                              dtype=keys.dtype, device=keys.device, with_scores=cache.policy.uses_scores)
-                self.runtime = DecodeRuntime(self.model, pool, cache.policy, cache.evict_every)
+                              dtype=keys.dtype, device=keys.device, with_scores=scored)
+                self.runtime = DecodeRuntime(self.model, pool, policy, chunk)
             except ValueError as err:  # a model or policy the runtime does not support
                 self.runtime_off = str(err)
                 log.info("requests decode one by one: %s", err)
