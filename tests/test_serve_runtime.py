@@ -1,7 +1,7 @@
 """The serving engine on the decode runtime (``EngineConfig.runtime_slots``): requests (full cache or compressed)
 decode together in one batched step, and answer exactly what the engine without the runtime answers (greedy),
-across turns reusing the store (a finished slot is exported back into its cache and saved), with requests the pool cannot hold falling back
-to their own cache."""
+across turns reusing the store (a finished slot is exported back into its cache and saved), with requests the pool
+cannot hold falling back to their own cache."""
 
 from __future__ import annotations
 
