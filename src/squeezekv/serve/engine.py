@@ -151,6 +151,7 @@ class GenRequest:
     truncated: int = 0
     generator: torch.Generator | None = None
     slot: int | None = None  # the decode runtime's slot holding this request's KV (None: its own cache)
+    greedy: int | None = None  # argmax of ``logits`` when the batched step computed it (one copy for the batch)
     prefilling: Any = None  # the chunked prefill still running (a chunked_prefill_steps generator), one chunk a step
     prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds
 
@@ -393,9 +394,11 @@ class Engine:
     def _step_runtime(self, items: list[tuple[GenRequest, int]]) -> None:
         """One batched decode step of the runtime for the requests in its slots."""
         ids = torch.tensor([t for _, t in items], device=self.device)  # [n]
-        logits = self.runtime.step([r.slot for r, _ in items], ids)  # [n, vocab]
+        logits = self.runtime.step([r.slot for r, _ in items], ids).float()  # [n, vocab]
+        greedy = logits.argmax(-1).tolist()  # one device-to-host copy for every greedy request
         for b, (req, tok) in enumerate(items):
-            req.logits = logits[b].float()
+            req.logits = logits[b]
+            req.greedy = greedy[b]
             req.fed.append(tok)
         self.metrics.inc("runtime_decode_steps")
         self.metrics.inc("runtime_decode_rows", len(items))
@@ -528,8 +531,9 @@ class Engine:
 
     def _sample(self, req: GenRequest) -> int:
         logits = req.logits
+        greedy, req.greedy = req.greedy, None
         if req.temperature < MIN_TEMPERATURE:
-            return int(logits.argmax())
+            return int(logits.argmax()) if greedy is None else greedy
         probs = torch.softmax(logits / req.temperature, dim=-1)
         if req.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
