@@ -13,6 +13,7 @@ import squeezekv
 from squeezekv.cache import allocated_nbytes
 from squeezekv.runtime.kivi_pool import KiviPool
 from squeezekv.runtime.pool import KVPool
+from squeezekv.runtime.pools import pool_for_cache
 from squeezekv.runtime.runtime import DecodeRuntime
 from triton_kernels import interpreter_module, run_in_fresh_process
 
@@ -74,7 +75,7 @@ def _decode_equals_eager(model, method, budget, method_params, *, device="cpu", 
     be the same and the quantised state is compared too."""
     reqs = [_prefill(model, n, method, budget, method_params, device, **kivi) for n in PROMPTS]
     kept = [cache.layers[0].physical_length for cache, _ in reqs]  # prompt tokens each request holds
-    pool = KVPool.for_cache(reqs[2][0], 4, steps + 1)
+    pool = pool_for_cache(reqs[2][0], 4, steps + 1)
     assert isinstance(pool, KiviPool)
     rt = DecodeRuntime(model, pool, reqs[0][0].policy, CHUNK, backend=backend, compile=compile)
     slots = [rt.join(cache) for cache, _ in reqs]
@@ -121,7 +122,9 @@ def test_kivi_pool_bytes_equal_the_formula():
 def test_kivi_runtime_refuses_what_it_cannot_do(make_model, method_params):
     model = make_model("llama")
     cache, _ = _prefill(model, 24, "none", 1.0, method_params)
-    pool = KVPool.for_cache(cache, 2, 1)
+    pool = pool_for_cache(cache, 2, 1)
+    with pytest.raises(ValueError, match="quantised slots"):
+        KVPool.for_cache(cache, 2, 1)
     with pytest.raises(ValueError, match="quant_capacities"):
         KiviPool([6], 1, 2, 16, group_size=4)
     with pytest.raises(ValueError, match="group_size"):

@@ -21,13 +21,13 @@ NEW_TOKENS = 128
 
 def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: int, new_tokens: int,
              graph: bool, compile: bool = False) -> tuple[Any, list[int], int]:
-    from squeezekv.runtime.pool import KVPool
+    from squeezekv.runtime.pools import pool_for_cache
     from squeezekv.runtime.runtime import DecodeRuntime
 
     spec = cache_spec(ctx.model, cache).replace(evict_every=chunk)
     first = filled_cache(ctx.model, spec.to_dict(), 1, context, ctx.device)  # one request, right after its prompt
     live = kv_bytes(first)
-    pool = KVPool.for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
+    pool = pool_for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
     rt = DecodeRuntime(ctx.model, pool, first.policy, chunk, use_graph=graph and _cuda(ctx.device), compile=compile)
     slots = [rt.join(first) for _ in range(batch)]
     return rt, slots, live
@@ -108,12 +108,12 @@ def runtime_max_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """The largest batch whose pool (slots of ``budget + chunk`` entries, SnapKV ``budget + new_tokens``) and decode
     step fit: from free memory (less ``reserve_gib`` for activations and graphs) over one slot's bytes, shrunk by
     1/16 until ``probe_steps`` steps run without running out of memory."""
-    from squeezekv.runtime.pool import KVPool
+    from squeezekv.runtime.pools import pool_for_cache
 
     ctx_len, chunk = case.get("context"), case.get("chunk")
     spec = cache_spec(ctx.model, case.get("cache")).replace(evict_every=chunk)
     probe = filled_cache(ctx.model, spec.to_dict(), 1, ctx_len, ctx.device)
-    slot = KVPool.for_cache(probe, max_seqs=1, max_new_tokens=case.get("new_tokens")).slot_nbytes()
+    slot = pool_for_cache(probe, max_seqs=1, max_new_tokens=case.get("new_tokens")).slot_nbytes()
     probe = None
     free(ctx.device)
     avail = torch.cuda.mem_get_info()[0] - int(case.get("reserve_gib") * 2**30) if _cuda(ctx.device) else 64 * slot

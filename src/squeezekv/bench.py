@@ -279,7 +279,7 @@ def decode_runtime(model: Any, method: BenchCache, batch: int, context: int, bud
     slot of a pool of ``batch`` slots sized for the timed steps (a CUDA graph per batch on CUDA), then ``steps``
     batched greedy steps timed as :func:`decode` times them. ``kv_bytes_start``: ``batch`` times the request's
     bytes (what :func:`decode` reports for the same cache at ``batch``); ``pool_bytes``: what the pool allocated."""
-    from .runtime.pool import KVPool
+    from .runtime.pools import pool_for_cache
     from .runtime.runtime import DecodeRuntime
 
     why = runtime_unavailable(model, method)
@@ -290,7 +290,7 @@ def decode_runtime(model: Any, method: BenchCache, batch: int, context: int, bud
         torch.cuda.reset_peak_memory_stats()
     request = make_cache(model, method, budget_tokens, 1, context, fill=True, device=device)
     live = kv_bytes(request) * batch
-    pool = KVPool.for_cache(request, max_seqs=batch, max_new_tokens=warmup + steps * reps)
+    pool = pool_for_cache(request, max_seqs=batch, max_new_tokens=warmup + steps * reps)
     rt = DecodeRuntime(model, pool, request.policy, request.evict_every, use_graph=cuda)
     slots = [rt.join(request) for _ in range(batch)]
     request = None

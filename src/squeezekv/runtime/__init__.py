@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "KVPool": "pool", "pool_capacities": "pool", "decode_attention": "decode_attention",
+    "KVPool": "pool", "pool_capacities": "pool", "decode_attention": "decode_attention", "KiviPool": "kivi_pool",
+    "pool_for_cache": "pools",
     "DecodeRuntime": "runtime", "PoolCache": "runtime",
 }
 

@@ -129,10 +129,9 @@ class KVPool:
         KV heads, head dim, dtype and device; scores when its policy scores."""
         if cache.plan is None or not cache.layers or not cache.layers[0].is_initialized:
             raise ValueError("prefill the cache before shaping a pool after it")
-        if getattr(cache.layers[0], "method_name", None) == "kivi":  # quantised slots (squeezekv.runtime.kivi_pool)
-            from .kivi_pool import KiviPool
-
-            return KiviPool.for_cache(cache, max_seqs, max_new_tokens)
+        if getattr(cache.layers[0], "method_name", None) == "kivi":
+            raise ValueError("a KIVI cache needs quantised slots: squeezekv.runtime.pools.pool_for_cache (or "
+                             "KiviPool.for_cache)")
         keys = cache.layers[0].keys  # [1, H, n, D]
         caps = pool_capacities(cache.plan, cache.evict_every, cache.evicts_while_decoding, max_new_tokens)
         return cls(caps, max_seqs, keys.shape[1], keys.shape[-1], dtype=keys.dtype, device=keys.device,
