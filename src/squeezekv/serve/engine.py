@@ -339,21 +339,13 @@ class Engine:
         for the full caches, one each otherwise."""
         pooled = [(r, t) for r, t in items if r.slot is not None]
         if pooled:
-            try:
-                self._step_runtime(pooled)
-            except Exception as err:
-                for req, _ in pooled:
-                    self._fail(req, err)
+            self._together(self._step_runtime, pooled)
             items = [(r, t) for r, t in items if r.slot is None]
         batch = [(r, t) for r, t in items if _batchable(r.cache)] if self.config.batch_decode else []
         if len(batch) < 2:
             batch = []
         if batch:
-            try:
-                self._forward_batch(batch)
-            except Exception as err:
-                for req, _ in batch:
-                    self._fail(req, err)
+            self._together(self._forward_batch, batch)
         in_batch = {id(r) for r, _ in batch}
         for req, tok in items:
             if id(req) not in in_batch:
@@ -390,6 +382,15 @@ class Engine:
             req.fed.append(tok)
         self.metrics.inc("batched_decode_steps")
         self.metrics.inc("batched_decode_rows", len(items))
+
+    def _together(self, step: Callable[[list[tuple[GenRequest, int]]], None],
+                  items: list[tuple[GenRequest, int]]) -> None:
+        """Run one batched ``step`` for ``items``; should it fail, every request in it fails (the server goes on)."""
+        try:
+            step(items)
+        except Exception as err:
+            for req, _ in items:
+                self._fail(req, err)
 
     def _step_runtime(self, items: list[tuple[GenRequest, int]]) -> None:
         """One batched decode step of the runtime for the requests in its slots."""
