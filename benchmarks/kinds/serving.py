@@ -128,7 +128,7 @@ def _gib(x: float) -> int:
 @kind("serving_multiuser", {"cache": "full", "conversations": 64, "turns": 5, "history": 1024,
                             "turn_tokens": 64, "answer_tokens": 16, "max_active": 8, "gpu_gib": 2, "cpu_gib": 4,
                             "disk_gib": 8, "time_limit": 240, "runtime_slots": 0, "runtime_slot_tokens": 4096,
-                            "baseline": None})
+                            "baseline": None, "compare": []})
 def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``conversations`` users each hold a ``turns``-turn conversation (closed loop: turn k+1 is submitted when
     turn k finished; its prompt is the history, the generated answer and a new ``turn_tokens``-token message)
@@ -167,8 +167,11 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
             turn = a["turns"] - turns_left[user] + 1
             t0 = time.perf_counter()
             first: dict[str, float] = {}
+            stamps: list[float] = []  # when each piece of text arrived
 
             def emit(ev: dict[str, Any]) -> None:
+                if ev["type"] == "delta":
+                    stamps.append(time.perf_counter())
                 if ev["type"] == "delta" and "ttft" not in first:
                     first["ttft"] = time.perf_counter() - t0
                 elif ev["type"] in ("done", "error"):
@@ -180,6 +183,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
                             records.append({"user": user, "turn": turn, "prompt_tokens": usage["prompt_tokens"],
                                             "cached_tokens": usage["cached_tokens"], "ttft_s": first.get("ttft"),
                                             "completion_tokens": usage["completion_tokens"],
+                                            "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
                                             "latency_s": time.perf_counter() - t0})
                             turns_left[user] -= 1
                             if turns_left[user] > 0:
@@ -207,6 +211,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         stats = dict(store.stats)
         usage = store.usage()
         store.close()
+    gaps = sorted(x for r in records for x in r.pop("gaps_s", []))  # time between streamed pieces, all requests
     for r in records:
         ctx.record({"case": case.name, **r})
     ok = [r for r in records if "error" not in r]
@@ -239,6 +244,36 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         "runtime_rows_per_step": (counters["runtime_decode_rows"] / counters["runtime_decode_steps"]
                                   if counters.get("runtime_decode_steps") else None),
         "runtime_fallback": counters.get("runtime_fallback_total", 0),
+        "tbt_median_s": statistics.median(gaps) if gaps else None,
+        "tbt_p99_s": gaps[int(0.99 * (len(gaps) - 1))] if gaps else None,
     }
+    ctx.progress(case, row)
+    return [row]
+
+
+@kind("hf_generate_batch", {"conversations": 64, "history": 1024, "answer_tokens": 16, "baseline": None})
+def hf_generate_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """transformers' own continuous batching (``model.generate_batch``, paged full cache; an untimed short call
+    first) on ``conversations`` prompts of ``history`` random tokens -- the first-turn prompts ``serving_multiuser``
+    draws with the same seed -- generating ``answer_tokens`` each (greedy, no end-of-sequence token): generated
+    tokens/s end to end, the baseline of the serving engine's figures."""
+    from transformers import GenerationConfig
+
+    model, a = ctx.model, case.settings
+    vocab = int(model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(100, vocab, (a["history"],), generator=g).tolist() for _ in range(a["conversations"])]
+    config = GenerationConfig(max_new_tokens=a["answer_tokens"], min_new_tokens=a["answer_tokens"], do_sample=False,
+                              eos_token_id=-1, pad_token_id=0)
+    # a short untimed call first (its set-up and graph capture), then the timed one
+    model.generate_batch(inputs[:2], generation_config=GenerationConfig(
+        max_new_tokens=2, min_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0))
+    t0 = time.perf_counter()
+    out = model.generate_batch(inputs, generation_config=config)
+    wall = time.perf_counter() - t0
+    done = [o for o in out.values() if not getattr(o, "error", None)]
+    generated = sum(len(o.generated_tokens) for o in done)
+    row = {"engine": "transformers generate_batch", "requests": len(inputs), "errors": len(inputs) - len(done),
+           "wall_s": wall, "generated_tokens": generated, "generated_tokens_per_s": generated / wall}
     ctx.progress(case, row)
     return [row]
