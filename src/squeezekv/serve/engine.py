@@ -441,7 +441,11 @@ class Engine:
         if max(need) > cap or self.runtime.pool.free_slots() == 0:
             self.metrics.inc("runtime_fallback_total")
             return
-        req.slot = self.runtime.join(cache)
+        try:
+            req.slot = self.runtime.join(cache)
+        except ValueError as err:  # e.g. a restored cache of another policy: it decodes on its own, correctly
+            log.info("request %s decodes on its own: %s", req.id, err)
+            self.metrics.inc("runtime_fallback_total")
 
     def _leave_runtime(self, req: GenRequest, export: bool) -> None:
         """Release the request's slot; with ``export``, its KV goes back into ``req.cache`` first (for the store)."""
