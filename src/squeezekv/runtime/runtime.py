@@ -406,5 +406,6 @@ class DecodeRuntime:
                     self._run(bucket)
             torch.cuda.current_stream().wait_stream(stream)
             bucket.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(bucket.graph):
+            # thread_local: a server's other threads (the store's background saves) may use the GPU meanwhile
+            with torch.cuda.graph(bucket.graph, capture_error_mode="thread_local"):
                 bucket.logits = self._run(bucket)
