@@ -41,8 +41,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--max-active", type=int, default=8, help="requests running at once")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: HTTP 429)")
     p.add_argument("--runtime-slots", type=int, default=0, metavar="N",
-                   help="decode compressed requests together in the decode runtime's KV pool of N slots (one "
-                        "batched step, CUDA graphs on the GPU; needs --cache; default 0: one by one)")
+                   help="decode the running requests together in the decode runtime's KV pool of N slots (one "
+                        "batched step, CUDA graphs on the GPU; the full cache or a plain --cache; default 0: off)")
     p.add_argument("--runtime-slot-tokens", type=int, default=4096, metavar="T",
                    help="tokens a layer of a runtime slot holds (kept prompt tokens plus the decode chunk, or plus "
                         "max_tokens for a policy that does not evict while decoding); larger requests decode alone")
