@@ -94,6 +94,8 @@ def test_requests_the_pool_cannot_hold_decode_on_their_own(make_model):
 def test_runtime_config_is_validated():
     with pytest.raises(ValueError, match="runtime_slots"):
         EngineConfig(runtime_slots=-1, cache="method=h2o budget=16").validate()
+    with pytest.raises(TypeError, match="runtime_compile"):
+        EngineConfig(runtime_slots=2, runtime_compile="yes").validate()
     with pytest.raises(ValueError, match="runtime_slot_tokens"):
         EngineConfig(runtime_slots=2, runtime_slot_tokens=0, cache="method=h2o budget=16").validate()
 

@@ -128,7 +128,7 @@ def _gib(x: float) -> int:
 @kind("serving_multiuser", {"cache": "full", "conversations": 64, "turns": 5, "history": 1024,
                             "turn_tokens": 64, "answer_tokens": 16, "max_active": 8, "gpu_gib": 2, "cpu_gib": 4,
                             "disk_gib": 8, "time_limit": 240, "runtime_slots": 0, "runtime_slot_tokens": 4096,
-                            "baseline": None, "compare": []})
+                            "runtime_compile": False, "baseline": None, "compare": []})
 def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``conversations`` users each hold a ``turns``-turn conversation (closed loop: turn k+1 is submitted when
     turn k finished; its prompt is the history, the generated answer and a new ``turn_tokens``-token message)
@@ -152,7 +152,8 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         store = KVStore(tiers, namespace(bench="multiuser", cache=None if spec is None else spec.to_text()), block=16)
         cfg = EngineConfig(cache=spec, device=device, max_active=a["max_active"],
                            max_queue=4 * a["conversations"], max_new_tokens=a["answer_tokens"],
-                           runtime_slots=a["runtime_slots"], runtime_slot_tokens=a["runtime_slot_tokens"])
+                           runtime_slots=a["runtime_slots"], runtime_slot_tokens=a["runtime_slot_tokens"],
+                           runtime_compile=a["runtime_compile"])
         engine = Engine(model, _Tokenizer(), store, cfg).start()
         vocab = int(model.config.vocab_size)
         g = torch.Generator().manual_seed(0)

@@ -100,6 +100,7 @@ class EngineConfig:
     batch_decode: bool = True
     runtime_slots: int = 0
     runtime_slot_tokens: int = 4096
+    runtime_compile: bool = False
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSpec):
@@ -110,6 +111,8 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
+        if not isinstance(self.runtime_compile, bool):
+            raise TypeError(f"runtime_compile={self.runtime_compile!r} must be True or False")
         if not isinstance(self.runtime_slots, int) or isinstance(self.runtime_slots, bool) or self.runtime_slots < 0:
             raise ValueError(f"runtime_slots={self.runtime_slots!r} is out of range: an integer >= 0 (0: no runtime)")
         if self.truncation not in ("error", "rerotate"):
@@ -433,7 +436,7 @@ class Engine:
             try:
                 pool = KVPool([cap] * len(cache.layers), self.config.runtime_slots, keys.shape[1], keys.shape[-1],
                               dtype=keys.dtype, device=keys.device, with_scores=scored)
-                self.runtime = DecodeRuntime(self.model, pool, policy, chunk)
+                self.runtime = DecodeRuntime(self.model, pool, policy, chunk, compile=self.config.runtime_compile)
             except ValueError as err:  # a model or policy the runtime does not support
                 self.runtime_off = str(err)
                 log.info("requests decode one by one: %s", err)
