@@ -45,7 +45,7 @@ def add_arguments(p: Any) -> None:
                         "batched step, CUDA graphs on the GPU; the full cache or a plain --cache; default 0: off)")
     p.add_argument("--runtime-compile", action="store_true",
                    help="compile the runtime's step with torch.compile (faster steps; each batch bucket compiles "
-                        "once, 30-60 s for an 8B model on an H200)")
+                        "once, about a minute for an 8B model on an H200)")
     p.add_argument("--runtime-slot-tokens", type=int, default=4096, metavar="T",
                    help="tokens a layer of a runtime slot holds (kept prompt tokens plus the decode chunk, or plus "
                         "max_tokens for a policy that does not evict while decoding); larger requests decode alone")
