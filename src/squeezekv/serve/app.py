@@ -373,7 +373,10 @@ def create_app(engine: Engine, *, api_keys: Sequence[str] = (), cache_scope: str
             return await _answer(request, body, req, events, rid, kind)
         except _ClientGone:
             return _error(499, "client closed the request", None, "client_closed_request")  # nobody reads it
-        except BaseException:  # an error, or the server cancelling the handler (shutdown): stop the generation
+        except asyncio.CancelledError:  # the shutdown deadline passed (uvicorn cancels the handlers): answer 503
+            req.cancelled.set()
+            return _error(503, "the server is shutting down", None, "server_shutting_down", "server_error")
+        except BaseException:  # an error: stop the generation
             req.cancelled.set()
             raise
 
