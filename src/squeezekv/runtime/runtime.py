@@ -25,8 +25,8 @@ H2O adds each step's softmax weights into the pool's scores inside the attention
 Caches: plain squeezekv caches, the full cache (a ``DynamicCache``, into a runtime of policy ``none``), and KIVI
 (a :class:`~squeezekv.runtime.kivi_pool.KiviPool`, for policies that do not evict while decoding: its residuals are
 quantised after a step by ``KVPool.after_step``). Limits: models whose every layer is a full-attention layer (no
-sliding windows), no other channel or cross-layer method, batch-1 requests without padding. The runtime switches the model's attention implementation to
-:data:`ATTN_NAME` for the duration of each eager step (or capture) and back.
+sliding windows), no other channel or cross-layer method, batch-1 requests without padding. The runtime switches
+the model's attention implementation to :data:`ATTN_NAME` for the duration of each eager step (or capture) and back.
 """
 
 from __future__ import annotations
