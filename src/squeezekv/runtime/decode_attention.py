@@ -45,19 +45,27 @@ def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
                                scores: torch.Tensor | None = None) -> torch.Tensor:
     """The PyTorch path of :func:`decode_attention`: logits in the inputs' dtype, softmax and the value product in
     float32 (as squeezekv's eager attention computes them)."""
-    b, hq, _, d = q.shape
-    h, c = k_pool.shape[1], k_pool.shape[2]
-    keys = k_pool.index_select(0, slots)  # [B, H, C, D]
-    values = v_pool.index_select(0, slots)
-    qg = q.reshape(b, h, hq // h, d)  # [B, H, G, D]: the query heads of one KV head
-    logits = torch.einsum("bhgd,bhnd->bhgn", qg, keys).float() * scale  # [B, H, G, C]
+    c = k_pool.shape[2]
     filled = torch.arange(c, device=q.device) < lengths[..., None]  # [B, H, C]
-    weights = logits.masked_fill(~filled[:, :, None], float("-inf")).softmax(dim=-1)  # [B, H, G, C]
-    values = values.float().masked_fill(~filled[..., None], 0.0)  # unfilled entries are never read, even if NaN
-    out = torch.einsum("bhgn,bhnd->bhgd", weights, values)  # [B, H, G, D]
+    out, weights = masked_decode(q, k_pool.index_select(0, slots), v_pool.index_select(0, slots), filled, scale)
     if scores is not None:
         scores.index_add_(0, slots, weights.sum(dim=2))  # [B, H, C] onto the rows' slots
-    return out.reshape(b, hq, 1, d).to(q.dtype)
+    return out
+
+
+def masked_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, filled: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` ``[B, Hq, 1, D]`` over the ``filled`` ``[B, H, N]`` entries of ``keys``/``values``
+    ``[B, H, N, D]``: logits in the inputs' dtype, softmax and the value product in float32. Returns the output
+    ``[B, Hq, 1, D]`` in ``q``'s dtype and the weights ``[B, H, G, N]`` (float32)."""
+    b, hq, _, d = q.shape
+    h = keys.shape[1]
+    qg = q.reshape(b, h, hq // h, d)  # [B, H, G, D]: the query heads of one KV head
+    logits = torch.einsum("bhgd,bhnd->bhgn", qg, keys).float() * scale  # [B, H, G, N]
+    weights = logits.masked_fill(~filled[:, :, None], float("-inf")).softmax(dim=-1)  # [B, H, G, N]
+    values = values.float().masked_fill(~filled[..., None], 0.0)  # unfilled entries are never read, even if NaN
+    out = torch.einsum("bhgn,bhnd->bhgd", weights, values)  # [B, H, G, D]
+    return out.reshape(b, hq, 1, d).to(q.dtype), weights
 
 
 #: whether triton is importable, decided once (a compiled step must not call the import machinery)

@@ -36,6 +36,7 @@ import torch
 
 from ..channel.kivi import quantize
 from ..channel.packing import pack, unpack
+from .decode_attention import masked_decode
 from .pool import KVPool, LayerStacks
 
 
@@ -194,10 +195,8 @@ class KiviPool(KVPool):
             stacks[q].view(-1, d).index_copy_(0, grp, new.reshape(-1, d))
         for stacks, old in ((self._key_stacks, kres), (self._value_stacks, vres), (self._position_stacks, pres)):
             stacks[g0].view(-1, *old.shape[1:]).index_copy_(0, rrows, old.roll(-g, dims=2))
-        lrows = torch.as_tensor(lay * (self.max_seqs + 1) + slots, device=dev)  # into [L * S]
-        self.lengths.view(-1, h).index_fill_(0, lrows, r)
+        lrows = self._set_lengths(lay, slots, r)  # [m] into [L * S]
         self.nq.view(-1).index_add_(0, lrows, torch.full((m,), g, dtype=torch.int32, device=dev))
-        self.host_lengths[lay, slots] = r
         self.host_nq[lay, slots] += g
 
     def attend(self, layer: int, query: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
@@ -238,11 +237,7 @@ class KiviPool(KVPool):
         c = self.capacities[layer]
         filled = torch.cat([torch.arange(cq, device=slots.device) < nq[:, None, None].expand(b, h, 1),
                             torch.arange(c, device=slots.device) < lengths[..., None]], dim=2)  # [B, H, Cq + C]
-        qg = query.reshape(b, h, hq // h, d)
-        logits = torch.einsum("bhgd,bhnd->bhgn", qg, keys).float() * scale  # [B, H, G, Cq + C]
-        weights = logits.masked_fill(~filled[:, :, None], float("-inf")).softmax(dim=-1)
-        out = torch.einsum("bhgn,bhnd->bhgd", weights, values.float().masked_fill(~filled[..., None], 0.0))
-        return out.reshape(b, hq, 1, d).to(query.dtype)
+        return masked_decode(query, keys, values, filled, scale)[0]
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:

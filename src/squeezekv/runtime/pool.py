@@ -320,11 +320,6 @@ class KVPool:
         self.host_lengths[:, slots] += 1
         self.host_seen[slots] += 1
 
-    def stacked_rows(self, layers: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor
-                     ) -> tuple[int, torch.Tensor]:
-        """:meth:`LayerStacks.rows` of the pool's keys, values, positions and scores."""
-        return self.stacks.rows(layers, slots)
-
     def keep_rows(self, layer: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray,
                   idx: torch.Tensor) -> None:
         """Keep the filled entries ``idx`` ``[r, H, k]`` (distinct, any order, on the pool's device) of each row and
@@ -351,7 +346,7 @@ class KVPool:
         if k > n:
             raise ValueError(f"cannot keep {k} of the {n} entries that slots {host.tolist()} hold")
         p = n - k  # entries dropped per (row, head): holes below k and movers at or above k, as many of each
-        g, rows = self.stacked_rows(int(layer) if isinstance(layer, (int, np.integer)) else lay, host)
+        g, rows = self.stacks.rows(int(layer) if isinstance(layer, (int, np.integer)) else lay, host)
         if p > 0:
             dev = self.device
             idx = idx.long()
@@ -378,9 +373,15 @@ class KVPool:
                 if stacks:
                     flat = stacks[g].view(-1, width)  # [Lg * S * H * C, D or 1]
                     flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
-        length_rows = torch.as_tensor(lay * (self.max_seqs + 1) + host, device=self.device)  # into [L * S]
-        self.lengths.view(-1, self.kv_heads).index_fill_(0, length_rows, k)
-        self.host_lengths[lay, host] = k
+        self._set_lengths(lay, host, k)
+
+    def _set_lengths(self, lay: np.ndarray, slots: np.ndarray, n: int) -> torch.Tensor:
+        """Every head of the rows ``(lay[i], slots[i])`` holds ``n`` entries now (device and host); returns the rows'
+        indices into the ``[L * S]`` rows of the per-(layer, slot) tensors."""
+        rows = torch.as_tensor(lay * (self.max_seqs + 1) + slots, device=self.device)  # into [L * S]
+        self.lengths.view(-1, self.kv_heads).index_fill_(0, rows, n)
+        self.host_lengths[lay, slots] = n
+        return rows
 
     def temporal_order(self, layer: int | Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray | torch.Tensor,
                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,7 +389,7 @@ class KVPool:
         capacity) in temporal order: ``(order, positions)``, both ``[r, H, n]`` (``order[..., j]``: the entry holding
         the ``j``-th oldest kept token; ``positions``: the sorted logical positions, what the eager path's
         ``token_idx`` holds)."""
-        g, rows = self.stacked_rows(layer, slots)
+        g, rows = self.stacks.rows(layer, slots)
         stack = self._position_stacks[g]
         pos = stack.view(-1, *stack.shape[2:]).index_select(0, rows)[:, :, :n]  # [r, H, n]
         sorted_pos, order = pos.sort(dim=-1)  # positions of one sequence are distinct
@@ -399,7 +400,7 @@ class KVPool:
         """Scores ``[r, H, n]`` of the first ``n`` entries of the rows (as :meth:`temporal_order`), in entry order."""
         if self.scores is None:
             raise ValueError("the pool keeps no scores (with_scores=False)")
-        g, rows = self.stacked_rows(layer, slots)
+        g, rows = self.stacks.rows(layer, slots)
         stack = self._score_stacks[g]
         return stack.view(-1, *stack.shape[2:]).index_select(0, rows)[:, :, :n]
 
