@@ -74,7 +74,6 @@ class KiviPool(KVPool):
         self._kzero, self.kzero = self.qstacks.zeros(lambda c: (kv_heads, c // g, head_dim), dtype)
         self.nq = torch.zeros((self.num_layers, max_seqs + 1), dtype=torch.int32, device=self.device)  # [L, S]
         self.host_nq = np.zeros((self.num_layers, max_seqs + 1), dtype=np.int64)  # [L, S]
-        self._kernel: Any = None  # the fused kernels' module, once chosen (see attend)
 
     @classmethod
     def for_cache(cls, cache: Any, max_seqs: int, max_new_tokens: int) -> "KiviPool":
