@@ -5,6 +5,7 @@ cannot hold falling back to their own cache."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -137,3 +138,104 @@ def test_chunked_prefill_runs_one_chunk_per_iteration(make_model):
     finally:
         ref.shutdown()
         rt.shutdown()
+
+
+def _submit_wait(engine, **kw):
+    """Submit one request (``kw``: GenRequest fields) and wait for its end: ``(text, usage or error event)``."""
+    done, out = threading.Event(), ["", None]
+
+    def emit(ev):
+        if ev["type"] == "delta":
+            out[0] += ev["text"]
+        else:
+            out[1] = ev.get("usage", ev)
+            done.set()
+
+    engine.submit(GenRequest(emit=emit, **kw))
+    assert done.wait(120)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("cache", ["method=snapkv budget=16 allocation=uniform", None])
+def test_a_prefilled_history_answers_what_its_prompt_answers(cache, make_model):
+    """GenRequest.prefilled (a benchmark placing a history's KV directly): the engine feeds only the prompt's last
+    token to the cache it returns. On the runtime the answer equals the engine's without it; with the full cache it
+    also equals the answer of the prompt prefilled by the engine (a compressed cache compresses prompt[:-1] instead,
+    so its answer may differ)."""
+    import torch
+    from transformers import DynamicCache
+
+    from squeezekv import make_cache
+    from squeezekv.generation import cache_kwargs
+
+    ref = _engine(make_model, cache)
+    rt = _engine(make_model, cache, runtime_slots=2, runtime_slot_tokens=64)
+    try:
+        prompt = CharTokenizer()(PROMPTS[1])["input_ids"]
+
+        def placed_in(engine):
+            def placed():
+                c = make_cache(engine.model, cache) if cache else DynamicCache(config=engine.model.config)
+                with torch.no_grad():
+                    engine.model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True,
+                                 **cache_kwargs(engine.model, c))
+                return c
+            return placed
+
+        want = _submit_wait(ref, prompt=prompt, max_tokens=12, prefilled=placed_in(ref))
+        got = _submit_wait(rt, prompt=prompt, max_tokens=12, prefilled=placed_in(rt))
+        assert got[0] == want[0] and got[1]["completion_tokens"] == 12
+        assert rt.metrics.counters["runtime_decode_steps"] > 0 and rt.metrics.counters["runtime_fallback_total"] == 0
+        if cache is None:
+            assert _submit_wait(rt, prompt=prompt, max_tokens=12)[0] == got[0]
+    finally:
+        ref.shutdown()
+        rt.shutdown()
+
+
+def test_a_joined_request_frees_its_own_copy_of_the_kv(make_model):
+    """Once a request's KV is in a slot its own cache holds no entries (no second copy for the whole request); the
+    export at the end writes the slot back (the two-turn test checks that turn 2 reuses it exactly)."""
+    cache = "method=h2o budget=16 allocation=uniform evict_every=4"
+    rt = _engine(make_model, cache, runtime_slots=2, runtime_slot_tokens=64)
+    seen = []
+    try:
+        real = rt._join_runtime
+
+        def spy(req):
+            real(req)
+            seen.append([(x.keys.shape[2], x.values.shape[2], x.token_idx.shape[2]) for x in req.cache.layers])
+
+        rt._join_runtime = spy  # an instance attribute: observes the engine's own call
+        _submit_wait(rt, prompt=CharTokenizer()(PROMPTS[0])["input_ids"], max_tokens=6)
+        assert seen == [[(0, 0, 0)] * 2]
+    finally:
+        rt.shutdown()
+
+
+def test_runtime_slots_auto_sizes_the_pool_by_free_memory(make_model):
+    """runtime_slots='auto': the pool gets as many slots as free memory less the reserve holds; a reserve larger
+    than the memory leaves no slot, and the requests decode on their own (same answers), with the reason said."""
+    cache = "method=h2o budget=16 allocation=uniform evict_every=4"
+    ref = _engine(make_model, cache)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    spare = 256 << 20  # leave ~256 MiB to the pool (the host's free memory drifts meanwhile)
+    auto = _engine(make_model, cache, runtime_slots="auto", runtime_slot_tokens=64,
+                   runtime_reserve_gib=(free - spare) / (1 << 30))
+    none = _engine(make_model, cache, runtime_slots="auto", runtime_slot_tokens=64, runtime_reserve_gib=1 << 19)
+    try:
+        want = [t for t, _ in _run(ref, PROMPTS[:2])]
+        assert [t for t, _ in _run(auto, PROMPTS[:2])] == want
+        pool = auto.runtime.pool
+        assert pool.slot_nbytes() == pool.bytes_per_slot([64] * 2, pool.kv_heads, pool.head_dim, pool.dtype, True)
+        expected = spare // pool.slot_nbytes() - 1
+        assert 1 <= pool.max_seqs and abs(pool.max_seqs - expected) <= expected // 2, (pool.max_seqs, expected)
+        assert [t for t, _ in _run(none, PROMPTS[:2])] == want
+        assert none.runtime is None and "holds no slot" in none.runtime_off
+    finally:
+        for e in (ref, auto, none):
+            e.shutdown()
+    with pytest.raises(ValueError, match="runtime_slots='x'"):
+        EngineConfig(runtime_slots="x").validate()
+    with pytest.raises(ValueError, match="runtime_reserve_gib"):
+        EngineConfig(runtime_slots="auto", runtime_reserve_gib=-1).validate()

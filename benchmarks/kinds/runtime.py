@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from squeezekv.bench import free, or_oom, timed, weight_bytes
+from squeezekv.bench import free, full_cache, or_oom, timed, weight_bytes
 
 from ..caches import cache_spec, filled_cache, is_full, kv_bytes
 from ..suite import Case
@@ -21,14 +21,23 @@ NEW_TOKENS = 128
 
 def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: int, new_tokens: int,
              graph: bool, compile: bool = False) -> tuple[Any, list[int], int]:
+    from squeezekv.runtime.pool import KVPool
     from squeezekv.runtime.pools import pool_for_cache
     from squeezekv.runtime.runtime import DecodeRuntime
 
-    spec = cache_spec(ctx.model, cache).replace(evict_every=chunk)
-    first = filled_cache(ctx.model, spec.to_dict(), 1, context, ctx.device)  # one request, right after its prompt
+    if is_full(cache):  # the full cache in a pool that never evicts (policy none): slots of context + new tokens
+        first = full_cache(ctx.model, 1, context, ctx.device)
+        keys = first.layers[0].keys  # [1, H, context, D]
+        pool = KVPool([context + new_tokens] * len(first.layers), batch, keys.shape[1], keys.shape[-1],
+                      dtype=keys.dtype, device=keys.device)
+        policy: Any = "none"
+    else:
+        spec = cache_spec(ctx.model, cache).replace(evict_every=chunk)
+        first = filled_cache(ctx.model, spec.to_dict(), 1, context, ctx.device)  # one request, after its prompt
+        pool = pool_for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
+        policy = first.policy
     live = kv_bytes(first)
-    pool = pool_for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
-    rt = DecodeRuntime(ctx.model, pool, first.policy, chunk, use_graph=graph and _cuda(ctx.device), compile=compile)
+    rt = DecodeRuntime(ctx.model, pool, policy, chunk, use_graph=graph and _cuda(ctx.device), compile=compile)
     slots = [rt.join(first) for _ in range(batch)]
     return rt, slots, live
 
@@ -72,9 +81,6 @@ def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, step
 
 
 def _check(settings: dict[str, Any], where: str) -> None:
-    if is_full(settings["cache"]):
-        raise ValueError(f"{where}: the runtime decodes compressed caches; time the full cache with 'decode' or "
-                         "'static_decode'")
     if not isinstance(settings.get("compile", False), bool):
         raise TypeError(f"{where}: compile={settings['compile']!r} must be true or false")
     if not isinstance(settings["chunk"], int) or settings["chunk"] < 1:

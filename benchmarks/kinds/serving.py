@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from squeezekv.bench import free, full_cache
 from squeezekv.generation import cache_kwargs
 from squeezekv.spec import CacheSpec
 from squeezekv.store import DiskTier, KVStore, LayerwiseLoad, MemoryTier, capture, namespace
@@ -276,5 +277,114 @@ def hf_generate_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     generated = sum(len(o.generated_tokens) for o in done)
     row = {"engine": "transformers generate_batch", "requests": len(inputs), "errors": len(inputs) - len(done),
            "wall_s": wall, "generated_tokens": generated, "generated_tokens_per_s": generated / wall}
+    ctx.progress(case, row)
+    return [row]
+
+
+@kind("serving_capacity", {"cache": "full", "history": 8192, "answer_tokens": 128, "runtime_slot_tokens": None,
+                           "slots": "auto", "reserve_gib": 4.0, "runtime_compile": False, "max_active": 64,
+                           "time_limit": 240, "poll_s": 0.005, "baseline": None, "compare": []})
+def serving_capacity(ctx: Any, case: Case) -> list[dict[str, Any]]:
+    """Where memory decides (issue 20, workload B): ``squeezekv.serve.Engine`` with the decode runtime's pool sized
+    by free memory (``slots="auto"``: ``runtime_slots="auto"``, less ``reserve_gib``; or a number, for a check on
+    the CPU), one-turn chats of ``history``-token prompts
+    whose KV is placed directly (random keys/values of the right shape, ``GenRequest.prefilled``: the engine feeds
+    only the last prompt token), ``answer_tokens`` each, as many chats as the pool admits. Reports the conversations
+    held at once (``max_batch``: the pool's slots, every one taken), the slot and pool bytes, and the steady-state
+    decode: generated tokens/s over the steps in which every slot decoded (the engine's step counters sampled every
+    ``poll_s``). ``runtime_slot_tokens`` (default: the history or the compressed budget, plus the answer) sizes a
+    slot's layers."""
+    from squeezekv.serve.engine import Engine, EngineConfig, GenRequest
+
+    from ..caches import cache_spec, filled_cache, is_full
+    from ..suite import budget_tokens
+
+    model, device, a = ctx.model, ctx.device, case.settings
+    hist, answer = a["history"], a["answer_tokens"]
+    full = is_full(a["cache"])
+    cache = dict(a["cache"])
+    if not full and cache["method"] == "snapkv":  # the window filled_cache gives SnapKV, so the policies agree
+        cache["method_params"] = {"window": min(64, budget_tokens(cache, hist - 1)), **cache.get("method_params", {})}
+    spec = None if full else cache_spec(model, cache)
+    slot_tokens = a["runtime_slot_tokens"]
+    if slot_tokens is None:
+        kept = hist if full else budget_tokens(cache, hist - 1) + 1
+        slot_tokens = kept + (answer if full else max(answer, spec.evict_every))
+    store = KVStore([MemoryTier("cpu", 1 << 20, "cpu")], namespace(bench="capacity"), block=16)
+    cfg = EngineConfig(cache=spec, device=device, max_active=a["max_active"], max_queue=1 << 20,
+                       max_new_tokens=answer, runtime_slots=a["slots"], runtime_slot_tokens=slot_tokens,
+                       runtime_compile=a["runtime_compile"], runtime_reserve_gib=a["reserve_gib"],
+                       save_finished=False)
+    engine = Engine(model, _Tokenizer(), store, cfg).start()
+    vocab = int(model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    done: list[dict[str, Any]] = []
+    lock = threading.Condition()
+
+    def placed() -> Any:  # the KV of prompt[:-1], as right after its prefill (and compression)
+        if full:
+            return full_cache(model, 1, hist - 1, device)
+        return filled_cache(model, spec.to_dict(), 1, hist - 1, device)
+
+    def submit() -> None:
+        prompt = torch.randint(100, vocab, (hist,), generator=g).tolist()
+
+        def emit(ev: dict[str, Any]) -> None:
+            if ev["type"] in ("done", "error"):
+                with lock:
+                    done.append(ev)
+                    lock.notify_all()
+
+        engine.submit(GenRequest(prompt=prompt, max_tokens=answer, emit=emit, prefilled=placed))
+
+    t_start = time.perf_counter()
+    submit()
+    while engine.runtime is None and engine.runtime_off is None and not done:
+        time.sleep(0.01)  # the pool is built when the first request joins
+    if engine.runtime is None:
+        engine.shutdown()
+        raise RuntimeError(f"no decode runtime: {engine.runtime_off or done[:1]}")
+    pool = engine.runtime.pool
+    slots = pool.max_seqs
+    for _ in range(slots - 1):
+        submit()
+    samples: list[tuple[float, int, int]] = []  # (time, decode steps, decode rows)
+    peak = 0
+    timed_out = False
+    while True:
+        c = engine.metrics.counters
+        samples.append((time.perf_counter(), c.get("runtime_decode_steps", 0), c.get("runtime_decode_rows", 0)))
+        peak = max(peak, slots - pool.free_slots())
+        with lock:
+            if len(done) >= slots:
+                break
+        if time.perf_counter() - t_start > a["time_limit"]:
+            timed_out = True
+            break
+        time.sleep(a["poll_s"])
+    wall = time.perf_counter() - t_start
+    engine.shutdown()
+    store.close()
+    slot_bytes, pool_bytes = pool.slot_nbytes(), pool.nbytes()
+    fallback = engine.metrics.counters.get("runtime_fallback_total", 0)
+    engine = pool = None
+    free(device)  # the next case sizes its pool by the memory this one leaves
+    errors = [ev for ev in done if ev["type"] == "error"]
+    rows_full = steady_t = 0.0
+    steady_steps = 0
+    for (t0, s0, r0), (t1, s1, r1) in zip(samples, samples[1:]):
+        if s1 > s0 and r1 - r0 == (s1 - s0) * slots:  # every step of the interval decoded every slot
+            rows_full += r1 - r0
+            steady_t += t1 - t0
+            steady_steps += s1 - s0
+    row = {"method": "full" if full else spec.method, "cache": None if full else spec.to_text(),
+           "history": hist, "answer_tokens": answer, "runtime_slot_tokens": slot_tokens,
+           "max_batch": slots, "peak_slots_in_use": peak, "slot_bytes": slot_bytes,
+           "pool_bytes": pool_bytes, "requests": len(done), "errors": len(errors),
+           "first_error": errors[0].get("message") if errors else None, "wall_s": wall,
+           "time_limit_reached": timed_out, "steady_steps": steady_steps, "steady_s": steady_t,
+           "steady_ms_per_step": 1e3 * steady_t / steady_steps if steady_steps else None,
+           "steady_decode_tokens_per_s": rows_full / steady_t if steady_t else None,
+           "runtime_fallback": fallback}
     ctx.progress(case, row)
     return [row]

@@ -19,6 +19,19 @@ if TYPE_CHECKING:
 KEYS_ENV = "SQUEEZEKV_API_KEYS"
 
 
+def _slots(text: str) -> int | str:
+    """``--runtime-slots``: an integer >= 0 or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0 or 'auto'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is out of range: an integer >= 0 (0: no runtime) or 'auto'")
+    return n
+
+
 def add_arguments(p: Any) -> None:
     """The ``squeezekv serve`` arguments, added to its (sub-command) parser ``p``."""
     p.description = (
@@ -40,9 +53,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-active", type=int, default=8, help="requests running at once")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: HTTP 429)")
-    p.add_argument("--runtime-slots", type=int, default=0, metavar="N",
+    p.add_argument("--runtime-slots", type=_slots, default=0, metavar="N|auto",
                    help="decode the running requests together in the decode runtime's KV pool of N slots (one "
-                        "batched step, CUDA graphs on the GPU; the full cache or a plain --cache; default 0: off)")
+                        "batched step, CUDA graphs on the GPU; the full cache or a plain --cache; default 0: off); "
+                        "'auto': as many slots as the device's free memory holds, less --runtime-reserve")
+    p.add_argument("--runtime-reserve", type=float, default=4.0, metavar="GIB",
+                   help="GiB left free by --runtime-slots auto (activations, CUDA graphs)")
     p.add_argument("--runtime-compile", action="store_true",
                    help="compile the runtime's step with torch.compile (faster steps; each batch bucket compiles "
                         "once, about a minute for an 8B model on an H200)")
@@ -211,7 +227,8 @@ def main(args: argparse.Namespace) -> int:
     config = EngineConfig(model_name=name, cache=spec, device=device,
                           max_active=args.max_active, max_queue=args.max_queue, max_new_tokens=args.max_tokens,
                           truncation=args.truncation, runtime_slots=args.runtime_slots,
-                          runtime_slot_tokens=args.runtime_slot_tokens, runtime_compile=args.runtime_compile)
+                          runtime_slot_tokens=args.runtime_slot_tokens, runtime_compile=args.runtime_compile,
+                          runtime_reserve_gib=args.runtime_reserve)
     config.validate()
     from ..store import KVStore, namespace
 

@@ -405,13 +405,18 @@ class KVPool:
         return stack.view(-1, *stack.shape[2:]).index_select(0, rows)[:, :, :n]
 
     # -- memory ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def bytes_per_slot(capacities: Sequence[int], kv_heads: int, head_dim: int, dtype: torch.dtype,
+                       with_scores: bool = False) -> int:
+        """Bytes one slot of a pool of these shapes takes: per layer ``H * C_l * (2 * D * itemsize + 4 [+ 4 for
+        scores])``, plus its lengths (``L * H * 4``) and ``seen`` (8) -- what admission by memory divides by."""
+        item = torch.empty((), dtype=dtype).element_size()
+        per_entry = 2 * head_dim * item + 4 + (4 if with_scores else 0)
+        return sum(kv_heads * c * per_entry for c in capacities) + len(capacities) * kv_heads * 4 + 8
+
     def slot_nbytes(self) -> int:
-        """Bytes one slot takes: per layer ``H * C_l * (2 * D * itemsize + 4 [+ 4 for scores])``, plus its lengths
-        (``L * H * 4``) and ``seen`` (8)."""
-        item = torch.empty((), dtype=self.dtype).element_size()
-        per_entry = 2 * self.head_dim * item + 4 + (4 if self.scores is not None else 0)
-        return (sum(self.kv_heads * c * per_entry for c in self.capacities)
-                + self.num_layers * self.kv_heads * 4 + 8)
+        """Bytes one slot takes (:meth:`bytes_per_slot` of this pool's shapes)."""
+        return self.bytes_per_slot(self.capacities, self.kv_heads, self.head_dim, self.dtype, self.scores is not None)
 
     def nbytes(self) -> int:
         """Bytes allocated by the pool: ``(max_seqs + 1) * slot_nbytes()`` (the scratch row included)."""

@@ -225,6 +225,7 @@ class DecodeRuntime:
         # [L, S] each joined slot's decode budget per layer: -1 where a layer only grows (snapkv, none, budget 1.0)
         self._budget_array = np.full((pool.num_layers, pool.max_seqs + 1), -1, dtype=np.int64)
         self._buckets: dict[int, _Bucket] = {}
+        self._graph_pool: Any = None  # one memory pool for every bucket's graph (they replay one at a time)
         if not isinstance(compile, bool):
             raise TypeError(f"compile={compile!r} must be True or False")
         self.compile = compile
@@ -408,6 +409,11 @@ class DecodeRuntime:
                     self._run(bucket)
             torch.cuda.current_stream().wait_stream(stream)
             bucket.graph = torch.cuda.CUDAGraph()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            # One pool for all buckets: a bucket's output (its logits) stays allocated, its intermediates are free
+            # again after each replay, so the graphs (never replayed at once) share them instead of each holding
+            # its own -- a server growing through many buckets keeps one bucket's activations, not their sum.
             # thread_local: a server's other threads (the store's background saves) may use the GPU meanwhile
-            with torch.cuda.graph(bucket.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(bucket.graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 bucket.logits = self._run(bucket)

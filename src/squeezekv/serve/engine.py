@@ -29,6 +29,7 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -72,6 +73,19 @@ def _batchable(cache: Any) -> bool:
     return type(cache) is DynamicCache and all(type(l) is DynamicLayer for l in cache.layers)
 
 
+def _drop_kv(cache: Any) -> None:
+    """Free the tensors of a cache whose state a runtime slot now holds (it would otherwise stay allocated beside its
+    copy in the pool for the whole request): each layer keeps its type and bookkeeping, with empty keys, values,
+    positions and scores of the same dtypes and devices, which :meth:`KVPool.export` overwrites."""
+    for layer in cache.layers:
+        for name in ("keys", "values", "token_idx", "scores"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(layer, name, t.new_empty((*t.shape[:2], 0, *t.shape[3:])))  # [1, H, 0(, D)]
+        if getattr(layer, "_buffers", None):
+            layer._buffers = {}
+
+
 class QueueFull(Exception):
     """More requests wait than ``max_queue``."""
 
@@ -88,7 +102,12 @@ class RequestRejected(Exception):
 class EngineConfig:
     """What the engine runs: ``cache`` None = the full cache, else the compressed cache a
     :class:`~squeezekv.spec.CacheSpec` (or its text form) describes — eviction, allocation, channel and cross-layer
-    methods alike."""
+    methods alike.
+
+    ``runtime_slots``: 0 (no decode runtime), the decode runtime's pool slots, or ``"auto"`` (as many slots of
+    ``runtime_slot_tokens`` entries per layer as the device's free memory holds when the pool is built, less
+    ``runtime_reserve_gib``: admission by bytes); ``save_finished``: save each finished request's KV in the store for
+    its next turn (off: nothing is exported or saved)."""
 
     model_name: str = "squeezekv"
     cache: CacheSpec | None = None
@@ -98,9 +117,11 @@ class EngineConfig:
     max_new_tokens: int = 512
     truncation: str = "error"
     batch_decode: bool = True
-    runtime_slots: int = 0
+    runtime_slots: int | str = 0
     runtime_slot_tokens: int = 4096
     runtime_compile: bool = False
+    runtime_reserve_gib: float = 4.0
+    save_finished: bool = True
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSpec):
@@ -111,10 +132,16 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
-        if not isinstance(self.runtime_compile, bool):
-            raise TypeError(f"runtime_compile={self.runtime_compile!r} must be True or False")
-        if not isinstance(self.runtime_slots, int) or isinstance(self.runtime_slots, bool) or self.runtime_slots < 0:
-            raise ValueError(f"runtime_slots={self.runtime_slots!r} is out of range: an integer >= 0 (0: no runtime)")
+        for name in ("runtime_compile", "save_finished", "batch_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.runtime_slots != "auto" and (not isinstance(self.runtime_slots, int)
+                                             or isinstance(self.runtime_slots, bool) or self.runtime_slots < 0):
+            raise ValueError(f"runtime_slots={self.runtime_slots!r} is out of range: an integer >= 0 (0: no runtime) "
+                             "or 'auto' (as many slots as the device's free memory holds)")
+        r = self.runtime_reserve_gib
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1 << 20:
+            raise ValueError(f"runtime_reserve_gib={r!r} is out of range: a number of GiB >= 0")
         if self.truncation not in ("error", "rerotate"):
             raise ValueError(f"truncation={self.truncation!r} is not supported: 'error' or 'rerotate'")
         if self.truncation == "rerotate" and self.cache is not None:
@@ -157,6 +184,9 @@ class GenRequest:
     greedy: int | None = None  # argmax of ``logits`` when the batched step computed it (one copy for the batch)
     prefilling: Any = None  # the chunked prefill still running (a chunked_prefill_steps generator), one chunk a step
     prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds
+    #: a function returning a cache that already holds the KV of ``prompt[:-1]`` (a benchmark placing long
+    #: histories directly, as random KV of the right shape): the engine then feeds only the prompt's last token
+    prefilled: Callable[[], Any] | None = None
 
 
 class Engine:
@@ -179,8 +209,9 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="squeezekv-engine", daemon=True)
-        #: why finished requests are not saved for reuse (None: they are): the store refused the cache's layer type
-        self.reuse_off: str | None = None
+        #: why finished requests are not saved for reuse (None: they are): the store refused the cache's layer type,
+        #: or ``save_finished`` is off
+        self.reuse_off: str | None = None if config.save_finished else "save_finished=False"
         self.runtime: Any = None  # the DecodeRuntime, built at the first request that can join it
         #: why requests do not decode on the runtime (None: they may)
         self.runtime_off: str | None = None if config.runtime_slots else "runtime_slots=0"
@@ -433,9 +464,20 @@ class Engine:
 
             keys = cache.layers[0].keys  # [1, H, n, D]
             scored = policy != "none" and policy.uses_scores
+            caps = [cap] * len(cache.layers)
+            if self.config.runtime_slots != "auto":
+                slots = int(self.config.runtime_slots)
+            else:
+                slots = self._slots_in_memory(KVPool.bytes_per_slot(caps, keys.shape[1], keys.shape[-1], keys.dtype,
+                                                                    scored), keys.device)
+                if slots < 1:
+                    self.runtime_off = (f"runtime_slots='auto': the free memory of {keys.device} less "
+                                        f"runtime_reserve_gib={self.config.runtime_reserve_gib} holds no slot")
+                    log.warning("requests decode one by one: %s", self.runtime_off)
+                    return
             try:
-                pool = KVPool([cap] * len(cache.layers), self.config.runtime_slots, keys.shape[1], keys.shape[-1],
-                              dtype=keys.dtype, device=keys.device, with_scores=scored)
+                pool = KVPool(caps, slots, keys.shape[1], keys.shape[-1], dtype=keys.dtype, device=keys.device,
+                              with_scores=scored)
                 self.runtime = DecodeRuntime(self.model, pool, policy, chunk, compile=self.config.runtime_compile)
             except ValueError as err:  # a model or policy the runtime does not support
                 self.runtime_off = str(err)
@@ -449,6 +491,21 @@ class Engine:
         except ValueError as err:  # e.g. a restored cache of another policy: it decodes on its own, correctly
             log.info("request %s decodes on its own: %s", req.id, err)
             self.metrics.inc("runtime_fallback_total")
+            return
+        _drop_kv(cache)  # the slot holds it now; KVPool.export writes it back when the request finishes
+
+    def _slots_in_memory(self, slot_bytes: int, device: torch.device) -> int:
+        """How many slots of ``slot_bytes`` the device's free memory holds, less ``runtime_reserve_gib`` (for
+        activations, CUDA graphs and requests outside the pool): admission by bytes."""
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:  # the host's available physical memory
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        spare = free - int(self.config.runtime_reserve_gib * (1 << 30))
+        slots = max(0, spare // slot_bytes - 1)  # (the pool's scratch row is one more slot)
+        log.info("runtime_slots='auto': %d slots of %.1f MiB in %.1f GiB free", slots, slot_bytes / 2**20,
+                 free / 2**30)
+        return int(slots)
 
     def _leave_runtime(self, req: GenRequest, export: bool) -> None:
         """Release the request's slot; with ``export``, its KV goes back into ``req.cache`` first (for the store)."""
@@ -500,10 +557,15 @@ class Engine:
                 snap = shift_positions(full, self.model, drop)
             prompt = prompt[drop:]
             req.truncated = drop
-        else:
+        elif req.prefilled is None:
             snap = self._stored(prompt, req.scope)
         req.detok = StreamText(self.tokenizer, req.stop)
-        if snap is not None:
+        if req.prefilled is not None:  # the history's KV placed directly: only the last prompt token is fed
+            req.cache = req.prefilled()
+            req.prefilled = None
+            req.fed = list(prompt[:-1])
+            self._forward(req, prompt[-1:])
+        elif snap is not None:
             with LayerwiseLoad(snap, self.model, self.device) as cache:
                 req.cache = cache
                 req.fed = list(snap.tokens)
@@ -573,7 +635,7 @@ class Engine:
         self.active.remove(req)
         req.prefilling = None
         self.store.dequeue(req.id)
-        self._leave_runtime(req, export=reason != "cancelled")
+        self._leave_runtime(req, export=reason != "cancelled" and self.reuse_off is None)
         if req.cache is not None and req.fed and self.reuse_off is None:
             # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
             try:
