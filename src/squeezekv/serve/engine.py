@@ -47,11 +47,10 @@ from ..spec import CacheSpec
 from ..store import KVStore, LayerwiseLoad, capture, shift_positions
 from .detok import StreamText
 from .metrics import Metrics
+from .sampling import MIN_TEMPERATURE, sample_rows
 
 log = logging.getLogger("squeezekv.serve")
 
-#: temperatures below this sample greedily (dividing logits by less overflows to inf and NaN probabilities)
-MIN_TEMPERATURE = 1e-4
 
 
 def _max_token_chars(tokenizer: Any) -> int | None:
@@ -181,7 +180,6 @@ class GenRequest:
     truncated: int = 0
     generator: torch.Generator | None = None
     slot: int | None = None  # the decode runtime's slot holding this request's KV (None: its own cache)
-    greedy: int | None = None  # argmax of ``logits`` when the batched step computed it (one copy for the batch)
     prefilling: Any = None  # the chunked prefill still running (a chunked_prefill_steps generator), one chunk a step
     prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds
     #: a function returning a cache that already holds the KV of ``prompt[:-1]`` (a benchmark placing long
@@ -329,7 +327,7 @@ class Engine:
                 if self._stop:
                     break
             self._admit()
-            to_feed: list[tuple[GenRequest, int]] = []
+            ready: list[GenRequest] = []
             for req in list(self.active):
                 try:
                     if req.cancelled.is_set():
@@ -339,12 +337,17 @@ class Engine:
                         self._prefill(req)
                     elif req.prefilling is not None:
                         self._prefill_step(req)
-                    if req.prefilling is not None:
-                        continue  # its next chunk in the next iteration, after the others' decode step
-                    tok = self._advance(req)
-                    if tok is not None:
-                        to_feed.append((req, tok))
+                    if req.prefilling is None:  # (else its next chunk in the next iteration)
+                        ready.append(req)
                 except Exception as err:  # a failing request must not take the server down
+                    self._fail(req, err)
+            to_feed: list[tuple[GenRequest, int]] = []
+            for req, tok in self._sample(ready):
+                try:
+                    fed = self._advance(req, tok)
+                    if fed is not None:
+                        to_feed.append((req, fed))
+                except Exception as err:
                     self._fail(req, err)
             self._feed(to_feed)
         with self._cv:
@@ -430,10 +433,8 @@ class Engine:
         """One batched decode step of the runtime for the requests in its slots."""
         ids = torch.tensor([t for _, t in items], device=self.device)  # [n]
         logits = self.runtime.step([r.slot for r, _ in items], ids).float()  # [n, vocab]
-        greedy = logits.argmax(-1).tolist()  # one device-to-host copy for every greedy request
         for b, (req, tok) in enumerate(items):
             req.logits = logits[b]
-            req.greedy = greedy[b]
             req.fed.append(tok)
         self.metrics.inc("runtime_decode_steps")
         self.metrics.inc("runtime_decode_rows", len(items))
@@ -599,21 +600,24 @@ class Engine:
             self.metrics.inc("store_errors_total")
             return None
 
-    def _sample(self, req: GenRequest) -> int:
-        logits = req.logits
-        greedy, req.greedy = req.greedy, None
-        if req.temperature < MIN_TEMPERATURE:
-            return int(logits.argmax()) if greedy is None else greedy
-        probs = torch.softmax(logits / req.temperature, dim=-1)
-        if req.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # smallest set with mass >= top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=req.generator))
+    def _sample(self, reqs: list[GenRequest]) -> list[tuple[GenRequest, int]]:
+        """The next token of every request of the iteration in one batched sampling (each request's temperature,
+        top_p and seed; :func:`~squeezekv.serve.sampling.sample_rows`) and one copy to the host. Should it fail,
+        every request in it fails."""
+        if not reqs:
+            return []
+        try:
+            logits = torch.stack([r.logits for r in reqs])  # [n, vocab] float32
+            toks = sample_rows(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
+                               [r.generator for r in reqs])
+        except Exception as err:
+            for req in reqs:
+                self._fail(req, err)
+            return []
+        return list(zip(reqs, toks))
 
-    def _advance(self, req: GenRequest) -> int | None:
-        """Sample the next token, stream its text, finish if done; returns the token to feed, or None."""
-        tok = self._sample(req)
+    def _advance(self, req: GenRequest, tok: int) -> int | None:
+        """Take the sampled token, stream its text, finish if done; returns the token to feed, or None."""
         if not req.generated:
             self.metrics.ttft.observe(time.perf_counter() - req.t_submit)
         req.generated.append(tok)
