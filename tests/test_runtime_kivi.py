@@ -186,3 +186,32 @@ def test_cuda_graph_kivi_runtime_equals_eager(compile, make_model, method_params
     rt = _decode_equals_eager(model, "none", 1.0, method_params, device="cuda", compile=compile, atol=3e-2,
                               state=False, steps=120, group_size=32, residual=8)
     assert rt.kivi_kernel and rt.use_graph
+
+
+def test_kivi_export_writes_back_what_the_eager_layer_holds(make_model, method_params):
+    """KiviPool.export: after decoding in the pool, the admitted cache holds what the same request decoded eagerly
+    holds -- positions, counts and tokens seen exactly, the pool's codes/scales bit for bit, the state within the
+    tolerance of :func:`_same_quantised_state` -- and decodes on from there like the eager cache."""
+    model = make_model("llama")
+    pairs = [(_prefill(model, n, "snapkv", 16, method_params), _prefill(model, n, "snapkv", 16, method_params))
+             for n in (24, 37)]
+    kept = [a[0].layers[0].physical_length for a, _ in pairs]
+    pool = pool_for_cache(pairs[1][0][0], 2, STEPS + 1)
+    rt = DecodeRuntime(model, pool, pairs[0][0][0].policy, CHUNK)
+    slots = [rt.join(a[0]) for a, _ in pairs]
+    toks = torch.cat([b[1] for _, b in pairs]).argmax(-1)  # [2]
+    for _ in range(STEPS):
+        rt.step(slots, toks)
+        nxt = [model(toks[r].view(1, 1), cache=b[0]).logits[:, -1] for r, (_, b) in enumerate(pairs)]
+        toks = torch.cat(nxt).argmax(-1)
+    for r, ((a, _), (b, _)) in enumerate(pairs):
+        pool.export(slots[r], a)
+        for i, (x, y) in enumerate(zip(a.layers, b.layers)):
+            assert (x.nq, x.seen, x.residual_length) == (y.nq, y.seen, y.residual_length)
+            assert torch.equal(x.token_idx, y.token_idx)
+            assert torch.equal(x.kcode, pool.kcode[i][slots[r]:slots[r] + 1, :, :x.nq])
+        _same_quantised_state(pool, slots[r], b, kept[r])
+        tok = toks[r].view(1, 1)
+        torch.testing.assert_close(model(tok, cache=a).logits, model(tok, cache=b).logits, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="KIVI SqueezeCache"):
+        pool.export(slots[0], squeezekv.make_cache(model, "snapkv", 16, "uniform"))

@@ -55,7 +55,9 @@ def _run(engine, prompts, max_tokens=12):
 
 
 @pytest.mark.parametrize("cache", ["method=h2o budget=16 allocation=uniform evict_every=4",
-                                   "method=snapkv budget=16 allocation=uniform", None])
+                                   "method=snapkv budget=16 allocation=uniform", None,
+                                   "method=snapkv budget=24 allocation=uniform channel=kivi channel.bits=2 "
+                                   "channel.group_size=4 channel.residual=8"])
 def test_runtime_engine_answers_what_the_engine_answers(cache, make_model):
     ref = _engine(make_model, cache)
     rt = _engine(make_model, cache, runtime_slots=4, runtime_slot_tokens=64)

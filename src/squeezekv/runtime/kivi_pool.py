@@ -74,6 +74,22 @@ class KiviPool(KVPool):
         self._kzero, self.kzero = self.qstacks.zeros(lambda c: (kv_heads, c // g, head_dim), dtype)
         self.nq = torch.zeros((self.num_layers, max_seqs + 1), dtype=torch.int32, device=self.device)  # [L, S]
         self.host_nq = np.zeros((self.num_layers, max_seqs + 1), dtype=np.int64)  # [L, S]
+        # per admitted slot, on the host: (tokens seen at admission, each layer's positions then [H, n0]); the
+        # quantised part's positions follow from them (nothing is evicted while decoding), for :meth:`export`
+        self._admitted: dict[int, tuple[int, list[torch.Tensor]]] = {}
+
+    @staticmethod
+    def bytes_per_kivi_slot(quant_capacities: Sequence[int], kv_heads: int, head_dim: int, dtype: torch.dtype, *,
+                       bits: int, group_size: int, residual: int) -> int:
+        """Bytes one slot of a KIVI pool of these shapes takes (what admission by memory divides by): the residual
+        pool's (:meth:`KVPool.bytes_per_slot` of ``residual + group_size`` per layer) plus per layer
+        ``H * (Cq * (2 * P + 2 * (D / G) * itemsize) + (Cq / G) * 2 * D * itemsize)`` and its count (4)."""
+        item = torch.empty((), dtype=dtype).element_size()
+        d, g = head_dim, group_size
+        p = d * bits // 8
+        quant = sum(kv_heads * (c * (2 * p + 2 * (d // g) * item) + (c // g) * 2 * d * item) for c in quant_capacities)
+        base = KVPool.bytes_per_slot([residual + group_size] * len(quant_capacities), kv_heads, head_dim, dtype)
+        return base + quant + len(quant_capacities) * 4
 
     @classmethod
     def for_cache(cls, cache: Any, max_seqs: int, max_new_tokens: int) -> "KiviPool":
@@ -98,6 +114,7 @@ class KiviPool(KVPool):
         super()._clear(slot)
         self.nq[:, slot] = 0
         self.host_nq[:, slot] = 0
+        self._admitted.pop(slot, None)
 
     def admit(self, slot: int, cache: Any) -> None:
         """Copy a prefilled KIVI request (batch 1, no padding, no group ids) into ``slot``: its codes, scales and
@@ -143,6 +160,45 @@ class KiviPool(KVPool):
         seen = layers[0].seen
         self.seen[slot] = seen
         self.host_seen[slot] = seen
+        self._admitted[slot] = (seen, [layer.token_idx[0].cpu() for layer in layers])
+
+    def export(self, slot: int, cache: Any) -> None:
+        """Write ``slot``'s state back into ``cache``, the batch-1 KIVI ``SqueezeCache`` admitted into it (the
+        inverse of :meth:`admit`): per layer the quantised codes, scales and zeros (exactly the pool's bytes), the
+        full-precision residual, every position (those held at admission, then one per decoded token) and the tokens
+        seen, as the eager layer holds them after the same steps -- so the request can be saved to the store."""
+        from ..channel.kivi import KIVILayer
+
+        self._check_slot(slot)
+        if slot not in self._admitted:
+            raise ValueError(f"slot {slot} holds no admitted request")
+        layers = list(cache.layers)
+        if len(layers) != self.num_layers or not all(isinstance(x, KIVILayer) for x in layers):
+            raise ValueError(f"export into the {self.num_layers}-layer KIVI SqueezeCache the slot was admitted from")
+        seen0, held = self._admitted[slot]
+        seen, g = int(self.host_seen[slot]), self.group_size
+        for i, layer in enumerate(layers):
+            nq, r = int(self.host_nq[i][slot]), int(self.host_lengths[i][slot])
+            h = held[i].shape[0]
+            new = torch.arange(seen0, seen, dtype=held[i].dtype).expand(h, -1)  # [H, seen - seen0]
+            pos = torch.cat([held[i], new], dim=1)  # [H, n]: every token the slot holds, in temporal order
+            if pos.shape[1] != nq + r:
+                raise RuntimeError(f"layer {i} of slot {slot}: {nq} quantised + {r} residual entries, but "
+                                   f"{pos.shape[1]} positions were held and decoded")
+            for name in ("kcode", "vcode", "vscale", "vzero"):
+                setattr(layer, name, getattr(self, name)[i][slot:slot + 1, :, :nq].clone())
+            for name in ("kscale", "kzero"):
+                setattr(layer, name, getattr(self, name)[i][slot:slot + 1, :, :nq // g].clone())
+            layer.keys = self.keys[i][slot:slot + 1, :, :r].clone()  # [1, H, r, D]
+            layer.values = self.values[i][slot:slot + 1, :, :r].clone()
+            layer.token_idx = pos[None].to(device=self.device, dtype=torch.int32)  # [1, H, nq + r]
+            if layer.scores is not None:
+                layer.scores = layer.scores.new_zeros(layer.token_idx.shape)
+            layer.nq = nq
+            layer.seen = seen
+            layer._buffers = {}
+            if hasattr(layer, "_plan"):
+                layer._plan = {}
 
     # -- decoding -------------------------------------------------------------------------------------------------
     def check_room(self, slots: np.ndarray) -> None:
@@ -240,14 +296,9 @@ class KiviPool(KVPool):
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
-        """Bytes one slot takes: the residual pool's (:meth:`KVPool.slot_nbytes`) plus per layer
-        ``H * (Cq * (2 * P + 2 * (D / G) * itemsize) + (Cq / G) * 2 * D * itemsize)`` and its count (4)."""
-        item = torch.empty((), dtype=self.dtype).element_size()
-        d, g = self.head_dim, self.group_size
-        p = d * self.bits // 8
-        quant = sum(self.kv_heads * (c * (2 * p + 2 * (d // g) * item) + (c // g) * 2 * d * item)
-                    for c in self.quant_capacities)
-        return super().slot_nbytes() + quant + self.num_layers * 4
+        """Bytes one slot takes (:meth:`bytes_per_slot` of this pool's shapes)."""
+        return self.bytes_per_kivi_slot(self.quant_capacities, self.kv_heads, self.head_dim, self.dtype, bits=self.bits,
+                                   group_size=self.group_size, residual=self.residual)
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + [*self.kcode, *self.vcode, *self.vscale, *self.vzero, *self.kscale, *self.kzero,

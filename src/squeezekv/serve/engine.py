@@ -11,12 +11,12 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   of the running full-cache requests are batched into one forward (their KV left-padded and masked, each row at its
   own position). Compressed caches decode one by one -- unless the engine has a decode runtime
   (``runtime_slots`` > 0): then every prefilled request whose cache the runtime supports (the full cache, plain
-  squeezekv caches of window, StreamingLLM, H2O, SnapKV or none, see :mod:`squeezekv.runtime`) joins a slot of its
-  KV pool, and the
-  running requests of all slots decode in ONE batched step (a CUDA graph per batch bucket on the GPU), joining and
-  leaving without touching the others' KV; a finished request's slot is exported back into its cache for the store.
-  Admission then counts free slots: ``max_active`` bounds only the requests outside the pool, and a request waits
-  while every slot is taken (:meth:`Engine._room`).
+  squeezekv caches of window, StreamingLLM, H2O, SnapKV or none, KIVI with none or SnapKV, see
+  :mod:`squeezekv.runtime`) joins a slot of its KV pool, and the running requests of all slots decode in ONE
+  batched step (a CUDA graph per batch bucket on the GPU), joining and leaving without touching the others' KV; a
+  finished request's slot is exported back into its cache for the store. Admission then counts free slots:
+  ``max_active`` bounds only the requests outside the pool, and a request waits while every slot is taken
+  (:meth:`Engine._room`); ``runtime_slots="auto"`` sizes the pool by the device's free memory.
   A request the pool cannot hold (no free slot, a layer's kept tokens plus what it may generate over the slot's
   ``runtime_slot_tokens``) decodes on its own as before (metric ``runtime_fallback_total``).
 * Chunked prefill (a cache specification with ``prefill_chunk``): one chunk of a new prompt per engine iteration,
@@ -77,9 +77,10 @@ def _drop_kv(cache: Any) -> None:
     copy in the pool for the whole request): each layer keeps its type and bookkeeping, with empty keys, values,
     positions and scores of the same dtypes and devices, which :meth:`KVPool.export` overwrites."""
     for layer in cache.layers:
-        for name in ("keys", "values", "token_idx", "scores"):
+        names = layer._tensors() if hasattr(layer, "_tensors") else ["keys", "values"]  # KIVI: its codes too
+        for name in names:
             t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.dim() >= 3:
                 setattr(layer, name, t.new_empty((*t.shape[:2], 0, *t.shape[3:])))  # [1, H, 0(, D)]
         if getattr(layer, "_buffers", None):
             layer._buffers = {}
@@ -445,13 +446,20 @@ class Engine:
         if self.runtime_off is not None:
             return
         from ..cache import SqueezeCache, SqueezeLayer
+        from ..channel.kivi import KIVILayer
 
         cache = req.cache
         cap = self.config.runtime_slot_tokens
+        kivi = isinstance(cache, SqueezeCache) and all(isinstance(x, KIVILayer) for x in cache.layers)
         if isinstance(cache, SqueezeCache) and all(type(x) is SqueezeLayer for x in cache.layers):
             policy, chunk = cache.policy, cache.evict_every
             need = [b + chunk if b is not None else x.physical_length + req.max_tokens
                     for b, x in ((x.decode_budget(), x) for x in cache.layers)]
+        elif kivi and all(x.decode_budget() is None for x in cache.layers):
+            # KIVI (policies that evict nothing while decoding): quantised slots of runtime_slot_tokens positions
+            policy, chunk = cache.policy, cache.evict_every
+            need = [x.physical_length + req.max_tokens for x in cache.layers]
+            cap = cap // cache.layers[0].group_size * cache.layers[0].group_size
         elif self.config.cache is None and _batchable(cache):  # the full cache: a pool that never evicts
             policy, chunk = "none", 1
             need = [x.keys.shape[2] + req.max_tokens for x in cache.layers]
@@ -460,25 +468,33 @@ class Engine:
             log.info("requests decode one by one: %s", self.runtime_off)
             return
         if self.runtime is None:
+            from ..runtime.kivi_pool import KiviPool
             from ..runtime.pool import KVPool
             from ..runtime.runtime import DecodeRuntime
 
-            keys = cache.layers[0].keys  # [1, H, n, D]
-            scored = policy != "none" and policy.uses_scores
+            keys = cache.layers[0].values  # [1, H, n, D] (a KIVI layer's: its residual)
+            h, d, dt = keys.shape[1], keys.shape[-1], keys.dtype
+            scored = policy != "none" and policy.uses_scores and not kivi
             caps = [cap] * len(cache.layers)
+            q = cache.layers[0]
+            kivi_args = dict(bits=q.bits, group_size=q.group_size, residual=q.residual) if kivi else {}
             if self.config.runtime_slots != "auto":
                 slots = int(self.config.runtime_slots)
             else:
-                slots = self._slots_in_memory(KVPool.bytes_per_slot(caps, keys.shape[1], keys.shape[-1], keys.dtype,
-                                                                    scored), keys.device)
+                per = (KiviPool.bytes_per_kivi_slot(caps, h, d, dt, **kivi_args) if kivi
+                       else KVPool.bytes_per_slot(caps, h, d, dt, scored))
+                slots = self._slots_in_memory(per, keys.device)
                 if slots < 1:
                     self.runtime_off = (f"runtime_slots='auto': the free memory of {keys.device} less "
                                         f"runtime_reserve_gib={self.config.runtime_reserve_gib} holds no slot")
                     log.warning("requests decode one by one: %s", self.runtime_off)
                     return
             try:
-                pool = KVPool(caps, slots, keys.shape[1], keys.shape[-1], dtype=keys.dtype, device=keys.device,
-                              with_scores=scored)
+                if kivi and cap < q.group_size:
+                    raise ValueError(f"runtime_slot_tokens={self.config.runtime_slot_tokens} holds no KIVI group "
+                                     f"of {q.group_size}")
+                pool = (KiviPool(caps, slots, h, d, dtype=dt, device=keys.device, **kivi_args) if kivi
+                        else KVPool(caps, slots, h, d, dtype=dt, device=keys.device, with_scores=scored))
                 self.runtime = DecodeRuntime(self.model, pool, policy, chunk, compile=self.config.runtime_compile)
             except ValueError as err:  # a model or policy the runtime does not support
                 self.runtime_off = str(err)
