@@ -217,7 +217,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     for r in records:
         ctx.record({"case": case.name, **r})
     ok = [r for r in records if "error" not in r]
-    if not ok:
+    if not ok and not timed_out:
         raise RuntimeError(f"every request failed: {records[:3]}")
     prompt_tokens = sum(r["prompt_tokens"] for r in ok)
     cached = sum(r["cached_tokens"] for r in ok)
@@ -225,17 +225,21 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     lookups = sum(v for k, v in stats.items() if k.startswith("hit_") or k.startswith("miss"))
     hits = {k[4:]: v for k, v in stats.items() if k.startswith("hit_")}
     later_ttft = sorted(r["ttft_s"] for r in later if r["ttft_s"])
+    first = [r["ttft_s"] for r in ok if r["turn"] == 1 and r["ttft_s"]]
     row = {
         "method": method or "full", "budget": None if spec is None else spec.budget,
         "cache": None if spec is None else spec.to_text(), "requests": len(records),
-        "errors": len(records) - len(ok), "wall_s": wall, "time_limit_reached": timed_out,
+        "errors": sum(1 for r in records if "error" in r and r["error"] != "server shutting down"),
+        "cut_at_time_limit": sum(1 for r in records if r.get("error") == "server shutting down"),
+        "wall_s": wall, "time_limit_reached": timed_out,
         "lookups": lookups, "hits_per_tier": hits, "misses": stats.get("miss", 0) + stats.get("miss_evicted", 0),
         "hit_rate_per_tier": {k: v / lookups for k, v in hits.items()} if lookups else {},
         "turn2plus_requests": len(later),
         "turn2plus_hit_rate": sum(1 for r in later if r["cached_tokens"]) / len(later) if later else None,
         "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached,
         "prefill_tokens_saved_fraction": cached / prompt_tokens if prompt_tokens else None,
-        "ttft_turn1_median_s": statistics.median(r["ttft_s"] for r in ok if r["turn"] == 1 and r["ttft_s"]),
+        "finished_requests": len(ok),
+        "ttft_turn1_median_s": statistics.median(first) if first else None,
         "ttft_turn2plus_median_s": statistics.median(later_ttft) if later_ttft else None,
         "ttft_turn2plus_p99_s": later_ttft[int(0.99 * (len(later_ttft) - 1))] if later_ttft else None,
         "store_stats": stats, "tier_usage_at_end": usage,
@@ -370,13 +374,29 @@ def serving_capacity(ctx: Any, case: Case) -> list[dict[str, Any]]:
     engine = pool = None
     free(device)  # the next case sizes its pool by the memory this one leaves
     errors = [ev for ev in done if ev["type"] == "error"]
-    rows_full = steady_t = 0.0
-    steady_steps = 0
-    for (t0, s0, r0), (t1, s1, r1) in zip(samples, samples[1:]):
-        if s1 > s0 and r1 - r0 == (s1 - s0) * slots:  # every step of the interval decoded every slot
-            rows_full += r1 - r0
-            steady_t += t1 - t0
-            steady_steps += s1 - s0
+    # The steady state: the longest run of decode steps that each decoded every slot. A step's counters move when
+    # its launch returns, and the next launch waits for the step's tokens, so the time between the samples that
+    # first see the run's first and last steps, over the steps between them, is the time a step takes.
+    runs: list[list[int]] = []  # per run, the samples that saw its steps
+    cur: list[int] = []
+    for i in range(1, len(samples)):
+        ds = samples[i][1] - samples[i - 1][1]
+        if ds == 0:
+            continue
+        if samples[i][2] - samples[i - 1][2] == ds * slots:
+            cur.append(i)
+        else:  # a step with a slot idle (joining, or finished) ends the run
+            runs, cur = (runs + [cur] if cur else runs), []
+    runs += [cur] if cur else []
+    run = max(runs, key=lambda x: samples[x[-1]][1] - samples[x[0]][1], default=None)
+    steady_steps, steady_t = 0, 0.0
+    if run:
+        (t0, s0, _), (t1, s1, _) = samples[run[0]], samples[run[-1]]
+        steady_steps, steady_t = s1 - s0, t1 - t0
+    rows_full = steady_steps * slots
+    for (_, s_prev, _), (t, s, r) in zip(samples, samples[1:]):
+        if s != s_prev:  # the samples that saw a step
+            ctx.record({"case": case.name, "t": t - t_start, "decode_steps": s, "decode_rows": r})
     row = {"method": "full" if full else spec.method, "cache": None if full else spec.to_text(),
            "history": hist, "answer_tokens": answer, "runtime_slot_tokens": slot_tokens,
            "max_batch": slots, "peak_slots_in_use": peak, "slot_bytes": slot_bytes,
