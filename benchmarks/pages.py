@@ -155,6 +155,17 @@ TOPICS: tuple[Topic, ...] = (
           "and without a versions record: the torch 2.11 / triton of the device, commit c6ac7e4.",
           ("runtime/probe/h200_kivi_pool_kernel_1.json", "runtime/probe/h200_kivi_pool_kernel_2.json"),
           manual=("docs/runtime.md",)),
+    Topic("serving-throughput-first-call-h200", "Serving on the runtime, the first call of suite serving_throughput "
+          "(H200)",
+          "The first device call of suite serving_throughput (commit 4d6daac), stopped by its time limit after six "
+          "cases: transformers' generate_batch, the engine's full cache (batched, no runtime) and the full cache on "
+          "the runtime of workload A, and workload B. Its workload-B steady-state figures (steady_s, "
+          "steady_ms_per_step, steady_decode_tokens_per_s) are WRONG: that version of serving_capacity summed only "
+          "the polling intervals in which a step was launched, not the time the GPU then spent on it (fixed in "
+          "091bb53; the second call, benchmarks/results/serving/h200_throughput.json, measures them). Its other "
+          "figures stand; snapkv-one-by-one failed (no request finished within its 30 s), and the later cases did "
+          "not run.",
+          ("serving/h200_throughput_first_call.json",), manual=("docs/serving.md",)),
 )
 
 CONFIG_KEYS = ("config", "args", "settings", "options", "task_options", "specs", "plan", "layouts", "data",

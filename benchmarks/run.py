@@ -139,7 +139,7 @@ def add_ratios(cases: dict[str, dict[str, Any]]) -> None:
     ``<metric>_vs_<case>`` against each of those cases' rows (e.g. ``tokens_per_s_vs_kvpress-snapkv``)."""
     keys = ("batch", "context", "prefill_chunk", "history", "turn")
     metrics = ("tokens_per_s", "kv_bytes_start", "max_batch", "prefill_s", "kv_bytes", "peak_bytes_over_weights",
-               "generated_tokens_per_s")
+               "generated_tokens_per_s", "steady_decode_tokens_per_s")
     for res in cases.values():
         base = res["settings"].get("baseline")
         others = [(base, "baseline")] if base else []

@@ -265,7 +265,10 @@ def hf_generate_batch(ctx: Any, case: Case) -> list[dict[str, Any]]:
     tokens/s end to end, the baseline of the serving engine's figures."""
     from transformers import GenerationConfig
 
+    import squeezekv
+
     model, a = ctx.model, case.settings
+    squeezekv.detach(model)  # an earlier case's compressed cache switched the model to squeezekv's attention
     vocab = int(model.config.vocab_size)
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randint(100, vocab, (a["history"],), generator=g).tolist() for _ in range(a["conversations"])]
