@@ -155,6 +155,16 @@ TOPICS: tuple[Topic, ...] = (
           "and without a versions record: the torch 2.11 / triton of the device, commit c6ac7e4.",
           ("runtime/probe/h200_kivi_pool_kernel_1.json", "runtime/probe/h200_kivi_pool_kernel_2.json"),
           manual=("docs/runtime.md",)),
+    Topic("serving-throughput-workload-b-h200", "Serving on the runtime, workload B (and A's runtime cases), the "
+          "second call of suite serving_throughput (H200)",
+          "The second device call of suite serving_throughput (commit 091bb53, its cases b-full, b-snapkv, "
+          "b-full-runtime-bench, full-runtime, snapkv-runtime, h2o-runtime and transformers-generate-batch). "
+          "Workload B: 8,192-token histories placed in the runtime's pool directly, the pool sized by free memory; "
+          "the conversations held at once and the steady-state decode. Workload A's cases ran here with the KV "
+          "store's 8 GiB GPU tier, which 64 full-cache histories overflow (the full cache's run reached its time "
+          "limit); the third call (suite page of serving_throughput) ran them with 32 GiB. transformers-generate-"
+          "batch failed in this call (an earlier case had switched the model to squeezekv's attention; fixed since).",
+          ("serving/h200_throughput_workload_b.json",), manual=("docs/serving.md",)),
     Topic("serving-throughput-first-call-h200", "Serving on the runtime, the first call of suite serving_throughput "
           "(H200)",
           "The first device call of suite serving_throughput (commit 4d6daac), stopped by its time limit after six "
