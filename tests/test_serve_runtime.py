@@ -279,3 +279,26 @@ def test_sampled_requests_on_the_runtime_answer_what_the_engine_answers(make_mod
     finally:
         ref.shutdown()
         rt.shutdown()
+
+
+def test_the_full_cache_prefills_in_chunks_between_decode_steps(make_model):
+    """EngineConfig.prefill_chunk (``squeezekv serve --prefill-chunk`` without a compressed cache): a new prompt of
+    the full cache is prefilled one chunk per engine iteration, on the runtime or not, with the answers of the
+    unchunked engine; a compressed cache is told to use its specification's."""
+    ref = _engine(make_model, None)
+    chunked = _engine(make_model, None, prefill_chunk=8, runtime_slots=4, runtime_slot_tokens=128)
+    prompts = PROMPTS + ["y" * 70]
+    try:
+        want, got = _run(ref, prompts), _run(chunked, prompts)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        tok = CharTokenizer()
+        chunks = sum(-(-len(tok(p)["input_ids"]) // 8) for p in prompts)
+        assert chunked.metrics.counters["prefill_chunks_total"] == chunks
+        assert "prefill_chunks_total" not in ref.metrics.counters
+    finally:
+        ref.shutdown()
+        chunked.shutdown()
+    with pytest.raises(ValueError, match="prefill_chunk is the full cache's"):
+        EngineConfig(cache="method=h2o budget=16", prefill_chunk=8).validate()
+    with pytest.raises(ValueError, match="prefill_chunk=0"):
+        EngineConfig(prefill_chunk=0).validate()

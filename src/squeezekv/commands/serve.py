@@ -228,7 +228,8 @@ def main(args: argparse.Namespace) -> int:
                           max_active=args.max_active, max_queue=args.max_queue, max_new_tokens=args.max_tokens,
                           truncation=args.truncation, runtime_slots=args.runtime_slots,
                           runtime_slot_tokens=args.runtime_slot_tokens, runtime_compile=args.runtime_compile,
-                          runtime_reserve_gib=args.runtime_reserve)
+                          runtime_reserve_gib=args.runtime_reserve,
+                          prefill_chunk=args.prefill_chunk if spec is None else None)
     config.validate()
     from ..store import KVStore, namespace
 

@@ -19,7 +19,8 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   (:meth:`Engine._room`); ``runtime_slots="auto"`` sizes the pool by the device's free memory.
   A request the pool cannot hold (no free slot, a layer's kept tokens plus what it may generate over the slot's
   ``runtime_slot_tokens``) decodes on its own as before (metric ``runtime_fallback_total``).
-* Chunked prefill (a cache specification with ``prefill_chunk``): one chunk of a new prompt per engine iteration,
+* Chunked prefill (a cache specification with ``prefill_chunk``, or ``EngineConfig.prefill_chunk`` for the full
+  cache): one chunk of a new prompt per engine iteration,
   so the decode steps of the running requests go on between the chunks of a long prompt.
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
   the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
@@ -107,7 +108,8 @@ class EngineConfig:
     ``runtime_slots``: 0 (no decode runtime), the decode runtime's pool slots, or ``"auto"`` (as many slots of
     ``runtime_slot_tokens`` entries per layer as the device's free memory holds when the pool is built, less
     ``runtime_reserve_gib``: admission by bytes); ``save_finished``: save each finished request's KV in the store for
-    its next turn (off: nothing is exported or saved)."""
+    its next turn (off: nothing is exported or saved); ``prefill_chunk``: the full cache's new prompts are prefilled
+    this many tokens per engine iteration (a compressed cache takes its specification's ``prefill_chunk``)."""
 
     model_name: str = "squeezekv"
     cache: CacheSpec | None = None
@@ -122,13 +124,18 @@ class EngineConfig:
     runtime_compile: bool = False
     runtime_reserve_gib: float = 4.0
     save_finished: bool = True
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSpec):
             self.cache = CacheSpec.of(self.cache)
 
     def validate(self) -> None:
-        for name in ("max_active", "max_queue", "max_new_tokens", "runtime_slot_tokens"):
+        if self.prefill_chunk is not None and self.cache is not None:
+            raise ValueError("prefill_chunk is the full cache's: a compressed cache takes the prefill_chunk of its "
+                             "specification")
+        for name in ("max_active", "max_queue", "max_new_tokens", "runtime_slot_tokens") + (
+                ("prefill_chunk",) if self.prefill_chunk is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
@@ -538,17 +545,30 @@ class Engine:
     def _forward(self, req: GenRequest, tokens: list[int]) -> None:
         ids = torch.tensor([tokens], device=self.device)  # [1, n]
         spec = self.config.cache
-        if spec is not None and spec.prefill_chunk is not None and not req.fed and len(tokens) > 1:
-            from ..prefill import chunked_prefill_steps  # the spec's chunked prefill of a fresh prompt
-
+        chunk = self.config.prefill_chunk if spec is None else spec.prefill_chunk
+        if chunk is not None and not req.fed and len(tokens) > 1:
             # one chunk per engine iteration, so the running requests decode between the chunks
-            req.prefilling = chunked_prefill_steps(self.model, ids, req.cache, spec.prefill_chunk)
+            if spec is not None:
+                from ..prefill import chunked_prefill_steps  # the spec's chunked prefill of a fresh prompt
+
+                req.prefilling = chunked_prefill_steps(self.model, ids, req.cache, chunk)
+            else:
+                req.prefilling = self._full_prefill_steps(ids, req.cache, chunk)
             req.prefill_tokens = tokens
             self._prefill_step(req)
             return
         out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, req.cache))
         req.logits = out.logits[0, -1].float()  # [vocab]
         req.fed.extend(tokens)
+
+    def _full_prefill_steps(self, ids: torch.Tensor, cache: Any, chunk: int) -> Any:
+        """The full cache's prompt ``ids`` ``[1, n]`` ``chunk`` tokens at a time: yields None after each chunk but the
+        last, then the last position's logits ``[1, vocab]`` (as ``prefill.chunked_prefill_steps``)."""
+        n = ids.shape[1]
+        for start in range(0, n, chunk):
+            out = self.model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
+                             **cache_kwargs(self.model, cache))
+            yield out.logits[:, -1] if start + chunk >= n else None
 
     def _prefill_step(self, req: GenRequest) -> None:
         """Run the next chunk of the request's chunked prefill; after the last, its logits are set and it is done."""
