@@ -195,3 +195,19 @@ def test_runtime_unavailable_names_why() -> None:
     assert runtime_unavailable(Model, graph) == "decoder='graph' is its own path"
     Model.config.layer_types = ["full_attention", "sliding_attention"]
     assert "every layer is full attention" in runtime_unavailable(Model, BenchCache.parse("method=snapkv"))
+
+
+def test_a_compiled_case_decodes_every_batch_on_one_runtime(tmp_path: Path) -> None:
+    """runtime_decode with compile: one runtime (one compilation) for the case's batches, its pool sized for the
+    largest; each batch joins and leaves it (CPU, micro model)."""
+    raw = {"model": {"random": "micro", "dtype": "float32"}, "device": "cpu",
+           "defaults": {"context": 64, "steps": 2, "warmup": 1, "reps": 1},
+           "cases": [{"name": "rt", "kind": "runtime_decode", "cache": "method=h2o budget=0.25 allocation=uniform",
+                      "compile": True, "batches": [2, 3], "chunk": 4}]}
+    suite = tmp_path / "compiled.json"
+    suite.write_text(json.dumps(raw))
+    report = json.loads(run_suite(str(suite), tmp_path / "out", quiet=True).read_text())
+    rows = report["cases"]["rt"]["rows"]
+    assert [r["batch"] for r in rows] == [2, 3] and all(r["compile"] for r in rows)
+    assert rows[0]["pool_bytes"] == rows[1]["pool_bytes"] == 4 * rows[0]["slot_bytes"]  # 3 slots + scratch
+    assert rows[1]["kv_bytes_start"] == 3 * rows[0]["kv_bytes_start"] // 2

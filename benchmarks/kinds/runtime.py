@@ -20,7 +20,9 @@ NEW_TOKENS = 128
 
 
 def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: int, new_tokens: int,
-             graph: bool, compile: bool = False) -> tuple[Any, list[int], int]:
+             graph: bool, compile: bool = False, slots: int | None = None) -> tuple[Any, list[int], int, Any]:
+    """A runtime whose pool has ``slots`` slots (default ``batch``), ``batch`` of them holding a request as right
+    after its prompt: ``(runtime, their slots, one request's live KV bytes, that request's cache)``."""
     from squeezekv.runtime.pool import KVPool
     from squeezekv.runtime.pools import pool_for_cache
     from squeezekv.runtime.runtime import DecodeRuntime
@@ -28,33 +30,43 @@ def _runtime(ctx: Any, cache: dict[str, Any], batch: int, context: int, chunk: i
     if is_full(cache):  # the full cache in a pool that never evicts (policy none): slots of context + new tokens
         first = full_cache(ctx.model, 1, context, ctx.device)
         keys = first.layers[0].keys  # [1, H, context, D]
-        pool = KVPool([context + new_tokens] * len(first.layers), batch, keys.shape[1], keys.shape[-1],
+        pool = KVPool([context + new_tokens] * len(first.layers), slots or batch, keys.shape[1], keys.shape[-1],
                       dtype=keys.dtype, device=keys.device)
         policy: Any = "none"
     else:
         spec = cache_spec(ctx.model, cache).replace(evict_every=chunk)
         first = filled_cache(ctx.model, spec.to_dict(), 1, context, ctx.device)  # one request, after its prompt
-        pool = pool_for_cache(first, max_seqs=batch, max_new_tokens=new_tokens)
+        pool = pool_for_cache(first, max_seqs=slots or batch, max_new_tokens=new_tokens)
         policy = first.policy
     live = kv_bytes(first)
     rt = DecodeRuntime(ctx.model, pool, policy, chunk, use_graph=graph and _cuda(ctx.device), compile=compile)
-    slots = [rt.join(first) for _ in range(batch)]
-    return rt, slots, live
+    return rt, [rt.join(first) for _ in range(batch)], live, first
 
 
 @torch.no_grad()
 def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, steps: int, warmup: int, reps: int,
-                 chunk: int, graph: bool, new_tokens: int = NEW_TOKENS, compile: bool = False) -> dict[str, Any]:
+                 chunk: int, graph: bool, new_tokens: int = NEW_TOKENS, compile: bool = False,
+                 shared: dict[str, Any] | None = None, slots_for: int | None = None) -> dict[str, Any]:
+    """One batch's decode timing. ``shared`` (a dict kept across a case's batches): the first call builds a runtime
+    whose pool holds ``slots_for`` slots and keeps it there; later calls join their batch into the same runtime (a
+    compiled runtime compiles its step once for every batch of 2 rows and more, instead of once per batch)."""
     model, device = ctx.model, ctx.device
     if _cuda(device):
         torch.cuda.reset_peak_memory_stats()
     if warmup + steps * reps + 2 > new_tokens:
         raise ValueError(f"{warmup} + {reps} x {steps} decode steps do not fit in new_tokens={new_tokens}")
-    if compile:
-        # each batch builds a new runtime, hence a new compilation of its step: without a reset, dynamo's
-        # recompilation limit (8) would silently run the later cases of a suite uncompiled
-        torch._dynamo.reset()
-    rt, slots, live_one = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph, compile)
+    if shared and "rt" in shared:
+        rt, live_one = shared["rt"], shared["live"]
+        slots = [rt.join(shared["first"]) for _ in range(batch)]
+    else:
+        if compile:
+            # a new runtime is a new compilation of its step: without a reset, dynamo's recompilation limit (8)
+            # would silently run the later cases of a suite uncompiled
+            torch._dynamo.reset()
+        rt, slots, live_one, first = _runtime(ctx, cache, batch, context, chunk, new_tokens, graph, compile,
+                                              slots_for)
+        if shared is not None:
+            shared.update(rt=rt, live=live_one, first=first)
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)  # [B]
     state = {"ids": ids}
 
@@ -75,6 +87,9 @@ def runtime_once(ctx: Any, cache: dict[str, Any], batch: int, context: int, step
         if bw:
             res["roofline_fraction"] = (weight_bytes(model) + live) / bw / per_step
         res["peak_allocated"] = torch.cuda.max_memory_allocated()
+    if shared is not None:
+        for s in slots:
+            rt.leave(s)
     rt = None
     free(device)
     return res
@@ -98,13 +113,19 @@ def runtime_decode(ctx: Any, case: Case) -> list[dict[str, Any]]:
     ``runtime_max_batch`` case found); out-of-memory recorded as ``oom``. ``compare``: other cases of the suite
     (e.g. a ``kvpress_decode`` one) whose rows of the same batch give ``tokens_per_s_vs_<case>``."""
     rows = []
-    for b in batches_of(ctx, case):
+    batches = batches_of(ctx, case)
+    # compiled: one runtime for the case's batches, its pool sized for the largest (one compilation, not one per
+    # batch; batch 1 is its own compilation anyway)
+    shared: dict[str, Any] | None = {} if case.get("compile") else None
+    for b in batches:
         r = or_oom(lambda: runtime_once(ctx, case.get("cache"), b, case.get("context"), case.get("steps"),
                                         case.get("warmup"), case.get("reps"), case.get("chunk"), case.get("graph"),
-                                        compile=case.get("compile")),
+                                        compile=case.get("compile"), shared=shared, slots_for=max(batches)),
                    ctx.device, batch=b)
         rows.append(r)
         ctx.progress(case, r)
+    shared = None
+    free(ctx.device)
     return rows
 
 
@@ -146,7 +167,7 @@ def runtime_profile(ctx: Any, case: Case) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     b, steps = case.get("batch"), case.get("steps")
-    rt, slots, _ = _runtime(ctx, case.get("cache"), b, case.get("context"), case.get("chunk"), NEW_TOKENS,
+    rt, slots, _, _ = _runtime(ctx, case.get("cache"), b, case.get("context"), case.get("chunk"), NEW_TOKENS,
                             case.get("graph"), case.get("compile"))
     ids = torch.randint(0, ctx.model.config.vocab_size, (b,), device=ctx.device)  # [B]
     for _ in range(3):
