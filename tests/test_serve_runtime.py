@@ -302,3 +302,33 @@ def test_the_full_cache_prefills_in_chunks_between_decode_steps(make_model):
         EngineConfig(cache="method=h2o budget=16", prefill_chunk=8).validate()
     with pytest.raises(ValueError, match="prefill_chunk=0"):
         EngineConfig(prefill_chunk=0).validate()
+
+
+def test_a_cancelled_request_leaves_its_slot_without_saving(make_model):
+    """A request cancelled while it decodes in a slot frees the slot and saves nothing (its own cache was emptied when
+    it joined and the slot is not exported): no store error, the next request runs."""
+    cache = "method=h2o budget=16 allocation=uniform evict_every=4"
+    rt = _engine(make_model, cache, runtime_slots=2, runtime_slot_tokens=64)
+    tok = CharTokenizer()
+    try:
+        done = threading.Event()
+        events = []
+        req = None
+
+        def emit(ev):
+            events.append(ev["type"])
+            if ev["type"] == "delta" and len(events) == 2:
+                req.cancelled.set()
+            if ev["type"] in ("done", "error"):
+                done.set()
+
+        req = GenRequest(prompt=tok(PROMPTS[0])["input_ids"], max_tokens=40, emit=emit)
+        rt.submit(req)
+        assert done.wait(60)
+        rt.store.flush()
+        c = rt.metrics.counters
+        assert c["cancelled_requests_total"] == 1 and "store_errors_total" not in c
+        assert rt.runtime.pool.free_slots() == 2 and len(events) < 40
+        assert _submit_wait(rt, prompt=tok(PROMPTS[1])["input_ids"], max_tokens=5)[1]["completion_tokens"] == 5
+    finally:
+        rt.shutdown()

@@ -675,8 +675,11 @@ class Engine:
         self.active.remove(req)
         req.prefilling = None
         self.store.dequeue(req.id)
-        self._leave_runtime(req, export=reason != "cancelled" and self.reuse_off is None)
-        if req.cache is not None and req.fed and self.reuse_off is None:
+        pooled = req.slot is not None
+        exported = reason != "cancelled" and self.reuse_off is None
+        self._leave_runtime(req, export=exported)
+        # (a pooled request's own cache was emptied when it joined: only an exported slot refills it)
+        if req.cache is not None and req.fed and self.reuse_off is None and (exported or not pooled):
             # the KV of everything fed (prompt + all generated tokens but the last): saved in the background
             try:
                 self.store.save_async(capture(req.cache, req.fed), scope=req.scope)
