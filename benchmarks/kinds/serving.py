@@ -129,7 +129,7 @@ def _gib(x: float) -> int:
 @kind("serving_multiuser", {"cache": "full", "conversations": 64, "turns": 5, "history": 1024,
                             "turn_tokens": 64, "answer_tokens": 16, "max_active": 8, "gpu_gib": 2, "cpu_gib": 4,
                             "disk_gib": 8, "time_limit": 240, "runtime_slots": 0, "runtime_slot_tokens": 4096,
-                            "runtime_compile": False, "baseline": None, "compare": []})
+                            "runtime_compile": False, "prefill_chunk": None, "baseline": None, "compare": []})
 def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """``conversations`` users each hold a ``turns``-turn conversation (closed loop: turn k+1 is submitted when
     turn k finished; its prompt is the history, the generated answer and a new ``turn_tokens``-token message)
@@ -137,7 +137,8 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
     CacheSpec (the server's compressed cache). Reports hits per tier, misses, prefill tokens saved and
     TTFT of turns >= 2 vs turn 1, and generated tokens/s end to end; every request's record goes to the records file.
     ``runtime_slots`` > 0: compressed requests decode on the decode runtime's pool of that many slots of
-    ``runtime_slot_tokens`` entries per layer (``EngineConfig.runtime_slots``)."""
+    ``runtime_slot_tokens`` entries per layer (``EngineConfig.runtime_slots``). ``prefill_chunk``: the full cache's
+    prompts prefilled that many tokens per engine iteration (a compressed cache: its spec's ``prefill_chunk``)."""
     from squeezekv.serve.engine import Engine, EngineConfig, GenRequest
 
     model, device = ctx.model, ctx.device
@@ -154,7 +155,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         cfg = EngineConfig(cache=spec, device=device, max_active=a["max_active"],
                            max_queue=4 * a["conversations"], max_new_tokens=a["answer_tokens"],
                            runtime_slots=a["runtime_slots"], runtime_slot_tokens=a["runtime_slot_tokens"],
-                           runtime_compile=a["runtime_compile"])
+                           runtime_compile=a["runtime_compile"], prefill_chunk=a["prefill_chunk"])
         engine = Engine(model, _Tokenizer(), store, cfg).start()
         vocab = int(model.config.vocab_size)
         g = torch.Generator().manual_seed(0)
