@@ -80,7 +80,7 @@ class KiviPool(KVPool):
 
     @staticmethod
     def bytes_per_kivi_slot(quant_capacities: Sequence[int], kv_heads: int, head_dim: int, dtype: torch.dtype, *,
-                       bits: int, group_size: int, residual: int) -> int:
+                            bits: int, group_size: int, residual: int) -> int:
         """Bytes one slot of a KIVI pool of these shapes takes (what admission by memory divides by): the residual
         pool's (:meth:`KVPool.bytes_per_slot` of ``residual + group_size`` per layer) plus per layer
         ``H * (Cq * (2 * P + 2 * (D / G) * itemsize) + (Cq / G) * 2 * D * itemsize)`` and its count (4)."""
