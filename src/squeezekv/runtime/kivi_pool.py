@@ -296,9 +296,9 @@ class KiviPool(KVPool):
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
-        """Bytes one slot takes (:meth:`bytes_per_slot` of this pool's shapes)."""
-        return self.bytes_per_kivi_slot(self.quant_capacities, self.kv_heads, self.head_dim, self.dtype, bits=self.bits,
-                                   group_size=self.group_size, residual=self.residual)
+        """Bytes one slot takes (:meth:`bytes_per_kivi_slot` of this pool's shapes)."""
+        return self.bytes_per_kivi_slot(self.quant_capacities, self.kv_heads, self.head_dim, self.dtype,
+                                        bits=self.bits, group_size=self.group_size, residual=self.residual)
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + [*self.kcode, *self.vcode, *self.vscale, *self.vzero, *self.kscale, *self.kzero,
