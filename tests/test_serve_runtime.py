@@ -27,8 +27,9 @@ def _engine(build_model, cache, **cfg):
                                                               **cfg)).start()
 
 
-def _run(engine, prompts, max_tokens=12):
-    """Submit every prompt at once (greedy) and wait: ``[(text, usage)]`` in prompt order."""
+def _run(engine, prompts, max_tokens=12, fields=None):
+    """Submit every prompt at once (greedy, or ``fields[i]``: more GenRequest fields of prompt ``i``) and wait:
+    ``[(text, usage)]`` in prompt order."""
     done = [threading.Event() for _ in prompts]
     out: list[list] = [["", None] for _ in prompts]
 
@@ -46,7 +47,8 @@ def _run(engine, prompts, max_tokens=12):
 
     tok = CharTokenizer()
     for i, p in enumerate(prompts):
-        engine.submit(GenRequest(prompt=tok(p)["input_ids"], max_tokens=max_tokens, emit=emit_for(i), user=str(i)))
+        engine.submit(GenRequest(prompt=tok(p)["input_ids"], max_tokens=max_tokens, emit=emit_for(i), user=str(i),
+                                 **(fields[i] if fields else {})))
     for d in done:
         assert d.wait(120)
     for _, usage in out:
@@ -250,26 +252,10 @@ def test_sampled_requests_on_the_runtime_answer_what_the_engine_answers(make_mod
     cache = "method=h2o budget=16 allocation=uniform evict_every=4"
     ref = _engine(make_model, cache)
     rt = _engine(make_model, cache, runtime_slots=4, runtime_slot_tokens=64)
-    tok = CharTokenizer()
     try:
         def answers(engine, seed):  # every prompt submitted at once: they decode together
-            done = [threading.Event() for _ in PROMPTS]
-            out = [""] * len(PROMPTS)
-
-            def emit_for(i):
-                def emit(ev):
-                    if ev["type"] == "delta":
-                        out[i] += ev["text"]
-                    else:
-                        assert ev["type"] == "done", ev
-                        done[i].set()
-                return emit
-
-            for i, p in enumerate(PROMPTS):
-                engine.submit(GenRequest(prompt=tok(p)["input_ids"], max_tokens=12, temperature=0.9, top_p=0.9,
-                                         seed=seed + i, user=str(i), emit=emit_for(i)))
-            assert all(d.wait(120) for d in done)
-            return out
+            fields = [dict(temperature=0.9, top_p=0.9, seed=seed + i) for i in range(len(PROMPTS))]
+            return [t for t, _ in _run(engine, PROMPTS, fields=fields)]
 
         want = answers(ref, 5)
         assert answers(rt, 5) == want
