@@ -216,7 +216,7 @@ def test_kernels_compile_for_sm90(kernel, dtype, g, d):
     consts = {n: v for n, v in consts.items() if n in names}
     ptr = {"Q": dtype, "K": dtype, "V": dtype, "OUT": dtype, "SLOTS": "i64", "LENS": "i32"}
     sig = {n: "constexpr" if n in consts else "*" + ptr[n] if n in ptr
-           else "*fp32" if n in ("MO", "LO", "AO", "M", "L", "SC") else "fp32" if n == "scale" else "i32"
+           else "*fp32" if n in ("MO", "LO", "AO", "M", "L", "SC", "LG") else "fp32" if n == "scale" else "i32"
            for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)

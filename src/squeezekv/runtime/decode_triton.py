@@ -37,6 +37,8 @@ from ..channel.triton_common import choose_splits, interpreting, sms
 BLOCK_N = 64
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4
+#: entries per program of H2O's scores kernel (one block each: all blocks of all rows run at once)
+SCORES_BLOCK_N = 256
 
 
 def supports(q: torch.Tensor) -> str | None:
@@ -156,29 +158,27 @@ def _merge_kernel(MO, LO, AO, M, L, OUT, S, G: tl.constexpr, D: tl.constexpr, BL
 
 
 @triton.jit
-def _scores_kernel(LG, SLOTS, LENS, M, L, SC,
-                   H, split_len, C, sl_b, sl_h, ss_s, ss_h,
+def _scores_kernel(LG, SLOTS, LENS, M, L, SC, H, C, sl_b, sl_h, ss_s, ss_h,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     # H2O: add the normalised weights exp(s - m) / l, summed over the query group, to the slot's scores; s: the
-    # logits the split kernel saved [B * H, G, C]
+    # logits the split kernel saved [B * H, G, C]. One program per (row, KV head) and block of BLOCK_N entries, no
+    # loop: a loop over the entries of a split waits on one dependent load after another
     pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n = tl.program_id(1)
     b = pid_bh // H
     h = (pid_bh % H).to(tl.int64)
-    slot = tl.load(SLOTS + b).to(tl.int64)
     n = tl.load(LENS + b * sl_b + h * sl_h)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
-    gmask = offs_g < G
-    m = tl.load(M + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=0.0)
-    inv_l = tl.where(gmask, 1.0 / tl.load(L + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=1.0), 0.0)
-    lg_ptr = LG + (pid_bh.to(tl.int64) * G + offs_g)[:, None] * C
-    sc_ptr = SC + slot * ss_s + h * ss_h
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, n)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n
-        nmask = pos < end
+    start = pid_n * BLOCK_N
+    if start < n:
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        pos = start + tl.arange(0, BLOCK_N)
+        gmask = offs_g < G
+        nmask = pos < n
+        m = tl.load(M + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=0.0)
+        inv_l = tl.where(gmask, 1.0 / tl.load(L + pid_bh.to(tl.int64) * G + offs_g, mask=gmask, other=1.0), 0.0)
+        lg_ptr = LG + (pid_bh.to(tl.int64) * G + offs_g)[:, None] * C
+        sc_ptr = SC + slot * ss_s + h * ss_h
         s = tl.load(lg_ptr + pos[None, :], mask=gmask[:, None] & nmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_N]
         w = tl.sum(tl.exp(s - m[:, None]) * inv_l[:, None], 0)  # [BLOCK_N]
         old = tl.load(sc_ptr + pos, mask=nmask, other=0.0)
@@ -278,8 +278,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         _merge_kernel[(b * h * g,)](m_part, l_part, a_part, m, l_sum, out, splits, G=g, D=d, BLOCK_S=16,
                                     BLOCK_D=blocks["BLOCK_D"], num_warps=4)
     if scores is not None:
-        _scores_kernel[(b * h, splits)](
-            logits, slot_idx, lens, m, l_sum, scores, h, split_len, c, lens.stride(0), lens.stride(1),
-            scores.stride(0), scores.stride(1), G=g, BLOCK_G=blocks["BLOCK_G"], BLOCK_N=block_n,
+        _scores_kernel[(b * h, triton.cdiv(c, SCORES_BLOCK_N))](
+            logits, slot_idx, lens, m, l_sum, scores, h, c, lens.stride(0), lens.stride(1),
+            scores.stride(0), scores.stride(1), G=g, BLOCK_G=blocks["BLOCK_G"], BLOCK_N=SCORES_BLOCK_N,
             num_warps=num_warps)
     return out.reshape(b, hq, 1, d)
