@@ -290,6 +290,40 @@ def test_the_full_cache_prefills_in_chunks_between_decode_steps(make_model):
         EngineConfig(prefill_chunk=0).validate()
 
 
+def test_prefill_budget_bounds_the_prompt_tokens_of_an_iteration_while_others_decode(make_model):
+    """While a request decodes, an iteration starts no prefill step once it has fed the prefill budget (default:
+    one chunk) of new prompts' tokens, the other prefills wait for the next iteration (counted); the answers equal
+    an engine without the limit; a bad budget is refused by name."""
+    unlimited = _engine(make_model, None, prefill_chunk=8, prefill_budget=1 << 20, runtime_slots=4,
+                        runtime_slot_tokens=160)
+    limited = _engine(make_model, None, prefill_chunk=8, runtime_slots=4, runtime_slot_tokens=160)
+    tok = CharTokenizer()
+    long = ["x" * 41, "the ships and the stars " * 2, "y" * 33]
+    try:
+        answers = []
+        for engine in (unlimited, limited):
+            first = threading.Event()
+
+            def emit(ev, first=first):
+                if ev["type"] == "delta":
+                    first.set()
+            runner = GenRequest(prompt=tok("Hi")["input_ids"], max_tokens=60, emit=emit, user="runner")
+            engine.submit(runner)
+            assert first.wait(60)  # it decodes while the long prompts arrive
+            texts = _run(engine, long)
+            answers.append([t for t, _ in texts])
+        assert answers[0] == answers[1]
+        # no further step once 8 tokens are fed: at most 7 + one chunk of 8 (the three prompts' chunks at once: 24)
+        assert limited.prefill_budget == 8 and limited.busiest_prefill < 16 <= unlimited.busiest_prefill
+        assert limited.metrics.counters["prefill_deferred_total"] > 0
+        assert unlimited.metrics.counters["prefill_deferred_total"] == 0
+    finally:
+        unlimited.shutdown()
+        limited.shutdown()
+    with pytest.raises(ValueError, match="prefill_budget=0"):
+        EngineConfig(prefill_budget=0).validate()
+
+
 def test_a_cancelled_request_leaves_its_slot_without_saving(make_model):
     """A request cancelled while it decodes in a slot frees the slot and saves nothing (its own cache was emptied when
     it joined and the slot is not exported): no store error, the next request runs."""

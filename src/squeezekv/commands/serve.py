@@ -65,6 +65,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--runtime-slot-tokens", type=int, default=4096, metavar="T",
                    help="tokens a layer of a runtime slot holds (kept prompt tokens plus the decode chunk, or plus "
                         "max_tokens for a policy that does not evict while decoding); larger requests decode alone")
+    p.add_argument("--prefill-budget", type=int, default=None, metavar="T",
+                   help="prompt tokens fed per engine iteration over all new requests while others decode "
+                        "(default: one --prefill-chunk; no limit without chunked prefill)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--truncation", default="error", choices=["error", "rerotate"],
                    help="prompts longer than the context: reject, or drop the oldest tokens and re-rotate stored keys")
@@ -229,7 +232,8 @@ def main(args: argparse.Namespace) -> int:
                           truncation=args.truncation, runtime_slots=args.runtime_slots,
                           runtime_slot_tokens=args.runtime_slot_tokens, runtime_compile=args.runtime_compile,
                           runtime_reserve_gib=args.runtime_reserve,
-                          prefill_chunk=args.prefill_chunk if spec is None else None)
+                          prefill_chunk=args.prefill_chunk if spec is None else None,
+                          prefill_budget=args.prefill_budget)
     config.validate()
     from ..store import KVStore, namespace
 

@@ -20,8 +20,11 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   A request the pool cannot hold (no free slot, a layer's kept tokens plus what it may generate over the slot's
   ``runtime_slot_tokens``) decodes on its own as before (metric ``runtime_fallback_total``).
 * Chunked prefill (a cache specification with ``prefill_chunk``, or ``EngineConfig.prefill_chunk`` for the full
-  cache): one chunk of a new prompt per engine iteration,
-  so the decode steps of the running requests go on between the chunks of a long prompt.
+  cache): a new prompt is fed a chunk per engine iteration, so the decode steps of the running requests go on
+  between the chunks of a long prompt. While requests decode, an iteration starts no further prefill step once it
+  has fed ``prefill_budget`` prompt tokens (default: one chunk) over all prefilling requests, oldest first -- a
+  burst of new requests then delays a decode step by about one chunk, not by all their prompts; with nothing
+  decoding, every prefilling request advances.
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
   the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
   one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
@@ -109,7 +112,10 @@ class EngineConfig:
     ``runtime_slot_tokens`` entries per layer as the device's free memory holds when the pool is built, less
     ``runtime_reserve_gib``: admission by bytes); ``save_finished``: save each finished request's KV in the store for
     its next turn (off: nothing is exported or saved); ``prefill_chunk``: the full cache's new prompts are prefilled
-    this many tokens per engine iteration (a compressed cache takes its specification's ``prefill_chunk``)."""
+    this many tokens per engine iteration (a compressed cache takes its specification's ``prefill_chunk``);
+    ``prefill_budget``: while other requests decode, an engine iteration starts no further prefill step once it has
+    fed this many prompt tokens over all prefilling requests (so it feeds less than the budget plus one step);
+    None: one prefill chunk with chunked prefill, no limit without it."""
 
     model_name: str = "squeezekv"
     cache: CacheSpec | None = None
@@ -125,6 +131,7 @@ class EngineConfig:
     runtime_reserve_gib: float = 4.0
     save_finished: bool = True
     prefill_chunk: int | None = None
+    prefill_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSpec):
@@ -135,7 +142,8 @@ class EngineConfig:
             raise ValueError("prefill_chunk is the full cache's: a compressed cache takes the prefill_chunk of its "
                              "specification")
         for name in ("max_active", "max_queue", "max_new_tokens", "runtime_slot_tokens") + (
-                ("prefill_chunk",) if self.prefill_chunk is not None else ()):
+                ("prefill_chunk",) if self.prefill_chunk is not None else ()) + (
+                ("prefill_budget",) if self.prefill_budget is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
@@ -229,6 +237,12 @@ class Engine:
             self._make_cache = lambda: make_cache(model, spec)
         else:
             self._make_cache = lambda: DynamicCache(config=model.config)
+        chunk = config.prefill_chunk if config.cache is None else config.cache.prefill_chunk
+        #: prompt tokens an iteration feeds while requests decode (None: no limit)
+        self.prefill_budget: int | None = chunk if config.prefill_budget is None else config.prefill_budget
+        self._prefill_spent = 0  # prompt tokens fed in this iteration
+        #: the most prompt tokens one iteration fed while other requests decoded (what the budget bounds)
+        self.busiest_prefill = 0
 
     # -- public -----------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -336,11 +350,19 @@ class Engine:
                     break
             self._admit()
             ready: list[GenRequest] = []
+            self._prefill_spent = 0
+            budget = self.prefill_budget
+            if budget is not None and not any(r.cache is not None and r.prefilling is None for r in self.active):
+                budget = None  # nothing decodes: no decode step to keep short
             for req in list(self.active):
                 try:
                     if req.cancelled.is_set():
                         self._finish(req, "cancelled")
                         continue
+                    if budget is not None and self._prefill_spent >= budget and (
+                            req.cache is None or req.prefilling is not None):
+                        self.metrics.inc("prefill_deferred_total")
+                        continue  # this iteration's prompt tokens are spent: its next prefill step waits
                     if req.cache is None:
                         self._prefill(req)
                     elif req.prefilling is not None:
@@ -349,6 +371,8 @@ class Engine:
                         ready.append(req)
                 except Exception as err:  # a failing request must not take the server down
                     self._fail(req, err)
+            if budget is not None:
+                self.busiest_prefill = max(self.busiest_prefill, self._prefill_spent)
             to_feed: list[tuple[GenRequest, int]] = []
             for req, tok in self._sample(ready):
                 try:
@@ -546,17 +570,20 @@ class Engine:
         ids = torch.tensor([tokens], device=self.device)  # [1, n]
         spec = self.config.cache
         chunk = self.config.prefill_chunk if spec is None else spec.prefill_chunk
-        if chunk is not None and not req.fed and len(tokens) > 1:
-            # one chunk per engine iteration, so the running requests decode between the chunks
+        if chunk is not None and len(tokens) > 1 and (not req.fed or spec is None):
+            # one chunk per engine iteration, so the running requests decode between the chunks (the full cache
+            # also for the new tokens after a reused prefix; a compressed cache's chunked prefill starts fresh)
             if spec is not None:
                 from ..prefill import chunked_prefill_steps  # the spec's chunked prefill of a fresh prompt
 
-                req.prefilling = chunked_prefill_steps(self.model, ids, req.cache, chunk)
+                steps = chunked_prefill_steps(self.model, ids, req.cache, chunk)
             else:
-                req.prefilling = self._full_prefill_steps(ids, req.cache, chunk)
+                steps = self._full_prefill_steps(ids, req.cache, chunk)
+            req.prefilling = self._counted(steps, len(tokens), chunk)
             req.prefill_tokens = tokens
             self._prefill_step(req)
             return
+        self._prefill_spent += len(tokens)
         out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, req.cache))
         req.logits = out.logits[0, -1].float()  # [vocab]
         req.fed.extend(tokens)
@@ -569,6 +596,16 @@ class Engine:
             out = self.model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
                              **cache_kwargs(self.model, cache))
             yield out.logits[:, -1] if start + chunk >= n else None
+
+    def _counted(self, steps: Any, n: int, chunk: int) -> Any:
+        """``steps`` (one chunk of an ``n``-token prompt per item) counting each chunk's tokens into the iteration's
+        prefill tokens."""
+        fed = 0
+        for item in steps:
+            take = max(1, min(chunk, n - fed))
+            fed += take
+            self._prefill_spent += take
+            yield item
 
     def _prefill_step(self, req: GenRequest) -> None:
         """Run the next chunk of the request's chunked prefill; after the last, its logits are set and it is done."""
