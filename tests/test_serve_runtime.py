@@ -324,6 +324,33 @@ def test_prefill_budget_bounds_the_prompt_tokens_of_an_iteration_while_others_de
         EngineConfig(prefill_budget=0).validate()
 
 
+@pytest.mark.parametrize("cache", [None, "method=h2o budget=16 allocation=uniform evict_every=4 prefill_chunk=8"])
+def test_chunked_prefill_of_one_chunk_and_of_a_reused_history_joins_one_slot(cache, make_model):
+    """A prompt of one chunk ends its chunked prefill at its first step, and the full cache's new tokens after a
+    reused turn-1 history are chunked too: each request joins the runtime once (one slot, all released at the end),
+    turn 2 reuses turn 1 exactly as exported and every answer equals the unchunked engine's without the runtime."""
+    ref = _engine(make_model, None if cache is None else cache.replace(" prefill_chunk=8", ""))
+    rt = _engine(make_model, cache, runtime_slots=4, runtime_slot_tokens=160,
+                 **({"prefill_chunk": 8} if cache is None else {}))
+    first = ["Hi", "Hey you", PROMPTS[0]]  # one chunk, one chunk, several
+    try:
+        want, got = _run(ref, first), _run(rt, first)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        for e in (ref, rt):
+            e.store.flush()
+        second = [p + t + " and what came after that?" for p, (t, _) in zip(first, want)]  # > one chunk new
+        want2, got2 = _run(ref, second), _run(rt, second)
+        assert [t for t, _ in got2] == [t for t, _ in want2]
+        assert [u["cached_tokens"] for _, u in got2] == [u["cached_tokens"] for _, u in want2]
+        assert all(u["cached_tokens"] > 0 for _, u in got2)
+        c = rt.metrics.counters
+        assert c["runtime_fallback_total"] == 0 and c["store_errors_total"] == 0
+        assert rt.runtime.pool.free_slots() == 4
+    finally:
+        ref.shutdown()
+        rt.shutdown()
+
+
 def test_a_cancelled_request_leaves_its_slot_without_saving(make_model):
     """A request cancelled while it decodes in a slot frees the slot and saves nothing (its own cache was emptied when
     it joined and the slot is not exported): no store error, the next request runs."""

@@ -196,6 +196,7 @@ class GenRequest:
     truncated: int = 0
     generator: torch.Generator | None = None
     slot: int | None = None  # the decode runtime's slot holding this request's KV (None: its own cache)
+    join_tried: bool = False  # offered to the decode runtime once its prefill ended (joined or not)
     prefilling: Any = None  # the chunked prefill still running (a chunked_prefill_steps generator), one chunk a step
     prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds
     #: a function returning a cache that already holds the KV of ``prompt[:-1]`` (a benchmark placing long
@@ -473,7 +474,11 @@ class Engine:
 
     def _join_runtime(self, req: GenRequest) -> None:
         """Move a freshly prefilled request into a slot of the decode runtime when it can hold it (else it keeps
-        its own cache and decodes on its own); the runtime is built at the first request that can join."""
+        its own cache and decodes on its own); the runtime is built at the first request that can join. Once per
+        request: a second join would take another slot for its emptied cache."""
+        if req.join_tried:
+            raise RuntimeError(f"request {req.id} was already offered to the decode runtime")
+        req.join_tried = True
         if self.runtime_off is not None:
             return
         from ..cache import SqueezeCache, SqueezeLayer
@@ -658,8 +663,8 @@ class Engine:
                     f"this server's cache ({self.config.cache.to_text()}) cannot run "
                     f"this prompt of {len(prompt)} tokens: {err}", 400, "prompt_unsupported_by_cache",
                     "prompt") from None
-        if req.prefilling is None:
-            self._join_runtime(req)  # (a chunked prefill joins after its last chunk)
+        if req.prefilling is None and not req.join_tried:
+            self._join_runtime(req)  # (a chunked prefill joins after its last chunk, which may be its first)
         self.reuse_log.append((req.id, tuple(req.prompt), req.reused_tokens))
         if req.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
