@@ -6,6 +6,8 @@
 #   bash benchmarks/device_run.sh decode_graph decode_long   # several, one after the other
 #   TESTS=tests/test_kivi_triton.py bash benchmarks/device_run.sh channel_decode   # GPU tests first
 #   CASES=standard bash benchmarks/device_run.sh lckv_small  # only some cases of a suite
+#   RUN_OUT=/tmp/ro bash benchmarks/device_run.sh eval_ruler_gpu   # results in a folder that outlives the call
+#                                                              # (a warm machine keeps /tmp: the next call resumes)
 # The suites: `python benchmarks/run.py --list`. Set SQUEEZEKV_GIT_COMMIT=<commit> in the command when the working
 # tree travels without .git, so the result records it.
 set -u
@@ -30,7 +32,7 @@ if [ -n "${TESTS:-}" ]; then
 fi
 rc=0
 for suite in "$@"; do
-    python3 benchmarks/run.py "$suite" --out "$OUT" ${CASES:+--cases "$CASES"} 2>&1 | grep -v -i warn | cut -c1-400
+    python3 benchmarks/run.py "$suite" --out "${RUN_OUT:-$OUT}" ${CASES:+--cases "$CASES"} 2>&1 | grep -v -i warn | cut -c1-400
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 done
 exit $rc

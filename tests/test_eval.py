@@ -247,7 +247,7 @@ def test_full_cache_check_counts_differences():
 FAKE_WORKER = '''
 import argparse, json, sys
 ap = argparse.ArgumentParser()
-for a in ("--model", "--examples", "--jobs", "--out", "--device"):
+for a in ("--model", "--examples", "--jobs", "--out", "--device", "--dtype"):
     ap.add_argument(a)
 args = ap.parse_args()
 jobs = [json.loads(l) for l in open(args.jobs)]

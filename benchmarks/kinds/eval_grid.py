@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,22 @@ def own_params(extra: list[str], channel: str) -> list[str]:
         out.append(extra[i])
         i += 1
     return out
+
+
+def prepare_once(grid_args: list[str]) -> None:
+    """Obtain the grid's model and RULER's files before the shards start (each shard would otherwise fetch them at
+    the same time, into the same files)."""
+    from squeezekv.assets import resolve_model
+
+    def value(flag: str, default: str) -> str:
+        found = [grid_args[i + 1] for i, x in enumerate(grid_args[:-1]) if x == flag]
+        return found[-1] if found else default
+
+    resolve_model(value("--model", "default"))
+    if "ruler" in value("--tasks", "needle,qa,ppl").split(","):
+        from squeezekv.eval.ruler import load_ruler
+
+        load_ruler()
 
 
 def kvpress_plan(presses, budgets) -> list[dict]:
@@ -136,12 +153,17 @@ def merge(out: Path, ingest: bool = False) -> int:
 @kind("eval_grid", {"methods": METHODS, "allocations": ALLOCATIONS, "channels": [], "presses": PRESSES,
                     "kvpress_python": None, "kvpress_only": [], "seed_from": None, "seed_cells": [],
                     "fresh_first": False, "deadline": 0, "grid_args": [], "merge_only": False, "ingest_raw": False,
-                    "baseline": None}, needs_model=False)
+                    "baseline": None, "full_once": False, "press_shards": False, "extra_shards": []},
+      needs_model=False)
 def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
     """Shards of ``squeezekv eval`` (``grid_args``: its arguments, e.g. ["--budgets", "0.1,0.2"]), stopped after
     ``deadline`` seconds (0: none); kvpress's presses only with ``kvpress_python`` (or $SQUEEZEKV_KVPRESS_PYTHON);
     ``kvpress_only``: budgets, one shard per (press, budget) to finish kvpress's side of a seeded grid;
-    ``seed_from``: a results.jsonl whose records (``seed_cells`` only, if given) new shards start from."""
+    ``seed_from``: a results.jsonl whose records (``seed_cells`` only, if given) new shards start from;
+    ``full_once``: only the first shard evaluates the full cache; ``press_shards``: one kvpress-only shard per press
+    (every budget; the first runs kvpress's full-cache check) instead of presses appended to squeezekv shards;
+    ``extra_shards``: more shards, each ``{"methods", "allocations", "channels" (optional), "args"}`` (``args``
+    after ``grid_args``: its own budgets or channel parameters), run beside the others and never the full cache."""
     a = case.settings
     out = ctx.out / case.name
     kvpy = a["kvpress_python"] or os.environ.get("SQUEEZEKV_KVPRESS_PYTHON")
@@ -153,8 +175,15 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
         if a["kvpress_only"]:
             plan = kvpress_plan(presses, [str(b) for b in a["kvpress_only"]])
         else:
-            plan = shard_plan(a["methods"], a["allocations"], presses, list(a["channels"]))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            plan = shard_plan(a["methods"], a["allocations"], [] if a["press_shards"] else presses,
+                              list(a["channels"]))
+            if a["press_shards"]:
+                plan += [{"methods": "window", "allocations": "uniform", "presses": [p], "press_only": True}
+                         for p in presses]
+            plan += [{"presses": [], "extra": True, **x} for x in a["extra_shards"]]
+        prepare_once(extra)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
         procs = []
         for i, s in enumerate(plan):
             name = f"{i:02d}-{s['methods']}-{s['allocations']}"
@@ -162,6 +191,8 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
                 name = f"{i:02d}-{s['methods']}-{s['allocations']}-{s['channels'].split('=')[0]}"
             if "budgets" in s:
                 name = f"{i:02d}-kvpress-{s['presses'][0]}-{s['budgets']}"
+            if s.get("press_only"):
+                name = f"{i:02d}-kvpress-{s['presses'][0]}"
             d = out / "shards" / name
             d.mkdir(parents=True, exist_ok=True)
             if a["seed_from"] and not (a["fresh_first"] and i == 0):
@@ -176,16 +207,28 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
                 cmd += ["--budgets", s["budgets"]]  # after the shared arguments: this shard's budget wins
                 if i > 0:
                     cmd.append("--no-kvpress-full-check")  # the first kvpress shard alone runs the full check
+            cmd += list(s.get("args", []))
+            if (a["full_once"] and i > 0) or s.get("extra") or s.get("press_only"):
+                cmd.append("--no-full-cell")
+            if s.get("press_only"):
+                cmd.append("--kvpress-only")
+                if s["presses"][0] != presses[0]:
+                    cmd.append("--no-kvpress-full-check")  # the first press shard alone runs the full check
             if s["presses"]:
                 cmd += ["--kvpress-python", kvpy, "--kvpress-presses", ",".join(s["presses"])]
             log = open(d / "log.txt", "a")
-            procs.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            # a session of its own: the deadline stops the shard with its kvpress worker (a child process)
+            procs.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True)))
         while any(p.poll() is None for _, p in procs):
             time.sleep(5)
             if a["deadline"] and time.time() - t0 > a["deadline"]:
                 for _, p in procs:
                     if p.poll() is None:
-                        p.terminate()
+                        try:
+                            os.killpg(p.pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
                 break
         for d, p in procs:
             p.wait()

@@ -88,13 +88,17 @@ def add_arguments(ev: argparse.ArgumentParser) -> None:
                     "ExpectedAttentionPress)")
     ev.add_argument("--no-kvpress-full-check", action="store_true",
                     help="skip kvpress's full-cache run (the check that both environments score the full cache alike)")
+    ev.add_argument("--no-full-cell", action="store_true",
+                    help="do not evaluate the full cache (a shard of a grid whose full cache another shard runs)")
+    ev.add_argument("--kvpress-only", action="store_true",
+                    help="evaluate kvpress's presses alone, no squeezekv cell (a shard of a sharded grid)")
     ev.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.jsonl")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ev.add_argument("--prefill-chunk", type=int, default=None,
                     help="compressed cells prefill the prompt in chunks of this many tokens, compressing after each "
                     "(squeezekv.chunked_prefill); the full cache always prefills in one pass")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="model dtype (kvpress's side always runs float32)")
+                    help="model dtype (kvpress's side runs the same)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -168,6 +172,7 @@ def main(args: argparse.Namespace) -> int:
         skip_infeasible=args.skip_infeasible,
         kvpress_python=args.kvpress_python, kvpress_full_check=not args.no_kvpress_full_check,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
+        full_cell=not args.no_full_cell, kvpress_only=args.kvpress_only,
     )
     res = evaluate(cfg, args.out, progress=not args.no_progress)
     print(f"wrote {res['html']} ({len(res['summary'])} summary rows, {len(res['plots'])} plots)")

@@ -78,6 +78,10 @@ class GridConfig:
     kvpress_python: str | None = None
     kvpress_presses: tuple[str, ...] = ("streamingllm", "snapkv", "pyramidkv", "observed", "expected")
     kvpress_full_check: bool = True  # also run the full cache under kvpress's transformers (identical-score check)
+    #: evaluate the full cache (False: a shard of a grid whose full cache another shard evaluates)
+    full_cell: bool = True
+    #: only kvpress's presses (no squeezekv cell): a shard of a grid whose squeezekv cells other shards evaluate
+    kvpress_only: bool = False
 
     def validate(self) -> None:
         """Every name and number checked before anything is loaded or computed."""
@@ -124,6 +128,9 @@ class GridConfig:
         from .kvpress_side import validate as validate_kvpress
 
         validate_kvpress(self.kvpress_python, tuple(self.kvpress_presses))
+        if self.kvpress_only and not self.kvpress_python:
+            raise ValueError("kvpress_only (--kvpress-only) needs kvpress's python (--kvpress-python): "
+                             "without it the grid has nothing to evaluate")
 
     def _labels(self, entries: tuple[str, ...]) -> tuple[str, ...]:
         """``"label=method"`` entries -> labels (recorded in :attr:`aliases`); plain names stay as they are."""
@@ -162,7 +169,9 @@ class GridConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def cells(self) -> list[Cell]:
-        out = [Cell(FULL)]
+        if self.kvpress_only:
+            return []
+        out = [Cell(FULL)] if self.full_cell else []
         for x in self.crosslayers:
             for c in self.channels:
                 for m in self.methods:
@@ -236,11 +245,11 @@ def feasible_cells(cfg: GridConfig, examples: list[Example], num_layers: int) ->
 
 
 def interleave_tasks(examples: list[Example]) -> list[Example]:
-    """Round-robin over tasks (needle, qa, ppl, needle, ...), each task's examples in their order: a partial grid
-    covers every task."""
+    """Round-robin over tasks (needle, qa, ppl, needle, ...), and within RULER over its subsets (``4k/niah_single_1``,
+    ``4k/niah_single_2``, ...), each group's examples in their order: a partial grid covers every task and subtask."""
     by_task: dict[str, list[Example]] = {}
     for e in examples:
-        by_task.setdefault(e.task, []).append(e)
+        by_task.setdefault(e.task if e.task != "ruler" else f"ruler:{e.subset}", []).append(e)
     out: list[Example] = []
     queues = list(by_task.values())
     while any(queues):
@@ -319,6 +328,16 @@ def score(example: Example, answer: str | None, nll: float | None) -> dict[str, 
     raise ValueError(f"no scorer for task {example.task!r}")
 
 
+def stop_tokens(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end-of-sequence token and the generation config's (a chat
+    model such as Qwen2.5-Instruct ends its turn with ``<|im_end|>``, which may not be the tokenizer's EOS)."""
+    out = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None) if gen is not None else None
+    out.update([ids] if isinstance(ids, int) else list(ids or []))
+    return out
+
+
 def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example], out_dir: Path,
              progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate every pending (cell, example) and append its record; returns all records of this grid."""
@@ -352,7 +371,7 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
     # example by example (every cell of one example, then the next): an interrupted grid leaves every cell with the
     # same examples, so its partial results are still paired comparisons
     todo = [(c, e) for e in interleave_tasks(examples) for c in cells if (c.key, e.id) not in done]
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = stop_tokens(model, tokenizer)
     vers = versions()
     bar = None
     if progress:
@@ -404,10 +423,10 @@ def run_grid(cfg: GridConfig, model: Any, tokenizer: Any, examples: list[Example
 
         done = {(r["cell"], r["example_id"]) for r in read_records(results)}
         base = {"config": {"model": cfg.model, "fingerprint": cfg.fingerprint(), "device": cfg.device,
-                           "dtype": "torch.float32"}}
+                           "dtype": f"torch.{cfg.dtype}"}}
         run_kvpress(cfg.kvpress_python, resolve_model(cfg.model), tuple(cfg.kvpress_presses),
-                         tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results,
-                         device=cfg.device, full_check=cfg.kvpress_full_check)
+                    tuple(cfg.budgets), interleave_tasks(examples), done, score, base, results,
+                    device=cfg.device, full_check=cfg.kvpress_full_check, dtype=cfg.dtype)
     return read_records(results)
 
 

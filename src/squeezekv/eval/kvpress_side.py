@@ -76,7 +76,7 @@ def _read_raw(path: Path) -> list[dict[str, Any]]:
 
 def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[float, ...], examples: list[Any],
         done: set[tuple[str, str]], score_fn: Any, base_record: dict[str, Any], results: Path,
-        device: str = "cpu", full_check: bool = True) -> int:
+        device: str = "cpu", full_check: bool = True, dtype: str = "float32") -> int:
     """Run the pending kvpress (cell, example) pairs in the other environment; append scored records. The worker's
     raw results are kept in ``kvpress_raw.jsonl`` beside ``results``, so an interrupted worker loses at most the
     run in flight. Returns how many records were added."""
@@ -99,7 +99,8 @@ def run(python: str, model_path: str, presses: tuple[str, ...], budgets: tuple[f
         job_path.write_text("".join(json.dumps(j) + "\n" for j in jobs), encoding="utf-8")
         try:
             proc = subprocess.run([python, str(WORKER), "--model", model_path, "--examples", str(ex_path), "--jobs",
-                                   str(job_path), "--out", str(raw_path), "--device", device])
+                                   str(job_path), "--out", str(raw_path), "--device", device,
+                                   "--dtype", dtype])
         finally:
             added += _append_records(_read_raw(raw_path), by_id, done, score_fn, base_record, results)
     if proc.returncode != 0:

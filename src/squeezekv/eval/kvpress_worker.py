@@ -63,7 +63,10 @@ def run_example(model, ex: dict, press, eos: set[int]) -> dict:
     with torch.no_grad():
         ctx = press(model) if press is not None else contextlib.nullcontext()
         with ctx:
-            logits = model(input_ids=torch.tensor([prompt], device=dev), past_key_values=cache, use_cache=True).logits
+            # a generated answer needs the last position's logits only (all of them: [1, n, vocab], GBs at 8k)
+            keep = 1 if ex["kind"] == "generate" else 0
+            logits = model(input_ids=torch.tensor([prompt], device=dev), past_key_values=cache, use_cache=True,
+                           logits_to_keep=keep).logits
         held = kv_bytes(cache)
         if ex["kind"] == "generate":
             out: list[int] = []
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", required=True, help="JSONL of {press, budget, example_id} to run")
     ap.add_argument("--out", required=True, help="JSONL to append raw results to")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (the squeezekv grid's)")
     args = ap.parse_args(argv)
     from importlib.metadata import version
 
@@ -117,13 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         make_press(job["press"], job["budget"])  # validate every name before any compute
     tok = AutoTokenizer.from_pretrained(args.model)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    try:  # the generation config's end tokens too (a chat model's end-of-turn token), as squeezekv's grid does
+        from transformers import GenerationConfig
+
+        ids = GenerationConfig.from_pretrained(args.model).eos_token_id
+        eos.update([ids] if isinstance(ids, int) else list(ids or []))
+    except OSError:
+        pass
     models = {}
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "kvpress": version("kvpress")}
     with open(args.out, "a", encoding="utf-8") as fh:
         for i, job in enumerate(jobs):
             attn = "sdpa" if job["press"] == "full" else PRESSES[job["press"]][2]
             if attn not in models:
-                models[attn] = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                models[attn] = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                                     attn_implementation=attn).to(args.device).eval()
             res = run_example(models[attn], examples[job["example_id"]], make_press(job["press"], job["budget"]),
                               eos)
