@@ -163,7 +163,9 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
     ``full_once``: only the first shard evaluates the full cache; ``press_shards``: one kvpress-only shard per press
     (every budget; the first runs kvpress's full-cache check) instead of presses appended to squeezekv shards;
     ``extra_shards``: more shards, each ``{"methods", "allocations", "channels" (optional), "args"}`` (``args``
-    after ``grid_args``: its own budgets or channel parameters), run beside the others and never the full cache."""
+    after ``grid_args``: its own budgets or channel parameters), run beside the others and never the full cache;
+    ``{"methods": "window", "allocations": "uniform", "presses": [P], "press_only": true, "args": ["--budgets", B]}``
+    is one more kvpress-only shard (press P at budgets B, no full-cache check)."""
     a = case.settings
     out = ctx.out / case.name
     kvpy = a["kvpress_python"] or os.environ.get("SQUEEZEKV_KVPRESS_PYTHON")
@@ -180,7 +182,10 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
             if a["press_shards"]:
                 plan += [{"methods": "window", "allocations": "uniform", "presses": [p], "press_only": True}
                          for p in presses]
-            plan += [{"presses": [], "extra": True, **x} for x in a["extra_shards"]]
+            # an extra shard may be kvpress-only at its own budgets ({"presses": [P], "press_only": true, "args":
+            # ["--budgets", ...]}); without a kvpress python it is left out like the other presses
+            plan += [{"presses": [], "extra": True, **x} for x in a["extra_shards"]
+                     if kvpy or not (x.get("presses") or x.get("press_only"))]
         prepare_once(extra)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
@@ -193,6 +198,9 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
                 name = f"{i:02d}-kvpress-{s['presses'][0]}-{s['budgets']}"
             if s.get("press_only"):
                 name = f"{i:02d}-kvpress-{s['presses'][0]}"
+                own = list(s.get("args", []))
+                if "--budgets" in own[:-1]:
+                    name += "-" + own[own.index("--budgets") + 1]
             d = out / "shards" / name
             d.mkdir(parents=True, exist_ok=True)
             if a["seed_from"] and not (a["fresh_first"] and i == 0):
@@ -212,7 +220,7 @@ def eval_grid(ctx: Any, case: Case) -> list[dict[str, Any]]:
                 cmd.append("--no-full-cell")
             if s.get("press_only"):
                 cmd.append("--kvpress-only")
-                if s["presses"][0] != presses[0]:
+                if s["presses"][0] != presses[0] or s.get("extra"):
                     cmd.append("--no-kvpress-full-check")  # the first press shard alone runs the full check
             if s["presses"]:
                 cmd += ["--kvpress-python", kvpy, "--kvpress-presses", ",".join(s["presses"])]
