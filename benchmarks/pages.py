@@ -133,6 +133,16 @@ TOPICS: tuple[Topic, ...] = (
     Topic("eval-gpu-smollm2", "squeezekv eval grid with kvpress baselines (H200, SmolLM2-135M-Instruct)",
           "Every eviction policy x allocation x budget and kvpress's presses on needle, QA and perplexity.",
           ("eval_gpu_smollm2/",), manual=("README.md",)),
+    Topic("eval-ruler-qwen1.5b", "RULER on Qwen2.5-Coder-1.5B-Instruct: SqueezeAttention vs uniform, kvpress's "
+          "presses side by side, KIVI (H200, bfloat16)",
+          "The two grid folders of suites eval_ruler_snapkv_gpu and eval_ruler_more_gpu (RULER 4k/8k, 13 subtasks; "
+          "partial: every shard stopped at its deadline), the summary benchmarks/ruler_summary.py derives from their "
+          "records (paired comparisons, KV bytes, memory at equal quality) and SqueezeAttention's per-layer plans on "
+          "RULER prompts (computed on the CPU in float32: a plan depends on the prompt, not on the device).",
+          ("eval_ruler_qwen1.5b/summary.json", "eval_ruler_qwen1.5b/squeeze_plans_cpu.json",
+           "eval_ruler_qwen1.5b/ruler_snapkv", "eval_ruler_qwen1.5b/ruler_more"),
+          plots=("docs/img/ruler/score_vs_kv_bytes.png", "docs/img/ruler/squeeze_plans.png"),
+          manual=("docs/results.md",)),
     Topic("eval-gpu-smollm2-chunked512", "squeezekv eval grid with 512-token chunked prefill (H200)",
           "The same tasks with the prompt prefilled in 512-token chunks, evicting between chunks.",
           ("eval_gpu_smollm2_chunked512/",), plots=("docs/img/chunked_prefill_quality.png",),
