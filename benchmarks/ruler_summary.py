@@ -236,8 +236,9 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {label(r)} | {budget} | {r['n']} | {fmt(r['score_4k'])} ({r['n_4k']}) | {fmt(r['score_8k'])} "
             f"({r['n_8k']}) | {fmt(r['score'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | {vs_txt} | "
             f"{fmt(r['kv_mib'])} | {fmt(r['kv_bytes_vs_full'], 3)} |")
-    lines += ["", "SqueezeAttention (and pyramid) minus uniform at the same total budget, paired over the same examples:",
-              "", "| policy | allocation | budget | n | difference (points) [95% CI] | better / worse / tied | "
+    lines += ["", "SqueezeAttention (and pyramid) minus uniform at the same total budget, paired over the same "
+              "examples:", "",
+              "| policy | allocation | budget | n | difference (points) [95% CI] | better / worse / tied | "
               "sign test p | verdict |", "|---|---|---|---|---|---|---|---|"]
     for c in summary["squeeze_vs_uniform"]:
         lines.append(f"| {c['policy']} | {c['allocation']} | {fmt(c['budget'], 2)} | {c['n']} | {c['delta']:+.1f} "
