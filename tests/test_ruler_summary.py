@@ -38,6 +38,7 @@ def test_paired_difference_uses_only_shared_examples():
 
 
 def test_docs_and_summary_match_the_records():
-    if not (mod := _module()).SUMMARY.exists():
-        pytest.skip("no RULER records committed")
+    mod = _module()
+    if not mod.SUMMARY.exists() or not all((mod.RESULTS / f / "results.jsonl").exists() for f in mod.FOLDERS):
+        pytest.skip("no RULER records in this checkout")
     assert mod.main(["--check"]) == 0
