@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from squeezekv.eval.grid import FULL, read_records  # noqa: E402
+from squeezekv.eval.report import MIN_N_VERDICT  # noqa: E402
 from squeezekv.eval.scoring import bootstrap_ci, mean  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "eval_ruler_qwen1.5b"
@@ -41,26 +42,22 @@ def load() -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
     """cell -> example id -> record over both folders, and what was checked while joining them."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     checks = {"folders": list(FOLDERS), "full_cache_overlap": 0, "full_cache_same_answer": 0}
+    lengths: dict[str, int] = {}  # example id -> prompt tokens, the same in every cell of both folders
     for folder in FOLDERS:
         for r in read_records(RESULTS / folder / "results.jsonl"):
             if r["task"] != "ruler":
                 continue
+            if lengths.setdefault(r["example_id"], r["prompt_tokens"]) != r["prompt_tokens"]:
+                raise ValueError(f"{r['example_id']}: prompts of {lengths[r['example_id']]} and {r['prompt_tokens']} "
+                                 "tokens: the records' examples differ")
             have = cells.setdefault(r["cell"], {})
             old = have.get(r["example_id"])
             if old is not None:
-                if old["prompt_tokens"] != r["prompt_tokens"]:
-                    raise ValueError(f"{r['example_id']}: prompt of {old['prompt_tokens']} tokens in one folder and "
-                                     f"{r['prompt_tokens']} in the other: the folders' examples differ")
                 if r["cell"] == FULL:
                     checks["full_cache_overlap"] += 1
                     checks["full_cache_same_answer"] += old["answer"] == r["answer"]
                 continue
             have[r["example_id"]] = r
-    lengths = {}
-    for recs in cells.values():
-        for i, r in recs.items():
-            if lengths.setdefault(i, r["prompt_tokens"]) != r["prompt_tokens"]:
-                raise ValueError(f"{i}: two prompt lengths across cells")
     return cells, checks
 
 
@@ -88,7 +85,8 @@ def paired(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[s
     wins, losses = sum(x > 0 for x in d), sum(x < 0 for x in d)
     return {"n": len(ids), "delta": mean(d), "ci_low": lo, "ci_high": hi, "better": wins, "worse": losses,
             "tied": len(ids) - wins - losses, "sign_test_p": sign_test(wins, losses),
-            "verdict": "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"}
+            "verdict": f"n < {MIN_N_VERDICT}: no verdict" if len(ids) < MIN_N_VERDICT else
+            "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"}
 
 
 def describe(cell: str, recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
