@@ -295,6 +295,40 @@ class KVPool:
             scores.index_put_(at, torch.zeros((), device=pos.device))
         return lens + 1
 
+    def write_chunk(self, layer: int, slot: torch.Tensor, n: torch.Tensor, key_states: torch.Tensor,
+                    value_states: torch.Tensor) -> None:
+        """Append a prefill chunk to ``layer`` of one slot, inside a mixed step (tensor ops only, capturable):
+        ``key_states``/``value_states`` ``[H, C, D]``, of which the first ``n`` (``[1]`` int64, on the device) are
+        real, go to entries ``lengths[layer, slot] + j`` with positions ``seen[slot] + j``; the padding tokens past
+        ``n`` go to the scratch row's entries ``j`` (``C`` is at most the smallest capacity). Every head of the
+        slot holds the same number of entries (a slot of a runtime that does not evict). The lengths grow in
+        :meth:`advance_chunk`, after the step."""
+        h, c, d = key_states.shape
+        if h != self.kv_heads or d != self.head_dim or value_states.shape != key_states.shape:
+            raise ValueError(f"chunk key/value states {tuple(key_states.shape)}/{tuple(value_states.shape)} must be "
+                             f"[{self.kv_heads}, C, {self.head_dim}] alike")
+        if c > min(self.capacities):
+            raise ValueError(f"a chunk of {c} tokens exceeds the smallest layer capacity {min(self.capacities)}")
+        j = torch.arange(c, device=slot.device)  # [C]
+        real = j < n  # [C]
+        start = self.lengths[layer].index_select(0, slot)[0, 0].long()  # entries held before the chunk
+        rows = torch.where(real, slot, self.scratch)  # [C]
+        entries = torch.where(real, start + j, j)  # [C]
+        heads = torch.arange(h, device=slot.device)
+        at = (rows[:, None].expand(c, h), heads[None, :].expand(c, h), entries[:, None].expand(c, h))
+        self.keys[layer].index_put_(at, key_states.transpose(0, 1))  # [C, H, D]
+        self.values[layer].index_put_(at, value_states.transpose(0, 1))
+        pos = (self.seen.index_select(0, slot) + j).to(torch.int32)  # [C]: logical positions
+        self.positions[layer].index_put_(at, pos[:, None].expand(c, h))
+        if self.scores is not None:
+            self.scores[layer].index_put_(at, torch.zeros((), device=slot.device))
+
+    def advance_chunk(self, slot: torch.Tensor, n: torch.Tensor) -> None:
+        """Device side of a mixed step's chunk: every layer of ``slot`` (``[1]``) holds ``n`` (``[1]``) more entries
+        and has seen ``n`` more tokens (call before :meth:`advance`, which resets the scratch row)."""
+        self.lengths[:, slot] += n.to(torch.int32)
+        self.seen[slot] += n
+
     def advance(self, slots: torch.Tensor) -> None:
         """Device side of a decode step over the rows ``slots`` ``[B]`` (tensor ops only, captured with the step):
         every layer's lengths and ``seen`` grow by one; the scratch row stays empty."""

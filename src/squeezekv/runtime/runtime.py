@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
@@ -54,11 +55,23 @@ SUPPORTED_POLICIES = ("window", "streamingllm", "h2o", "snapkv", "none")
 
 
 @dataclass
+class _Chunk:
+    """Fixed buffers of a mixed bucket's prefill chunk: the next ``n`` (1..C) prompt tokens of one slot."""
+
+    slot: torch.Tensor  # [1] int64: the prefilling slot (scratch while capturing)
+    ids: torch.Tensor  # [C] int64: its tokens, zero past n
+    n: torch.Tensor  # [1] int64: the real tokens
+    offsets: torch.Tensor  # [C] int64: 0..C-1 (constant)
+    rows: torch.Tensor  # [B] int64: 0..B-1 (constant): the decode rows' logits
+
+
+@dataclass
 class _Rows:
     """Fixed buffers of one batch bucket (what a captured graph reads)."""
 
     slots: torch.Tensor  # [B] int64: pool row of each batch row (scratch for padding rows)
     ids: torch.Tensor  # [B, 1] int64: the tokens fed
+    chunk: _Chunk | None = None  # a mixed bucket's prefill chunk (its tokens follow the B decode tokens)
 
 
 class PoolLayer(CacheLayerMixin):
@@ -79,12 +92,27 @@ class PoolLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states/value_states: [B, H, 1, D], rotated to each row's own position
+        # key_states/value_states: [B, H, 1, D], rotated to each row's own position (a mixed bucket: [1, H, B + C, D],
+        # the B decode tokens then the chunk's C)
         pool, rows, layer = self.runtime.pool, self.rows, self.layer_idx
+        model_kwargs = kwargs.get("kwargs")
+        if rows.chunk is not None:
+            b = rows.slots.shape[0]
+            ch = rows.chunk
+            start = pool.lengths[layer].index_select(0, ch.slot)[0, 0].long()  # entries the slot held before
+            pool.write_chunk(layer, ch.slot, ch.n, key_states[0, :, b:], value_states[0, :, b:])
+            lens = None
+            if b:
+                lens = pool.write(layer, rows.slots, key_states[0, :, :b].transpose(0, 1)[:, :, None],
+                                  value_states[0, :, :b].transpose(0, 1)[:, :, None], self.runtime.resolved_backend)
+            if isinstance(model_kwargs, dict):
+                model_kwargs["squeezekv_pool_layer"] = self
+                model_kwargs["squeezekv_pool_lengths"] = lens  # [B, H] (None without decode rows)
+                model_kwargs["squeezekv_chunk_start"] = start
+            return pool.keys[layer], pool.values[layer]
         if key_states.shape[2] != 1:
             raise ValueError(f"the decode runtime feeds one token per row, got {key_states.shape[2]}")
         lens = pool.write(layer, rows.slots, key_states, value_states, self.runtime.resolved_backend)  # [B, H] after
-        model_kwargs = kwargs.get("kwargs")
         if isinstance(model_kwargs, dict):
             model_kwargs["squeezekv_pool_layer"] = self
             model_kwargs["squeezekv_pool_lengths"] = lens  # [B, H]: filled entries after this write
@@ -123,8 +151,25 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise ValueError("the decode runtime supports neither attention soft-capping nor sliding windows")
     runtime = layer.runtime
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    chunk = layer.rows.chunk
+    if chunk is not None:  # a mixed step: query [1, Hq, B + C, D]
+        b = layer.rows.slots.shape[0]
+        parts = []
+        if b:
+            dec = _decode_rows(runtime, layer, query[0, :, :b].transpose(0, 1)[:, :, None].contiguous(), key, value,
+                               kwargs["squeezekv_pool_lengths"], scale)  # [B, Hq, 1, D]
+            parts.append(dec.transpose(1, 2).reshape(1, b, dec.shape[1], dec.shape[-1]))  # [1, B, Hq, D]
+        out = chunk_attention(query[:, :, b:], key, value, chunk.slot, kwargs["squeezekv_chunk_start"], scale)
+        parts.append(out.transpose(1, 2))  # [1, C, Hq, D]
+        return torch.cat(parts, dim=1).contiguous(), None
+    out = _decode_rows(runtime, layer, query, key, value, kwargs["squeezekv_pool_lengths"], scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_rows(runtime: "DecodeRuntime", layer: PoolLayer, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention ``[B, Hq, 1, D]`` of the bucket's rows (query ``[B, Hq, 1, D]``) over their filled entries."""
     scores = runtime.pool.scores[layer.layer_idx] if runtime.observes_weights else None
-    lengths = kwargs["squeezekv_pool_lengths"]  # [B, Hkv]
     if isinstance(runtime.pool, KiviPool):
         out = runtime.pool.attend(layer.layer_idx, query, layer.rows.slots, lengths, float(scale),
                                   runtime.kernels if runtime.kivi_kernel else None)
@@ -132,7 +177,25 @@ def runtime_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = runtime.kernels.decode_attention(query, key, value, layer.rows.slots, lengths, float(scale), scores)
     else:
         out = reference_decode_attention(query, key, value, layer.rows.slots, lengths, scale, scores)  # [B, Hq, 1, D]
-    return out.transpose(1, 2).contiguous(), None
+    return out
+
+
+def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot: torch.Tensor,
+                    start: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a prefill chunk's queries ``[1, Hq, C, D]`` (positions ``start + j``) over its slot's
+    entries of the pool layer ``key``/``value`` ``[S, Hkv, Cap, D]``: query ``j`` sees entries ``0 .. start + j``
+    (a slot of policy ``none`` holds its tokens in order, the chunk's own just written); ``slot`` ``[1]`` and
+    ``start`` (a 0-d tensor) live on the device, so the step is capturable. Returns ``[1, Hq, C, D]``."""
+    hq, c = query.shape[1], query.shape[2]
+    k = key.index_select(0, slot)  # [1, Hkv, Cap, D]
+    v = value.index_select(0, slot)
+    group = hq // k.shape[1]
+    if group > 1:  # grouped-query attention: each KV head serves `group` query heads
+        k = k.repeat_interleave(group, dim=1)  # [1, Hq, Cap, D]
+        v = v.repeat_interleave(group, dim=1)
+    entries = torch.arange(k.shape[2], device=k.device)
+    allowed = entries[None, :] <= (start + torch.arange(c, device=k.device))[:, None]  # [C, Cap]
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=allowed[None, None], scale=scale)
 
 
 class _SlotView:
@@ -172,7 +235,7 @@ class DecodeRuntime:
     slot ``slots[i]`` and returns the next-token logits ``[len(slots), vocab]``; ``leave(slot)`` releases a slot."""
 
     def __init__(self, model: Any, pool: KVPool, policy: Any, chunk: int, *, use_graph: bool | None = None,
-                 backend: str = "auto", compile: bool = False):
+                 backend: str = "auto", compile: bool = False, prefill_chunk: int | None = None):
         if not isinstance(pool, KVPool):
             raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
         if not isinstance(chunk, int) or chunk < 1:
@@ -229,6 +292,18 @@ class DecodeRuntime:
         if not isinstance(compile, bool):
             raise TypeError(f"compile={compile!r} must be True or False")
         self.compile = compile
+        if prefill_chunk is not None:
+            if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+                raise ValueError(f"prefill_chunk={prefill_chunk!r} is out of range: an integer >= 1, or None")
+            if self.policy.name != "none" or isinstance(pool, KiviPool):
+                raise ValueError("prefill chunks inside the decode step need a runtime of policy 'none' on a plain "
+                                 f"KVPool (the full cache), not {self.policy.name!r} on a {type(pool).__name__}")
+            if prefill_chunk > min(pool.capacities):
+                raise ValueError(f"prefill_chunk={prefill_chunk} is out of range: at most the smallest layer capacity "
+                                 f"{min(pool.capacities)}")
+        #: the prompt tokens a mixed step feeds at most (:meth:`step_chunk`); None: no mixed steps
+        self.prefill_chunk = prefill_chunk
+        self._mixed: dict[int, _Bucket] = {}  # mixed buckets by their number of decode rows
         # torch.compile of the model step (norms, RoPE, activations fused; the pool write and the attention stay
         # one custom operator each): compiled at the first step of a bucket, before its graph is captured; the
         # batch dimension is dynamic, so buckets of 2 rows and more share one compilation (1 is its own)
@@ -268,6 +343,19 @@ class DecodeRuntime:
             raise
         self._joined.add(slot)
         self._budget_array[:, slot] = [-1 if b is None else b for b in budgets]
+        return slot
+
+    def open(self, cache: Any = None) -> int:
+        """A slot for a request whose prompt is prefilled in the pool by :meth:`step_chunk` (a runtime built with
+        ``prefill_chunk``): empty, or holding ``cache``, a full ``DynamicCache`` of the prompt's reused prefix
+        (e.g. restored from the store)."""
+        if self.prefill_chunk is None:
+            raise ValueError("this runtime was built without prefill_chunk: prefill the request, then join() it")
+        if cache is not None:
+            return self.join(cache)
+        slot = self.pool.acquire()
+        self._joined.add(slot)
+        self._budget_array[:, slot] = -1
         return slot
 
     def leave(self, slot: int) -> None:
@@ -317,14 +405,7 @@ class DecodeRuntime:
         pool.check_room(idx)
         bucket = self._bucket(self.bucket_size(len(slots)))
         n = len(slots)
-        rows = bucket.rows
-        if bucket.fed != tuple(slots):  # steady decoding feeds the same slots: no copy, no host wait
-            rows.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-            rows.slots[n:].fill_(pool.scratch)
-            bucket.fed = tuple(slots)
-        rows.ids[:n, 0].copy_(ids, non_blocking=True)
-        if n < rows.ids.shape[0]:
-            rows.ids[n:].zero_()
+        self._fill(bucket, slots, ids)
         if bucket.graph is not None:
             bucket.graph.replay()
             logits = bucket.logits[:n].clone()
@@ -332,16 +413,108 @@ class DecodeRuntime:
             with self._attention():
                 logits = self._run(bucket)[:n]
         pool.advance_host(idx)
+        self._after(idx)
+        return logits
+
+    def _fill(self, bucket: _Bucket, slots: list[int], ids: torch.Tensor) -> None:
+        """Point the bucket's rows at ``slots`` (the rest at the scratch slot) and their tokens at ``ids`` ``[n]``."""
+        n, rows = len(slots), bucket.rows
+        if bucket.fed != tuple(slots):  # steady decoding feeds the same slots: no copy, no host wait
+            rows.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+            rows.slots[n:].fill_(self.pool.scratch)
+            bucket.fed = tuple(slots)
+        rows.ids[:n, 0].copy_(ids, non_blocking=True)
+        if n < rows.ids.shape[0]:
+            rows.ids[n:].zero_()
+
+    @torch.no_grad()
+    def step_chunk(self, slots: Sequence[int], ids: torch.Tensor, chunk_slot: int,
+                   chunk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mixed step: feed ``ids[i]`` to the decoding slot ``slots[i]`` (none: an empty list) and, in the same
+        forward, the next ``c`` (1..``prefill_chunk``) prompt tokens ``chunk_ids`` ``[c]`` to ``chunk_slot`` (a
+        slot of :meth:`open`), so a prompt is prefilled while the others decode at the cost of one step (Sarathi-
+        style chunked prefill, Agrawal et al., OSDI 2024, arXiv 2403.02369). Returns the decode rows' next-token
+        logits ``[n, vocab]`` and the chunk's last position's ``[vocab]``. On CUDA each number of decode rows'
+        bucket is captured once as a graph (the chunk padded to ``prefill_chunk`` tokens)."""
+        if self.prefill_chunk is None:
+            raise ValueError("this runtime was built without prefill_chunk: it runs no mixed steps")
+        slots = [int(s) for s in slots]
+        pool = self.pool
+        chunk_ids = chunk_ids.reshape(-1)
+        c = int(chunk_ids.shape[0])
+        if not 1 <= c <= self.prefill_chunk:
+            raise ValueError(f"a chunk of {c} tokens is out of range: 1..prefill_chunk={self.prefill_chunk}")
+        if len(set(slots)) != len(slots) or chunk_slot in slots:
+            raise ValueError(f"slots={slots} and chunk_slot={chunk_slot} must be distinct slots")
+        ids = ids.reshape(-1)
+        if ids.shape[0] != len(slots):
+            raise ValueError(f"{ids.shape[0]} tokens for {len(slots)} slots")
+        for s in slots + [chunk_slot]:
+            if s not in self._joined:
+                raise ValueError(f"slot {s} holds no request of this runtime: join() or open() it first")
+        idx = np.asarray(slots, dtype=np.int64)  # [n]
+        both = np.asarray(slots + [chunk_slot], dtype=np.int64)
+        grow = np.asarray([1] * len(slots) + [c], dtype=np.int64)  # [n + 1]: tokens each slot takes
+        if int((pool.host_seen[both] + grow).max()) > self.max_context:
+            s = int(both[(pool.host_seen[both] + grow).argmax()])
+            raise ValueError(f"slot {s}: the sequence would exceed the model's context of {self.max_context}")
+        full = pool.host_lengths[:, both] + grow > pool.host_capacities[:, None]  # [L, n + 1]
+        if full.any():
+            i, j = (int(x[0]) for x in np.nonzero(full))
+            raise ValueError(f"slot {int(both[j])} is full in layer {i} ({pool.capacities[i]} entries): build the "
+                             "pool for the prompt and the tokens to generate")
+        n = len(slots)
+        bucket = self._mixed_bucket(self.bucket_size(n) if n else 0)
+        self._fill(bucket, slots, ids)
+        ch = bucket.rows.chunk
+        assert ch is not None
+        ch.slot.fill_(chunk_slot)
+        ch.ids[:c].copy_(chunk_ids, non_blocking=True)
+        ch.ids[c:].zero_()
+        ch.n.fill_(c)
+        if bucket.graph is not None:
+            bucket.graph.replay()
+            out = bucket.logits
+        else:
+            with self._attention():
+                out = self._run(bucket)  # [B + 1, vocab]
+        logits, last = out[:n].clone(), out[-1].clone()
+        pool.advance_host(idx)
+        pool.host_lengths[:, chunk_slot] += c
+        pool.host_seen[chunk_slot] += c
+        return logits, last
+
+    def _after(self, idx: np.ndarray) -> None:
+        """Host-side work after a decode step of the slots ``idx``: evictions that are due, a KIVI pool's
+        quantisation."""
+        pool = self.pool
         budgets = self._budget_array[:, idx]  # [L, n]
         due = (budgets >= 0) & (pool.host_lengths[:, idx] >= budgets + self.chunk)  # [L, n]
         if due.any():
             self._evict(due, idx, budgets)
         pool.after_step(idx)  # a KIVI pool quantises the full residuals
-        return logits
 
     def _run(self, bucket: _Bucket) -> torch.Tensor:
-        """One model step of ``bucket`` (compiled when the runtime compiles)."""
+        """One model step of ``bucket`` (compiled when the runtime compiles; a mixed bucket runs eagerly or in its
+        graph)."""
+        if bucket.rows.chunk is not None:
+            return self._forward_mixed(bucket)
         return self._forward(bucket) if self._compiled is None else self._compiled(bucket)
+
+    def _forward_mixed(self, bucket: _Bucket) -> torch.Tensor:
+        """The decode rows' tokens and the chunk's as one packed sequence ``[1, B + C]``, each at its own position;
+        returns the logits ``[B + 1, vocab]`` of the decode rows and of the chunk's last real token."""
+        rows, ch = bucket.rows, bucket.rows.chunk
+        assert ch is not None
+        seen = self.pool.seen
+        pos = torch.cat([seen.index_select(0, rows.slots), seen.index_select(0, ch.slot) + ch.offsets])  # [B + C]
+        ids = torch.cat([rows.ids[:, 0], ch.ids])  # [B + C]
+        keep = torch.cat([ch.rows, rows.slots.shape[0] + ch.n - 1])  # [B + 1]
+        out = self.model(input_ids=ids[None], position_ids=pos[None], use_cache=True, logits_to_keep=keep,
+                         **cache_kwargs(self.model, bucket.cache))
+        self.pool.advance_chunk(ch.slot, ch.n)
+        self.pool.advance(rows.slots)
+        return out.logits[0]  # [B + 1, vocab]
 
     def _forward(self, bucket: _Bucket) -> torch.Tensor:
         rows = bucket.rows
@@ -396,11 +569,32 @@ class DecodeRuntime:
             self._buckets[size] = bucket
         return bucket
 
+    def _mixed_bucket(self, size: int) -> _Bucket:
+        """The mixed bucket of ``size`` decode rows (0: the chunk alone) and a ``prefill_chunk``-token chunk."""
+        bucket = self._mixed.get(size)
+        if bucket is None:
+            dev, c = self.pool.device, self.prefill_chunk
+            assert c is not None
+            chunk = _Chunk(slot=torch.full((1,), self.pool.scratch, dtype=torch.int64, device=dev),
+                           ids=torch.zeros(c, dtype=torch.int64, device=dev),
+                           n=torch.full((1,), c, dtype=torch.int64, device=dev),
+                           offsets=torch.arange(c, device=dev), rows=torch.arange(size, device=dev))
+            rows = _Rows(slots=torch.full((size,), self.pool.scratch, dtype=torch.int64, device=dev),
+                         ids=torch.zeros((size, 1), dtype=torch.int64, device=dev), chunk=chunk)
+            bucket = _Bucket(rows=rows, cache=PoolCache(self, rows))
+            if self.use_graph:
+                self._capture(bucket)
+            self._mixed[size] = bucket
+        return bucket
+
     @torch.no_grad()
     def _capture(self, bucket: _Bucket) -> None:
         # Every row points at the scratch slot while warming up and capturing: no real slot is written (and the
         # scratch row's lengths are reset by each step).
         bucket.rows.slots.fill_(self.pool.scratch)
+        if bucket.rows.chunk is not None:
+            bucket.rows.chunk.slot.fill_(self.pool.scratch)
+            bucket.rows.chunk.n.fill_(bucket.rows.chunk.ids.shape[0])
         with self._attention():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
