@@ -294,9 +294,9 @@ def test_prefill_budget_bounds_the_prompt_tokens_of_an_iteration_while_others_de
     """While a request decodes, an iteration starts no prefill step once it has fed the prefill budget (default:
     one chunk) of new prompts' tokens, the other prefills wait for the next iteration (counted); the answers equal
     an engine without the limit; a bad budget is refused by name."""
-    unlimited = _engine(make_model, None, prefill_chunk=8, prefill_budget=1 << 20, runtime_slots=4,
-                        runtime_slot_tokens=160)
-    limited = _engine(make_model, None, prefill_chunk=8, runtime_slots=4, runtime_slot_tokens=160)
+    # (without the runtime: on it, the full cache's prompts prefill a chunk inside each decode step instead)
+    unlimited = _engine(make_model, None, prefill_chunk=8, prefill_budget=1 << 20)
+    limited = _engine(make_model, None, prefill_chunk=8)
     tok = CharTokenizer()
     long = ["x" * 41, "the ships and the stars " * 2, "y" * 33]
     try:
@@ -379,3 +379,50 @@ def test_a_cancelled_request_leaves_its_slot_without_saving(make_model):
         assert _submit_wait(rt, prompt=tok(PROMPTS[1])["input_ids"], max_tokens=5)[1]["completion_tokens"] == 5
     finally:
         rt.shutdown()
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_full_cache_prompts_prefill_in_the_decode_steps(chunk, make_model):
+    """The full cache on the runtime with prefill_chunk: new prompts (and the new tokens after a reused history)
+    are fed to their slots a chunk inside each decode step; the greedy answers and the reuse over two turns equal
+    the engine's without the runtime."""
+    ref = _engine(make_model, None)
+    rt = _engine(make_model, None, runtime_slots=4, runtime_slot_tokens=128, prefill_chunk=chunk)
+    try:
+        want, got = _run(ref, PROMPTS), _run(rt, PROMPTS)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        c = rt.metrics.counters
+        assert rt.runtime.prefill_chunk == chunk and c["runtime_mixed_steps"] > 0
+        lengths = [len(CharTokenizer()(p)["input_ids"]) for p in PROMPTS]
+        assert c["prefill_chunks_total"] == sum(-(-n // chunk) for n in lengths)
+        assert c.get("runtime_fallback_total", 0) == 0 and rt.runtime.pool.free_slots() == 4
+        for e in (ref, rt):
+            e.store.flush()
+        second = [p + t + " and then?" for p, (t, _) in zip(PROMPTS, want)]
+        want2, got2 = _run(ref, second), _run(rt, second)
+        assert [t for t, _ in got2] == [t for t, _ in want2]
+        assert [u["cached_tokens"] for _, u in got2] == [u["cached_tokens"] for _, u in want2]
+        assert all(u["cached_tokens"] > 0 for _, u in got2)
+    finally:
+        ref.shutdown()
+        rt.shutdown()
+
+
+def test_short_prefills_go_first_and_long_ones_do_not_starve(make_model):
+    """The chunk of a step goes to the pooled prefill with the fewest tokens left (so a turn reusing its history
+    answers before long recomputations finish), but a prefill that waited STARVE_STEPS steps goes first."""
+    from squeezekv.serve import engine as eng
+
+    e = _engine(make_model, None, runtime_slots=4, runtime_slot_tokens=128, prefill_chunk=4)
+    try:
+        long, short = GenRequest(prompt=[5] * 40, max_tokens=2, emit=lambda ev: None), \
+            GenRequest(prompt=[6] * 3, max_tokens=2, emit=lambda ev: None)
+        for r, left, t in ((long, 36, 1.0), (short, 3, 2.0)):
+            r.prefilling, r.prefill_tokens, r.t_submit = eng._IN_POOL, [7] * left, t
+        e.active = [long, short]
+        assert e._next_chunk() is short
+        long.chunk_wait = eng.STARVE_STEPS
+        assert e._next_chunk() is long
+        e.active = []
+    finally:
+        e.shutdown()

@@ -186,16 +186,18 @@ def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     entries of the pool layer ``key``/``value`` ``[S, Hkv, Cap, D]``: query ``j`` sees entries ``0 .. start + j``
     (a slot of policy ``none`` holds its tokens in order, the chunk's own just written); ``slot`` ``[1]`` and
     ``start`` (a 0-d tensor) live on the device, so the step is capturable. Returns ``[1, Hq, C, D]``."""
-    hq, c = query.shape[1], query.shape[2]
+    _, hq, c, d = query.shape
     k = key.index_select(0, slot)  # [1, Hkv, Cap, D]
     v = value.index_select(0, slot)
-    group = hq // k.shape[1]
-    if group > 1:  # grouped-query attention: each KV head serves `group` query heads
-        k = k.repeat_interleave(group, dim=1)  # [1, Hq, Cap, D]
-        v = v.repeat_interleave(group, dim=1)
+    hkv = k.shape[1]
+    group = hq // hkv
+    # grouped-query attention without repeating the keys: KV head j serves query heads j*group .. (j+1)*group - 1,
+    # whose C queries each become one sequence of group*C queries
+    q = query.reshape(1, hkv, group * c, d)  # [1, Hkv, group*C, D]
     entries = torch.arange(k.shape[2], device=k.device)
     allowed = entries[None, :] <= (start + torch.arange(c, device=k.device))[:, None]  # [C, Cap]
-    return F.scaled_dot_product_attention(query, k, v, attn_mask=allowed[None, None], scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.repeat(group, 1)[None, None], scale=scale)
+    return out.reshape(1, hq, c, d)  # [1, Hq, C, D]
 
 
 class _SlotView:

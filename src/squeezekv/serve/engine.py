@@ -90,6 +90,12 @@ def _drop_kv(cache: Any) -> None:
             layer._buffers = {}
 
 
+#: ``GenRequest.prefilling`` of a request prefilling in its runtime slot (its chunks go into the decode steps)
+_IN_POOL = object()
+#: decode steps a request prefilling in the pool waits for a chunk before it goes ahead of shorter prompts
+STARVE_STEPS = 32
+
+
 class QueueFull(Exception):
     """More requests wait than ``max_queue``."""
 
@@ -198,7 +204,8 @@ class GenRequest:
     slot: int | None = None  # the decode runtime's slot holding this request's KV (None: its own cache)
     join_tried: bool = False  # offered to the decode runtime once its prefill ended (joined or not)
     prefilling: Any = None  # the chunked prefill still running (a chunked_prefill_steps generator), one chunk a step
-    prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds
+    prefill_tokens: list[int] = field(default_factory=list)  # what that prefill feeds (in the pool: what is left)
+    chunk_wait: int = 0  # decode steps since its last chunk (prefilling in the pool)
     #: a function returning a cache that already holds the KV of ``prompt[:-1]`` (a benchmark placing long
     #: histories directly, as random KV of the right shape): the engine then feeds only the prompt's last token
     prefilled: Callable[[], Any] | None = None
@@ -361,9 +368,11 @@ class Engine:
                         self._finish(req, "cancelled")
                         continue
                     if budget is not None and self._prefill_spent >= budget and (
-                            req.cache is None or req.prefilling is not None):
+                            req.cache is None or req.prefilling not in (None, _IN_POOL)):
                         self.metrics.inc("prefill_deferred_total")
                         continue  # this iteration's prompt tokens are spent: its next prefill step waits
+                    if req.prefilling is _IN_POOL:
+                        continue  # its next chunk goes into this iteration's decode step (_feed)
                     if req.cache is None:
                         self._prefill(req)
                     elif req.prefilling is not None:
@@ -408,8 +417,12 @@ class Engine:
         """Feed each request its sampled token: one runtime step for the requests in its slots, one batched forward
         for the full caches, one each otherwise."""
         pooled = [(r, t) for r, t in items if r.slot is not None]
-        if pooled:
+        chunk_req = self._next_chunk()
+        if chunk_req is not None:
+            self._together(lambda its: self._step_mixed(its, chunk_req), pooled, also=chunk_req)
+        elif pooled:
             self._together(self._step_runtime, pooled)
+        if pooled:
             items = [(r, t) for r, t in items if r.slot is None]
         batch = [(r, t) for r, t in items if _batchable(r.cache)] if self.config.batch_decode else []
         if len(batch) < 2:
@@ -454,13 +467,51 @@ class Engine:
         self.metrics.inc("batched_decode_rows", len(items))
 
     def _together(self, step: Callable[[list[tuple[GenRequest, int]]], None],
-                  items: list[tuple[GenRequest, int]]) -> None:
-        """Run one batched ``step`` for ``items``; should it fail, every request in it fails (the server goes on)."""
+                  items: list[tuple[GenRequest, int]], also: GenRequest | None = None) -> None:
+        """Run one batched ``step`` for ``items`` (and the prefilling request ``also``); should it fail, every request
+        in it fails (the server goes on)."""
         try:
             step(items)
         except Exception as err:
-            for req, _ in items:
+            for req in [r for r, _ in items] + ([also] if also is not None else []):
                 self._fail(req, err)
+
+    def _next_chunk(self) -> GenRequest | None:
+        """The request prefilling in the pool whose chunk goes into this iteration's step: the fewest prompt tokens
+        left first (a turn reusing its history from the store starts before long recomputations), unless a request
+        has waited :data:`STARVE_STEPS` steps for a chunk, then the longest-waiting first."""
+        waiting = [r for r in self.active if r.prefilling is _IN_POOL and not r.cancelled.is_set()]
+        if not waiting:
+            return None
+        for r in waiting:
+            r.chunk_wait += 1
+        starving = [r for r in waiting if r.chunk_wait > STARVE_STEPS]
+        if starving:
+            return max(starving, key=lambda r: r.chunk_wait)
+        return min(waiting, key=lambda r: (len(r.prefill_tokens), r.t_submit))
+
+    def _step_mixed(self, items: list[tuple[GenRequest, int]], req: GenRequest) -> None:
+        """One runtime step of the decoding requests in its slots and the next prompt chunk of ``req``."""
+        chunk = self.runtime.prefill_chunk
+        take, rest = req.prefill_tokens[:chunk], req.prefill_tokens[chunk:]
+        ids = torch.tensor([t for _, t in items], dtype=torch.long, device=self.device)  # [n]
+        logits, last = self.runtime.step_chunk([r.slot for r, _ in items], ids, req.slot,
+                                               torch.tensor(take, dtype=torch.long, device=self.device))
+        logits = logits.float()  # [n, vocab]
+        for b, (r, tok) in enumerate(items):
+            r.logits = logits[b]
+            r.fed.append(tok)
+        req.fed.extend(take)
+        req.prefill_tokens = rest
+        req.chunk_wait = 0
+        if not rest:
+            req.prefilling = None
+            req.logits = last.float()  # [vocab]
+        self.metrics.inc("prefill_chunks_total")
+        self.metrics.inc("runtime_mixed_steps")
+        if items:
+            self.metrics.inc("runtime_decode_steps")
+            self.metrics.inc("runtime_decode_rows", len(items))
 
     def _step_runtime(self, items: list[tuple[GenRequest, int]]) -> None:
         """One batched decode step of the runtime for the requests in its slots."""
@@ -503,39 +554,9 @@ class Engine:
             self.runtime_off = f"the cache's layers are not plain squeezekv layers ({type(cache.layers[0]).__name__})"
             log.info("requests decode one by one: %s", self.runtime_off)
             return
-        if self.runtime is None:
-            from ..runtime.kivi_pool import KiviPool
-            from ..runtime.pool import KVPool
-            from ..runtime.runtime import DecodeRuntime
-
-            keys = cache.layers[0].values  # [1, H, n, D] (a KIVI layer's: its residual)
-            h, d, dt = keys.shape[1], keys.shape[-1], keys.dtype
-            scored = policy != "none" and policy.uses_scores and not kivi
-            caps = [cap] * len(cache.layers)
-            q = cache.layers[0]
-            kivi_args = dict(bits=q.bits, group_size=q.group_size, residual=q.residual) if kivi else {}
-            if self.config.runtime_slots != "auto":
-                slots = int(self.config.runtime_slots)
-            else:
-                per = (KiviPool.bytes_per_kivi_slot(caps, h, d, dt, **kivi_args) if kivi
-                       else KVPool.bytes_per_slot(caps, h, d, dt, scored))
-                slots = self._slots_in_memory(per, keys.device)
-                if slots < 1:
-                    self.runtime_off = (f"runtime_slots='auto': the free memory of {keys.device} less "
-                                        f"runtime_reserve_gib={self.config.runtime_reserve_gib} holds no slot")
-                    log.warning("requests decode one by one: %s", self.runtime_off)
-                    return
-            try:
-                if kivi and cap < q.group_size:
-                    raise ValueError(f"runtime_slot_tokens={self.config.runtime_slot_tokens} holds no KIVI group "
-                                     f"of {q.group_size}")
-                pool = (KiviPool(caps, slots, h, d, dtype=dt, device=keys.device, **kivi_args) if kivi
-                        else KVPool(caps, slots, h, d, dtype=dt, device=keys.device, with_scores=scored))
-                self.runtime = DecodeRuntime(self.model, pool, policy, chunk, compile=self.config.runtime_compile)
-            except ValueError as err:  # a model or policy the runtime does not support
-                self.runtime_off = str(err)
-                log.info("requests decode one by one: %s", err)
-                return
+        if self.runtime is None and not self._build_runtime(cache.layers[0].values, len(cache.layers), policy, chunk,
+                                                            cache.layers[0] if kivi else None):
+            return
         if max(need) > cap or self.runtime.pool.free_slots() == 0:
             self.metrics.inc("runtime_fallback_total")
             return
@@ -546,6 +567,97 @@ class Engine:
             self.metrics.inc("runtime_fallback_total")
             return
         _drop_kv(cache)  # the slot holds it now; KVPool.export writes it back when the request finishes
+
+    def _build_runtime(self, keys: torch.Tensor, layers: int, policy: Any, chunk: int, kivi: Any = None) -> bool:
+        """Build the decode runtime for caches of ``layers`` layers whose KV looks like ``keys`` ``[1, H, n, D]`` (a
+        KIVI layer ``kivi``'s residual: a quantised pool of its bits, group and residual); False (and
+        ``runtime_off`` set) where it cannot be built. The full cache's runtime (policy ``none``) with
+        ``prefill_chunk`` also prefills new prompts in its slots, a chunk inside each decode step."""
+        from ..runtime.kivi_pool import KiviPool
+        from ..runtime.pool import KVPool
+        from ..runtime.runtime import DecodeRuntime
+
+        h, d, dt = keys.shape[1], keys.shape[-1], keys.dtype
+        cap = self.config.runtime_slot_tokens
+        if kivi is not None:
+            cap = cap // kivi.group_size * kivi.group_size
+        scored = policy != "none" and policy.uses_scores and kivi is None
+        caps = [cap] * layers
+        kivi_args = dict(bits=kivi.bits, group_size=kivi.group_size, residual=kivi.residual) if kivi else {}
+        if self.config.runtime_slots != "auto":
+            slots = int(self.config.runtime_slots)
+        else:
+            per = (KiviPool.bytes_per_kivi_slot(caps, h, d, dt, **kivi_args) if kivi
+                   else KVPool.bytes_per_slot(caps, h, d, dt, scored))
+            slots = self._slots_in_memory(per, keys.device)
+            if slots < 1:
+                self.runtime_off = (f"runtime_slots='auto': the free memory of {keys.device} less "
+                                    f"runtime_reserve_gib={self.config.runtime_reserve_gib} holds no slot")
+                log.warning("requests decode one by one: %s", self.runtime_off)
+                return False
+        try:
+            if kivi is not None and cap < kivi.group_size:
+                raise ValueError(f"runtime_slot_tokens={self.config.runtime_slot_tokens} holds no KIVI group "
+                                 f"of {kivi.group_size}")
+            pool = (KiviPool(caps, slots, h, d, dtype=dt, device=keys.device, **kivi_args) if kivi
+                    else KVPool(caps, slots, h, d, dtype=dt, device=keys.device, with_scores=scored))
+            self.runtime = DecodeRuntime(self.model, pool, policy, chunk, compile=self.config.runtime_compile,
+                                         prefill_chunk=self._mixed_chunk())
+        except ValueError as err:  # a model or policy the runtime does not support
+            self.runtime_off = str(err)
+            log.info("requests decode one by one: %s", err)
+            return False
+        return True
+
+    def _mixed_chunk(self) -> int | None:
+        """The prompt tokens a mixed step feeds (the full cache's ``prefill_chunk`` with the runtime on), else None."""
+        if self.config.cache is None and self.config.runtime_slots and self.config.prefill_chunk is not None:
+            return self.config.prefill_chunk
+        return None
+
+    def _kv_shape(self) -> tuple[int, int]:
+        """(KV heads, head dim) of the model's attention layers."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        return heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _open_slot(self, req: GenRequest, prompt: list[int], snap: Any) -> bool:
+        """Prefill ``req`` (the full cache) in a slot of the runtime, a chunk inside each decode step: the slot is
+        opened empty or with the reused prefix ``snap`` (a store snapshot, copied into it), the rest of ``prompt`` is
+        left in ``req.prefill_tokens`` for :meth:`_feed`. False where it cannot be (no mixed steps, the runtime off
+        or full, a prompt and answer over the slot's tokens): the request then prefills on its own."""
+        if self._mixed_chunk() is None or self.runtime_off is not None:
+            return False
+        reused = len(snap.tokens) if snap is not None else 0
+        if len(prompt) + req.max_tokens > self.config.runtime_slot_tokens or reused >= len(prompt):
+            return False  # (it prefills on its own; _join_runtime counts the fallback)
+        h, d = self._kv_shape()
+        dtype = next(self.model.parameters()).dtype
+        empty = torch.empty((1, h, 0, d), dtype=dtype, device=self.device)  # [1, H, 0, D]
+        if self.runtime is None and not self._build_runtime(empty, int(self.model.config.num_hidden_layers), "none", 1):
+            return False
+        if self.runtime.prefill_chunk is None or self.runtime.pool.free_slots() == 0:
+            return False
+        prefix = None
+        if snap is not None:
+            from ..store.snapshot import restore
+
+            prefix = restore(snap, self.model, self.device, clone=False)  # copied into the slot, never changed
+        req.slot = self.runtime.open(prefix)
+        req.join_tried = True
+        cache = DynamicCache(config=self.model.config)
+        for layer in cache.layers:  # empty until the slot is exported into it (for the store)
+            layer.lazy_initialization(empty, empty)
+            layer.keys, layer.values = empty, empty
+        req.cache = cache
+        req.fed = list(snap.tokens) if snap is not None else []
+        if snap is not None:
+            req.cached_tokens = len(snap.tokens)
+            req.reused_tokens = tuple(snap.tokens)
+        req.prefill_tokens = list(prompt[len(req.fed):])
+        req.prefilling = _IN_POOL
+        return True
 
     def _slots_in_memory(self, slot_bytes: int, device: torch.device) -> int:
         """How many slots of ``slot_bytes`` the device's free memory holds, less ``runtime_reserve_gib`` (for
@@ -644,6 +756,8 @@ class Engine:
             req.prefilled = None
             req.fed = list(prompt[:-1])
             self._forward(req, prompt[-1:])
+        elif not req.truncated and self._open_slot(req, prompt, snap):
+            pass  # its chunks go into the decode steps (_feed)
         elif snap is not None:
             with LayerwiseLoad(snap, self.model, self.device) as cache:
                 req.cache = cache
