@@ -49,12 +49,15 @@ async def _run_all(url: str, convs: list[tuple[int, str]], log: list) -> list[li
             asyncio.gather(*(_conversation(client, i, s, log) for i, s in convs)), timeout=DEADLINE_S)
 
 
-def test_64_conversations_x_5_turns_no_leaks_no_losses(tmp_path):
+@pytest.mark.parametrize("cfg", [{}, {"runtime_slots": CONVERSATIONS, "runtime_slot_tokens": 640, "prefill_chunk": 16}],
+                         ids=["engine", "runtime-prefill-in-step"])
+def test_64_conversations_x_5_turns_no_leaks_no_losses(cfg, tmp_path):
+    """(and on the decode runtime, every prompt prefilled in its slot a chunk inside the decode steps)"""
     from conftest import build_model
 
     rng = random.Random(0)
     convs = [(i, _secret(rng)) for i in range(CONVERSATIONS)]
-    engine = make_engine(build_model, tmp_path / "load")
+    engine = make_engine(build_model, tmp_path / "load", **cfg)
     server = Server(create_app(engine))
     log: list = []
     t0 = time.perf_counter()
@@ -86,6 +89,10 @@ def test_64_conversations_x_5_turns_no_leaks_no_losses(tmp_path):
             assert by_turn[(i, t)][1] >= by_turn[(i, t - 1)][0]
     for i, s in convs:
         assert not any(other in "".join(answers[i]) for _, other in convs if other != s)
+    if cfg:  # every request prefilled in its slot (none on its own), every slot released
+        c = engine.metrics.counters
+        assert c["runtime_mixed_steps"] > 0 and c.get("runtime_fallback_total", 0) == 0
+        assert engine.runtime.pool.free_slots() == CONVERSATIONS
 
     lat = sorted(x[2] for x in log)
     p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
@@ -95,7 +102,7 @@ def test_64_conversations_x_5_turns_no_leaks_no_losses(tmp_path):
 
     # the same conversations replayed alone on a fresh server: the same answers (no cross-talk under load)
     replay = convs[:6]
-    engine2 = make_engine(build_model, tmp_path / "replay")
+    engine2 = make_engine(build_model, tmp_path / "replay", **cfg)
     server2 = Server(create_app(engine2))
     try:
         for i, s in replay:
