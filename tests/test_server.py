@@ -171,6 +171,19 @@ def test_metrics_count_hits_and_ttft(server, client):
     assert values["squeezekv_requests_total"] >= 1
     assert sum(values[f'squeezekv_kv_hits_total{{tier="{t}"}}'] for t in ("gpu", "cpu", "disk")) >= 1
     assert values['squeezekv_kv_bytes{tier="gpu"}'] + values['squeezekv_kv_bytes{tier="cpu"}'] > 0
+    assert all(values[f'squeezekv_engine_seconds_total{{phase="{p}"}}'] > 0 for p in ("prefill", "sample", "step"))
+
+
+def test_metrics_keep_the_slowest_iterations_phases():
+    from squeezekv.serve.metrics import Metrics
+
+    m = Metrics()
+    for i in range(50):
+        m.iteration({"prefill": i / 100, "step": 0.01}, keep=4)
+    slow = m.slowest()
+    assert [round(x["total"], 6) for x in slow] == [0.5, 0.49, 0.48, 0.47]
+    assert slow[0]["iteration"] == 50 and slow[0]["prefill"] == 0.49
+    assert round(m.phases["step"], 6) == 0.5
 
 
 # -- the command line ---------------------------------------------------------------------------------------------

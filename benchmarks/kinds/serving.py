@@ -209,6 +209,7 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
                     break
         wall = time.perf_counter() - t_start
         counters = dict(engine.metrics.counters)
+        phases, slowest = dict(engine.metrics.phases), engine.metrics.slowest()[:8]
         engine.shutdown()
         store.flush()
         stats = dict(store.stats)
@@ -259,6 +260,10 @@ def serving_multiuser(ctx: Any, case: Case) -> list[dict[str, Any]]:
         "tbt_p99_s": gaps[int(0.99 * (len(gaps) - 1))] if gaps else None,
         "tbt_p99_over_median_per_request_median": statistics.median(tbt_ratio) if tbt_ratio else None,
         "tbt_p99_over_median_per_request_max": tbt_ratio[-1] if tbt_ratio else None,
+        "runtime_mixed_steps": counters.get("runtime_mixed_steps", 0),
+        # host seconds of the engine loop by phase, and the 8 slowest iterations' breakdowns (what the p99 gaps
+        # between tokens were spent on)
+        "engine_phase_s": phases, "slowest_iterations": slowest,
     }
     ctx.progress(case, row)
     return [row]

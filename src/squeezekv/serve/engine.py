@@ -356,6 +356,7 @@ class Engine:
                     self._cv.wait(timeout=0.5)
                 if self._stop:
                     break
+            t0 = time.perf_counter()
             self._admit()
             ready: list[GenRequest] = []
             self._prefill_spent = 0
@@ -384,14 +385,20 @@ class Engine:
             if budget is not None:
                 self.busiest_prefill = max(self.busiest_prefill, self._prefill_spent)
             to_feed: list[tuple[GenRequest, int]] = []
-            for req, tok in self._sample(ready):
+            t1 = time.perf_counter()
+            sampled = self._sample(ready)
+            t2 = time.perf_counter()
+            for req, tok in sampled:
                 try:
                     fed = self._advance(req, tok)
                     if fed is not None:
                         to_feed.append((req, fed))
                 except Exception as err:
                     self._fail(req, err)
+            t3 = time.perf_counter()
             self._feed(to_feed)
+            self.metrics.iteration({"prefill": t1 - t0, "sample": t2 - t1, "advance": t3 - t2,
+                                    "step": time.perf_counter() - t3})
         with self._cv:
             left = list(self.active) + [r for q in self.waiting.values() for r in q]
             self.waiting.clear()

@@ -4,10 +4,13 @@ tier, a time-to-first-token histogram, queue length."""
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
 from collections import Counter
 from typing import Iterable
 
+#: engine iterations whose phase breakdown :meth:`Metrics.slowest` keeps
+SLOWEST_KEPT = 32
 #: TTFT histogram upper bounds in seconds
 TTFT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -45,11 +48,34 @@ class Metrics:
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
         self.ttft = Histogram()
+        #: host seconds of the engine loop per phase (prefill, sample, advance, step), summed over iterations
+        self.phases: Counter[str] = Counter()
+        self._slowest: list[tuple[float, int, dict[str, float]]] = []  # a min-heap of the slowest iterations
+        self._iterations = 0
         self._lock = threading.Lock()
 
     def inc(self, name: str, by: int = 1) -> None:
         with self._lock:
             self.counters[name] += by
+
+    def iteration(self, phases: dict[str, float], keep: int = SLOWEST_KEPT) -> None:
+        """Record one engine iteration's host seconds per phase (what a long gap between two tokens was spent on:
+        :meth:`slowest` keeps the ``keep`` slowest iterations' breakdowns)."""
+        total = sum(phases.values())
+        with self._lock:
+            self.phases.update(phases)
+            self._iterations += 1
+            item = (total, self._iterations, dict(phases))
+            if len(self._slowest) < keep:
+                heapq.heappush(self._slowest, item)
+            elif total > self._slowest[0][0]:
+                heapq.heapreplace(self._slowest, item)
+
+    def slowest(self) -> list[dict[str, float]]:
+        """The slowest iterations recorded, slowest first: ``{"total", "iteration", <phase>: seconds}``."""
+        with self._lock:
+            items = sorted(self._slowest, reverse=True)
+        return [{"total": t, "iteration": i, **p} for t, i, p in items]
 
     def render(self, store_usage: dict[str, dict[str, int]], store_stats: dict[str, int], queue: int,
                active: int) -> str:
@@ -89,10 +115,16 @@ class Metrics:
                             ("cancelled_requests_total", "requests stopped because their client went away"),
                             ("store_errors_total", "KV store calls that failed (served as misses)")):
             metric(f"squeezekv_{name}", "counter", help_, [("", counters.get(name, 0))])
+        with self._lock:
+            phases = dict(self.phases)
+        metric("squeezekv_engine_seconds_total", "counter",
+               "host seconds of the engine loop by phase (prefill, sample: with the wait for the device, advance: "
+               "streaming and finishing requests, step: launching the batched decode step)",
+               [(f'{{phase="{k}"}}', v) for k, v in sorted(phases.items())])
         lines.append("# HELP squeezekv_ttft_seconds time from admission to queue to the first token")
         lines.append("# TYPE squeezekv_ttft_seconds histogram")
         lines.extend(self.ttft.lines("squeezekv_ttft_seconds"))
         return "\n".join(lines) + "\n"
 
 
-__all__ = ["Histogram", "Metrics", "TTFT_BUCKETS"]
+__all__ = ["Histogram", "Metrics", "SLOWEST_KEPT", "TTFT_BUCKETS"]
