@@ -114,3 +114,12 @@ def test_step_chunk_rejects_bad_input(make_model, make_ids):
     plain = DecodeRuntime(model, KVPool([16] * cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 16), "none", 1)
     with pytest.raises(ValueError, match="without prefill_chunk"):
         plain.open()
+
+
+def test_warm_builds_every_bucket_a_server_steps_through(make_model):
+    model = make_model("llama", layers=2)
+    rt = _runtime(model, slots=5)
+    assert rt.warm(5) == [1, 2, 4, 8]
+    assert sorted(rt._buckets) == [1, 2, 4, 8] and sorted(rt._mixed) == [0, 1, 2, 4, 8]
+    with pytest.raises(ValueError, match="rows=6 is out of range: 1..5"):
+        rt.warm(6)

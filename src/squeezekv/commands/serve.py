@@ -56,7 +56,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--runtime-slots", type=_slots, default=0, metavar="N|auto",
                    help="decode the running requests together in the decode runtime's KV pool of N slots (one "
                         "batched step, CUDA graphs on the GPU; the full cache or a plain --cache; default 0: off); "
-                        "'auto': as many slots as the device's free memory holds, less --runtime-reserve")
+                        "'auto': as many slots as the device's free memory holds, less --runtime-reserve; with the "
+                        "full cache and --prefill-chunk N, new prompts prefill in their slots, N tokens inside each "
+                        "decode step")
     p.add_argument("--runtime-reserve", type=float, default=4.0, metavar="GIB",
                    help="GiB left free by --runtime-slots auto (activations, CUDA graphs)")
     p.add_argument("--runtime-compile", action="store_true",

@@ -571,6 +571,20 @@ class DecodeRuntime:
             self._buckets[size] = bucket
         return bucket
 
+    def warm(self, rows: int) -> list[int]:
+        """Build (on CUDA: capture) every bucket that a step of 1..``rows`` decode rows uses, and the mixed buckets
+        of 0..``rows`` rows when the runtime prefills chunks, so that no step of a server pays a graph capture while
+        requests wait. Returns the decode bucket sizes."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= self.pool.max_seqs:
+            raise ValueError(f"rows={rows!r} is out of range: 1..{self.pool.max_seqs} (the pool's slots)")
+        sizes = sorted({self.bucket_size(n) for n in range(1, rows + 1)})
+        for size in sizes:
+            self._bucket(size)
+        if self.prefill_chunk is not None:
+            for size in [0] + sizes:
+                self._mixed_bucket(size)
+        return sizes
+
     def _mixed_bucket(self, size: int) -> _Bucket:
         """The mixed bucket of ``size`` decode rows (0: the chunk alone) and a ``prefill_chunk``-token chunk."""
         bucket = self._mixed.get(size)

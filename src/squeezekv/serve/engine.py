@@ -25,6 +25,12 @@ they finish (CachedAttention / AttentionStore, Gao et al., USENIX ATC 2024, arXi
   has fed ``prefill_budget`` prompt tokens (default: one chunk) over all prefilling requests, oldest first -- a
   burst of new requests then delays a decode step by about one chunk, not by all their prompts; with nothing
   decoding, every prefilling request advances.
+* Prefill inside the decode step (the full cache on the runtime with ``prefill_chunk``): a new request takes its
+  slot at once (empty, or holding its reused history copied from the store) and its prompt is fed to the slot one
+  chunk per engine iteration in the SAME forward as the running requests' decode tokens
+  (:meth:`~squeezekv.runtime.runtime.DecodeRuntime.step_chunk`, Sarathi-style), so a step with a chunk costs about
+  one step, not a step plus a prefill. The chunk goes to the request with the fewest prompt tokens left (a turn
+  reusing its history answers before long recomputations end), unless one has waited :data:`STARVE_STEPS` steps.
 * Truncation (``truncation="rerotate"``): a prompt longer than the context keeps its newest tokens; the stored KV of
   the untruncated history is cut and its keys re-rotated to their new positions (the paper's method, exact in a
   one-layer model, an approximation in deeper ones). ``"error"`` (default) rejects such prompts.
@@ -121,7 +127,10 @@ class EngineConfig:
     this many tokens per engine iteration (a compressed cache takes its specification's ``prefill_chunk``);
     ``prefill_budget``: while other requests decode, an engine iteration starts no further prefill step once it has
     fed this many prompt tokens over all prefilling requests (so it feeds less than the budget plus one step);
-    None: one prefill chunk with chunked prefill, no limit without it."""
+    None: one prefill chunk with chunked prefill, no limit without it. With the runtime on and the full cache,
+    ``prefill_chunk`` makes new prompts prefill in their slots instead, one chunk inside each decode step (the
+    budget does not apply: a step carries one chunk). ``runtime_warmup``: on CUDA, capture the graph of every batch
+    bucket when the runtime is built (else each at its first step, while requests wait)."""
 
     model_name: str = "squeezekv"
     cache: CacheSpec | None = None
@@ -138,6 +147,7 @@ class EngineConfig:
     save_finished: bool = True
     prefill_chunk: int | None = None
     prefill_budget: int | None = None
+    runtime_warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSpec):
@@ -153,7 +163,7 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: must be an integer >= 1")
-        for name in ("runtime_compile", "save_finished", "batch_decode"):
+        for name in ("runtime_compile", "save_finished", "batch_decode", "runtime_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.runtime_slots != "auto" and (not isinstance(self.runtime_slots, int)
@@ -614,6 +624,11 @@ class Engine:
             self.runtime_off = str(err)
             log.info("requests decode one by one: %s", err)
             return False
+        if self.runtime.use_graph and self.config.runtime_warmup:
+            t0 = time.perf_counter()
+            sizes = self.runtime.warm(pool.max_seqs)  # every bucket captured now, not while requests decode
+            log.info("decode runtime: %d slots, graphs of buckets %s captured in %.1f s", pool.max_seqs, sizes,
+                     time.perf_counter() - t0)
         return True
 
     def _mixed_chunk(self) -> int | None:
